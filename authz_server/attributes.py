@@ -1,0 +1,163 @@
+"""The door-neutral request model: what a Check is about, whatever wire format brought it.
+
+A door (gRPC ``CheckRequest`` today, HTTP ext_authz later) fills a ``RequestAttributes``;
+the core decides on it. Derived views (normalized path, query parameters, cookies, client
+address, peer identity) are computed on first use and kept for the rest of the Check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from functools import cached_property
+from urllib.parse import parse_qsl
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_UNRESERVED_ESCAPE = re.compile(
+    r"%(2[dDeE]|3[0-9]|4[1-9a-fA-F]|5[0-9aAfF]|6[1-9a-fA-F]|7[0-9aAeE])"
+)
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0)
+
+
+def normalize_path(raw: str) -> str:
+    """Return the path part of ``raw`` as an upstream would resolve it.
+
+    Drops query and fragment, decodes percent-escaped unreserved characters (RFC 3986 6.2.2.2),
+    removes dot segments (5.2.4) and merges repeated slashes, so that ``/api/../admin`` and
+    ``//admin`` are judged as ``/admin``. Encoded slashes (``%2F``) stay encoded.
+    """
+    path = raw.split("?", 1)[0].split("#", 1)[0]
+    if "%" in path:
+        path = _UNRESERVED_ESCAPE.sub(_decode_unreserved, path)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if "." in path and ("/." in path or path.startswith(".")):
+        out: list[str] = []
+        segments = path.split("/")
+        for seg in segments:
+            if seg == "..":
+                if len(out) > 1:
+                    out.pop()
+            elif seg != ".":
+                out.append(seg)
+        if segments[-1] in (".", ".."):
+            out.append("")
+        path = "/".join(out)
+    if not path.startswith("/"):
+        path = "/" + path
+    return path
+
+
+def _parse_ip(value: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(value.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+class RequestAttributes:
+    """One request as the decision sees it. Header names are lower case."""
+
+    def __init__(
+        self,
+        *,
+        method: str = "GET",
+        host: str = "",
+        path: str = "/",
+        headers: Mapping[str, str] | None = None,
+        source_ip: str = "",
+        source_port: int = 0,
+        peer_principal: str = "",
+        destination_ip: str = "",
+        destination_port: int = 0,
+        sni: str = "",
+        context_extensions: Mapping[str, str] | None = None,
+        trusted_proxy_hops: int = 0,
+    ) -> None:
+        self.method = method
+        self.host = host
+        self.path = path
+        self.headers: Mapping[str, str] = headers or {}
+        self.source_ip = source_ip
+        self.source_port = source_port
+        self.peer_principal = peer_principal
+        self.destination_ip = destination_ip
+        self.destination_port = destination_port
+        self.sni = sni
+        self.context_extensions: Mapping[str, str] = context_extensions or {}
+        self.trusted_proxy_hops = trusted_proxy_hops
+
+    @cached_property
+    def normalized_path(self) -> str:
+        return normalize_path(self.path)
+
+    @cached_property
+    def host_lower(self) -> str:
+        return self.host.lower()
+
+    @cached_property
+    def query_params(self) -> dict[str, str]:
+        """First value of each query parameter, URL-decoded."""
+        if "?" not in self.path:
+            return {}
+        query = self.path.split("?", 1)[1].split("#", 1)[0]
+        params: dict[str, str] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            params.setdefault(key, value)
+        return params
+
+    @cached_property
+    def cookies(self) -> dict[str, str]:
+        """First value of each cookie in the ``cookie`` header."""
+        raw = self.headers.get("cookie", "")
+        jar: dict[str, str] = {}
+        for part in raw.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name:
+                jar.setdefault(name, value.strip().strip('"'))
+        return jar
+
+    @cached_property
+    def source_address(self) -> IPAddress | None:
+        return _parse_ip(self.source_ip)
+
+    @cached_property
+    def destination_address(self) -> IPAddress | None:
+        return _parse_ip(self.destination_ip)
+
+    @cached_property
+    def remote_address(self) -> IPAddress | None:
+        """The client address: from X-Forwarded-For, skipping ``trusted_proxy_hops`` from the right.
+
+        Only entries appended by trusted proxies are believed; the client controls the rest.
+        Without the header, the direct peer.
+        """
+        xff = self.headers.get("x-forwarded-for", "")
+        if xff:
+            hops = [h.strip() for h in xff.split(",") if h.strip()]
+            index = len(hops) - 1 - self.trusted_proxy_hops
+            if hops:
+                return _parse_ip(hops[max(index, 0)])
+        return self.source_address
+
+    @cached_property
+    def peer_identity(self) -> tuple[str, str, str, str] | None:
+        """(principal, trust domain, namespace, service account) from a SPIFFE peer URI."""
+        raw = self.peer_principal
+        if not raw:
+            return None
+        principal = raw.removeprefix("spiffe://")
+        trust_domain, _, rest = principal.partition("/")
+        namespace = service_account = ""
+        parts = rest.split("/")
+        if len(parts) >= 4 and parts[0] == "ns" and parts[2] == "sa":
+            namespace, service_account = parts[1], parts[3]
+        return principal, trust_domain, namespace, service_account

@@ -1,0 +1,673 @@
+"""Configuration: one YAML stream (a file, or a directory of ``*.yaml``) mixing three kinds.
+
+- ``kind: AuthzConfig`` (``apiVersion: authz-server/v1``): ``server``, ``providers``, ``policies``.
+- ``kind: RequestAuthentication`` (``security.istio.io/v1`` or ``v1beta1``): each ``jwtRules``
+  entry becomes a provider.
+- ``kind: AuthorizationPolicy`` (``security.istio.io/v1`` or ``v1beta1``): becomes a policy.
+
+``load(path)`` returns ``Settings`` or raises ``ConfigError`` listing every problem with its
+document, field path and reason. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from authz_server.errors import ConfigError, ConfigProblem
+
+Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+NATIVE_API_VERSION = "authz-server/v1"
+ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+
+ASYMMETRIC_ALGORITHMS: tuple[Algorithm, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "EdDSA",
+)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds for ``"1h30m"``, ``"5s"``, ``"250ms"``, ``"1.5s"`` or a bare number.
+
+    Raises ValueError naming the accepted forms.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '5s', '250ms' or '1h30m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value and _DURATION_PART.sub("", value) == "":
+        seconds = sum(
+            float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value.strip())
+        )
+    else:
+        raise ValueError(f"expected a duration like '5s', '250ms' or '1h30m', got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+class HeaderLocation(_Model):
+    name: str = Field(min_length=1)
+    prefix: str = ""
+
+
+class ClaimToHeader(_Model):
+    header: str = Field(pattern=r"^[-_A-Za-z0-9]+$")
+    claim: str = Field(min_length=1)
+
+
+class ProviderSpec(_Model):
+    """One JWT issuer: every field of Istio's ``JWTRule`` plus the native extras."""
+
+    name: str | None = Field(default=None, min_length=1)
+    issuer: str = Field(min_length=1)
+    audiences: list[Annotated[str, Field(min_length=1)]] = []
+    jwks_uri: str | None = None
+    jwks: str | None = None
+    jwks_file: str | None = None
+    from_headers: list[HeaderLocation] = []
+    from_params: list[Annotated[str, Field(min_length=1)]] = []
+    from_cookies: list[Annotated[str, Field(min_length=1)]] = []
+    output_payload_to_header: str | None = Field(default=None, pattern=r"^[-_A-Za-z0-9]+$")
+    forward_original_token: bool = False
+    output_claim_to_headers: list[ClaimToHeader] = []
+    timeout: Duration = 5.0
+    space_delimited_claims: list[str] = []
+    presence: Literal["OPTIONAL", "REQUIRED"] = "OPTIONAL"
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(ASYMMETRIC_ALGORITHMS))
+    clock_skew: Duration = 60.0
+    refresh_interval: Duration = 300.0
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _no_shared_secrets(cls, value: object) -> object:
+        if isinstance(value, list):
+            for alg in value:
+                if isinstance(alg, str) and alg.upper().startswith("HS"):
+                    raise ValueError(
+                        f"{alg} needs a shared secret; only asymmetric algorithms are supported "
+                        f"({', '.join(ASYMMETRIC_ALGORITHMS)})"
+                    )
+                if isinstance(alg, str) and alg.lower() == "none":
+                    raise ValueError("'none' is never accepted")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        return value
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("url must have scheme http:// or https:// and a host")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderSpec:
+        sources = [s for s in ("jwks_uri", "jwks", "jwks_file") if getattr(self, s) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "exactly one of jwksUri, jwks, jwksFile must be set"
+                + (f" (got {', '.join(to_camel(s) for s in sources)})" if sources else "")
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------ policies
+
+WHEN_KEYS_EXACT = frozenset(
+    {
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "source.ip",
+        "remote.ip",
+        "source.principal",
+        "source.namespace",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    }
+)
+_WHEN_KEY_INDEXED = re.compile(
+    r"^(?:request\.auth\.claims(?:\[[^\[\]]+\])+|request\.headers\[[^\[\]]+\]"
+    r"|request\.context_extensions\[[^\[\]]+\])$"
+)
+
+
+def _check_cidrs(values: list[str] | None) -> list[str] | None:
+    for v in values or []:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or CIDR block") from None
+    return values
+
+
+def _check_ports(values: list[str] | None) -> list[str] | None:
+    for v in values or []:
+        if not (v.isdigit() and 0 < int(v) < 65536):
+            raise ValueError(f"{v!r} is not a port number (1-65535)")
+    return values
+
+
+StrList = list[Annotated[str, Field(min_length=1)]] | None
+
+
+class Source(_Model):
+    principals: StrList = None
+    not_principals: StrList = None
+    request_principals: StrList = None
+    not_request_principals: StrList = None
+    namespaces: StrList = None
+    not_namespaces: StrList = None
+    service_accounts: StrList = None
+    not_service_accounts: StrList = None
+    trust_domains: StrList = None
+    not_trust_domains: StrList = None
+    ip_blocks: StrList = None
+    not_ip_blocks: StrList = None
+    remote_ip_blocks: StrList = None
+    not_remote_ip_blocks: StrList = None
+
+    _cidrs = field_validator(
+        "ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"
+    )(_check_cidrs)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Source:
+        if not any(getattr(self, f) for f in type(self).model_fields):
+            raise ValueError("`source` must not be empty")
+        if (self.service_accounts or self.not_service_accounts) and (
+            self.principals or self.not_principals or self.namespaces or self.not_namespaces
+        ):
+            raise ValueError("cannot set serviceAccounts with namespaces or principals")
+        return self
+
+
+class Operation(_Model):
+    hosts: StrList = None
+    not_hosts: StrList = None
+    ports: StrList = None
+    not_ports: StrList = None
+    methods: StrList = None
+    not_methods: StrList = None
+    paths: StrList = None
+    not_paths: StrList = None
+
+    _ports = field_validator("ports", "not_ports")(_check_ports)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Operation:
+        if not any(getattr(self, f) for f in type(self).model_fields):
+            raise ValueError("`operation` must not be empty")
+        return self
+
+
+class Condition(_Model):
+    key: str
+    values: StrList = None
+    not_values: StrList = None
+
+    @field_validator("key")
+    @classmethod
+    def _known_key(cls, key: str) -> str:
+        if key in WHEN_KEYS_EXACT or _WHEN_KEY_INDEXED.match(key):
+            return key
+        raise ValueError(
+            f"unknown key {key!r}; supported: {', '.join(sorted(WHEN_KEYS_EXACT))}, "
+            "request.auth.claims[name][...], request.headers[name], "
+            "request.context_extensions[name]"
+        )
+
+    @model_validator(mode="after")
+    def _has_values(self) -> Condition:
+        if not self.values and not self.not_values:
+            raise ValueError("at least one of values or notValues must be set")
+        if self.key in ("source.ip", "remote.ip", "destination.ip"):
+            _check_cidrs(self.values)
+            _check_cidrs(self.not_values)
+        if self.key == "destination.port":
+            _check_ports(self.values)
+            _check_ports(self.not_values)
+        return self
+
+
+class RuleFrom(_Model):
+    source: Source
+
+
+class RuleTo(_Model):
+    operation: Operation
+
+
+class Rule(_Model):
+    from_: list[RuleFrom] | None = Field(default=None, alias="from")
+    to: list[RuleTo] | None = None
+    when: list[Condition] | None = None
+
+
+class PolicySpec(_Model):
+    """One policy; ``rules`` is exactly Istio's ``AuthorizationPolicy.spec.rules``."""
+
+    name: str = Field(min_length=1)
+    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    dry_run: bool = False
+    rules: list[Rule] | None = None
+
+
+# -------------------------------------------------------------------------------- server
+
+
+class ServerSpec(_Model):
+    listen: str = "0.0.0.0:9001"
+    http_listen: str = "0.0.0.0:9090"
+    threads: int = Field(default=16, ge=1, le=1024)
+    realm: str = Field(default="authz-server", pattern=r'^[^"\\\r\n]*$')
+    # Istio answers 403 to an anonymous request no policy allows; 401 tells the client to log in.
+    missing_token_status: Literal[401, 403] = 401
+    # How many proxies in front of Envoy append to X-Forwarded-For (Envoy's xff_num_trusted_hops).
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=16)
+    # Drain period on SIGTERM, for in-flight Checks.
+    shutdown_grace: Duration = 5.0
+
+
+class AuthzConfigDoc(_Model):
+    api_version: Literal["authz-server/v1"]
+    kind: Literal["AuthzConfig"]
+    metadata: dict[str, Any] | None = None
+    server: ServerSpec | None = None
+    providers: list[ProviderSpec] = []
+    policies: list[PolicySpec] = []
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A provider ready for the verifier: its spec, a unique name and its resolved key source."""
+
+    spec: ProviderSpec
+    name: str
+    origin: str  # "document: path" of the spec, for error messages and logs
+    jwks_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A fully validated configuration."""
+
+    server: ServerSpec
+    providers: tuple[Provider, ...]
+    policies: tuple[PolicySpec, ...]
+    warnings: tuple[str, ...] = ()
+    digest: str = ""
+    sources: tuple[str, ...] = field(default_factory=tuple)
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Doc:
+    label: str
+    base_dir: Path
+    body: dict[str, Any]
+
+
+def _config_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        # NOTE: Kubernetes ConfigMap mounts hold `..data`-style hidden entries; skip dotfiles.
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+        )
+    return [path]
+
+
+def _read_documents(path: Path, problems: list[ConfigProblem]) -> Iterator[tuple[_Doc, bytes]]:
+    if not path.exists():
+        problems.append(ConfigProblem(str(path), "", "no such file or directory"))
+        return
+    files = _config_files(path)
+    if not files:
+        problems.append(ConfigProblem(str(path), "", "no *.yaml files in this directory"))
+    for file in files:
+        raw = file.read_bytes()
+        try:
+            bodies = list(yaml.safe_load_all(raw))
+        except yaml.YAMLError as exc:
+            problems.append(ConfigProblem(str(file), "", f"not valid YAML: {exc}"))
+            continue
+        for index, body in enumerate(bodies):
+            if body is None:
+                continue
+            label = f"{file}#{index}"
+            if not isinstance(body, dict):
+                problems.append(ConfigProblem(label, "", "a document must be a mapping"))
+                continue
+            kind = body.get("kind")
+            meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+            name = meta.get("name") if isinstance(meta, dict) else None
+            label = f"{file}#{index} ({kind}{'/' + str(name) if name else ''})"
+            yield _Doc(label, file.parent, body), raw
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or part.startswith(
+            ("function-", "list[", "nullable", "literal[")
+        ):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _problems_from(
+    exc: ValidationError, document: str, prefix: str, renames: dict[str, str] | None = None
+) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        path = _loc(tuple(err["loc"]))
+        for old, new in (renames or {}).items():
+            path = path.replace(old, new)
+        full = f"{prefix}.{path}" if prefix and path else (prefix or path)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(ConfigProblem(document, full, message))
+    return problems
+
+
+_ISTIO_JWT_RULE_FIELDS = frozenset(
+    {
+        "issuer",
+        "audiences",
+        "jwksUri",
+        "jwks_uri",
+        "jwks",
+        "fromHeaders",
+        "fromParams",
+        "fromCookies",
+        "outputPayloadToHeader",
+        "forwardOriginalToken",
+        "outputClaimToHeaders",
+        "timeout",
+        "spaceDelimitedClaims",
+        "presence",
+    }
+)
+
+
+def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -> str | None:
+    """Check the envelope of an Istio object; return its ``namespace/name`` or None if unusable."""
+    body = doc.body
+    meta = body.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        problems.append(ConfigProblem(doc.label, "metadata.name", "required"))
+        return None
+    spec = body.get("spec", {})
+    if spec is None:
+        spec = {}
+        body["spec"] = spec
+    if not isinstance(spec, dict):
+        problems.append(ConfigProblem(doc.label, "spec", "must be a mapping"))
+        return None
+    for ignored in ("selector", "targetRef", "targetRefs"):
+        if ignored in spec:
+            warnings.append(
+                f"{doc.label}: spec.{ignored} is ignored: authz-server applies every policy "
+                "to every request it is asked about"
+            )
+    extra = set(body) - {"apiVersion", "kind", "metadata", "spec", "status"}
+    for key in sorted(extra):
+        problems.append(ConfigProblem(doc.label, key, "unknown field"))
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+
+
+def _request_authentication(
+    doc: _Doc, problems: list[ConfigProblem], warnings: list[str]
+) -> list[tuple[ProviderSpec, str, Path]]:
+    if _istio_meta(doc, problems, warnings) is None:
+        return []
+    spec = doc.body["spec"]
+    for key in sorted(set(spec) - {"jwtRules", "selector", "targetRef", "targetRefs"}):
+        problems.append(ConfigProblem(doc.label, f"spec.{key}", "unknown field"))
+    rules = spec.get("jwtRules") or []
+    if not isinstance(rules, list):
+        problems.append(ConfigProblem(doc.label, "spec.jwtRules", "must be a list"))
+        return []
+    out = []
+    for i, rule in enumerate(rules):
+        prefix = f"spec.jwtRules[{i}]"
+        if not isinstance(rule, dict):
+            problems.append(ConfigProblem(doc.label, prefix, "must be a mapping"))
+            continue
+        unknown = sorted(set(rule) - _ISTIO_JWT_RULE_FIELDS)
+        for key in unknown:
+            problems.append(ConfigProblem(doc.label, f"{prefix}.{key}", "unknown field"))
+        if unknown:
+            continue
+        fields = dict(rule)
+        if "jwks_uri" in fields:
+            if "jwksUri" in fields:
+                problems.append(
+                    ConfigProblem(doc.label, prefix, "only one of jwks_uri or jwksUri can be set")
+                )
+                continue
+            fields["jwksUri"] = fields.pop("jwks_uri")
+        try:
+            out.append(
+                (ProviderSpec.model_validate(fields), f"{doc.label}: {prefix}", doc.base_dir)
+            )
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, doc.label, prefix))
+    return out
+
+
+def _authorization_policy(
+    doc: _Doc, problems: list[ConfigProblem], warnings: list[str]
+) -> PolicySpec | None:
+    name = _istio_meta(doc, problems, warnings)
+    if name is None:
+        return None
+    spec = dict(doc.body["spec"])
+    if spec.get("action") == "CUSTOM" or "provider" in spec:
+        problems.append(
+            ConfigProblem(
+                doc.label,
+                "spec.action",
+                "CUSTOM delegates to an external authorizer, which is authz-server itself; "
+                "give authz-server the ALLOW/DENY/AUDIT policies to enforce instead",
+            )
+        )
+        return None
+    for ignored in ("selector", "targetRef", "targetRefs"):
+        spec.pop(ignored, None)
+    annotations = (doc.body.get("metadata") or {}).get("annotations") or {}
+    dry_run = str(annotations.get("istio.io/dry-run", "false")).lower() == "true"
+    try:
+        return PolicySpec.model_validate({"name": name, "dryRun": dry_run, **spec})
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, doc.label, "spec"))
+        return None
+
+
+def _resolve_provider(
+    spec: ProviderSpec, origin: str, base_dir: Path, problems: list[ConfigProblem]
+) -> tuple[Path | None, bool]:
+    """Check the provider's local key source; return (jwks file path, ok)."""
+    if spec.jwks is not None:
+        try:
+            parsed = json.loads(spec.jwks)
+        except json.JSONDecodeError as exc:
+            problems.append(ConfigProblem(origin, "jwks", f"not valid JSON: {exc}"))
+            return None, False
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
+            problems.append(ConfigProblem(origin, "jwks", 'must be a JSON object {"keys": [...]}'))
+            return None, False
+    if spec.jwks_file is not None:
+        path = Path(spec.jwks_file)
+        if not path.is_absolute():
+            path = base_dir / path
+        if not path.is_file():
+            problems.append(ConfigProblem(origin, "jwksFile", f"no such file: {path}"))
+            return None, False
+        return path, True
+    return None, True
+
+
+def load(path: str | Path) -> Settings:
+    """Read, validate and resolve the configuration at ``path`` (file or directory).
+
+    Returns Settings. Raises ConfigError listing every problem found.
+    """
+    root = Path(path)
+    problems: list[ConfigProblem] = []
+    warnings: list[str] = []
+    server: ServerSpec | None = None
+    providers: list[tuple[ProviderSpec, str, Path]] = []
+    policies: list[tuple[PolicySpec, str]] = []
+    digest = hashlib.sha256()
+    seen_raw: set[int] = set()
+
+    for doc, raw in _read_documents(root, problems):
+        if id(raw) not in seen_raw:
+            seen_raw.add(id(raw))
+            digest.update(raw)
+        api_version, kind = doc.body.get("apiVersion"), doc.body.get("kind")
+        if kind == "AuthzConfig" or api_version == NATIVE_API_VERSION:
+            try:
+                native = AuthzConfigDoc.model_validate(doc.body)
+            except ValidationError as exc:
+                problems.extend(_problems_from(exc, doc.label, ""))
+                continue
+            if native.server is not None:
+                if server is not None:
+                    problems.append(
+                        ConfigProblem(doc.label, "server", "set in more than one document")
+                    )
+                server = native.server
+            providers.extend(
+                (p, f"{doc.label}: providers[{i}]", doc.base_dir)
+                for i, p in enumerate(native.providers)
+            )
+            policies.extend(
+                (p, f"{doc.label}: policies[{i}]") for i, p in enumerate(native.policies)
+            )
+        elif kind in ("RequestAuthentication", "AuthorizationPolicy"):
+            if api_version not in ISTIO_SECURITY_VERSIONS:
+                problems.append(
+                    ConfigProblem(
+                        doc.label,
+                        "apiVersion",
+                        f"expected one of {', '.join(ISTIO_SECURITY_VERSIONS)}, "
+                        f"got {api_version!r}",
+                    )
+                )
+            elif kind == "RequestAuthentication":
+                providers.extend(_request_authentication(doc, problems, warnings))
+            else:
+                policy = _authorization_policy(doc, problems, warnings)
+                if policy is not None:
+                    policies.append((policy, doc.label))
+        elif isinstance(api_version, str) and api_version.startswith(
+            ("security.istio.io/", "authz-server/")
+        ):
+            problems.append(
+                ConfigProblem(
+                    doc.label,
+                    "kind",
+                    f"unsupported kind {kind!r}; expected AuthzConfig, RequestAuthentication "
+                    "or AuthorizationPolicy",
+                )
+            )
+        else:
+            warnings.append(f"{doc.label}: kind {kind!r} ({api_version}) is not ours; ignored")
+
+    resolved: list[Provider] = []
+    names: dict[str, int] = {}
+    for spec, origin, base_dir in providers:
+        jwks_file, ok = _resolve_provider(spec, origin, base_dir, problems)
+        if not ok:
+            continue
+        name = spec.name or spec.issuer
+        if name in names:
+            if spec.name:
+                problems.append(ConfigProblem(origin, "name", f"duplicate provider name {name!r}"))
+                continue
+            names[name] += 1
+            name = f"{name}#{names[name]}"
+        else:
+            names[name] = 1
+        resolved.append(Provider(spec=spec, name=name, origin=origin, jwks_file=jwks_file))
+
+    policy_names: set[str] = set()
+    for policy, origin in policies:
+        if policy.name in policy_names:
+            problems.append(ConfigProblem(origin, "name", f"duplicate policy name {policy.name!r}"))
+        policy_names.add(policy.name)
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        server=server or ServerSpec(),
+        providers=tuple(resolved),
+        policies=tuple(p for p, _ in policies),
+        warnings=tuple(warnings),
+        digest=digest.hexdigest()[:16],
+        sources=tuple(str(p) for p in _config_files(root)),
+    )

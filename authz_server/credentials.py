@@ -1,0 +1,103 @@
+"""Token extraction: where each provider looks for a JWT, and what a request carries there.
+
+Locations are compiled once per configuration: the distinct (header, prefix), query
+parameter and cookie locations of all providers, each with the providers that read it.
+With neither ``fromHeaders`` nor ``fromParams`` (nor ``fromCookies``) a provider reads
+Istio's defaults: ``Authorization: Bearer <token>`` and the ``access_token`` query parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from authz_server.attributes import RequestAttributes
+from authz_server.tokens import ProviderRuntime
+
+LocationKind = Literal["header", "param", "cookie"]
+
+
+@dataclass(frozen=True)
+class TokenLocation:
+    kind: LocationKind
+    name: str  # header names are lower case
+    prefix: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "header":
+            return f"header {self.name}" + (
+                f" (prefix {self.prefix.strip()!r})" if self.prefix else ""
+            )
+        return f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True)
+class FoundToken:
+    location: TokenLocation
+    token: str
+    providers: tuple[ProviderRuntime, ...]
+
+
+@dataclass(frozen=True)
+class _CompiledLocation:
+    location: TokenLocation
+    providers: tuple[ProviderRuntime, ...]
+    prefix_lower: str = field(default="")
+
+
+DEFAULT_LOCATIONS = (
+    TokenLocation("header", "authorization", "Bearer "),
+    TokenLocation("param", "access_token"),
+)
+
+
+def provider_locations(provider: ProviderRuntime) -> tuple[TokenLocation, ...]:
+    spec = provider.provider.spec
+    if not (spec.from_headers or spec.from_params or spec.from_cookies):
+        return DEFAULT_LOCATIONS
+    return (
+        *(TokenLocation("header", h.name.lower(), h.prefix) for h in spec.from_headers),
+        *(TokenLocation("param", p) for p in spec.from_params),
+        *(TokenLocation("cookie", c) for c in spec.from_cookies),
+    )
+
+
+class CredentialExtractor:
+    """Finds the tokens a request carries in the locations the providers read."""
+
+    def __init__(self, providers: Sequence[ProviderRuntime]) -> None:
+        readers: dict[TokenLocation, list[ProviderRuntime]] = {}
+        for provider in providers:
+            for location in provider_locations(provider):
+                readers.setdefault(location, []).append(provider)
+        self._locations = tuple(
+            _CompiledLocation(loc, tuple(ps), loc.prefix.lower()) for loc, ps in readers.items()
+        )
+        self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
+
+    def extract(self, request: RequestAttributes) -> list[FoundToken]:
+        """Return the tokens found, in configuration order, one per distinct token."""
+        found: list[FoundToken] = []
+        seen: set[str] = set()
+        headers = request.headers
+        for compiled in self._locations:
+            location = compiled.location
+            if location.kind == "header":
+                raw = headers.get(location.name)
+                if raw is None:
+                    continue
+                if compiled.prefix_lower:
+                    # NOTE: auth schemes are case-insensitive (RFC 9110 11.1): "bearer x" counts.
+                    if raw[: len(compiled.prefix_lower)].lower() != compiled.prefix_lower:
+                        continue
+                    raw = raw[len(compiled.prefix_lower) :]
+                token = raw.strip()
+            elif location.kind == "param":
+                token = (request.query_params.get(location.name) or "").strip()
+            else:
+                token = (request.cookies.get(location.name) or "").strip()
+            if token and token not in seen:
+                seen.add(token)
+                found.append(FoundToken(location, token, compiled.providers))
+        return found

@@ -1,0 +1,85 @@
+"""The error tree of authz-server, mapped to responses in exactly one place (``responses``).
+
+::
+
+    AuthzError                      every decision-time failure; carries a stable ``reason``
+    ├── AuthenticationError         401 + WWW-Authenticate (missing or invalid credentials)
+    ├── AuthorizationError          403 (authenticated, or anonymous, but not permitted)
+    └── DependencyError             503 (a provider's keys never loaded: fail closed)
+
+    ConfigError                     raised at load; never reaches a request
+
+Each ``reason`` is snake_case and bounded (it is also a metric label and a log field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class AuthzError(Exception):
+    """Base of every error a Check can end in. ``reason`` is a fixed snake_case code."""
+
+    status: int = 403
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class AuthenticationError(AuthzError):
+    """Credentials are missing or invalid: 401."""
+
+    status = 401
+
+
+class AuthorizationError(AuthzError):
+    """The caller is not permitted: 403."""
+
+    status = 403
+
+
+class DependencyError(AuthzError):
+    """Something the decision needs (a provider's keys) is unavailable: 503, fail closed."""
+
+    status = 503
+
+
+# Reasons, in one place so that tests, metrics and docs agree on the spelling.
+MISSING_CREDENTIALS = "missing_credentials"
+MALFORMED_TOKEN = "malformed_token"
+UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+UNKNOWN_KID = "unknown_kid"
+INVALID_SIGNATURE = "invalid_signature"
+TOKEN_EXPIRED = "token_expired"
+TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+INVALID_ISSUER = "invalid_issuer"
+INVALID_AUDIENCE = "invalid_audience"
+MISSING_CLAIM = "missing_claim"
+POLICY_DENIED = "policy_denied"
+NO_ALLOW_POLICY_MATCHED = "no_allow_policy_matched"
+JWKS_UNAVAILABLE = "jwks_unavailable"
+INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a configuration: where (document, field path) and what."""
+
+    document: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.document}: {self.path}" if self.path else self.document
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration was refused. ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

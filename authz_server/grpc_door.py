@@ -1,0 +1,132 @@
+"""The gRPC door: Envoy's ``CheckRequest`` in, ``CheckResponse`` out. No decision logic here.
+
+``to_attributes`` reads the wire message into the door-neutral ``RequestAttributes``;
+``render`` turns a ``Decision`` into a ``CheckResponse``. Denials are rendered once per
+distinct answer and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from authz_server import responses
+from authz_server.attributes import RequestAttributes
+from authz_server.responses import Decision
+from authz_server.service import AuthorizationService
+
+log = logging.getLogger("authz_server.grpc")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _headers(http: Any) -> Mapping[str, str]:
+    if http.headers or not http.HasField("header_map"):
+        return http.headers  # type: ignore[no-any-return]
+    # Envoy sends header_map instead when the filter sets encode_raw_headers.
+    merged: dict[str, str] = {}
+    for entry in http.header_map.headers:
+        value = entry.value or entry.raw_value.decode("utf-8", "replace")
+        key = entry.key.lower()
+        merged[key] = f"{merged[key]},{value}" if key in merged else value
+    return merged
+
+
+def to_attributes(request: Any) -> RequestAttributes:
+    """Read an ``envoy.service.auth.v3.CheckRequest`` into RequestAttributes."""
+    attrs = request.attributes
+    http = attrs.request.http
+    source = attrs.source.address.socket_address
+    destination = attrs.destination.address.socket_address
+    return RequestAttributes(
+        method=http.method,
+        host=http.host,
+        path=http.path or "/",
+        headers=_headers(http),
+        source_ip=source.address,
+        source_port=source.port_value,
+        peer_principal=attrs.source.principal,
+        destination_ip=destination.address,
+        destination_port=destination.port_value,
+        sni=attrs.tls_session.sni,
+        context_extensions=attrs.context_extensions,
+    )
+
+
+def _header_options(pairs: tuple[tuple[str, str], ...]) -> list[Any]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE
+        )
+        for k, v in pairs
+    ]
+
+
+def _render_denial(decision: Decision) -> Any:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=decision.grpc_code, message=decision.reason),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=_header_options(decision.response_headers),
+            body=decision.body,
+        ),
+    )
+
+
+_DenialKey = tuple[int, int, str, tuple[tuple[str, str], ...], str]
+
+
+class Renderer:
+    """Decision → CheckResponse, with denials memoized (their number is small and bounded)."""
+
+    def __init__(self) -> None:
+        self._denials: dict[_DenialKey, Any] = {}
+
+    def render(self, decision: Decision) -> Any:
+        if not decision.allowed:
+            key = (
+                decision.status,
+                decision.grpc_code,
+                decision.reason,
+                decision.response_headers,
+                decision.body,
+            )
+            response = self._denials.get(key)
+            if response is None:
+                response = self._denials.setdefault(key, _render_denial(decision))
+            return response
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=_header_options(decision.headers_to_set),
+            headers_to_remove=decision.headers_to_remove,
+        )
+        response = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=responses.GRPC_OK), ok_response=ok
+        )
+        if decision.metadata:
+            metadata = struct_pb2.Struct()
+            metadata.update(decision.metadata)
+            response.dynamic_metadata.CopyFrom(metadata)
+        return response
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """``envoy.service.auth.v3.Authorization`` over the decision core."""
+
+    def __init__(self, service: AuthorizationService) -> None:
+        self.service = service
+        self.renderer = Renderer()
+
+    def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+        try:
+            decision = self.service.check(to_attributes(request))
+            return self.renderer.render(decision)
+        except Exception:
+            log.exception("internal error in the gRPC door")
+            return self.renderer.render(responses.internal_error())

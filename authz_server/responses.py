@@ -1,0 +1,142 @@
+"""Decisions: the one place where errors become HTTP statuses, headers and bodies.
+
+A ``Decision`` is door-neutral: the gRPC door renders it into a ``CheckResponse``, a later
+HTTP door into an HTTP response. Deny decisions for a given error are built once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from authz_server import errors
+from authz_server.errors import AuthenticationError, AuthzError, DependencyError
+
+# gRPC status codes carried in CheckResponse.status (google.rpc.Code).
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
+
+# Short, fixed descriptions (never request data) for WWW-Authenticate error_description.
+_DESCRIPTIONS = {
+    errors.MALFORMED_TOKEN: "malformed token",
+    errors.UNSUPPORTED_ALGORITHM: "algorithm not allowed",
+    errors.UNKNOWN_KID: "signing key not found",
+    errors.INVALID_SIGNATURE: "invalid signature",
+    errors.TOKEN_EXPIRED: "token expired",
+    errors.TOKEN_NOT_YET_VALID: "token not yet valid",
+    errors.INVALID_ISSUER: "issuer not accepted",
+    errors.INVALID_AUDIENCE: "audience not accepted",
+    errors.MISSING_CLAIM: "required claim missing",
+}
+_ERROR_NAMES = {401: "unauthorized", 403: "forbidden", 500: "internal_error", 503: "unavailable"}
+_GRPC_CODES = {
+    401: GRPC_UNAUTHENTICATED,
+    403: GRPC_PERMISSION_DENIED,
+    500: GRPC_INTERNAL,
+    503: GRPC_UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to answer Envoy. ``status`` is the HTTP status of a denial (200 when allowed)."""
+
+    allowed: bool
+    status: int
+    reason: str
+    grpc_code: int = GRPC_OK
+    headers_to_set: tuple[tuple[str, str], ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+    response_headers: tuple[tuple[str, str], ...] = ()  # on the denial sent to the client
+    body: str = ""
+    metadata: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
+    provider: str | None = None
+    principal: str | None = None
+    policy: str | None = None
+
+
+def allow(
+    *,
+    headers_to_set: tuple[tuple[str, str], ...],
+    headers_to_remove: tuple[str, ...],
+    metadata: Mapping[str, Any] | None,
+    provider: str | None,
+    principal: str | None,
+    policy: str | None,
+) -> Decision:
+    return Decision(
+        allowed=True,
+        status=200,
+        reason="allowed",
+        headers_to_set=headers_to_set,
+        headers_to_remove=headers_to_remove,
+        metadata=metadata,
+        provider=provider,
+        principal=principal,
+        policy=policy,
+    )
+
+
+def _www_authenticate(realm: str, reason: str, token_present: bool) -> str:
+    value = f'Bearer realm="{realm}"'
+    if token_present:
+        description = _DESCRIPTIONS.get(reason, "invalid token")
+        value += f', error="invalid_token", error_description="{description}"'
+    return value
+
+
+@lru_cache(maxsize=256)
+def _denial(status: int, reason: str, realm: str, token_present: bool) -> Decision:
+    headers: list[tuple[str, str]] = [("content-type", "application/json")]
+    if status == 401:
+        headers.append(("www-authenticate", _www_authenticate(realm, reason, token_present)))
+    body = json.dumps({"error": _ERROR_NAMES.get(status, "denied"), "reason": reason})
+    return Decision(
+        allowed=False,
+        status=status,
+        reason=reason,
+        grpc_code=_GRPC_CODES.get(status, GRPC_PERMISSION_DENIED),
+        response_headers=tuple(headers),
+        body=body,
+    )
+
+
+def deny(error: AuthzError, *, realm: str, token_present: bool) -> Decision:
+    """The denial for ``error``: 401 with WWW-Authenticate, 403, or 503 (shared, prebuilt)."""
+    if isinstance(error, AuthenticationError):
+        status = 401
+    elif isinstance(error, DependencyError):
+        status = 503
+    else:
+        status = error.status
+    return _denial(status, error.reason, realm, token_present)
+
+
+def internal_error() -> Decision:
+    """Fail closed: the answer to any unexpected exception."""
+    return _denial(500, errors.INTERNAL_ERROR, "", False)
+
+
+def with_context(
+    decision: Decision, *, provider: str | None, principal: str | None, policy: str | None
+) -> Decision:
+    """A denial annotated with who asked and which policy decided (for logs and metrics)."""
+    if provider is None and principal is None and policy is None:
+        return decision
+    return Decision(
+        allowed=decision.allowed,
+        status=decision.status,
+        reason=decision.reason,
+        grpc_code=decision.grpc_code,
+        response_headers=decision.response_headers,
+        body=decision.body,
+        provider=provider,
+        principal=principal,
+        policy=policy,
+    )

@@ -1,0 +1,180 @@
+"""Process plumbing: the gRPC server (Authorization, Health, Reflection), the HTTP side port,
+key loading at start, and a graceful drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_server.config import Settings
+from authz_server.grpc_door import AuthorizationServicer
+from authz_server.service import AuthorizationService, Engine
+
+log = logging.getLogger("authz_server.server")
+
+AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port). Raises ValueError naming ``what``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{what}: expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class _SidePortHandler(BaseHTTPRequestHandler):
+    server: _SidePort
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._reply(200, {"status": "ok"})
+        elif path == "/readyz":
+            ready, providers = self.server.owner.readiness()
+            self._reply(200 if ready else 503, {"ready": ready, "providers": providers})
+        else:
+            self._reply(404, {"error": "not_found"})
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # NOTE: probes every few seconds would drown the logs.
+
+
+class _SidePort(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], owner: AuthzServer) -> None:
+        self.owner = owner
+        super().__init__(address, _SidePortHandler)
+
+
+class AuthzServer:
+    """The running server: one engine, its key caches, the gRPC server and the side port."""
+
+    def __init__(self, settings: Settings, *, listen: str, http_listen: str) -> None:
+        self.settings = settings
+        self.listen = listen
+        self.http_listen = http_listen
+        self.engine = Engine.build(settings)
+        for cache in self.engine.caches.values():
+            cache.on_update = self._update_health
+        self.service = AuthorizationService(self.engine)
+        self.health = health.HealthServicer()
+        self.grpc_server: grpc.Server | None = None
+        self.side_port: _SidePort | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._stopping = False
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, {provider: "ready" | "no keys: <last error>"})."""
+        providers = {
+            name: "ready" if cache.keyset is not None else f"no keys: {cache.last_error}"
+            for name, cache in self.engine.caches.items()
+        }
+        return all(v == "ready" for v in providers.values()), providers
+
+    def _update_health(self) -> None:
+        if self._stopping:
+            return
+        ready, _ = self.readiness()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", AUTHORIZATION_SERVICE):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Load keys (a provider whose keys fail to load is reported, not fatal), then listen."""
+        for cache in self.engine.caches.values():
+            cache.refresh()
+            cache.start()
+        self._update_health()
+
+        threads = self.settings.server.threads
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="check"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.service), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        self.grpc_port = server.add_insecure_port(self.listen)
+        if self.grpc_port == 0 and not self.listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {self.listen}")
+        server.start()
+        self.grpc_server = server
+
+        host, port = split_host_port(self.http_listen, "--http-listen")
+        self.side_port = _SidePort((host, port), self)
+        self.http_port = self.side_port.server_address[1]
+        threading.Thread(target=self.side_port.serve_forever, name="side-port", daemon=True).start()
+        ready, providers = self.readiness()
+        log.info(
+            "serving gRPC on %s, HTTP on %s:%d; %d provider(s), %d polic(ies); ready=%s %s",
+            self.listen,
+            host,
+            self.http_port,
+            len(self.settings.providers),
+            len(self.settings.policies),
+            ready,
+            "" if ready else providers,
+        )
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight Checks finish within ``grace``, then close."""
+        self._stopping = True
+        self.health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(
+                grace if grace is not None else self.settings.server.shutdown_grace
+            ).wait()
+        if self.side_port is not None:
+            self.side_port.shutdown()
+            self.side_port.server_close()
+        for cache in self.engine.caches.values():
+            cache.stop()
+
+
+def serve(settings: Settings, *, listen: str, http_listen: str) -> int:
+    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = AuthzServer(settings, listen=listen, http_listen=http_listen)
+    server.start()
+    stop.wait()
+    server.stop()
+    log.info("stopped")
+    return 0

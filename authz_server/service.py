@@ -1,0 +1,207 @@
+"""The decision core: credentials → verify → evaluate → respond. No wire format lives here.
+
+``Engine`` is everything compiled from one ``Settings`` (providers with their key caches,
+token locations, policies, output header lists). ``AuthorizationService.check`` decides one
+request with the current engine; swapping the engine is one reference assignment, so a
+reload never mixes two configurations in one decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from authz_server import errors, responses
+from authz_server.attributes import RequestAttributes
+from authz_server.config import Provider, Settings
+from authz_server.credentials import CredentialExtractor
+from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError
+from authz_server.jwks import JWKSCache
+from authz_server.policy import PolicySet
+from authz_server.responses import Decision
+from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier
+
+log = logging.getLogger("authz_server.service")
+
+
+def _header_value(value: Any) -> str | None:
+    """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
+    by commas. Objects, and anything with control characters, give no header."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool | int | float):
+        text = json.dumps(value)
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        text = ",".join(value)
+    else:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        return None
+    return text
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> Any:
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):  # nested claims, as Istio's `claim: a.b`
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+class _ProviderOutputs:
+    """Per provider: headers to fill from a verified token, precomputed."""
+
+    def __init__(self, runtime: ProviderRuntime) -> None:
+        spec = runtime.provider.spec
+        self.claim_headers = tuple(
+            (h.header.lower(), h.claim) for h in spec.output_claim_to_headers
+        )
+        self.payload_header = (spec.output_payload_to_header or "").lower() or None
+        self.forward_token = spec.forward_original_token
+
+    def headers(self, identity: Identity) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for header, claim in self.claim_headers:
+            value = _header_value(_claim(identity.claims, claim))
+            if value is not None:
+                out.append((header, value))
+        if self.payload_header:
+            out.append((self.payload_header, identity.payload_segment))
+        return out
+
+
+class Engine:
+    """Everything derived from one Settings, ready for the hot path."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        caches: Mapping[str, JWKSCache],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.realm = settings.server.realm
+        self.missing_token_status = settings.server.missing_token_status
+        self.trusted_proxy_hops = settings.server.trusted_proxy_hops
+        self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
+        self.caches = dict(caches)
+        self.extractor = CredentialExtractor(self.providers)
+        self.verifier = TokenVerifier(clock)
+        self.policies = PolicySet(settings.policies)
+        self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
+        self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
+        # Every header any provider may set: a client-sent copy never reaches the upstream.
+        self.protected_headers = frozenset(
+            h for o in self.outputs.values() for h, _ in o.claim_headers
+        ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
+
+    @classmethod
+    def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Engine:
+        """Create key caches for ``settings`` (not yet loaded) and the engine over them."""
+        caches = {p.name: make_cache(p) for p in settings.providers}
+        return cls(settings, caches, clock)
+
+    def missing_or_denied(self, identity: Identity | None, error: AuthzError) -> Decision:
+        if identity is None and self.missing_token_status == 401:
+            return responses.deny(
+                AuthenticationError(errors.MISSING_CREDENTIALS),
+                realm=self.realm,
+                token_present=False,
+            )
+        return responses.deny(error, realm=self.realm, token_present=identity is not None)
+
+
+def make_cache(provider: Provider) -> JWKSCache:
+    spec = provider.spec
+    return JWKSCache(
+        provider=provider.name,
+        allowed_algs=frozenset(spec.algorithms),
+        inline=spec.jwks,
+        file=provider.jwks_file,
+        url=spec.jwks_uri,
+        timeout=spec.timeout,
+        refresh_interval=spec.refresh_interval,
+    )
+
+
+class AuthorizationService:
+    """Decides Checks with the current engine. Fails closed on any unexpected error."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def check(self, request: RequestAttributes) -> Decision:
+        engine = self.engine  # one engine for the whole decision, even across a reload
+        try:
+            return self._decide(engine, request)
+        except Exception:
+            # NOTE: the exception text may quote request data; log type and place, not values.
+            log.exception("internal error while deciding %s %s", request.method, request.host)
+            return responses.internal_error()
+
+    def _decide(self, engine: Engine, request: RequestAttributes) -> Decision:
+        request.trusted_proxy_hops = engine.trusted_proxy_hops
+        found = engine.extractor.extract(request)
+        identity: Identity | None = None
+        token_headers_to_strip: list[str] = []
+        for token in found:
+            try:
+                verified = engine.verifier.verify(token.token, token.providers)
+            except AuthzError as exc:
+                return responses.with_context(
+                    responses.deny(exc, realm=engine.realm, token_present=True),
+                    provider=token.providers[0].name if len(token.providers) == 1 else None,
+                    principal=None,
+                    policy=None,
+                )
+            identity = identity or verified
+            if (
+                token.location.kind == "header"
+                and not engine.outputs[verified.provider].forward_token
+            ):
+                token_headers_to_strip.append(token.location.name)
+        if identity is None and engine.token_required:
+            return responses.deny(
+                AuthenticationError(errors.MISSING_CREDENTIALS),
+                realm=engine.realm,
+                token_present=False,
+            )
+
+        result = engine.policies.evaluate(request, identity)
+        provider = identity.provider if identity else None
+        principal = identity.principal if identity else None
+        if not result.allowed:
+            return responses.with_context(
+                engine.missing_or_denied(identity, AuthorizationError(result.reason)),
+                provider=provider,
+                principal=principal,
+                policy=result.policy,
+            )
+
+        to_set: list[tuple[str, str]] = []
+        to_remove: set[str] = set(engine.protected_headers)
+        metadata: dict[str, Any] | None = None
+        if identity is not None:
+            outputs = engine.outputs[identity.provider]
+            to_set = outputs.headers(identity)
+            to_remove.difference_update(h for h, _ in to_set)
+            metadata = {
+                "principal": identity.principal,
+                "provider": identity.provider,
+                "claims": dict(identity.claims),
+            }
+        to_remove.update(token_headers_to_strip)
+        return responses.allow(
+            headers_to_set=tuple(to_set),
+            headers_to_remove=tuple(sorted(to_remove)),
+            metadata=metadata,
+            provider=provider,
+            principal=principal,
+            policy=result.policy,
+        )

@@ -1,0 +1,219 @@
+"""JWT verification: compact JWS in, ``Identity`` out, or an ``AuthenticationError`` with a reason.
+
+The algorithm comes from the provider's allow-list, never from the token alone: the header's
+``alg`` must be allowed *and* served by the key. ``jku``, ``x5u``, ``jwk`` and ``x5c`` headers
+are never followed. The signature is checked before any claim is trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from authz_server import errors
+from authz_server.config import Provider
+from authz_server.errors import AuthenticationError, DependencyError
+from authz_server.jwks import JWKSCache
+
+MAX_TOKEN_BYTES = 8192
+DEFAULT_SPACE_DELIMITED = frozenset({"scope", "permission"})
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token says the caller is."""
+
+    provider: str
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    audiences: tuple[str, ...]
+    presenter: str | None
+    payload_segment: str  # base64url payload as it came, for outputPayloadToHeader
+    space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED
+
+    @property
+    def principal(self) -> str:
+        """Istio's request principal: ``iss/sub``."""
+        return f"{self.issuer}/{self.subject}"
+
+
+@dataclass(frozen=True)
+class ProviderRuntime:
+    """A provider with what verification needs precomputed."""
+
+    provider: Provider
+    keys: JWKSCache
+    algorithms: frozenset[str]
+    audiences: frozenset[str]
+    clock_skew: float
+    space_delimited: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    @property
+    def issuer(self) -> str:
+        return self.provider.spec.issuer
+
+    @classmethod
+    def build(cls, provider: Provider, keys: JWKSCache) -> ProviderRuntime:
+        spec = provider.spec
+        return cls(
+            provider=provider,
+            keys=keys,
+            algorithms=frozenset(spec.algorithms),
+            audiences=frozenset(spec.audiences),
+            clock_skew=spec.clock_skew,
+            space_delimited=DEFAULT_SPACE_DELIMITED | frozenset(spec.space_delimited_claims),
+        )
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _malformed(detail: str) -> AuthenticationError:
+    return AuthenticationError(errors.MALFORMED_TOKEN, detail)
+
+
+def decode_segments(token: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Split and decode a compact JWS without verifying it.
+
+    Returns (header, payload, segments). Raises AuthenticationError(malformed_token).
+    """
+    if len(token) > MAX_TOKEN_BYTES:
+        raise _malformed(f"token longer than {MAX_TOKEN_BYTES} bytes")
+    segments = token.split(".")
+    if len(segments) == 5:
+        raise _malformed("encrypted tokens (JWE) are not supported")
+    if len(segments) != 3:
+        raise _malformed("a JWT has three dot-separated segments")
+    try:
+        header = json.loads(_b64decode(segments[0]))
+        payload = json.loads(_b64decode(segments[1]))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise _malformed("header or payload is not base64url-encoded JSON") from None
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise _malformed("header and payload must be JSON objects")
+    return header, payload, segments
+
+
+def _numeric(payload: Mapping[str, Any], claim: str) -> float | None:
+    value = payload.get(claim)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _malformed(f"claim {claim!r} must be a number")
+    return float(value)
+
+
+class TokenVerifier:
+    """Verifies tokens against the providers whose issuer they name."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def verify(self, token: str, providers: Sequence[ProviderRuntime]) -> Identity:
+        """Verify ``token`` for one of ``providers`` (those reading the location it came from).
+
+        Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
+        the issuer's keys were never loaded.
+        """
+        header, payload, segments = decode_segments(token)
+        issuer = payload.get("iss")
+        candidates = [p for p in providers if p.issuer == issuer]
+        if not candidates:
+            raise AuthenticationError(errors.INVALID_ISSUER, "no provider for this issuer")
+        first_error: AuthenticationError | DependencyError | None = None
+        for provider in candidates:
+            try:
+                return self._verify_for(provider, header, payload, segments)
+            except (AuthenticationError, DependencyError) as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
+
+    def _verify_for(
+        self,
+        provider: ProviderRuntime,
+        header: Mapping[str, Any],
+        payload: Mapping[str, Any],
+        segments: list[str],
+    ) -> Identity:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in provider.algorithms:
+            raise AuthenticationError(
+                errors.UNSUPPORTED_ALGORITHM, f"alg {str(alg)[:16]!r} is not allowed"
+            )
+        if "crit" in header:
+            raise AuthenticationError(errors.MALFORMED_TOKEN, "unsupported 'crit' header")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise _malformed("'kid' must be a string")
+        keyset = provider.keys.keyset
+        if keyset is None:
+            raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
+        keys = keyset.candidates(kid, alg)
+        if not keys:
+            raise AuthenticationError(errors.UNKNOWN_KID, "no key matches the token's kid")
+        try:
+            signature = _b64decode(segments[2])
+        except (ValueError, binascii.Error):
+            raise _malformed("signature is not base64url") from None
+        signing_input = f"{segments[0]}.{segments[1]}".encode("ascii", "replace")
+        for key in keys:
+            verify = key.verifiers.get(alg)
+            if verify is None:
+                raise AuthenticationError(
+                    errors.UNSUPPORTED_ALGORITHM, f"key does not serve alg {alg}"
+                )
+            if verify(signing_input, signature):
+                break
+        else:
+            raise AuthenticationError(errors.INVALID_SIGNATURE, "signature does not verify")
+        return self._check_claims(provider, payload, segments[1])
+
+    def _check_claims(
+        self, provider: ProviderRuntime, payload: Mapping[str, Any], payload_segment: str
+    ) -> Identity:
+        now = self._clock()
+        skew = provider.clock_skew
+        exp = _numeric(payload, "exp")
+        if exp is None:
+            raise AuthenticationError(errors.MISSING_CLAIM, "the token has no 'exp'")
+        if now > exp + skew:
+            raise AuthenticationError(errors.TOKEN_EXPIRED, "the token has expired")
+        nbf = _numeric(payload, "nbf")
+        if nbf is not None and now + skew < nbf:
+            raise AuthenticationError(errors.TOKEN_NOT_YET_VALID, "the token is not valid yet")
+        aud = payload.get("aud")
+        audiences: tuple[str, ...]
+        if isinstance(aud, str):
+            audiences = (aud,)
+        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+            audiences = tuple(aud)
+        elif aud is None:
+            audiences = ()
+        else:
+            raise _malformed("claim 'aud' must be a string or a list of strings")
+        if provider.audiences and provider.audiences.isdisjoint(audiences):
+            raise AuthenticationError(errors.INVALID_AUDIENCE, "audience not accepted")
+        sub = payload.get("sub", "")
+        azp = payload.get("azp")
+        return Identity(
+            provider=provider.name,
+            issuer=provider.issuer,
+            subject=sub if isinstance(sub, str) else json.dumps(sub),
+            claims=payload,
+            audiences=audiences,
+            presenter=azp if isinstance(azp, str) else None,
+            payload_segment=payload_segment,
+            space_delimited=provider.space_delimited,
+        )
