@@ -1,0 +1,118 @@
+"""Per-Check CPU cost, measured with a simple local loop (no Envoy, no load generator).
+
+Three layers, each a bounded loop over the same RS256 token and policy:
+  core   AuthorizationService.check on RequestAttributes (verify + policy + decision)
+  door   CheckRequest -> attributes -> check -> CheckResponse, in process
+  grpc   a real Check over a loopback gRPC channel to the in-process server
+           (client and server share the process: CPU is both sides together)
+Prints microseconds of process CPU per call (best of --repeats rounds) and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+
+from authz_server import config, devkeys
+from authz_server.grpc_door import AuthorizationServicer, to_attributes
+from authz_server.server import AuthzServer
+
+ISSUER = "https://issuer.bench"
+CONFIG = """
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server: {{threads: 4}}
+providers:
+  - issuer: {issuer}
+    audiences: [bench]
+    jwksFile: jwks.json
+    outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
+policies:
+  - name: deny-internal
+    action: DENY
+    rules: [{{to: [{{operation: {{paths: ["/internal/*"]}}}}]}}]
+  - name: read
+    rules:
+      - from: [{{source: {{requestPrincipals: ["{issuer}/*"]}}}}]
+        to: [{{operation: {{methods: ["GET"], paths: ["/api/*"]}}}}]
+        when: [{{key: "request.auth.claims[groups]", values: ["dev", "admin"]}}]
+"""
+
+
+def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> None:
+    best_cpu = best_wall = float("inf")
+    for _ in range(repeats):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best_cpu = min(best_cpu, (time.process_time() - cpu0) / calls)
+        best_wall = min(best_wall, (time.perf_counter() - wall0) / calls)
+    print(f"{name:<6} {best_cpu * 1e6:8.1f} us CPU/call {best_wall * 1e6:8.1f} us wall/call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    key = devkeys.generate_key("RSA", kid="bench-1")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
+        (Path(tmp) / "config.yaml").write_text(CONFIG.format(issuer=ISSUER))
+        settings = config.load(Path(tmp) / "config.yaml")
+        server = AuthzServer(settings, listen="127.0.0.1:0", http_listen="127.0.0.1:0")
+        server.start()
+        try:
+            token = key.sign(
+                {
+                    "iss": ISSUER,
+                    "sub": "alice",
+                    "aud": "bench",
+                    "exp": int(time.time()) + 3600,
+                    "groups": ["dev"],
+                }
+            )
+            ctx = attribute_context_pb2.AttributeContext
+            http = ctx.HttpRequest(
+                method="GET",
+                host="api.bench",
+                path="/api/orders?page=2",
+                headers={
+                    "authorization": f"Bearer {token}",
+                    "user-agent": "bench",
+                    "x-request-id": "abc",
+                },
+            )
+            request = external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
+            servicer = AuthorizationServicer(server.service)
+            assert servicer.Check(request, None).status.code == 0
+            measure(
+                "core",
+                lambda: server.service.check(to_attributes(request)),
+                args.calls,
+                args.repeats,
+            )
+            measure("door", lambda: servicer.Check(request, None), args.calls, args.repeats)
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                assert stub.Check(request, timeout=5).status.code == 0
+                measure(
+                    "grpc",
+                    lambda: stub.Check(request, timeout=5),
+                    args.calls // 2,
+                    args.repeats,
+                )
+        finally:
+            server.stop(grace=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Test helpers shared by unit and end-to-end tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+ISSUER = "https://issuer.test"
+AUDIENCE = "orders-api"
+
+
+class Clock:
+    """A clock the test moves by hand: ``clock()`` is the time, ``advance`` moves it."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def claims_for(now: float, **overrides: Any) -> dict[str, Any]:
+    """Valid claims for ISSUER/AUDIENCE, one hour left; ``overrides`` replace or add (None
+    removes a claim)."""
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": "alice",
+        "aud": AUDIENCE,
+        "iat": int(now),
+        "exp": int(now) + 3600,
+    }
+    for name, value in overrides.items():
+        if value is None:
+            claims.pop(name, None)
+        else:
+            claims[name] = value
+    return claims
+
+
+def write_config(directory: Path, text: str, name: str = "config.yaml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,136 @@
+"""The gRPC server in-process: Check over a real channel, health, reflection, side port, drain."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from authz_server import config, devkeys
+from authz_server.devkeys import SigningKey
+from authz_server.grpc_door import to_attributes
+from authz_server.server import AUTHORIZATION_SERVICE, AuthzServer
+from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
+
+
+@pytest.fixture
+def running(tmp_path: Path, rsa_key: SigningKey) -> Iterator[AuthzServer]:
+    (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(rsa_key)))
+    text = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksFile: jwks.json
+    outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+policies:
+  - name: authenticated
+    rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]
+"""
+    server = AuthzServer(
+        config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.fixture
+def channel(running: AuthzServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as chan:
+        yield chan
+
+
+def check_request(token: str | None, path: str = "/orders") -> external_auth_pb2.CheckRequest:
+    ctx = attribute_context_pb2.AttributeContext
+    headers = {"x-user": "forged"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            request=ctx.Request(
+                http=ctx.HttpRequest(method="GET", host="api.test", path=path, headers=headers)
+            )
+        )
+    )
+
+
+def test_check_allows_with_headers_and_denies_with_401(
+    channel: grpc.Channel, rsa_key: SigningKey
+) -> None:
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    token = rsa_key.sign(claims_for(Clock().now))
+    ok = stub.Check(check_request(token), timeout=5)
+    assert ok.status.code == 0
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.headers] == [("x-user", "alice")]
+    assert ok.ok_response.headers[0].append_action == 2  # OVERWRITE_IF_EXISTS_OR_ADD
+    assert "authorization" in ok.ok_response.headers_to_remove
+    assert ok.dynamic_metadata.fields["principal"].string_value == f"{ISSUER}/alice"
+
+    denied = stub.Check(check_request(None), timeout=5)
+    assert denied.status.code == 16  # UNAUTHENTICATED
+    assert denied.denied_response.status.code == 401
+    assert json.loads(denied.denied_response.body)["reason"] == "missing_credentials"
+    headers = {h.header.key: h.header.value for h in denied.denied_response.headers}
+    assert headers["www-authenticate"].startswith("Bearer realm=")
+
+
+def test_health_is_serving_with_keys_and_not_serving_after_stop(
+    running: AuthzServer, channel: grpc.Channel
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", AUTHORIZATION_SERVICE):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    running.health.enter_graceful_shutdown()
+    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_reflection_lists_the_authorization_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert AUTHORIZATION_SERVICE in names and "grpc.health.v1.Health" in names
+
+
+def test_side_port_healthz_and_readyz(running: AuthzServer) -> None:
+    base = f"http://127.0.0.1:{running.http_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
+        assert reply.status == 200
+    with urllib.request.urlopen(f"{base}/readyz", timeout=5) as reply:
+        body = json.loads(reply.read())
+    assert body["ready"] is True and set(body["providers"].values()) == {"ready"}
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"{base}/nope", timeout=5)
+    caught.value.close()
+    assert caught.value.code == 404
+
+
+def test_raw_header_map_is_read_when_envoy_sends_it() -> None:
+    ctx = attribute_context_pb2.AttributeContext
+    from envoy.config.core.v3 import base_pb2
+
+    header_map = base_pb2.HeaderMap(
+        headers=[
+            base_pb2.HeaderValue(key="X-A", raw_value=b"1"),
+            base_pb2.HeaderValue(key="x-a", raw_value=b"2"),
+        ]
+    )
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(request=ctx.Request(http=ctx.HttpRequest(header_map=header_map)))
+    )
+    assert dict(to_attributes(request).headers) == {"x-a": "1,2"}

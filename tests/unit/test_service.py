@@ -1,0 +1,291 @@
+"""Decisions of the core, from configuration to Decision: statuses, reasons, headers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz_server import config, devkeys, errors
+from authz_server.attributes import RequestAttributes
+from authz_server.devkeys import SigningKey
+from authz_server.responses import Decision
+from authz_server.service import AuthorizationService, Engine
+from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
+
+POLICIES = """
+policies:
+  - name: read
+    rules:
+      - from: [{source: {requestPrincipals: ["*"]}}]
+        to: [{operation: {methods: ["GET"], paths: ["/api/*"]}}]
+  - name: admins-write
+    rules:
+      - to: [{operation: {methods: ["POST"]}}]
+        when: [{key: "request.auth.claims[groups]", values: ["admin"]}]
+  - name: no-internal
+    action: DENY
+    rules:
+      - to: [{operation: {paths: ["/api/internal*"]}}]
+"""
+
+
+def provider_yaml(key: SigningKey, extra: str = "") -> str:
+    jwks = json.dumps(json.dumps(devkeys.jwks(key)))
+    return f"""
+  - name: main
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwks: {jwks}
+    outputClaimToHeaders:
+      - {{header: x-user, claim: sub}}
+      - {{header: x-groups, claim: groups}}
+      - {{header: x-tenant, claim: org.tenant}}
+    {extra}
+"""
+
+
+def make_service(
+    tmp_path: Path, clock: Clock, providers: str, server: str = "", policies: str = POLICIES
+) -> AuthorizationService:
+    text = (
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
+        + (f"server:\n{server}\n" if server else "")
+        + f"providers:{providers}\n{policies}"
+    )
+    engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
+    for cache in engine.caches.values():
+        assert cache.refresh()
+    return AuthorizationService(engine)
+
+
+@pytest.fixture
+def service(tmp_path: Path, clock: Clock, rsa_key: SigningKey) -> AuthorizationService:
+    return make_service(tmp_path, clock, provider_yaml(rsa_key))
+
+
+def request(
+    token: str | None = None, method: str = "GET", path: str = "/api/orders", **headers: str
+) -> RequestAttributes:
+    all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
+    if token is not None:
+        all_headers["authorization"] = f"Bearer {token}"
+    return RequestAttributes(method=method, path=path, host="api.test", headers=all_headers)
+
+
+def test_allowed_request_sets_identity_headers_and_strips_the_token(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(groups=["dev", "ops"], org={"tenant": "t1"})))
+    assert decision.allowed and decision.status == 200
+    assert dict(decision.headers_to_set) == {
+        "x-user": "alice",
+        "x-groups": "dev,ops",
+        "x-tenant": "t1",
+    }
+    assert "authorization" in decision.headers_to_remove
+    assert decision.policy == "read"
+    assert decision.metadata is not None and decision.metadata["principal"] == f"{ISSUER}/alice"
+
+
+def test_missing_token_is_401_with_bearer_challenge(service: AuthorizationService) -> None:
+    decision = service.check(request())
+    assert (decision.status, decision.reason) == (401, errors.MISSING_CREDENTIALS)
+    assert dict(decision.response_headers)["www-authenticate"] == 'Bearer realm="authz-server"'
+    assert json.loads(decision.body) == {"error": "unauthorized", "reason": "missing_credentials"}
+
+
+def test_missing_token_can_be_istio_style_403(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), "  missingTokenStatus: 403")
+    decision = service.check(request())
+    assert (decision.status, decision.reason) == (403, errors.NO_ALLOW_POLICY_MATCHED)
+    assert "www-authenticate" not in dict(decision.response_headers)
+
+
+def test_invalid_token_is_401_even_where_policy_would_allow_anonymous(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    assert service.check(request()).allowed
+    decision = service.check(request(make_token(exp=int(clock.now) - 3600)))
+    assert (decision.status, decision.reason) == (401, errors.TOKEN_EXPIRED)
+    challenge = dict(decision.response_headers)["www-authenticate"]
+    assert 'error="invalid_token"' in challenge and 'error_description="token expired"' in challenge
+
+
+def test_authenticated_but_not_allowed_is_403(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(groups=["dev"]), method="POST"))
+    assert (decision.status, decision.reason) == (403, errors.NO_ALLOW_POLICY_MATCHED)
+    assert decision.principal == f"{ISSUER}/alice"
+    assert json.loads(decision.body)["error"] == "forbidden"
+
+
+def test_deny_policy_wins_and_is_named(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(), path="/api/internal/debug"))
+    assert (decision.status, decision.reason, decision.policy) == (
+        403,
+        errors.POLICY_DENIED,
+        "no-internal",
+    )
+
+
+def test_client_sent_identity_headers_are_removed_for_anonymous_requests(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    decision = service.check(request(x_user="root", x_groups="admin"))
+    assert decision.allowed
+    assert {"x-user", "x-groups", "x-tenant"} <= set(decision.headers_to_remove)
+    assert decision.headers_to_set == ()
+
+
+def test_output_header_for_an_absent_claim_is_removed_not_left_to_the_client(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(), x_groups="admin"))
+    assert "x-groups" in decision.headers_to_remove
+    assert "x-groups" not in dict(decision.headers_to_set)
+    assert set(decision.headers_to_remove).isdisjoint(dict(decision.headers_to_set))
+
+
+def test_forward_original_token_keeps_the_header_and_payload_is_output(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    extra = "forwardOriginalToken: true\n    outputPayloadToHeader: x-jwt-payload"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra))
+    token = make_token()
+    decision = service.check(request(token))
+    assert "authorization" not in decision.headers_to_remove
+    assert dict(decision.headers_to_set)["x-jwt-payload"] == token.split(".")[1]
+
+
+def test_tokens_from_custom_header_param_and_cookie(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    extra = (
+        "fromHeaders: [{name: X-Api-Token, prefix: 'Token '}]\n"
+        "    fromParams: [jwt]\n    fromCookies: [session]"
+    )
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra))
+    token = make_token()
+    assert service.check(request(x_api_token=f"Token {token}")).allowed
+    assert service.check(request(path=f"/api/orders?a=1&jwt={token}")).allowed
+    assert service.check(request(cookie=f"theme=dark; session={token}")).allowed
+    # Istio's default locations are not read once a provider names its own.
+    assert service.check(request(token)).reason == errors.MISSING_CREDENTIALS
+    assert service.check(request(path=f"/api?access_token={token}")).reason == (
+        errors.MISSING_CREDENTIALS
+    )
+
+
+def test_default_locations_are_bearer_header_and_access_token_param(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    token = make_token()
+    assert service.check(request(path=f"/api/orders?access_token={token}")).allowed
+    assert service.check(
+        RequestAttributes(method="GET", path="/api/x", headers={"authorization": f"bearer {token}"})
+    ).allowed
+    basic = service.check(request(authorization="Basic YWxhZGRpbjpvcGVuc2VzYW1l"))
+    assert basic.reason == errors.MISSING_CREDENTIALS
+
+
+def test_token_from_an_issuer_no_provider_knows_is_401(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(iss="https://other.test")))
+    assert (decision.status, decision.reason) == (401, errors.INVALID_ISSUER)
+
+
+def test_issuer_selects_the_provider_among_several(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, ec_key: SigningKey
+) -> None:
+    second = (
+        provider_yaml(ec_key)
+        .replace("name: main", "name: partner")
+        .replace(ISSUER, "https://partner.test")
+    )
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key) + second)
+    partner = ec_key.sign(claims_for(clock.now, iss="https://partner.test"))
+    decision = service.check(request(partner))
+    assert decision.allowed and decision.provider == "partner"
+    # A partner-issued token signed with the main issuer's key is not the partner's.
+    forged = rsa_key.sign(claims_for(clock.now, iss="https://partner.test"))
+    assert service.check(request(forged)).status == 401
+
+
+def test_presence_required_refuses_anonymous_requests(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(
+        tmp_path, clock, provider_yaml(rsa_key, "presence: REQUIRED"), policies="policies: []"
+    )
+    assert service.check(request()).reason == errors.MISSING_CREDENTIALS
+
+
+def test_every_token_present_must_be_valid(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    service = make_service(
+        tmp_path,
+        clock,
+        provider_yaml(
+            rsa_key,
+            "fromParams: [jwt]\n    fromHeaders: [{name: authorization, prefix: 'Bearer '}]",
+        ),
+    )
+    good, expired = make_token(), make_token(exp=int(clock.now) - 3600)
+    assert service.check(request(good, path=f"/api/x?jwt={expired}")).status == 401
+
+
+def test_unexpected_exception_fails_closed(
+    service: AuthorizationService, make_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*_: Any) -> Decision:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service.engine.policies, "evaluate", explode)
+    decision = service.check(request(make_token()))
+    assert not decision.allowed
+    assert (decision.status, decision.reason) == (500, errors.INTERNAL_ERROR)
+
+
+def test_provider_with_no_keys_is_503_for_its_tokens_only(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, ec_key: SigningKey
+) -> None:
+    down = """
+  - name: down
+    issuer: https://down.test
+    jwksUri: http://127.0.0.1:9/jwks.json
+    timeout: 200ms
+"""
+    text = (
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
+        f"providers:{provider_yaml(rsa_key)}{down}\npolicies: []\n"
+    )
+    engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
+    engine.caches["main"].refresh()
+    assert not engine.caches["down"].refresh()
+    service = AuthorizationService(engine)
+    down_token = ec_key.sign(claims_for(clock.now, iss="https://down.test"))
+    decision = service.check(request(down_token))
+    assert (decision.status, decision.reason) == (503, errors.JWKS_UNAVAILABLE)
+    assert service.check(request(rsa_key.sign(claims_for(clock.now)))).allowed
+
+
+def test_header_values_with_control_characters_are_not_output(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(sub="alice\r\nx-admin: true")))
+    assert decision.allowed
+    assert "x-user" not in dict(decision.headers_to_set)
+    assert "x-user" in decision.headers_to_remove
