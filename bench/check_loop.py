@@ -5,13 +5,19 @@ Three layers, each a bounded loop over the same RS256 token and policy:
   door   CheckRequest -> attributes -> check -> CheckResponse, in process
   grpc   a real Check over a loopback gRPC channel to the in-process server
            (client and server share the process: CPU is both sides together)
-Prints microseconds of process CPU per call (best of --repeats rounds) and wall time.
+  server the server as its own process (`authz-server serve`), Checks sent from here over
+           loopback gRPC; the server's own CPU (/proc/PID/stat) divided by the Checks
+Prints microseconds of CPU per call (best of --repeats rounds) and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +61,42 @@ def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> No
         best_cpu = min(best_cpu, (time.process_time() - cpu0) / calls)
         best_wall = min(best_wall, (time.perf_counter() - wall0) / calls)
     print(f"{name:<6} {best_cpu * 1e6:8.1f} us CPU/call {best_wall * 1e6:8.1f} us wall/call")
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure_server_process(config_path: Path, request: object, calls: int, repeats: int) -> None:
+    grpc_port, http_port = _free_port(), _free_port()
+    argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
+    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+    argv += ["--log-level", "WARNING"]
+    process = subprocess.Popen(argv)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            assert stub.Check(request, timeout=5).status.code == 0
+            best = float("inf")
+            for _ in range(repeats):
+                before = _process_cpu(process.pid)
+                for _ in range(calls):
+                    stub.Check(request, timeout=5)
+                best = min(best, (_process_cpu(process.pid) - before) / calls)
+        print(f"server {best * 1e6:8.1f} us CPU/call (server process only, sequential client)")
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
 
 
 def main() -> None:
@@ -112,6 +154,7 @@ def main() -> None:
                 )
         finally:
             server.stop(grace=1)
+        measure_server_process(Path(tmp) / "config.yaml", request, args.calls, args.repeats)
 
 
 if __name__ == "__main__":
