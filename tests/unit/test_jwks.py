@@ -1,0 +1,140 @@
+"""Key sets: unusable keys are skipped with a reason; a failed refresh keeps the good keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from authz_server import devkeys
+from authz_server.config import ASYMMETRIC_ALGORITHMS
+from authz_server.devkeys import SigningKey
+from authz_server.jwks import JWKSCache, KeySet
+from tests.e2e.harness import JWKSServer
+
+ALL = frozenset(ASYMMETRIC_ALGORITHMS)
+
+
+def test_each_usable_key_serves_the_algorithms_of_its_type(
+    rsa_key: SigningKey, ec_key: SigningKey, ed_key: SigningKey
+) -> None:
+    rsa_jwk = rsa_key.public_jwk()
+    del rsa_jwk["alg"]
+    keyset = KeySet.from_jwks({"keys": [rsa_jwk, ec_key.public_jwk(), ed_key.public_jwk()]}, ALL)
+    assert set(keyset.by_kid["rsa-1"].verifiers) == {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+    }
+    assert set(keyset.by_kid["ec-1"].verifiers) == {"ES256"}
+    assert set(keyset.by_kid["ed-1"].verifiers) == {"EdDSA"}
+    assert keyset.skipped == ()
+
+
+def test_declared_alg_narrows_the_key_and_allow_list_narrows_further(rsa_key: SigningKey) -> None:
+    keyset = KeySet.from_jwks(devkeys.jwks(rsa_key), ALL)
+    assert set(keyset.by_kid["rsa-1"].verifiers) == {"RS256"}
+    keyset = KeySet.from_jwks(devkeys.jwks(rsa_key), frozenset({"ES256"}))
+    assert keyset.by_kid["rsa-1"].verifiers == {}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "why"),
+    [
+        (lambda jwk: jwk.update(use="enc"), "use 'enc'"),
+        (lambda jwk: jwk.update(kty="oct", k="c2VjcmV0"), "unsupported key type 'oct'"),
+        (lambda jwk: jwk.update(alg="ES256"), "does not fit key type RSA"),
+        (lambda jwk: jwk.pop("n"), "missing or non-string 'n'"),
+    ],
+)
+def test_unusable_rsa_keys_are_skipped_with_a_reason(
+    rsa_key: SigningKey,
+    ec_key: SigningKey,
+    mutate: object,
+    why: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = rsa_key.public_jwk()
+    mutate(bad)  # type: ignore[operator]
+    with caplog.at_level(logging.WARNING, "authz_server.jwks"):
+        keyset = KeySet.from_jwks({"keys": [bad, ec_key.public_jwk()]}, ALL)
+    assert [k.kid for k in keyset.keys] == ["ec-1"]
+    assert why in keyset.skipped[0]
+    assert why in caplog.text
+
+
+def test_rsa_key_below_2048_bits_is_skipped() -> None:
+    weak = devkeys.generate_key("RSA-1024", kid="weak")
+    keyset = KeySet.from_jwks(devkeys.jwks(weak), ALL)
+    assert keyset.keys == () and "1024 bits" in keyset.skipped[0]
+
+
+def test_unsupported_curve_and_duplicate_kid_are_skipped(ec_key: SigningKey) -> None:
+    p521 = {"kty": "EC", "crv": "P-521", "kid": "p521", "x": "AA", "y": "AA"}
+    twin = devkeys.generate_key("EC-P256", kid=ec_key.kid).public_jwk()
+    keyset = KeySet.from_jwks({"keys": [ec_key.public_jwk(), p521, twin]}, ALL)
+    assert [k.kid for k in keyset.keys] == ["ec-1"]
+    assert any("P-521" in s for s in keyset.skipped)
+    assert any("duplicate kid" in s for s in keyset.skipped)
+
+
+@pytest.mark.parametrize("document", [[], {"keys": "nope"}, {"no": "keys"}])
+def test_a_document_that_is_not_a_jwks_is_refused(document: object) -> None:
+    with pytest.raises(ValueError, match="not a JWKS"):
+        KeySet.from_jwks(document, ALL)
+
+
+@pytest.fixture
+def idp(rsa_key: SigningKey) -> Iterator[JWKSServer]:
+    with JWKSServer(devkeys.jwks(rsa_key)) as server:
+        yield server
+
+
+def url_cache(idp: JWKSServer) -> JWKSCache:
+    return JWKSCache(provider="idp", allowed_algs=ALL, url=idp.jwks_url, timeout=2)
+
+
+def test_cache_loads_from_url_and_keeps_last_good_keys_when_the_idp_fails(
+    idp: JWKSServer, rsa_key: SigningKey
+) -> None:
+    cache = url_cache(idp)
+    assert cache.refresh()
+    good = cache.keyset
+    assert good is not None and "rsa-1" in good.by_kid
+    failures = [
+        {"status": 500, "body": b"oops"},
+        {"status": 200, "body": b"<html>not json"},
+        {"status": 200, "body": b'{"keys": []}'},
+        {"close_connection": True},
+    ]
+    for failure in failures:
+        idp.set_failure(**failure)  # type: ignore[arg-type]
+        assert not cache.refresh(), failure
+        assert cache.keyset is good
+        assert cache.last_error
+    idp.clear_failure()
+    assert cache.refresh() and cache.last_error is None
+
+
+def test_cache_with_a_dead_idp_has_no_keys_and_says_why() -> None:
+    cache = JWKSCache(provider="dead", allowed_algs=ALL, url="http://127.0.0.1:9/jwks", timeout=1)
+    assert not cache.refresh()
+    assert cache.keyset is None and cache.last_error
+
+
+def test_cache_from_file_picks_up_a_rotated_key_on_refresh(
+    tmp_path: Path, rsa_key: SigningKey, ec_key: SigningKey
+) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(devkeys.jwks(rsa_key)))
+    cache = JWKSCache(provider="file", allowed_algs=ALL, file=path)
+    assert cache.refresh()
+    path.write_text(json.dumps(devkeys.jwks(ec_key)))
+    assert cache.refresh()
+    assert cache.keyset is not None and set(cache.keyset.by_kid) == {"ec-1"}
