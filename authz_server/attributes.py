@@ -138,14 +138,16 @@ class RequestAttributes:
         """The client address: from X-Forwarded-For, skipping ``trusted_proxy_hops`` from the right.
 
         Only entries appended by trusted proxies are believed; the client controls the rest.
-        Without the header, the direct peer.
+        As Envoy does, falls back to the direct peer when the header is absent, has fewer
+        entries than that, or the chosen entry is not an IP address.
         """
         xff = self.headers.get("x-forwarded-for", "")
-        if xff:
-            hops = [h.strip() for h in xff.split(",") if h.strip()]
-            index = len(hops) - 1 - self.trusted_proxy_hops
-            if hops:
-                return _parse_ip(hops[max(index, 0)])
+        hops = [h.strip() for h in xff.split(",") if h.strip()]
+        index = len(hops) - 1 - self.trusted_proxy_hops
+        if index >= 0:
+            address = _parse_ip(hops[index])
+            if address is not None:
+                return address
         return self.source_address
 
     @cached_property

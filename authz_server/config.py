@@ -11,6 +11,7 @@ document, field path and reason. Nothing here touches the network.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import ipaddress
 import json
@@ -27,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -188,6 +190,37 @@ def _check_cidrs(values: list[str] | None) -> list[str] | None:
     return values
 
 
+def _check_service_accounts(values: list[str] | None) -> list[str] | None:
+    for v in values or []:
+        namespace, slash, name = v.partition("/")
+        if "*" in v:
+            raise ValueError(f"{v!r}: wildcards are not allowed in service accounts")
+        if not (slash and namespace and name) or "/" in name:
+            raise ValueError(
+                f"{v!r} is not namespace/serviceAccount (a bare name takes the namespace "
+                "of an AuthorizationPolicy's metadata.namespace)"
+            )
+    return values
+
+
+def _check_path_templates(values: list[str] | None) -> list[str] | None:
+    """Istio's rules: ``{*}`` and ``{**}`` are whole segments; ``{**}`` is the last operator."""
+    for v in values or []:
+        if "{" not in v and "}" not in v:
+            continue
+        seen_rest = False
+        for segment in v.strip("/").split("/"):
+            if segment in ("{*}", "{**}"):
+                if seen_rest:
+                    raise ValueError(f"{v!r}: {{**}} must be the last operator of a path template")
+                seen_rest = segment == "{**}"
+            elif "{" in segment or "}" in segment:
+                raise ValueError(
+                    f"{v!r}: a path template operator must be a whole segment, {{*}} or {{**}}"
+                )
+    return values
+
+
 def _check_ports(values: list[str] | None) -> list[str] | None:
     for v in values or []:
         if not (v.isdigit() and 0 < int(v) < 65536):
@@ -217,6 +250,9 @@ class Source(_Model):
     _cidrs = field_validator(
         "ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"
     )(_check_cidrs)
+    _service_accounts = field_validator("service_accounts", "not_service_accounts")(
+        _check_service_accounts
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Source:
@@ -240,6 +276,7 @@ class Operation(_Model):
     not_paths: StrList = None
 
     _ports = field_validator("ports", "not_ports")(_check_ports)
+    _paths = field_validator("paths", "not_paths")(_check_path_templates)
 
     @model_validator(mode="after")
     def _not_empty(self) -> Operation:
@@ -264,16 +301,20 @@ class Condition(_Model):
             "request.context_extensions[name]"
         )
 
+    @field_validator("values", "not_values")
+    @classmethod
+    def _typed_values(cls, values: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        key = info.data.get("key")
+        if key in ("source.ip", "remote.ip", "destination.ip"):
+            return _check_cidrs(values)
+        if key == "destination.port":
+            return _check_ports(values)
+        return values
+
     @model_validator(mode="after")
     def _has_values(self) -> Condition:
         if not self.values and not self.not_values:
             raise ValueError("at least one of values or notValues must be set")
-        if self.key in ("source.ip", "remote.ip", "destination.ip"):
-            _check_cidrs(self.values)
-            _check_cidrs(self.not_values)
-        if self.key == "destination.port":
-            _check_ports(self.values)
-            _check_ports(self.not_values)
         return self
 
 
@@ -291,6 +332,12 @@ class Rule(_Model):
     when: list[Condition] | None = None
 
 
+CUSTOM_REFUSED = (
+    "CUSTOM delegates to an external authorizer, which is authz-server itself; "
+    "give authz-server the ALLOW/DENY/AUDIT policies to enforce instead"
+)
+
+
 class PolicySpec(_Model):
     """One policy; ``rules`` is exactly Istio's ``AuthorizationPolicy.spec.rules``."""
 
@@ -298,6 +345,13 @@ class PolicySpec(_Model):
     action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
     dry_run: bool = False
     rules: list[Rule] | None = None
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _not_custom(cls, value: object) -> object:
+        if value == "CUSTOM":
+            raise ValueError(CUSTOM_REFUSED)
+        return value
 
 
 # -------------------------------------------------------------------------------- server
@@ -458,7 +512,10 @@ def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
         problems.append(ConfigProblem(doc.label, "metadata.name", "required"))
         return None
-    spec = body.get("spec", {})
+    if "spec" not in body:
+        problems.append(ConfigProblem(doc.label, "spec", "required"))
+        return None
+    spec = body["spec"]
     if spec is None:
         spec = {}
         body["spec"] = spec
@@ -478,9 +535,13 @@ def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -
     return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
 
 
+# A provider found in a document: (spec, document label, field path of the spec, base dir).
+_FoundProvider = tuple[ProviderSpec, str, str, Path]
+
+
 def _request_authentication(
     doc: _Doc, problems: list[ConfigProblem], warnings: list[str]
-) -> list[tuple[ProviderSpec, str, Path]]:
+) -> list[_FoundProvider]:
     if _istio_meta(doc, problems, warnings) is None:
         return []
     spec = doc.body["spec"]
@@ -510,9 +571,7 @@ def _request_authentication(
                 continue
             fields["jwksUri"] = fields.pop("jwks_uri")
         try:
-            out.append(
-                (ProviderSpec.model_validate(fields), f"{doc.label}: {prefix}", doc.base_dir)
-            )
+            out.append((ProviderSpec.model_validate(fields), doc.label, prefix, doc.base_dir))
         except ValidationError as exc:
             problems.extend(_problems_from(exc, doc.label, prefix))
     return out
@@ -526,19 +585,22 @@ def _authorization_policy(
         return None
     spec = dict(doc.body["spec"])
     if spec.get("action") == "CUSTOM" or "provider" in spec:
-        problems.append(
-            ConfigProblem(
-                doc.label,
-                "spec.action",
-                "CUSTOM delegates to an external authorizer, which is authz-server itself; "
-                "give authz-server the ALLOW/DENY/AUDIT policies to enforce instead",
-            )
-        )
+        problems.append(ConfigProblem(doc.label, "spec.action", CUSTOM_REFUSED))
         return None
     for ignored in ("selector", "targetRef", "targetRefs"):
         spec.pop(ignored, None)
-    annotations = (doc.body.get("metadata") or {}).get("annotations") or {}
+    # NOTE: name and dry run come from metadata; PolicySpec would also take them from spec.
+    for key in sorted(set(spec) & {"name", "dryRun", "dry_run"}):
+        problems.append(ConfigProblem(doc.label, f"spec.{key}", "unknown field"))
+        spec.pop(key)
+    meta = doc.body["metadata"]
+    annotations = meta.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = {}
     dry_run = str(annotations.get("istio.io/dry-run", "false")).lower() == "true"
+    namespace = meta.get("namespace")
+    if isinstance(namespace, str) and namespace:
+        _qualify_service_accounts(spec, namespace)
     try:
         return PolicySpec.model_validate({"name": name, "dryRun": dry_run, **spec})
     except ValidationError as exc:
@@ -546,25 +608,48 @@ def _authorization_policy(
         return None
 
 
+def _qualify_service_accounts(spec: dict[str, Any], namespace: str) -> None:
+    """Istio reads a bare service account name as one in the policy's own namespace."""
+    rules = spec.get("rules")
+    if not isinstance(rules, list):
+        return
+    spec["rules"] = rules = copy.deepcopy(rules)  # leave the document as it was read
+    for rule in rules:
+        froms = rule.get("from") if isinstance(rule, dict) else None
+        for entry in froms if isinstance(froms, list) else []:
+            source = entry.get("source") if isinstance(entry, dict) else None
+            if not isinstance(source, dict):
+                continue
+            for key in ("serviceAccounts", "notServiceAccounts"):
+                values = source.get(key)
+                if isinstance(values, list):
+                    source[key] = [
+                        f"{namespace}/{v}" if isinstance(v, str) and v and "/" not in v else v
+                        for v in values
+                    ]
+
+
 def _resolve_provider(
-    spec: ProviderSpec, origin: str, base_dir: Path, problems: list[ConfigProblem]
+    spec: ProviderSpec, document: str, prefix: str, base_dir: Path, problems: list[ConfigProblem]
 ) -> tuple[Path | None, bool]:
     """Check the provider's local key source; return (jwks file path, ok)."""
     if spec.jwks is not None:
         try:
             parsed = json.loads(spec.jwks)
         except json.JSONDecodeError as exc:
-            problems.append(ConfigProblem(origin, "jwks", f"not valid JSON: {exc}"))
+            problems.append(ConfigProblem(document, f"{prefix}.jwks", f"not valid JSON: {exc}"))
             return None, False
         if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
-            problems.append(ConfigProblem(origin, "jwks", 'must be a JSON object {"keys": [...]}'))
+            problems.append(
+                ConfigProblem(document, f"{prefix}.jwks", 'must be a JSON object {"keys": [...]}')
+            )
             return None, False
     if spec.jwks_file is not None:
         path = Path(spec.jwks_file)
         if not path.is_absolute():
             path = base_dir / path
         if not path.is_file():
-            problems.append(ConfigProblem(origin, "jwksFile", f"no such file: {path}"))
+            problems.append(ConfigProblem(document, f"{prefix}.jwksFile", f"no such file: {path}"))
             return None, False
         return path, True
     return None, True
@@ -579,14 +664,16 @@ def load(path: str | Path) -> Settings:
     problems: list[ConfigProblem] = []
     warnings: list[str] = []
     server: ServerSpec | None = None
-    providers: list[tuple[ProviderSpec, str, Path]] = []
-    policies: list[tuple[PolicySpec, str]] = []
+    providers: list[_FoundProvider] = []
+    # (policy, document label, field path of its name)
+    policies: list[tuple[PolicySpec, str, str]] = []
     digest = hashlib.sha256()
-    seen_raw: set[int] = set()
+    # NOTE: keyed by id() but holding the bytes, so a freed file's id is never reused.
+    seen_raw: dict[int, bytes] = {}
 
     for doc, raw in _read_documents(root, problems):
         if id(raw) not in seen_raw:
-            seen_raw.add(id(raw))
+            seen_raw[id(raw)] = raw
             digest.update(raw)
         api_version, kind = doc.body.get("apiVersion"), doc.body.get("kind")
         if kind == "AuthzConfig" or api_version == NATIVE_API_VERSION:
@@ -594,6 +681,17 @@ def load(path: str | Path) -> Settings:
                 native = AuthzConfigDoc.model_validate(doc.body)
             except ValidationError as exc:
                 problems.extend(_problems_from(exc, doc.label, ""))
+                # Still check the key sources of the providers that are valid, so that every
+                # problem is reported at once.
+                raw_providers = doc.body.get("providers")
+                for i, raw_provider in enumerate(
+                    raw_providers if isinstance(raw_providers, list) else []
+                ):
+                    try:
+                        spec = ProviderSpec.model_validate(raw_provider)
+                    except ValidationError:
+                        continue
+                    _resolve_provider(spec, doc.label, f"providers[{i}]", doc.base_dir, problems)
                 continue
             if native.server is not None:
                 if server is not None:
@@ -602,11 +700,11 @@ def load(path: str | Path) -> Settings:
                     )
                 server = native.server
             providers.extend(
-                (p, f"{doc.label}: providers[{i}]", doc.base_dir)
+                (p, doc.label, f"providers[{i}]", doc.base_dir)
                 for i, p in enumerate(native.providers)
             )
             policies.extend(
-                (p, f"{doc.label}: policies[{i}]") for i, p in enumerate(native.policies)
+                (p, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
             )
         elif kind in ("RequestAuthentication", "AuthorizationPolicy"):
             if api_version not in ISTIO_SECURITY_VERSIONS:
@@ -623,7 +721,7 @@ def load(path: str | Path) -> Settings:
             else:
                 policy = _authorization_policy(doc, problems, warnings)
                 if policy is not None:
-                    policies.append((policy, doc.label))
+                    policies.append((policy, doc.label, "metadata.name"))
         elif isinstance(api_version, str) and api_version.startswith(
             ("security.istio.io/", "authz-server/")
         ):
@@ -640,14 +738,17 @@ def load(path: str | Path) -> Settings:
 
     resolved: list[Provider] = []
     names: dict[str, int] = {}
-    for spec, origin, base_dir in providers:
-        jwks_file, ok = _resolve_provider(spec, origin, base_dir, problems)
+    for spec, document, prefix, base_dir in providers:
+        jwks_file, ok = _resolve_provider(spec, document, prefix, base_dir, problems)
         if not ok:
             continue
+        origin = f"{document}: {prefix}"
         name = spec.name or spec.issuer
         if name in names:
             if spec.name:
-                problems.append(ConfigProblem(origin, "name", f"duplicate provider name {name!r}"))
+                problems.append(
+                    ConfigProblem(document, f"{prefix}.name", f"duplicate provider name {name!r}")
+                )
                 continue
             names[name] += 1
             name = f"{name}#{names[name]}"
@@ -656,9 +757,11 @@ def load(path: str | Path) -> Settings:
         resolved.append(Provider(spec=spec, name=name, origin=origin, jwks_file=jwks_file))
 
     policy_names: set[str] = set()
-    for policy, origin in policies:
+    for policy, document, name_path in policies:
         if policy.name in policy_names:
-            problems.append(ConfigProblem(origin, "name", f"duplicate policy name {policy.name!r}"))
+            problems.append(
+                ConfigProblem(document, name_path, f"duplicate policy name {policy.name!r}")
+            )
         policy_names.add(policy.name)
 
     if problems:
@@ -666,7 +769,7 @@ def load(path: str | Path) -> Settings:
     return Settings(
         server=server or ServerSpec(),
         providers=tuple(resolved),
-        policies=tuple(p for p, _ in policies),
+        policies=tuple(p for p, _, _ in policies),
         warnings=tuple(warnings),
         digest=digest.hexdigest()[:16],
         sources=tuple(str(p) for p in _config_files(root)),

@@ -9,8 +9,10 @@ policies are evaluated and reported, never enforced.
 
 String values use Istio's matching: exact, ``prefix*``, ``*suffix``, and ``*`` (present,
 non-empty). Paths also take Istio's templates ``{*}`` (one segment) and ``{**}`` (the rest).
-Hosts compare case-insensitively. One deliberate extension: a number or boolean claim
-matches its JSON text (``42``, ``true``), so DENY rules on such claims are not silently inert.
+Hosts compare case-insensitively. ``requestPrincipals`` (and ``request.auth.principal``) split
+the pattern on its last ``/`` and match issuer and subject apart, as Istio does. One deliberate
+extension: a number or boolean claim matches its JSON text (``42``, ``true``), so DENY rules on
+such claims are not silently inert.
 """
 
 from __future__ import annotations
@@ -100,8 +102,66 @@ def _one(value: str | None) -> list[str] | None:
     return None if value is None else [value]
 
 
-def _request_principal(_: RequestAttributes, identity: Identity | None) -> list[str] | None:
-    return None if identity is None else [identity.principal]
+def _present(value: str) -> bool:
+    return value != ""
+
+
+def _never(_: str) -> bool:
+    return False
+
+
+def _exact(expected: str) -> StringMatcher:
+    return lambda value: value == expected
+
+
+def _prefix(prefix: str) -> StringMatcher:
+    return lambda value: value.startswith(prefix)
+
+
+def _suffix(suffix: str) -> StringMatcher:
+    return lambda value: value.endswith(suffix)
+
+
+def request_principal_matcher(pattern: str) -> Callable[[str, str], bool]:
+    """Compile one ``requestPrincipals`` pattern into a predicate on (issuer, subject).
+
+    As Istio does, the pattern is split on its last ``/`` (issuers are URLs) and each half is
+    matched on its own: ``*`` (both present), ``iss/*``, ``iss/sub-prefix*``, ``*/sub``,
+    ``*iss-suffix/sub``; without a ``/``, ``*sub-suffix`` or ``iss-prefix*``. Matching the joined
+    ``iss/sub`` string instead would let ``https://idp/*`` accept the issuer ``https://idp/other``.
+    """
+    issuer: StringMatcher
+    subject: StringMatcher
+    head, slash, tail = pattern.rpartition("/")
+    if pattern == "*":
+        issuer, subject = _present, _present
+    elif not slash:
+        if pattern.startswith("*"):
+            issuer, subject = _present, _suffix(pattern[1:])
+        elif pattern.endswith("*"):
+            issuer, subject = _prefix(pattern[:-1]), _present
+        else:  # an issuer with no subject part: no token has an empty `sub` to match
+            issuer, subject = _exact(pattern), _never
+    elif pattern.startswith("*"):
+        issuer = _present if head == "*" else _suffix(head[1:])
+        subject = _exact(tail)
+    elif pattern.endswith("*"):
+        issuer = _exact(head)
+        subject = _present if tail == "*" else _prefix(tail[:-1])
+    else:
+        issuer, subject = _exact(head), _exact(tail)
+    return lambda iss, sub: issuer(iss) and subject(sub)
+
+
+def _request_principals(patterns: Sequence[str], *, negate: bool) -> Predicate:
+    matchers = [request_principal_matcher(p) for p in patterns]
+
+    def positive(_: RequestAttributes, identity: Identity | None) -> bool:
+        return identity is not None and any(m(identity.issuer, identity.subject) for m in matchers)
+
+    if not negate:
+        return positive
+    return lambda request, identity: not positive(request, identity)
 
 
 def _peer(index: int) -> Getter:
@@ -161,7 +221,6 @@ def _context_extension(name: str) -> Getter:
 
 
 _SIMPLE_GETTERS: dict[str, Getter] = {
-    "request.auth.principal": _request_principal,
     "request.auth.audiences": lambda _, i: None if i is None else list(i.audiences),
     "request.auth.presenter": lambda _, i: None if i is None else _one(i.presenter),
     "source.principal": _peer(0),
@@ -185,6 +244,9 @@ def _condition(condition: Condition) -> list[Predicate]:
         if key in _IP_GETTERS:
             predicates.append(_ip_field(_IP_GETTERS[key], values, negate=negate))
             continue
+        if key == "request.auth.principal":
+            predicates.append(_request_principals(values, negate=negate))
+            continue
         if key in _SIMPLE_GETTERS:
             getter = _SIMPLE_GETTERS[key]
         elif key.startswith("request.auth.claims["):
@@ -205,8 +267,6 @@ def _source(source: Source) -> list[Predicate]:
     string_fields: list[tuple[list[str] | None, Getter, bool]] = [
         (source.principals, _peer(0), False),
         (source.not_principals, _peer(0), True),
-        (source.request_principals, _request_principal, False),
-        (source.not_request_principals, _request_principal, True),
         (source.namespaces, _peer(2), False),
         (source.not_namespaces, _peer(2), True),
         (source.service_accounts, _service_account, False),
@@ -217,6 +277,12 @@ def _source(source: Source) -> list[Predicate]:
     for values, getter, negate in string_fields:
         if values:
             predicates.append(_field(getter, _any_string(values), negate=negate))
+    for values, negate in (
+        (source.request_principals, False),
+        (source.not_request_principals, True),
+    ):
+        if values:
+            predicates.append(_request_principals(values, negate=negate))
     ip_fields = [
         (source.ip_blocks, _IP_GETTERS["source.ip"], False),
         (source.not_ip_blocks, _IP_GETTERS["source.ip"], True),
