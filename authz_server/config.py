@@ -485,6 +485,9 @@ def _problems_from(
     return problems
 
 
+# Mesh YAML often sits next to the policies; these kinds are not about requests.
+_MESH_KINDS_IGNORED = frozenset({"PeerAuthentication"})
+
 _ISTIO_JWT_RULE_FIELDS = frozenset(
     {
         "issuer",
@@ -722,9 +725,19 @@ def load(path: str | Path) -> Settings:
                 policy = _authorization_policy(doc, problems, warnings)
                 if policy is not None:
                     policies.append((policy, doc.label, "metadata.name"))
-        elif isinstance(api_version, str) and api_version.startswith(
-            ("security.istio.io/", "authz-server/")
-        ):
+        elif not isinstance(api_version, str) or not isinstance(kind, str):
+            problems.append(
+                ConfigProblem(
+                    doc.label,
+                    "apiVersion" if not isinstance(api_version, str) else "kind",
+                    "required: every document needs apiVersion and kind",
+                )
+            )
+        elif kind in _MESH_KINDS_IGNORED and api_version.startswith("security.istio.io/"):
+            warnings.append(
+                f"{doc.label}: {kind} configures the mesh's mTLS, not requests; ignored"
+            )
+        elif api_version.startswith(("security.istio.io/", "authz-server/")):
             problems.append(
                 ConfigProblem(
                     doc.label,

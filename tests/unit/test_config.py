@@ -792,10 +792,11 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
             "expected one of security.istio.io/v1, security.istio.io/v1beta1",
         ),
         (
-            istio("PeerAuthentication", {"mtls": {"mode": "STRICT"}}),
+            istio("RequestAuthorization", {"jwtRules": []}),
             "kind",
-            "unsupported kind 'PeerAuthentication'",
+            "unsupported kind 'RequestAuthorization'",
         ),
+        ({"kind": "AuthzConfig"} | {"providers": []}, "apiVersion", "required"),
         (
             istio("AuthorizationPolicies", {}, api_version="security.istio.io/v1beta1"),
             "kind",
@@ -867,7 +868,7 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
         ra_doc({"jwks": JWKS}),
         policy_doc({"action": "CUSTOM"}, name="custom"),
         policy_doc({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}, name="ports"),
-        istio("PeerAuthentication", {}),
+        istio("RequestAuthorization", {}),
     )
     assert sorted((p.document.split("#")[1][0], p.path) for p in found) == sorted(
         [
@@ -1093,3 +1094,24 @@ def test_validate_needs_a_config(capsys: pytest.CaptureFixture[str]) -> None:
 def test_config_error_message_lists_every_problem() -> None:
     error = ConfigError([ConfigProblem("f#0", "a.b", "bad"), ConfigProblem("f#1", "", "worse")])
     assert str(error) == "f#0: a.b: bad\nf#1: worse"
+
+
+def test_peer_authentication_beside_the_policies_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: strict}\nspec: {mtls: {mode: STRICT}}\n"
+    )
+    settings = config.load(path)
+    assert any("PeerAuthentication" in w and "ignored" in w for w in settings.warnings)
+
+
+def test_document_without_kind_or_api_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("metadata: {name: x}\nspec: {}\n---\napiVersion: v1\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert [(p.path, "required" in p.message) for p in caught.value.problems] == [
+        ("apiVersion", True),
+        ("kind", True),
+    ]
