@@ -120,6 +120,13 @@ class ProviderSpec(_Model):
     clock_skew: Duration = 60.0
     refresh_interval: Duration = 300.0
 
+    @field_validator("refresh_interval")
+    @classmethod
+    def _sane_refresh(cls, value: float) -> float:
+        if value < 1.0:
+            raise ValueError("must be at least 1s (a shorter interval hammers the IdP)")
+        return value
+
     @field_validator("algorithms", mode="before")
     @classmethod
     def _no_shared_secrets(cls, value: object) -> object:
@@ -366,7 +373,10 @@ class ServerSpec(_Model):
     missing_token_status: Literal[401, 403] = 401
     # How many proxies in front of Envoy append to X-Forwarded-For (Envoy's xff_num_trusted_hops).
     trusted_proxy_hops: int = Field(default=0, ge=0, le=16)
-    # Drain period on SIGTERM, for in-flight Checks.
+    # On SIGTERM: report NOT_SERVING (health, /readyz) and keep answering for `drainDelay`
+    # while load balancers take us out, then refuse new Checks and give in-flight ones
+    # `shutdownGrace` to finish.
+    drain_delay: Duration = 0.0
     shutdown_grace: Duration = 5.0
 
 

@@ -77,9 +77,9 @@ class CredentialExtractor:
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
-        """Return the tokens found, in configuration order, one per distinct token."""
+        """Return the tokens found, in configuration order, one per location that holds one
+        (the same token in two headers is found twice: both must be stripped)."""
         found: list[FoundToken] = []
-        seen: set[str] = set()
         headers = request.headers
         for compiled in self._locations:
             location = compiled.location
@@ -97,7 +97,6 @@ class CredentialExtractor:
                 token = (request.query_params.get(location.name) or "").strip()
             else:
                 token = (request.cookies.get(location.name) or "").strip()
-            if token and token not in seen:
-                seen.add(token)
+            if token:
                 found.append(FoundToken(location, token, compiled.providers))
         return found

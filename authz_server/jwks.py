@@ -14,7 +14,6 @@ import json
 import logging
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -123,7 +122,10 @@ def build_key(jwk: Mapping[str, Any], allowed_algs: frozenset[str]) -> Verificat
         if n.bit_length() < MIN_RSA_BITS:
             raise UnusableKeyError(f"RSA key of {n.bit_length()} bits is below {MIN_RSA_BITS}")
         fitting: tuple[str, ...] = _RSA_ALGS
-        public = rsa.RSAPublicNumbers(e, n).public_key()
+        try:
+            public = rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError as exc:
+            raise UnusableKeyError(f"invalid RSA key: {exc}") from None
         for alg in (a for a in _RSA_ALGS if a in allowed_algs):
             if alg.startswith("PS"):
                 verifiers[alg] = _pss_verifier(public, alg)
@@ -193,9 +195,10 @@ class KeySet:
                 if not isinstance(jwk, dict):
                     raise UnusableKeyError("not a JSON object")
                 key = build_key(jwk, allowed_algs)
-            except UnusableKeyError as exc:
-                skipped.append(f"{label}: {exc}")
-                log.warning("skipping %s (kid=%r): %s", label, _kid_of(jwk), exc)
+            except Exception as exc:  # one bad key never spoils the set
+                why = str(exc) if isinstance(exc, UnusableKeyError) else f"invalid key: {exc!r}"
+                skipped.append(f"{label}: {why}")
+                log.warning("skipping %s (kid=%r): %s", label, _kid_of(jwk), why)
                 continue
             if key.kid and key.kid in by_kid:
                 skipped.append(f"{label}: duplicate kid {key.kid!r}")
@@ -290,8 +293,8 @@ class JWKSCache:
             )
             if not keyset.keys:
                 raise ValueError("the key set has no usable keys")
-        except (OSError, ValueError, urllib.error.URLError) as exc:
-            self.last_error = str(exc) or type(exc).__name__
+        except Exception as exc:  # any failure (even http.client's) keeps the old keys
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             log.warning(
                 "provider %s: JWKS load from %s failed (%s); %s",
                 self.provider,

@@ -87,12 +87,13 @@ class AuthzServer:
         self._stopping = False
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        """(ready, {provider: "ready" | "no keys: <last error>"})."""
+        """(ready, {provider: "ready" | "no keys: <last error>"}); never ready while stopping."""
         providers = {
             name: "ready" if cache.keyset is not None else f"no keys: {cache.last_error}"
             for name, cache in self.engine.caches.items()
         }
-        return all(v == "ready" for v in providers.values()), providers
+        ready = not self._stopping and all(v == "ready" for v in providers.values())
+        return ready, providers
 
     def _update_health(self) -> None:
         if self._stopping:
@@ -108,8 +109,11 @@ class AuthzServer:
 
     def start(self) -> None:
         """Load keys (a provider whose keys fail to load is reported, not fatal), then listen."""
-        for cache in self.engine.caches.values():
-            cache.refresh()
+        caches = list(self.engine.caches.values())
+        if caches:  # providers load in parallel: start-up waits for the slowest, not the sum
+            with futures.ThreadPoolExecutor(max_workers=min(8, len(caches))) as pool:
+                list(pool.map(lambda cache: cache.refresh(), caches))
+        for cache in caches:
             cache.start()
         self._update_health()
 
@@ -147,14 +151,17 @@ class AuthzServer:
             "" if ready else providers,
         )
 
-    def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight Checks finish within ``grace``, then close."""
+    def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
+        """Report NOT_SERVING, keep answering for ``drain_delay`` while load balancers notice,
+        then refuse new Checks and let in-flight ones finish within ``grace``."""
         self._stopping = True
         self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            threading.Event().wait(drain_delay)
         if self.grpc_server is not None:
-            self.grpc_server.stop(
-                grace if grace is not None else self.settings.server.shutdown_grace
-            ).wait()
+            if grace is None:
+                grace = self.settings.server.shutdown_grace
+            self.grpc_server.stop(grace).wait()
         if self.side_port is not None:
             self.side_port.shutdown()
             self.side_port.server_close()
@@ -175,6 +182,6 @@ def serve(settings: Settings, *, listen: str, http_listen: str) -> int:
     server = AuthzServer(settings, listen=listen, http_listen=http_listen)
     server.start()
     stop.wait()
-    server.stop()
+    server.stop(drain_delay=settings.server.drain_delay)
     log.info("stopped")
     return 0

@@ -38,16 +38,16 @@ def _header_value(value: Any) -> str | None:
         text = ",".join(value)
     else:
         return None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if not text.isprintable():  # no CR/LF or other controls in a header value
         return None
     return text
 
 
-def _claim(claims: Mapping[str, Any], name: str) -> Any:
+def _claim(claims: Mapping[str, Any], name: str, parts: tuple[str, ...]) -> Any:
     if name in claims:
         return claims[name]
     value: Any = claims
-    for part in name.split("."):  # nested claims, as Istio's `claim: a.b`
+    for part in parts:  # nested claims, as Istio's `claim: a.b`
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
@@ -60,15 +60,16 @@ class _ProviderOutputs:
     def __init__(self, runtime: ProviderRuntime) -> None:
         spec = runtime.provider.spec
         self.claim_headers = tuple(
-            (h.header.lower(), h.claim) for h in spec.output_claim_to_headers
+            (h.header.lower(), h.claim, tuple(h.claim.split(".")))
+            for h in spec.output_claim_to_headers
         )
         self.payload_header = (spec.output_payload_to_header or "").lower() or None
         self.forward_token = spec.forward_original_token
 
     def headers(self, identity: Identity) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        for header, claim in self.claim_headers:
-            value = _header_value(_claim(identity.claims, claim))
+        for header, claim, parts in self.claim_headers:
+            value = _header_value(_claim(identity.claims, claim, parts))
             if value is not None:
                 out.append((header, value))
         if self.payload_header:
@@ -98,7 +99,7 @@ class Engine:
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
         # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
-            h for o in self.outputs.values() for h, _ in o.claim_headers
+            h for o in self.outputs.values() for h, _, _ in o.claim_headers
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
 
     @classmethod
@@ -150,20 +151,25 @@ class AuthorizationService:
         found = engine.extractor.extract(request)
         identity: Identity | None = None
         token_headers_to_strip: list[str] = []
+        verified: dict[tuple[str, int], Identity] = {}
         for token in found:
-            try:
-                verified = engine.verifier.verify(token.token, token.providers)
-            except AuthzError as exc:
-                return responses.with_context(
-                    responses.deny(exc, realm=engine.realm, token_present=True),
-                    provider=token.providers[0].name if len(token.providers) == 1 else None,
-                    principal=None,
-                    policy=None,
-                )
-            identity = identity or verified
+            key = (token.token, id(token.providers))
+            current = verified.get(key)
+            if current is None:
+                try:
+                    current = engine.verifier.verify(token.token, token.providers)
+                except AuthzError as exc:
+                    return responses.with_context(
+                        responses.deny(exc, realm=engine.realm, token_present=True),
+                        provider=token.providers[0].name if len(token.providers) == 1 else None,
+                        principal=None,
+                        policy=None,
+                    )
+                verified[key] = current
+            identity = identity or current
             if (
                 token.location.kind == "header"
-                and not engine.outputs[verified.provider].forward_token
+                and not engine.outputs[current.provider].forward_token
             ):
                 token_headers_to_strip.append(token.location.name)
         if identity is None and engine.token_required:
@@ -174,6 +180,16 @@ class AuthorizationService:
             )
 
         result = engine.policies.evaluate(request, identity)
+        if result.audited or result.dry_run:
+            log.info(
+                "audit=%s dry_run=%s decision=%s principal=%s %s %s",
+                ",".join(result.audited) or "-",
+                ",".join(f"{name}:{would}" for name, would in result.dry_run) or "-",
+                "allow" if result.allowed else "deny",
+                identity.principal if identity else "-",
+                request.method,
+                request.normalized_path,
+            )
         provider = identity.provider if identity else None
         principal = identity.principal if identity else None
         if not result.allowed:
@@ -197,6 +213,10 @@ class AuthorizationService:
                 "claims": dict(identity.claims),
             }
         to_remove.update(token_headers_to_strip)
+        for name in request.headers:
+            # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.
+            if "_" in name and name.replace("_", "-") in engine.protected_headers:
+                to_remove.add(name)
         return responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,8 +77,23 @@ class ProviderRuntime:
         )
 
 
+# Unpadded base64url only (RFC 7515 2): a lenient decoder would accept many spellings of one
+# signature, which defeats token digests and deny-lists.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
 def _b64decode(segment: str) -> bytes:
+    if len(segment) % 4 == 1:
+        raise ValueError("impossible base64url length")
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(segment: str) -> Any:
+    return json.loads(_b64decode(segment), parse_constant=_no_constants)
 
 
 def _malformed(detail: str) -> AuthenticationError:
@@ -93,12 +110,12 @@ def decode_segments(token: str) -> tuple[dict[str, Any], dict[str, Any], list[st
     segments = token.split(".")
     if len(segments) == 5:
         raise _malformed("encrypted tokens (JWE) are not supported")
-    if len(segments) != 3:
-        raise _malformed("a JWT has three dot-separated segments")
+    if len(segments) != 3 or not _COMPACT_JWS.fullmatch(token):
+        raise _malformed("a JWT is three dot-separated base64url segments")
     try:
-        header = json.loads(_b64decode(segments[0]))
-        payload = json.loads(_b64decode(segments[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        header = _json_object(segments[0])
+        payload = _json_object(segments[1])
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise _malformed("header or payload is not base64url-encoded JSON") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise _malformed("header and payload must be JSON objects")
@@ -111,7 +128,13 @@ def _numeric(payload: Mapping[str, Any], claim: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _malformed(f"claim {claim!r} must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _malformed(f"claim {claim!r} is out of range") from None
+    if not math.isfinite(number):
+        raise _malformed(f"claim {claim!r} must be finite")
+    return number
 
 
 class TokenVerifier:
@@ -188,7 +211,8 @@ class TokenVerifier:
         exp = _numeric(payload, "exp")
         if exp is None:
             raise AuthenticationError(errors.MISSING_CLAIM, "the token has no 'exp'")
-        if now > exp + skew:
+        # RFC 7519 4.1.4: the token must be used *before* its expiry.
+        if now >= exp + skew:
             raise AuthenticationError(errors.TOKEN_EXPIRED, "the token has expired")
         nbf = _numeric(payload, "nbf")
         if nbf is not None and now + skew < nbf:

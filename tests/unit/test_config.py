@@ -386,6 +386,11 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
             "expected a duration like '5s', '250ms' or '1h30m', got '1d'",
         ),
         (
+            native(providers=[provider(refreshInterval="0s")]),
+            "providers[0].refreshInterval",
+            "at least 1s",
+        ),
+        (
             native(providers=[provider(algorithms=["RS256", "HS256"])]),
             "providers[0].algorithms",
             "HS256 needs a shared secret",

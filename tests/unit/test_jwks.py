@@ -138,3 +138,28 @@ def test_cache_from_file_picks_up_a_rotated_key_on_refresh(
     path.write_text(json.dumps(devkeys.jwks(ec_key)))
     assert cache.refresh()
     assert cache.keyset is not None and set(cache.keyset.by_kid) == {"ec-1"}
+
+
+def test_an_invalid_rsa_key_is_skipped_and_its_neighbours_kept(rsa_key: SigningKey) -> None:
+    broken = rsa_key.public_jwk() | {"kid": "broken", "e": "Ag"}  # e = 2 is not a valid RSA key
+    keyset = KeySet.from_jwks({"keys": [broken, rsa_key.public_jwk()]}, ALL)
+    assert [k.kid for k in keyset.keys] == ["rsa-1"]
+    assert "broken" not in keyset.by_kid and keyset.skipped
+
+
+def test_any_exception_while_fetching_keeps_the_keys(rsa_key: SigningKey) -> None:
+    import http.client
+
+    calls = {"n": 0}
+
+    def fetch(url: str, timeout: float) -> object:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise http.client.LineTooLong("header line")
+        return devkeys.jwks(rsa_key)
+
+    cache = JWKSCache(provider="p", allowed_algs=ALL, url="http://idp.test/jwks", fetch=fetch)
+    assert cache.refresh()
+    good = cache.keyset
+    assert not cache.refresh()
+    assert cache.keyset is good and "LineTooLong" in (cache.last_error or "")

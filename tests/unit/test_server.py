@@ -134,3 +134,25 @@ def test_raw_header_map_is_read_when_envoy_sends_it() -> None:
         attributes=ctx(request=ctx.Request(http=ctx.HttpRequest(header_map=header_map)))
     )
     assert dict(to_attributes(request).headers) == {"x-a": "1,2"}
+
+
+def test_drain_reports_not_ready_while_still_answering_checks(
+    running: AuthzServer, channel: grpc.Channel, rsa_key: SigningKey
+) -> None:
+    import threading
+
+    from tests.e2e.harness import http_request, wait_until
+
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 1, "drain_delay": 3})
+    stopper.start()
+    try:
+        base = f"http://127.0.0.1:{running.http_port}"
+        wait_until(lambda: http_request(f"{base}/readyz")[0] == 503, what="/readyz turns 503")
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        token = rsa_key.sign(claims_for(Clock().now))
+        assert stub.Check(check_request(token), timeout=5).status.code == 0
+    finally:
+        stopper.join(timeout=10)

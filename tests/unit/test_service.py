@@ -289,3 +289,25 @@ def test_header_values_with_control_characters_are_not_output(
     assert decision.allowed
     assert "x-user" not in dict(decision.headers_to_set)
     assert "x-user" in decision.headers_to_remove
+
+
+def test_the_same_token_in_two_headers_is_stripped_from_both(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    extra = "fromHeaders: [{name: authorization, prefix: 'Bearer '}, {name: x-jwt}]"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra))
+    token = make_token()
+    decision = service.check(request(token, x_jwt=token))
+    assert decision.allowed
+    assert {"authorization", "x-jwt"} <= set(decision.headers_to_remove)
+
+
+def test_underscore_twins_of_identity_headers_are_removed(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    decision = service.check(
+        RequestAttributes(path="/", headers={"x_user": "root", "x_other": "kept"})
+    )
+    assert "x_user" in decision.headers_to_remove
+    assert "x_other" not in decision.headers_to_remove

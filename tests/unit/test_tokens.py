@@ -244,3 +244,62 @@ def test_two_providers_with_one_issuer_accept_a_token_either_can_verify(
 ) -> None:
     token = ec_key.sign(claims_for(clock.now))
     assert verifier.verify(token, [runtime(rsa_key), runtime(ec_key)]).subject == "alice"
+
+
+def _with_payload(token: str, payload: str) -> str:
+    head, _, sig = token.split(".")
+    return f"{head}.{base64.urlsafe_b64encode(payload.encode()).rstrip(b'=').decode()}.{sig}"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ['{"exp": NaN}', '{"exp": Infinity}', '{"nbf": -Infinity}', '{"exp": 1e400}'],
+)
+def test_non_finite_time_claims_are_malformed(
+    verifier: TokenVerifier, rsa_key: SigningKey, clock: Clock, payload: str
+) -> None:
+    # Signed for real: an IdP bug must not mint a token that never expires.
+    import json as _json
+
+    claims = claims_for(clock.now)
+    body = _json.dumps(claims)[:-1] + ", " + payload[1:]
+    header = base64.urlsafe_b64encode(
+        _json.dumps({"alg": "RS256", "kid": rsa_key.kid}).encode()
+    ).rstrip(b"=")
+    segment = base64.urlsafe_b64encode(body.encode()).rstrip(b"=")
+    signing_input = header + b"." + segment
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    private = rsa_key.private_key
+    assert isinstance(private, rsa.RSAPrivateKey)
+    signature = private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    token = (signing_input + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
+    assert reason_of(lambda: verifier.verify(token, [runtime(rsa_key)])) == errors.MALFORMED_TOKEN
+
+
+def test_deeply_nested_header_is_malformed_not_an_internal_error(
+    verifier: TokenVerifier, rsa_key: SigningKey
+) -> None:
+    nested = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).rstrip(b"=").decode()
+    token = f"{nested}.e30.c2ln"
+    assert reason_of(lambda: verifier.verify(token, [runtime(rsa_key)])) == errors.MALFORMED_TOKEN
+
+
+@pytest.mark.parametrize("suffix", ["@@", "=", "==", "+", " x"])
+def test_a_signature_spelled_differently_is_malformed(
+    verifier: TokenVerifier, rsa_key: SigningKey, make_token: Callable[..., str], suffix: str
+) -> None:
+    token = make_token() + suffix
+    assert reason_of(lambda: verifier.verify(token, [runtime(rsa_key)])) == errors.MALFORMED_TOKEN
+
+
+def test_token_is_expired_at_its_exp_instant(
+    verifier: TokenVerifier, rsa_key: SigningKey, make_token: Callable[..., str], clock: Clock
+) -> None:
+    provider = runtime(rsa_key, clockSkew="0s")
+    token = make_token()
+    clock.now = int(clock.now) + 3599
+    assert verifier.verify(token, [provider]).subject == "alice"
+    clock.now += 1
+    assert reason_of(lambda: verifier.verify(token, [provider])) == errors.TOKEN_EXPIRED
