@@ -36,7 +36,11 @@ from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigError, ConfigProblem
 
-Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    "HS256", "HS384", "HS512",
+]  # fmt: skip
+HMAC_ALGORITHMS: tuple[Algorithm, ...] = ("HS256", "HS384", "HS512")
 NATIVE_API_VERSION = "authz-server/v1"
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 
@@ -116,36 +120,58 @@ class ProviderSpec(_Model):
     timeout: Duration = 5.0
     space_delimited_claims: list[str] = []
     presence: Literal["OPTIONAL", "REQUIRED"] = "OPTIONAL"
+    # Key set lifecycle (native extras). NOTE: sharedSecretFile precedes algorithms, whose
+    # validator reads it.
+    discovery: bool = False
+    shared_secret_file: str | None = None
     algorithms: list[Algorithm] = Field(default_factory=lambda: list(ASYMMETRIC_ALGORITHMS))
     clock_skew: Duration = 60.0
+    ca_file: str | None = None
     refresh_interval: Duration = 300.0
+    min_refresh_interval: Duration = 30.0
+    max_stale: Duration = 86400.0
+    # Claims checks: `exp` is required unless this is false; requiredClaims maps a claim to the
+    # value it must equal (a list claim must contain it), or to null for "must be present".
+    require_expiration: bool = True
+    required_claims: dict[str, str | int | bool | None] = {}
 
-    @field_validator("refresh_interval")
+    @field_validator("refresh_interval", "min_refresh_interval")
     @classmethod
     def _sane_refresh(cls, value: float) -> float:
         if value < 1.0:
             raise ValueError("must be at least 1s (a shorter interval hammers the IdP)")
         return value
 
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if value < 0.001:
+            raise ValueError("must be a valid duration greater than 1ms")
+        return value
+
     @field_validator("algorithms", mode="before")
     @classmethod
-    def _no_shared_secrets(cls, value: object) -> object:
-        if isinstance(value, list):
-            for alg in value:
-                if isinstance(alg, str) and alg.upper().startswith("HS"):
-                    raise ValueError(
-                        f"{alg} needs a shared secret; only asymmetric algorithms are supported "
-                        f"({', '.join(ASYMMETRIC_ALGORITHMS)})"
-                    )
-                if isinstance(alg, str) and alg.lower() == "none":
-                    raise ValueError("'none' is never accepted")
+    def _no_none(cls, value: object) -> object:
+        if isinstance(value, list) and any(
+            isinstance(alg, str) and alg.lower() == "none" for alg in value
+        ):
+            raise ValueError("'none' is never accepted")
         return value
 
     @field_validator("algorithms")
     @classmethod
-    def _not_empty(cls, value: list[str]) -> list[str]:
+    def _fit_the_key_source(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
             raise ValueError("at least one algorithm is required")
+        hmac = [a for a in value if a in HMAC_ALGORITHMS]
+        if info.data.get("shared_secret_file") is not None:
+            if len(hmac) != len(value):
+                raise ValueError("a sharedSecretFile provider verifies HS256/HS384/HS512 only")
+        elif hmac:
+            raise ValueError(
+                f"{hmac[0]} needs a shared secret (sharedSecretFile); a public key is never "
+                "used as an HMAC secret"
+            )
         return value
 
     @field_validator("jwks_uri")
@@ -156,13 +182,21 @@ class ProviderSpec(_Model):
         return value
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> ProviderSpec:
-        sources = [s for s in ("jwks_uri", "jwks", "jwks_file") if getattr(self, s) is not None]
+    def _key_source_and_algorithms(self) -> ProviderSpec:
+        sources = [
+            to_camel(s)
+            for s in ("jwks_uri", "jwks", "jwks_file", "shared_secret_file")
+            if getattr(self, s) is not None
+        ] + (["discovery"] if self.discovery else [])
         if len(sources) != 1:
             raise ValueError(
-                "exactly one of jwksUri, jwks, jwksFile must be set"
-                + (f" (got {', '.join(to_camel(s) for s in sources)})" if sources else "")
+                "exactly one of jwksUri, jwks, jwksFile, discovery: true, sharedSecretFile "
+                "must be set" + (f" (got {', '.join(sources)})" if sources else "")
             )
+        if self.discovery and not re.match(r"^https?://[^/\s]+", self.issuer):
+            raise ValueError("discovery needs an issuer that is an http(s) URL")
+        if self.shared_secret_file is not None and "algorithms" not in self.model_fields_set:
+            object.__setattr__(self, "algorithms", list(HMAC_ALGORITHMS))
         return self
 
 
@@ -364,6 +398,13 @@ class PolicySpec(_Model):
 # -------------------------------------------------------------------------------- server
 
 
+class TokenCacheSpec(_Model):
+    """The verified-token cache: entries live until the token's `exp`, at most `maxTtl`."""
+
+    max_entries: int = Field(default=10_000, ge=0, le=10_000_000)  # 0 turns the cache off
+    max_ttl: Duration = 3600.0
+
+
 class ServerSpec(_Model):
     listen: str = "0.0.0.0:9001"
     http_listen: str = "0.0.0.0:9090"
@@ -380,6 +421,18 @@ class ServerSpec(_Model):
     # `shutdownGrace` to finish.
     drain_delay: Duration = 0.0
     shutdown_grace: Duration = 5.0
+    # Tokens longer than this are refused before any decoding.
+    max_token_bytes: int = Field(default=8192, ge=256, le=1 << 20)
+    # How long a Check with an unknown `kid` waits for the key set refresh it triggers.
+    unknown_kid_wait: Duration = 1.0
+    token_cache: TokenCacheSpec = Field(default_factory=TokenCacheSpec)
+
+    @field_validator("unknown_kid_wait")
+    @classmethod
+    def _bounded_wait(cls, value: float) -> float:
+        if value > 10.0:
+            raise ValueError("at most 10s: Envoy's own ext_authz timeout is usually shorter")
+        return value
 
 
 class AuthzConfigDoc(_Model):
@@ -402,6 +455,8 @@ class Provider:
     name: str
     origin: str  # "document: path" of the spec, for error messages and logs
     jwks_file: Path | None = None
+    ca_file: Path | None = None
+    shared_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -585,6 +640,8 @@ def _request_authentication(
                 )
                 continue
             fields["jwksUri"] = fields.pop("jwks_uri")
+        if "jwksUri" not in fields and "jwks" not in fields:
+            fields["discovery"] = True  # Istio finds the keys through OIDC discovery
         try:
             out.append((ProviderSpec.model_validate(fields), doc.label, prefix, doc.base_dir))
         except ValidationError as exc:
@@ -644,30 +701,71 @@ def _qualify_service_accounts(spec: dict[str, Any], namespace: str) -> None:
                     ]
 
 
+def _resolve_file(
+    value: str | None,
+    *,
+    field_name: str,
+    document: str,
+    prefix: str,
+    base_dir: Path,
+    problems: list[ConfigProblem],
+) -> tuple[Path | None, bool]:
+    if value is None:
+        return None, True
+    path = Path(value)
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        problems.append(ConfigProblem(document, f"{prefix}.{field_name}", f"no such file: {path}"))
+        return None, False
+    return path, True
+
+
 def _resolve_provider(
     spec: ProviderSpec, document: str, prefix: str, base_dir: Path, problems: list[ConfigProblem]
-) -> tuple[Path | None, bool]:
-    """Check the provider's local key source; return (jwks file path, ok)."""
+) -> tuple[dict[str, Path | None], bool]:
+    """Check the provider's local files and inline keys; return (resolved paths, ok)."""
+    ok = True
     if spec.jwks is not None:
         try:
             parsed = json.loads(spec.jwks)
         except json.JSONDecodeError as exc:
             problems.append(ConfigProblem(document, f"{prefix}.jwks", f"not valid JSON: {exc}"))
-            return None, False
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
-            problems.append(
-                ConfigProblem(document, f"{prefix}.jwks", 'must be a JSON object {"keys": [...]}')
+            ok = False
+        else:
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
+                problems.append(
+                    ConfigProblem(
+                        document, f"{prefix}.jwks", 'must be a JSON object {"keys": [...]}'
+                    )
+                )
+                ok = False
+    paths: dict[str, Path | None] = {}
+    for attr, field_name in (
+        ("jwks_file", "jwksFile"),
+        ("ca_file", "caFile"),
+        ("shared_secret_file", "sharedSecretFile"),
+    ):
+        paths[attr], found = _resolve_file(
+            getattr(spec, attr),
+            field_name=field_name,
+            document=document,
+            prefix=prefix,
+            base_dir=base_dir,
+            problems=problems,
+        )
+        ok = ok and found
+    secret = paths["shared_secret_file"]
+    if secret is not None and len(secret.read_bytes().strip()) < 32:
+        problems.append(
+            ConfigProblem(
+                document,
+                f"{prefix}.sharedSecretFile",
+                "the secret must be at least 32 bytes (RFC 7518 3.2)",
             )
-            return None, False
-    if spec.jwks_file is not None:
-        path = Path(spec.jwks_file)
-        if not path.is_absolute():
-            path = base_dir / path
-        if not path.is_file():
-            problems.append(ConfigProblem(document, f"{prefix}.jwksFile", f"no such file: {path}"))
-            return None, False
-        return path, True
-    return None, True
+        )
+        ok = False
+    return paths, ok
 
 
 def load(path: str | Path) -> Settings:
@@ -764,7 +862,7 @@ def load(path: str | Path) -> Settings:
     resolved: list[Provider] = []
     names: dict[str, int] = {}
     for spec, document, prefix, base_dir in providers:
-        jwks_file, ok = _resolve_provider(spec, document, prefix, base_dir, problems)
+        paths, ok = _resolve_provider(spec, document, prefix, base_dir, problems)
         if not ok:
             continue
         origin = f"{document}: {prefix}"
@@ -779,7 +877,7 @@ def load(path: str | Path) -> Settings:
             name = f"{name}#{names[name]}"
         else:
             names[name] = 1
-        resolved.append(Provider(spec=spec, name=name, origin=origin, jwks_file=jwks_file))
+        resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
 
     policy_names: set[str] = set()
     for policy, document, name_path in policies:

@@ -396,9 +396,9 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
             "HS256 needs a shared secret",
         ),
         (
-            native(providers=[provider(algorithms=["hs512"])]),
+            native(providers=[provider(algorithms=["HS512"])]),
             "providers[0].algorithms",
-            "hs512 needs a shared secret",
+            "HS512 needs a shared secret",
         ),
         (
             native(providers=[provider(algorithms=["none"])]),
@@ -418,17 +418,17 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
         (
             native(providers=[provider(jwksUri=f"{ISS}/jwks")]),
             "providers[0]",
-            "exactly one of jwksUri, jwks, jwksFile must be set (got jwksUri, jwks)",
+            "sharedSecretFile must be set (got jwksUri, jwks)",
         ),
         (
             native(providers=[provider(jwksFile="k.json")]),
             "providers[0]",
-            "exactly one of jwksUri, jwks, jwksFile must be set (got jwks, jwksFile)",
+            "sharedSecretFile must be set (got jwks, jwksFile)",
         ),
         (
             native(providers=[{"issuer": ISS}]),
             "providers[0]",
-            "exactly one of jwksUri, jwks, jwksFile must be set",
+            "exactly one of jwksUri, jwks, jwksFile, discovery: true, sharedSecretFile must be set",
         ),
         (
             native(providers=[{"issuer": ISS, "jwksUri": "ftp://idp.example.com/jwks"}]),
@@ -723,7 +723,7 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
         (
             ra_doc({"issuer": ISS, "jwks": JWKS, "jwksUri": f"{ISS}/jwks"}),
             "spec.jwtRules[0]",
-            "exactly one of jwksUri, jwks, jwksFile must be set (got jwksUri, jwks)",
+            "sharedSecretFile must be set (got jwksUri, jwks)",
         ),
         (ra_doc("https://idp.example.com"), "spec.jwtRules[0]", "must be a mapping"),
         (
