@@ -10,27 +10,27 @@ the last good keys.
 from __future__ import annotations
 
 import base64
-import json
 import logging
+import random
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, padding, rsa
 from jose import jwk as jose_jwk
 
+if TYPE_CHECKING:
+    from authz_server.keysources import KeySource
+
 log = logging.getLogger("authz_server.jwks")
 
 VerifyFn = Callable[[bytes, bytes], bool]
 
 MIN_RSA_BITS = 2048
-MAX_JWKS_BYTES = 1 << 20
 _EC_CURVE_ALG = {"P-256": "ES256", "P-384": "ES384"}
 _RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _PSS_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -221,22 +221,24 @@ def _kid_of(jwk: object) -> object:
     return jwk.get("kid") if isinstance(jwk, dict) else None
 
 
-def fetch_jwks(url: str, timeout: float) -> object:
-    """GET ``url`` and return its parsed JSON. Raises OSError or ValueError on any failure."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-        if response.status != 200:
-            raise OSError(f"HTTP {response.status}")
-        body = response.read(MAX_JWKS_BYTES + 1)
-    if len(body) > MAX_JWKS_BYTES:
-        raise ValueError(f"response larger than {MAX_JWKS_BYTES} bytes")
-    return json.loads(body)
+class _Flight:
+    """One key-set load in progress; everyone who needs it waits on ``done``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
 
 
 class JWKSCache:
-    """One provider's current key set, loaded from an inline document, a file or a URL.
+    """One provider's current key set and its lifecycle.
 
-    ``keyset`` is None until a first load succeeds. A failed refresh never replaces good keys.
+    - ``refresh()`` loads once (single-flight: concurrent callers share one load).
+    - ``tick()`` is the background step: refresh when due (``refreshInterval``, or the
+      response's ``max-age`` within ``[minRefreshInterval, refreshInterval]``, jittered), when
+      a watched file changed, and drop keys that have been stale for longer than ``maxStale``.
+    - ``refresh_for_kid(kid, wait)``: a token names a key we lack; one refresh at most per
+      ``minRefreshInterval``, shared by all such requests, each waiting at most ``wait``.
+    A failed load never replaces good keys; retries back off from 1s up to ``refreshInterval``.
     """
 
     def __init__(
@@ -244,91 +246,194 @@ class JWKSCache:
         *,
         provider: str,
         allowed_algs: frozenset[str],
-        inline: str | None = None,
-        file: Path | None = None,
-        url: str | None = None,
-        timeout: float = 5.0,
+        source: KeySource,
         refresh_interval: float = 300.0,
-        fetch: Callable[[str, float], object] = fetch_jwks,
+        min_refresh_interval: float = 30.0,
+        max_stale: float = 86400.0,
         clock: Callable[[], float] = time.monotonic,
-        on_update: Callable[[], None] | None = None,
+        jitter: Callable[[], float] = lambda: random.uniform(0.85, 1.0),  # noqa: S311
     ) -> None:
         self.provider = provider
         self.allowed_algs = allowed_algs
-        self.inline = inline
-        self.file = file
-        self.url = url
-        self.timeout = timeout
+        self.source = source
         self.refresh_interval = refresh_interval
-        self._fetch = fetch
+        self.min_refresh_interval = min(min_refresh_interval, refresh_interval)
+        self.max_stale = max_stale
         self._clock = clock
-        self.on_update = on_update
+        self._jitter = jitter
+        self.listeners: list[Callable[[JWKSCache], object]] = []
         self.keyset: KeySet | None = None
         self.last_error: str | None = None
-        self.last_success: float | None = None
+        self.last_success: float | None = None  # on ``clock``
+        self.last_success_wall: float | None = None  # unix time, for metrics
+        self.fetches: dict[str, int] = {"success": 0, "failure": 0}
+        self.next_refresh = 0.0
+        self._failures = 0
+        self._last_kid_refresh: float | None = None
+        self._lock = threading.Lock()
+        self._flight: _Flight | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
-    def source(self) -> str:
-        return self.url or (str(self.file) if self.file else "inline jwks")
+    def description(self) -> str:
+        return self.source.description
 
-    @property
-    def is_remote(self) -> bool:
-        return self.inline is None
+    def stale_for(self) -> float:
+        """Seconds since the last successful load (0 when fresh or never loaded)."""
+        if self.last_success is None or self._failures == 0:
+            return 0.0
+        return max(0.0, self._clock() - self.last_success)
 
-    def _load_document(self) -> object:
-        if self.inline is not None:
-            return json.loads(self.inline)
-        if self.file is not None:
-            return json.loads(self.file.read_bytes())
-        assert self.url is not None
-        return self._fetch(self.url, self.timeout)
+    # ---------------------------------------------------------------- loading
+
+    def _join_or_start(self) -> tuple[_Flight, bool]:
+        with self._lock:
+            if self._flight is not None:
+                return self._flight, False
+            self._flight = _Flight()
+            return self._flight, True
+
+    def _fly(self, flight: _Flight) -> None:
+        try:
+            flight.ok = self._load()
+        finally:
+            with self._lock:
+                self._flight = None
+            flight.done.set()
 
     def refresh(self) -> bool:
-        """Load the key set once. Returns True on success; on failure keeps the old keys."""
+        """Load the key set now, or join a load in progress. True when it succeeded."""
+        flight, owner = self._join_or_start()
+        if owner:
+            self._fly(flight)
+        else:
+            flight.done.wait()
+        return flight.ok
+
+    def refresh_for_kid(self, kid: str | None, wait: float) -> bool:
+        """A token names ``kid`` (or the provider has no keys): refresh if allowed, wait at most
+        ``wait``. Returns True when the key is now known (or, for None, when keys exist)."""
+        if self._has(kid):
+            return True
+        with self._lock:
+            flight = self._flight
+            if flight is None:
+                now = self._clock()
+                if (
+                    self._last_kid_refresh is not None
+                    and now - self._last_kid_refresh < self.min_refresh_interval
+                ):
+                    return False
+                self._last_kid_refresh = now
+                flight = self._flight = _Flight()
+                threading.Thread(
+                    target=self._fly, args=(flight,), name=f"jwks-kid-{self.provider}", daemon=True
+                ).start()
+        flight.done.wait(wait)
+        return self._has(kid)
+
+    def _has(self, kid: str | None) -> bool:
+        keyset = self.keyset
+        return keyset is not None and (kid is None or kid in keyset.by_kid)
+
+    def _load(self) -> bool:
+        origin = f"{self.provider} JWKS"
         try:
-            keyset = KeySet.from_jwks(
-                self._load_document(), self.allowed_algs, origin=f"{self.provider} JWKS"
-            )
+            keyset, age = self.source.load(self.allowed_algs, origin)
             if not keyset.keys:
                 raise ValueError("the key set has no usable keys")
         except Exception as exc:  # any failure (even http.client's) keeps the old keys
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning(
-                "provider %s: JWKS load from %s failed (%s); %s",
-                self.provider,
-                self.source,
-                self.last_error,
-                "keeping the last good keys" if self.keyset else "no keys yet",
-            )
+            self._failed(f"{type(exc).__name__}: {exc}"[:300])
             return False
-        had_keys = self.keyset is not None
-        self.keyset = keyset
+        now = self._clock()
+        interval = self.refresh_interval if age is None else age
+        interval = min(max(interval, self.min_refresh_interval), self.refresh_interval)
+        self.next_refresh = now + interval * self._jitter()
+        self.fetches["success"] += 1
+        self._failures = 0
         self.last_error = None
-        self.last_success = self._clock()
-        if not had_keys and self.on_update is not None:
-            self.on_update()
+        self.last_success = now
+        self.last_success_wall = time.time()
+        self._publish(keyset)
         log.info(
-            "provider %s: loaded %d key(s) from %s", self.provider, len(keyset.keys), self.source
+            "provider %s: loaded %d key(s) from %s (next refresh in %.0fs)",
+            self.provider,
+            len(keyset.keys),
+            self.source.description,
+            self.next_refresh - now,
         )
         return True
 
+    def _failed(self, error: str) -> None:
+        self.fetches["failure"] += 1
+        self._failures += 1
+        self.last_error = error
+        backoff = min(2.0 ** (self._failures - 1), self.refresh_interval)
+        self.next_refresh = self._clock() + backoff
+        log.warning(
+            "provider %s: key set load from %s failed (%s); %s; retry in %.0fs",
+            self.provider,
+            self.source.description,
+            error,
+            f"serving the last good keys, stale for {self.stale_for():.0f}s"
+            if self.keyset is not None
+            else "no keys: its tokens get 503",
+            backoff,
+        )
+
+    def _publish(self, keyset: KeySet | None) -> None:
+        self.keyset = keyset
+        for listener in self.listeners:
+            try:
+                listener(self)
+            except Exception:
+                log.exception("provider %s: key set listener failed", self.provider)
+
+    # ------------------------------------------------------------ background
+
+    def tick(self) -> None:
+        """One background step; returns at once when nothing is due."""
+        now = self._clock()
+        if (
+            self.keyset is not None
+            and self.source.remote
+            and self.last_success is not None
+            and now - self.last_success > self.max_stale
+        ):
+            log.error(
+                "provider %s: keys stale for more than %.0fs (maxStale): dropping them; "
+                "its tokens get 503 until %s answers",
+                self.provider,
+                self.max_stale,
+                self.source.description,
+            )
+            self._publish(None)
+        if self.source.remote and (now >= self.next_refresh or self.source.changed()):
+            self.refresh()
+
+    def _seconds_to_next_tick(self) -> float:
+        now = self._clock()
+        wake = self.next_refresh
+        if self.keyset is not None and self.last_success is not None:
+            wake = min(wake, self.last_success + self.max_stale + 0.001)
+        if self.source.watched:
+            wake = min(wake, now + 1.0)  # files are polled each second
+        return min(max(wake - now, 0.05), 3600.0)
+
     def start(self) -> None:
-        """Refresh in a background thread every ``refresh_interval`` (sooner while keyless)."""
-        if not self.is_remote or self._thread is not None:
+        """Run ``tick`` in a daemon thread until ``stop``."""
+        if not self.source.remote or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name=f"jwks-{self.provider}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        retry = 0.5
-        while not self._stop.is_set():
-            wait = self.refresh_interval if self.keyset is not None else retry
-            if self._stop.wait(wait):
-                return
-            ok = self.refresh()
-            retry = 0.5 if ok else min(retry * 2, 30.0, self.refresh_interval)
+        while not self._stop.wait(self._seconds_to_next_tick()):
+            try:
+                self.tick()
+            except Exception:  # the refresher must never die
+                log.exception("provider %s: key set refresh step failed", self.provider)
 
     def stop(self) -> None:
         self._stop.set()

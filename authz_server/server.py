@@ -77,7 +77,7 @@ class AuthzServer:
         self.http_listen = http_listen
         self.engine = Engine.build(settings)
         for cache in self.engine.caches.values():
-            cache.on_update = self._update_health
+            cache.listeners.append(lambda _cache: self._update_health())
         self.service = AuthorizationService(self.engine)
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None

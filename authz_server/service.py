@@ -20,8 +20,10 @@ from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError
 from authz_server.jwks import JWKSCache
+from authz_server.keysources import source_for
 from authz_server.policy import PolicySet
 from authz_server.responses import Decision
+from authz_server.token_cache import TokenCache
 from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier
 
 log = logging.getLogger("authz_server.service")
@@ -93,7 +95,19 @@ class Engine:
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
         self.extractor = CredentialExtractor(self.providers)
-        self.verifier = TokenVerifier(clock)
+        server = settings.server
+        self.token_cache = TokenCache(
+            server.token_cache.max_entries, server.token_cache.max_ttl, clock=clock
+        )
+        self.verifier = TokenVerifier(
+            clock,
+            cache=self.token_cache,
+            unknown_kid_wait=server.unknown_kid_wait,
+            max_token_bytes=server.max_token_bytes,
+        )
+        for cache in self.caches.values():
+            # A key that left its set stops validating at once; this frees its entries too.
+            cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
@@ -119,15 +133,15 @@ class Engine:
 
 
 def make_cache(provider: Provider) -> JWKSCache:
+    """The key cache for ``provider`` (not loaded yet)."""
     spec = provider.spec
     return JWKSCache(
         provider=provider.name,
         allowed_algs=frozenset(spec.algorithms),
-        inline=spec.jwks,
-        file=provider.jwks_file,
-        url=spec.jwks_uri,
-        timeout=spec.timeout,
+        source=source_for(provider),
         refresh_interval=spec.refresh_interval,
+        min_refresh_interval=spec.min_refresh_interval,
+        max_stale=spec.max_stale,
     )
 
 

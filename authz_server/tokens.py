@@ -20,7 +20,8 @@ from typing import Any
 from authz_server import errors
 from authz_server.config import Provider
 from authz_server.errors import AuthenticationError, DependencyError
-from authz_server.jwks import JWKSCache
+from authz_server.jwks import JWKSCache, VerificationKey
+from authz_server.token_cache import CachedToken, TokenCache
 
 MAX_TOKEN_BYTES = 8192
 DEFAULT_SPACE_DELIMITED = frozenset({"scope", "permission"})
@@ -55,6 +56,8 @@ class ProviderRuntime:
     audiences: frozenset[str]
     clock_skew: float
     space_delimited: frozenset[str]
+    require_expiration: bool = True
+    required_claims: tuple[tuple[str, str | int | bool | None], ...] = ()
 
     @property
     def name(self) -> str:
@@ -74,6 +77,8 @@ class ProviderRuntime:
             audiences=frozenset(spec.audiences),
             clock_skew=spec.clock_skew,
             space_delimited=DEFAULT_SPACE_DELIMITED | frozenset(spec.space_delimited_claims),
+            require_expiration=spec.require_expiration,
+            required_claims=tuple(spec.required_claims.items()),
         )
 
 
@@ -105,8 +110,6 @@ def decode_segments(token: str) -> tuple[dict[str, Any], dict[str, Any], list[st
 
     Returns (header, payload, segments). Raises AuthenticationError(malformed_token).
     """
-    if len(token) > MAX_TOKEN_BYTES:
-        raise _malformed(f"token longer than {MAX_TOKEN_BYTES} bytes")
     segments = token.split(".")
     if len(segments) == 5:
         raise _malformed("encrypted tokens (JWE) are not supported")
@@ -137,18 +140,52 @@ def _numeric(payload: Mapping[str, Any], claim: str) -> float | None:
     return number
 
 
-class TokenVerifier:
-    """Verifies tokens against the providers whose issuer they name."""
+def _check_times(exp: float | None, nbf: float | None, skew: float, now: float) -> None:
+    # RFC 7519 4.1.4: the token must be used *before* its expiry.
+    if exp is not None and now >= exp + skew:
+        raise AuthenticationError(errors.TOKEN_EXPIRED, "the token has expired")
+    if nbf is not None and now + skew < nbf:
+        raise AuthenticationError(errors.TOKEN_NOT_YET_VALID, "the token is not valid yet")
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+
+def _claim_equals(value: Any, expected: str | int | bool) -> bool:
+    # NOTE: type-exact, so that `true` never equals `1` and `"1"` never equals `1`.
+    if isinstance(value, list):
+        return any(_claim_equals(item, expected) for item in value)
+    return type(value) is type(expected) and value == expected
+
+
+class TokenVerifier:
+    """Verifies tokens against the providers whose issuer they name, through the cache."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        *,
+        cache: TokenCache | None = None,
+        unknown_kid_wait: float = 1.0,
+        max_token_bytes: int = MAX_TOKEN_BYTES,
+    ) -> None:
         self._clock = clock
+        self.cache = cache
+        self.unknown_kid_wait = unknown_kid_wait
+        self.max_token_bytes = max_token_bytes
 
     def verify(self, token: str, providers: Sequence[ProviderRuntime]) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
 
         Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
-        the issuer's keys were never loaded.
+        the issuer has no keys.
         """
+        if len(token) > self.max_token_bytes:
+            raise _malformed(f"token longer than {self.max_token_bytes} bytes")
+        cache_key = b""
+        if self.cache is not None:
+            cache_key = TokenCache.digest(token, id(providers))
+            hit = self.cache.get(cache_key)
+            if hit is not None:
+                _check_times(hit.exp, hit.nbf, hit.skew, self._clock())
+                return hit.identity
         header, payload, segments = decode_segments(token)
         issuer = payload.get("iss")
         candidates = [p for p in providers if p.issuer == issuer]
@@ -157,11 +194,44 @@ class TokenVerifier:
         first_error: AuthenticationError | DependencyError | None = None
         for provider in candidates:
             try:
-                return self._verify_for(provider, header, payload, segments)
+                identity, key, exp, nbf = self._verify_for(provider, header, payload, segments)
             except (AuthenticationError, DependencyError) as exc:
                 first_error = first_error or exc
+                continue
+            if self.cache is not None:
+                self.cache.put(
+                    cache_key,
+                    CachedToken(
+                        identity=identity,
+                        key=key,
+                        cache=provider.keys,
+                        exp=exp,
+                        nbf=nbf,
+                        skew=provider.clock_skew,
+                        stored_at=self._clock(),
+                    ),
+                )
+            return identity
         assert first_error is not None
         raise first_error
+
+    def _keys_for(
+        self, provider: ProviderRuntime, kid: str | None, alg: str
+    ) -> list[VerificationKey]:
+        cache = provider.keys
+        if cache.keyset is None:
+            # Maybe the IdP is back: one refresh per minRefreshInterval, shared.
+            cache.refresh_for_kid(None, self.unknown_kid_wait)
+        keyset = cache.keyset
+        if keyset is None:
+            raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
+        keys = keyset.candidates(kid, alg)
+        if not keys and kid is not None and cache.refresh_for_kid(kid, self.unknown_kid_wait):
+            keyset = cache.keyset
+            keys = keyset.candidates(kid, alg) if keyset is not None else []
+        if not keys:
+            raise AuthenticationError(errors.UNKNOWN_KID, "no key matches the token's kid")
+        return keys
 
     def _verify_for(
         self,
@@ -169,7 +239,7 @@ class TokenVerifier:
         header: Mapping[str, Any],
         payload: Mapping[str, Any],
         segments: list[str],
-    ) -> Identity:
+    ) -> tuple[Identity, VerificationKey, float | None, float | None]:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in provider.algorithms:
             raise AuthenticationError(
@@ -180,17 +250,12 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _malformed("'kid' must be a string")
-        keyset = provider.keys.keyset
-        if keyset is None:
-            raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
-        keys = keyset.candidates(kid, alg)
-        if not keys:
-            raise AuthenticationError(errors.UNKNOWN_KID, "no key matches the token's kid")
+        keys = self._keys_for(provider, kid, alg)
         try:
             signature = _b64decode(segments[2])
         except (ValueError, binascii.Error):
             raise _malformed("signature is not base64url") from None
-        signing_input = f"{segments[0]}.{segments[1]}".encode("ascii", "replace")
+        signing_input = f"{segments[0]}.{segments[1]}".encode("ascii")
         for key in keys:
             verify = key.verifiers.get(alg)
             if verify is None:
@@ -201,22 +266,17 @@ class TokenVerifier:
                 break
         else:
             raise AuthenticationError(errors.INVALID_SIGNATURE, "signature does not verify")
-        return self._check_claims(provider, payload, segments[1])
+        identity, exp, nbf = self._check_claims(provider, payload, segments[1])
+        return identity, key, exp, nbf
 
     def _check_claims(
         self, provider: ProviderRuntime, payload: Mapping[str, Any], payload_segment: str
-    ) -> Identity:
-        now = self._clock()
-        skew = provider.clock_skew
+    ) -> tuple[Identity, float | None, float | None]:
         exp = _numeric(payload, "exp")
-        if exp is None:
+        if exp is None and provider.require_expiration:
             raise AuthenticationError(errors.MISSING_CLAIM, "the token has no 'exp'")
-        # RFC 7519 4.1.4: the token must be used *before* its expiry.
-        if now >= exp + skew:
-            raise AuthenticationError(errors.TOKEN_EXPIRED, "the token has expired")
         nbf = _numeric(payload, "nbf")
-        if nbf is not None and now + skew < nbf:
-            raise AuthenticationError(errors.TOKEN_NOT_YET_VALID, "the token is not valid yet")
+        _check_times(exp, nbf, provider.clock_skew, self._clock())
         aud = payload.get("aud")
         audiences: tuple[str, ...]
         if isinstance(aud, str):
@@ -229,9 +289,13 @@ class TokenVerifier:
             raise _malformed("claim 'aud' must be a string or a list of strings")
         if provider.audiences and provider.audiences.isdisjoint(audiences):
             raise AuthenticationError(errors.INVALID_AUDIENCE, "audience not accepted")
+        for name, expected in provider.required_claims:
+            value = payload.get(name)
+            if value is None or (expected is not None and not _claim_equals(value, expected)):
+                raise AuthenticationError(errors.MISSING_CLAIM, "a required claim is missing")
         sub = payload.get("sub", "")
         azp = payload.get("azp")
-        return Identity(
+        identity = Identity(
             provider=provider.name,
             issuer=provider.issuer,
             subject=sub if isinstance(sub, str) else json.dumps(sub),
@@ -241,3 +305,4 @@ class TokenVerifier:
             payload_segment=payload_segment,
             space_delimited=provider.space_delimited,
         )
+        return identity, exp, nbf

@@ -13,6 +13,7 @@ from authz_server import devkeys
 from authz_server.config import ASYMMETRIC_ALGORITHMS
 from authz_server.devkeys import SigningKey
 from authz_server.jwks import JWKSCache, KeySet
+from authz_server.keysources import FileSource, InlineSource, UrlSource
 from tests.e2e.harness import JWKSServer
 
 ALL = frozenset(ASYMMETRIC_ALGORITHMS)
@@ -97,7 +98,8 @@ def idp(rsa_key: SigningKey) -> Iterator[JWKSServer]:
 
 
 def url_cache(idp: JWKSServer) -> JWKSCache:
-    return JWKSCache(provider="idp", allowed_algs=ALL, url=idp.jwks_url, timeout=2)
+    source = UrlSource(idp.jwks_url, timeout=2, ssl_context=None)
+    return JWKSCache(provider="idp", allowed_algs=ALL, source=source)
 
 
 def test_cache_loads_from_url_and_keeps_last_good_keys_when_the_idp_fails(
@@ -123,7 +125,8 @@ def test_cache_loads_from_url_and_keeps_last_good_keys_when_the_idp_fails(
 
 
 def test_cache_with_a_dead_idp_has_no_keys_and_says_why() -> None:
-    cache = JWKSCache(provider="dead", allowed_algs=ALL, url="http://127.0.0.1:9/jwks", timeout=1)
+    source = UrlSource("http://127.0.0.1:9/jwks", timeout=1, ssl_context=None)
+    cache = JWKSCache(provider="dead", allowed_algs=ALL, source=source)
     assert not cache.refresh()
     assert cache.keyset is None and cache.last_error
 
@@ -133,7 +136,7 @@ def test_cache_from_file_picks_up_a_rotated_key_on_refresh(
 ) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(devkeys.jwks(rsa_key)))
-    cache = JWKSCache(provider="file", allowed_algs=ALL, file=path)
+    cache = JWKSCache(provider="file", allowed_algs=ALL, source=FileSource(path))
     assert cache.refresh()
     path.write_text(json.dumps(devkeys.jwks(ec_key)))
     assert cache.refresh()
@@ -150,15 +153,18 @@ def test_an_invalid_rsa_key_is_skipped_and_its_neighbours_kept(rsa_key: SigningK
 def test_any_exception_while_fetching_keeps_the_keys(rsa_key: SigningKey) -> None:
     import http.client
 
-    calls = {"n": 0}
+    class FlakySource(InlineSource):
+        remote = True
+        calls = 0
 
-    def fetch(url: str, timeout: float) -> object:
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise http.client.LineTooLong("header line")
-        return devkeys.jwks(rsa_key)
+        def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+            FlakySource.calls += 1
+            if FlakySource.calls > 1:
+                raise http.client.LineTooLong("header line")
+            return super().load(allowed_algs, origin)
 
-    cache = JWKSCache(provider="p", allowed_algs=ALL, url="http://idp.test/jwks", fetch=fetch)
+    source = FlakySource(json.dumps(devkeys.jwks(rsa_key)))
+    cache = JWKSCache(provider="p", allowed_algs=ALL, source=source)
     assert cache.refresh()
     good = cache.keyset
     assert not cache.refresh()

@@ -1,0 +1,283 @@
+"""Where a provider's keys come from: inline JWKS, a file, a URL, OIDC discovery, or a shared
+secret. Each source's ``load`` returns a ``KeySet`` (and the HTTP ``max-age``, if any) or raises.
+
+HTTP fetches are bounded (timeout, 1 MiB), verify TLS (optionally against ``caFile``), follow
+redirects only to https (or, from an http URL on loopback, to loopback), and treat anything but
+a 200 with a JSON body as a failure.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import re
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from authz_server.config import HMAC_ALGORITHMS, Provider
+from authz_server.jwks import KeySet, VerificationKey, VerifyFn
+
+MAX_DOCUMENT_BYTES = 1 << 20
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+
+
+class KeySource(Protocol):
+    description: str
+    remote: bool  # False for inline keys, which never change
+    watched: bool  # a local file, polled for changes
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]: ...
+
+    def changed(self) -> bool: ...
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to https, or to loopback http when the original URL was one."""
+
+    def __init__(self, original: str) -> None:
+        self.original = urlsplit(original)
+
+    def redirect_request(  # noqa: PLR0917 (urllib's signature)
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        target = urlsplit(newurl)
+        allowed = target.scheme == "https" or (
+            target.scheme == "http"
+            and self.original.scheme == "http"
+            and _is_loopback(self.original.hostname)
+            and _is_loopback(target.hostname)
+        )
+        if not allowed:
+            raise urllib.error.HTTPError(
+                req.full_url, code, f"refusing redirect to {target.scheme}://", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def max_age(cache_control: str | None) -> float | None:
+    """Seconds from a ``Cache-Control: max-age=N`` header, or None."""
+    if not cache_control:
+        return None
+    match = _MAX_AGE.search(cache_control)
+    return float(match.group(1)) if match else None
+
+
+def fetch_json(
+    url: str, *, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> tuple[Any, float | None]:
+    """GET ``url``: (parsed JSON, Cache-Control max-age). Raises on any failure."""
+    opener = urllib.request.build_opener(
+        _SafeRedirects(url),
+        urllib.request.HTTPSHandler(context=ssl_context or ssl.create_default_context()),
+        urllib.request.ProxyHandler({}),
+    )
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    with opener.open(request, timeout=timeout) as response:
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status}")
+        body = response.read(MAX_DOCUMENT_BYTES + 1)
+        age = max_age(response.headers.get("Cache-Control"))
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise ValueError(f"response larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(body), age
+    except (ValueError, RecursionError):
+        raise ValueError("response is not JSON") from None
+
+
+Fetch = Callable[..., tuple[Any, float | None]]
+
+
+@dataclass
+class InlineSource:
+    document: str
+    description: str = "inline jwks"
+    remote: bool = False
+    watched: bool = False
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+        return KeySet.from_jwks(json.loads(self.document), allowed_algs, origin), None
+
+    def changed(self) -> bool:
+        return False
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)  # follows the ..data symlink a ConfigMap/Secret mount swaps
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class FileSource:
+    """A JWKS file, re-read when it changes (a mounted Secret or ConfigMap is swapped)."""
+
+    remote = True
+    watched = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = str(path)
+        self._loaded: tuple[int, int, int] | None = None
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+        signature = _file_signature(self.path)
+        keyset = KeySet.from_jwks(json.loads(self.path.read_bytes()), allowed_algs, origin)
+        self._loaded = signature
+        return keyset, None
+
+    def changed(self) -> bool:
+        return _file_signature(self.path) != self._loaded
+
+
+class UrlSource:
+    remote = True
+    watched = False
+
+    def __init__(self, url: str, *, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        self.url = url
+        self.description = url
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+        document, age = fetch_json(self.url, timeout=self.timeout, ssl_context=self.ssl_context)
+        return KeySet.from_jwks(document, allowed_algs, origin), age
+
+    def changed(self) -> bool:
+        return False
+
+
+class DiscoverySource:
+    """OIDC discovery: ``{issuer}/.well-known/openid-configuration`` names the ``jwks_uri``.
+
+    The document's ``issuer`` must equal the configured one (OpenID Connect Discovery 4.3);
+    the ``jwks_uri`` found is reused until a fetch fails, then discovered again.
+    """
+
+    remote = True
+    watched = False
+
+    def __init__(self, issuer: str, *, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        self.issuer = issuer
+        self.discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        self.description = self.discovery_url
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+        self.jwks_uri: str | None = None
+
+    def _discover(self) -> str:
+        document, _ = fetch_json(
+            self.discovery_url, timeout=self.timeout, ssl_context=self.ssl_context
+        )
+        if not isinstance(document, dict):
+            raise ValueError("the discovery document is not a JSON object")
+        if document.get("issuer") != self.issuer:
+            raise ValueError(
+                f"the discovery document names issuer {str(document.get('issuer'))[:200]!r}, "
+                f"not the configured {self.issuer!r}"
+            )
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("http", "https"):
+            raise ValueError("the discovery document has no http(s) jwks_uri")
+        return jwks_uri
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+        if self.jwks_uri is None:
+            self.jwks_uri = self._discover()
+        try:
+            document, age = fetch_json(
+                self.jwks_uri, timeout=self.timeout, ssl_context=self.ssl_context
+            )
+        except Exception:
+            self.jwks_uri = None  # maybe it moved: discover again next time
+            raise
+        return KeySet.from_jwks(document, allowed_algs, origin), age
+
+    def changed(self) -> bool:
+        return False
+
+
+_HMAC_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "HS256": hashes.SHA256,
+    "HS384": hashes.SHA384,
+    "HS512": hashes.SHA512,
+}
+
+
+def _hmac_verifier(secret: bytes, alg: str) -> VerifyFn:
+    hash_cls = _HMAC_HASHES[alg]
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        mac = crypto_hmac.HMAC(secret, hash_cls())
+        mac.update(message)
+        return hmac.compare_digest(mac.finalize(), signature)
+
+    return verify
+
+
+class SecretSource:
+    """A shared HMAC secret from a file (HS256/384/512 only; never a public key)."""
+
+    remote = True
+    watched = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"shared secret {path}"
+        self._loaded: tuple[int, int, int] | None = None
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+        signature = _file_signature(self.path)
+        secret = self.path.read_bytes().strip()
+        if len(secret) < 32:
+            raise ValueError("the shared secret is shorter than 32 bytes")
+        verifiers: dict[str, VerifyFn] = {
+            a: _hmac_verifier(secret, a) for a in HMAC_ALGORITHMS if a in allowed_algs
+        }
+        key = VerificationKey(kid="", kty="oct", verifiers=verifiers)
+        self._loaded = signature
+        return KeySet(keys=(key,)), None
+
+    def changed(self) -> bool:
+        return _file_signature(self.path) != self._loaded
+
+
+def source_for(provider: Provider) -> KeySource:
+    """The key source a provider's configuration names."""
+    spec = provider.spec
+    context = None
+    if provider.ca_file is not None:
+        context = ssl.create_default_context(cafile=str(provider.ca_file))
+    if spec.jwks is not None:
+        return InlineSource(spec.jwks)
+    if provider.jwks_file is not None:
+        return FileSource(provider.jwks_file)
+    if provider.shared_secret_file is not None:
+        return SecretSource(provider.shared_secret_file)
+    if spec.jwks_uri is not None:
+        return UrlSource(spec.jwks_uri, timeout=spec.timeout, ssl_context=context)
+    return DiscoverySource(spec.issuer, timeout=spec.timeout, ssl_context=context)

@@ -1,0 +1,117 @@
+"""The verified-token cache: a bounded LRU keyed by a SHA-256 digest of the token.
+
+A hit skips decoding and the signature check, never the time checks (done by the caller
+with the entry's ``exp``/``nbf``) nor policy evaluation. An entry lives until the token's own
+expiry and at most ``maxTtl``; it is dropped at once when the key that verified it leaves its
+provider's key set (checked on every hit, and purged when a key set is replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cachetools import LRUCache
+
+from authz_server.jwks import JWKSCache, VerificationKey
+
+if TYPE_CHECKING:
+    from authz_server.tokens import Identity
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    identity: Identity
+    key: VerificationKey  # the key that verified the signature
+    cache: JWKSCache  # the key set it came from
+    exp: float | None
+    nbf: float | None
+    skew: float
+    stored_at: float
+
+    def key_still_valid(self) -> bool:
+        keyset = self.cache.keyset
+        if keyset is None:
+            return False
+        if self.key.kid:
+            return keyset.by_kid.get(self.key.kid) is self.key
+        return self.key in keyset.keys
+
+
+class _CountingLRU(LRUCache[bytes, CachedToken]):
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.evictions = 0
+
+    def popitem(self) -> tuple[bytes, CachedToken]:
+        self.evictions += 1
+        return super().popitem()
+
+
+class TokenCache:
+    """Thread-safe LRU of verified tokens. ``max_entries == 0`` disables it."""
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        max_ttl: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_ttl = max_ttl
+        self._clock = clock
+        self._entries = _CountingLRU(max(1, max_entries))
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(token: str, scope: int) -> bytes:
+        """The cache key: the token's SHA-256 and the scope (which providers may verify it)."""
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest() + scope.to_bytes(
+            8, "little", signed=False
+        )
+
+    def get(self, key: bytes) -> CachedToken | None:
+        """The live entry for ``key``: None on a miss, past ``maxTtl``, or if its key left."""
+        if not self.max_entries:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and (
+                self._clock() - entry.stored_at > self.max_ttl or not entry.key_still_valid()
+            ):
+                del self._entries[key]
+                entry = None
+            if entry is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return entry
+
+    def put(self, key: bytes, entry: CachedToken) -> None:
+        if not self.max_entries:
+            return
+        with self._lock:
+            self._entries[key] = entry
+
+    def purge(self, cache: JWKSCache) -> int:
+        """Drop the entries verified by keys that ``cache`` no longer holds. Returns how many."""
+        with self._lock:
+            stale = [
+                k for k, e in self._entries.items() if e.cache is cache and not e.key_still_valid()
+            ]
+            for k in stale:
+                del self._entries[k]
+        return len(stale)
