@@ -423,8 +423,9 @@ class ServerSpec(_Model):
     shutdown_grace: Duration = 5.0
     # Tokens longer than this are refused before any decoding.
     max_token_bytes: int = Field(default=8192, ge=256, le=1 << 20)
-    # How long a Check with an unknown `kid` waits for the key set refresh it triggers.
-    unknown_kid_wait: Duration = 1.0
+    # How long a Check with an unknown `kid` waits for the key set refresh it triggers. Keep it
+    # below Envoy's ext_authz timeout (1s in our bootstrap), or Envoy answers first.
+    unknown_kid_wait: Duration = 0.5
     token_cache: TokenCacheSpec = Field(default_factory=TokenCacheSpec)
 
     @field_validator("unknown_kid_wait")

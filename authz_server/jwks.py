@@ -10,6 +10,7 @@ the last good keys.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import threading
@@ -101,7 +102,9 @@ class VerificationKey:
 
     kid: str
     kty: str
-    verifiers: Mapping[str, VerifyFn]
+    verifiers: Mapping[str, VerifyFn] = field(compare=False)
+    # What makes two loads "the same key": kid, type, public material, declared alg and use.
+    fingerprint: str = ""
 
 
 def build_key(jwk: Mapping[str, Any], allowed_algs: frozenset[str]) -> VerificationKey:
@@ -167,7 +170,9 @@ def build_key(jwk: Mapping[str, Any], allowed_algs: frozenset[str]) -> Verificat
         if declared not in fitting:
             raise UnusableKeyError(f"alg {declared!r} does not fit key type {kty}")
         verifiers = {a: v for a, v in verifiers.items() if a == declared}
-    return VerificationKey(kid=kid, kty=str(kty), verifiers=verifiers)
+    members = ("kty", "kid", "crv", "n", "e", "x", "y", "alg", "use")
+    fingerprint = json.dumps([jwk.get(m) for m in members], sort_keys=True, default=str)
+    return VerificationKey(kid=kid, kty=str(kty), verifiers=verifiers, fingerprint=fingerprint)
 
 
 @dataclass(frozen=True)
@@ -209,11 +214,23 @@ class KeySet:
                 by_kid[key.kid] = key
         return cls(keys=tuple(keys), by_kid=by_kid, skipped=tuple(skipped))
 
+    def reusing(self, previous: KeySet | None) -> KeySet:
+        """This set, with each key that ``previous`` already held (same fingerprint) replaced
+        by the previous object, so that tokens verified by an unchanged key stay cached."""
+        if previous is None:
+            return self
+        old = {k.fingerprint: k for k in previous.keys if k.fingerprint}
+        keys = tuple(old.get(k.fingerprint, k) if k.fingerprint else k for k in self.keys)
+        return KeySet(keys=keys, by_kid={k.kid: k for k in keys if k.kid}, skipped=self.skipped)
+
     def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
-        """Keys to try for a token: the one named by ``kid``, or every key that serves ``alg``."""
+        """Keys to try for a token: the one its ``kid`` names, else the keys without a kid that
+        serve ``alg`` (as Envoy does); a token without kid tries every key serving ``alg``."""
         if kid is not None:
             key = self.by_kid.get(kid)
-            return [key] if key is not None else []
+            if key is not None:
+                return [key]
+            return [k for k in self.keys if not k.kid and alg in k.verifiers]
         return [k for k in self.keys if alg in k.verifiers]
 
 
@@ -273,6 +290,7 @@ class JWKSCache:
         self._lock = threading.Lock()
         self._flight: _Flight | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when next_refresh moves or on stop
         self._thread: threading.Thread | None = None
 
     @property
@@ -343,6 +361,7 @@ class JWKSCache:
             keyset, age = self.source.load(self.allowed_algs, origin)
             if not keyset.keys:
                 raise ValueError("the key set has no usable keys")
+            keyset = keyset.reusing(self.keyset)
         except Exception as exc:  # any failure (even http.client's) keeps the old keys
             self._failed(f"{type(exc).__name__}: {exc}"[:300])
             return False
@@ -350,6 +369,7 @@ class JWKSCache:
         interval = self.refresh_interval if age is None else age
         interval = min(max(interval, self.min_refresh_interval), self.refresh_interval)
         self.next_refresh = now + interval * self._jitter()
+        self._wake.set()
         self.fetches["success"] += 1
         self._failures = 0
         self.last_error = None
@@ -371,6 +391,7 @@ class JWKSCache:
         self.last_error = error
         backoff = min(2.0 ** (self._failures - 1), self.refresh_interval)
         self.next_refresh = self._clock() + backoff
+        self._wake.set()
         log.warning(
             "provider %s: key set load from %s failed (%s); %s; retry in %.0fs",
             self.provider,
@@ -398,6 +419,7 @@ class JWKSCache:
         if (
             self.keyset is not None
             and self.source.remote
+            and self._failures > 0  # keys are stale only once a refresh has failed
             and self.last_success is not None
             and now - self.last_success > self.max_stale
         ):
@@ -415,7 +437,7 @@ class JWKSCache:
     def _seconds_to_next_tick(self) -> float:
         now = self._clock()
         wake = self.next_refresh
-        if self.keyset is not None and self.last_success is not None:
+        if self.keyset is not None and self.last_success is not None and self._failures:
             wake = min(wake, self.last_success + self.max_stale + 0.001)
         if self.source.watched:
             wake = min(wake, now + 1.0)  # files are polled each second
@@ -429,7 +451,12 @@ class JWKSCache:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._seconds_to_next_tick()):
+        while not self._stop.is_set():
+            # NOTE: an on-demand load (unknown kid) may move next_refresh: it sets _wake.
+            self._wake.wait(self._seconds_to_next_tick())
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.tick()
             except Exception:  # the refresher must never die
@@ -437,5 +464,6 @@ class JWKSCache:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -8,12 +8,14 @@ a 200 with a JSON body as a failure.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
 import os
 import re
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -94,13 +96,22 @@ def fetch_json(
         urllib.request.ProxyHandler({}),
     )
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    deadline = time.monotonic() + timeout
     with opener.open(request, timeout=timeout) as response:
         if response.status != 200:
             raise OSError(f"HTTP {response.status}")
-        body = response.read(MAX_DOCUMENT_BYTES + 1)
         age = max_age(response.headers.get("Cache-Control"))
-    if len(body) > MAX_DOCUMENT_BYTES:
-        raise ValueError(f"response larger than {MAX_DOCUMENT_BYTES} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        # NOTE: the socket timeout bounds each read; a server trickling bytes is bounded here.
+        while chunk := response.read1(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_DOCUMENT_BYTES:
+                raise ValueError(f"response larger than {MAX_DOCUMENT_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"response not complete within {timeout:g}s")
+        body = b"".join(chunks)
     try:
         return json.loads(body), age
     except (ValueError, RecursionError):
@@ -144,10 +155,10 @@ class FileSource:
         self._loaded: tuple[int, int, int] | None = None
 
     def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
-        signature = _file_signature(self.path)
-        keyset = KeySet.from_jwks(json.loads(self.path.read_bytes()), allowed_algs, origin)
-        self._loaded = signature
-        return keyset, None
+        # NOTE: remembered before parsing, so a broken file is retried on the backoff schedule
+        # or when it changes again, not every second.
+        self._loaded = _file_signature(self.path)
+        return KeySet.from_jwks(json.loads(self.path.read_bytes()), allowed_algs, origin), None
 
     def changed(self) -> bool:
         return _file_signature(self.path) != self._loaded
@@ -203,6 +214,13 @@ class DiscoverySource:
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("http", "https"):
             raise ValueError("the discovery document has no http(s) jwks_uri")
+        target, origin = urlsplit(jwks_uri), urlsplit(self.discovery_url)
+        if target.scheme == "http" and not (
+            origin.scheme == "http"
+            and _is_loopback(origin.hostname)
+            and _is_loopback(target.hostname)
+        ):
+            raise ValueError(f"refusing plain-http jwks_uri {jwks_uri[:200]!r}: keys need https")
         return jwks_uri
 
     def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
@@ -251,15 +269,15 @@ class SecretSource:
         self._loaded: tuple[int, int, int] | None = None
 
     def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
-        signature = _file_signature(self.path)
+        self._loaded = _file_signature(self.path)
         secret = self.path.read_bytes().strip()
         if len(secret) < 32:
             raise ValueError("the shared secret is shorter than 32 bytes")
         verifiers: dict[str, VerifyFn] = {
             a: _hmac_verifier(secret, a) for a in HMAC_ALGORITHMS if a in allowed_algs
         }
-        key = VerificationKey(kid="", kty="oct", verifiers=verifiers)
-        self._loaded = signature
+        digest = hashlib.sha256(secret).hexdigest()
+        key = VerificationKey(kid="", kty="oct", verifiers=verifiers, fingerprint=f"oct:{digest}")
         return KeySet(keys=(key,)), None
 
     def changed(self) -> bool:

@@ -104,6 +104,7 @@ class Engine:
             cache=self.token_cache,
             unknown_kid_wait=server.unknown_kid_wait,
             max_token_bytes=server.max_token_bytes,
+            max_waiting=max(1, server.threads // 2),
         )
         for cache in self.caches.values():
             # A key that left its set stops validating at once; this frees its entries too.

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class CachedToken:
     identity: Identity
+    scope: object  # the providers that could verify it (compared by identity on a hit)
     key: VerificationKey  # the key that verified the signature
     cache: JWKSCache  # the key set it came from
     exp: float | None

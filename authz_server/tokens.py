@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,13 +170,17 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
         *,
         cache: TokenCache | None = None,
-        unknown_kid_wait: float = 1.0,
+        unknown_kid_wait: float = 0.5,
         max_token_bytes: int = MAX_TOKEN_BYTES,
+        max_waiting: int = 4,
     ) -> None:
         self._clock = clock
         self.cache = cache
         self.unknown_kid_wait = unknown_kid_wait
         self.max_token_bytes = max_token_bytes
+        # NOTE: a hanging IdP must not hold every Check thread: beyond this many, Checks that
+        # need a refresh trigger it but do not wait for it.
+        self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
 
     def verify(self, token: str, providers: Sequence[ProviderRuntime]) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
@@ -189,7 +194,7 @@ class TokenVerifier:
         if self.cache is not None:
             cache_key = TokenCache.digest(token, id(providers))
             hit = self.cache.get(cache_key)
-            if hit is not None:
+            if hit is not None and hit.scope is providers:
                 _check_times(hit.exp, hit.nbf, hit.skew, self._clock())
                 return hit.identity
         header, payload, segments = decode_segments(token)
@@ -209,6 +214,7 @@ class TokenVerifier:
                     cache_key,
                     CachedToken(
                         identity=identity,
+                        scope=providers,
                         key=key,
                         cache=provider.keys,
                         exp=exp,
@@ -221,18 +227,26 @@ class TokenVerifier:
         assert first_error is not None
         raise first_error
 
+    def _refresh(self, cache: JWKSCache, kid: str | None) -> bool:
+        if not self._waiting.acquire(blocking=False):
+            return cache.refresh_for_kid(kid, 0.0)
+        try:
+            return cache.refresh_for_kid(kid, self.unknown_kid_wait)
+        finally:
+            self._waiting.release()
+
     def _keys_for(
         self, provider: ProviderRuntime, kid: str | None, alg: str
     ) -> list[VerificationKey]:
         cache = provider.keys
         if cache.keyset is None:
             # Maybe the IdP is back: one refresh per minRefreshInterval, shared.
-            cache.refresh_for_kid(None, self.unknown_kid_wait)
+            self._refresh(cache, None)
         keyset = cache.keyset
         if keyset is None:
             raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
         keys = keyset.candidates(kid, alg)
-        if not keys and kid is not None and cache.refresh_for_kid(kid, self.unknown_kid_wait):
+        if not keys and kid is not None and self._refresh(cache, kid):
             keyset = cache.keyset
             keys = keyset.candidates(kid, alg) if keyset is not None else []
         if not keys:
