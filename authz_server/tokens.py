@@ -296,6 +296,9 @@ class TokenVerifier:
         if exp is None and provider.require_expiration:
             raise AuthenticationError(errors.MISSING_CLAIM, "the token has no 'exp'")
         nbf = _numeric(payload, "nbf")
+        iat = _numeric(payload, "iat")
+        # A token issued in the future is not valid yet either (beyond the skew).
+        nbf = iat if nbf is None else nbf if iat is None else max(nbf, iat)
         _check_times(exp, nbf, provider.clock_skew, self._clock())
         aud = payload.get("aud")
         audiences: tuple[str, ...]

@@ -303,3 +303,13 @@ def test_token_is_expired_at_its_exp_instant(
     assert verifier.verify(token, [provider]).subject == "alice"
     clock.now += 1
     assert reason_of(lambda: verifier.verify(token, [provider])) == errors.TOKEN_EXPIRED
+
+
+def test_token_issued_in_the_future_is_not_yet_valid_beyond_the_skew(
+    verifier: TokenVerifier, rsa_key: SigningKey, clock: Clock
+) -> None:
+    provider = runtime(rsa_key, clockSkew="30s")
+    soon = rsa_key.sign(claims_for(clock.now, iat=int(clock.now) + 20))
+    assert verifier.verify(soon, [provider]).subject == "alice"
+    later = rsa_key.sign(claims_for(clock.now, iat=int(clock.now) + 120))
+    assert reason_of(lambda: verifier.verify(later, [provider])) == errors.TOKEN_NOT_YET_VALID
