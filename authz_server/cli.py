@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from authz_server import __version__, config
 from authz_server.errors import ConfigError
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--log-format", default="json", choices=["json", "text"], help="log lines (default json)"
+    )
 
     validate = sub.add_parser("validate", help="check a configuration; print ok or every problem")
     validate.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
@@ -63,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ok")
         return 0
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     settings = _load(args.config)
     if settings is None:
         return 1
@@ -75,4 +79,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings,
         listen=args.listen or settings.server.listen,
         http_listen=args.http_listen or settings.server.http_listen,
+        config_path=Path(args.config),
     )

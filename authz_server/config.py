@@ -398,6 +398,17 @@ class PolicySpec(_Model):
 # -------------------------------------------------------------------------------- server
 
 
+class DecisionLogSpec(_Model):
+    """One JSON line per decision (logger ``authz_server.decision``)."""
+
+    enabled: bool = True
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    deny_only: bool = False
+    # Claims to copy into each line; none by default (claims can be personal data).
+    claims: list[Annotated[str, Field(min_length=1)]] = []
+    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+
+
 class TokenCacheSpec(_Model):
     """The verified-token cache: entries live until the token's `exp`, at most `maxTtl`."""
 
@@ -427,6 +438,7 @@ class ServerSpec(_Model):
     # below Envoy's ext_authz timeout (1s in our bootstrap), or Envoy answers first.
     unknown_kid_wait: Duration = 0.5
     token_cache: TokenCacheSpec = Field(default_factory=TokenCacheSpec)
+    decision_log: DecisionLogSpec = Field(default_factory=DecisionLogSpec)
 
     @field_validator("unknown_kid_wait")
     @classmethod

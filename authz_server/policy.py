@@ -402,10 +402,11 @@ class PolicySet:
 
     def evaluate(self, request: RequestAttributes, identity: Identity | None) -> PolicyResult:
         audited = tuple(p.name for p in self.audit if p.matches(request, identity))
+        # Every dry-run policy gives a verdict on every request: a DENY policy would deny what
+        # it matches, an ALLOW policy would deny what it does not match.
         dry_run = tuple(
-            (p.name, ("deny" if p.action == "DENY" else "allow"))
+            (p.name, "deny" if p.matches(request, identity) == (p.action == "DENY") else "allow")
             for p in self.dry_run
-            if p.matches(request, identity)
         )
         for policy in self.deny:
             if policy.matches(request, identity):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -59,6 +59,9 @@ class Decision:
     provider: str | None = None
     principal: str | None = None
     policy: str | None = None
+    # Observed, never enforced: AUDIT policies that matched, dry-run verdicts (policy, would).
+    audited: tuple[str, ...] = field(default=(), compare=False)
+    dry_run: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 def allow(
@@ -69,6 +72,8 @@ def allow(
     provider: str | None,
     principal: str | None,
     policy: str | None,
+    audited: tuple[str, ...] = (),
+    dry_run: tuple[tuple[str, str], ...] = (),
 ) -> Decision:
     return Decision(
         allowed=True,
@@ -80,6 +85,8 @@ def allow(
         provider=provider,
         principal=principal,
         policy=policy,
+        audited=audited,
+        dry_run=dry_run,
     )
 
 
@@ -124,19 +131,23 @@ def internal_error() -> Decision:
 
 
 def with_context(
-    decision: Decision, *, provider: str | None, principal: str | None, policy: str | None
+    decision: Decision,
+    *,
+    provider: str | None,
+    principal: str | None,
+    policy: str | None,
+    audited: tuple[str, ...] = (),
+    dry_run: tuple[tuple[str, str], ...] = (),
 ) -> Decision:
-    """A denial annotated with who asked and which policy decided (for logs and metrics)."""
-    if provider is None and principal is None and policy is None:
+    """A shared denial annotated with who asked and what the policies said (for logs and
+    metrics; the rendered answer stays the same)."""
+    if provider is None and principal is None and policy is None and not audited and not dry_run:
         return decision
-    return Decision(
-        allowed=decision.allowed,
-        status=decision.status,
-        reason=decision.reason,
-        grpc_code=decision.grpc_code,
-        response_headers=decision.response_headers,
-        body=decision.body,
+    return replace(
+        decision,
         provider=provider,
         principal=principal,
         policy=policy,
+        audited=audited,
+        dry_run=dry_run,
     )

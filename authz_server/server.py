@@ -10,6 +10,7 @@ import signal
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,12 +20,23 @@ from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
 from authz_server.grpc_door import AuthorizationServicer
+from authz_server.jwks import JWKSCache
+from authz_server.log import DecisionLog
+from authz_server.metrics import CONTENT_TYPE, Metrics
+from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
 
 log = logging.getLogger("authz_server.server")
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _load_in_parallel(caches: list[JWKSCache]) -> None:
+    """Load key sets side by side: start-up waits for the slowest provider, not the sum."""
+    if caches:
+        with futures.ThreadPoolExecutor(max_workers=min(8, len(caches))) as pool:
+            list(pool.map(lambda cache: cache.refresh(), caches))
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -45,6 +57,13 @@ class _SidePortHandler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ready, providers = self.server.owner.readiness()
             self._reply(200 if ready else 503, {"ready": ready, "providers": providers})
+        elif path == "/metrics":
+            data = self.server.owner.metrics.exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._reply(404, {"error": "not_found"})
 
@@ -69,22 +88,88 @@ class _SidePort(ThreadingHTTPServer):
 
 
 class AuthzServer:
-    """The running server: one engine, its key caches, the gRPC server and the side port."""
+    """The running server: the current engine, the gRPC server, the side port, the reloader."""
 
-    def __init__(self, settings: Settings, *, listen: str, http_listen: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        listen: str,
+        http_listen: str,
+        config_path: Path | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
+        self.metrics = metrics or Metrics()
         self.engine = Engine.build(settings)
-        for cache in self.engine.caches.values():
-            cache.listeners.append(lambda _cache: self._update_health())
-        self.service = AuthorizationService(self.engine)
+        self._watch_caches(self.engine)
+        self.service = AuthorizationService(
+            self.engine,
+            metrics=self.metrics,
+            decision_log=DecisionLog(settings.server.decision_log),
+        )
+        self.metrics.watch_engine(lambda: self.service.engine)
+        self.metrics.config_loaded(settings.digest, reload=False)
+        self.reloader = (
+            ConfigReloader(
+                config_path, self.apply, on_rejected=lambda _e: self.metrics.config_rejected()
+            )
+            if config_path is not None
+            else None
+        )
+        if self.reloader is not None:
+            self.reloader.digest = settings.digest
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None
         self.side_port: _SidePort | None = None
         self.grpc_port = 0
         self.http_port = 0
         self._stopping = False
+
+    def _watch_caches(self, engine: Engine) -> None:
+        for cache in engine.caches.values():
+            if self._update_health_listener not in cache.listeners:
+                cache.listeners.append(self._update_health_listener)
+
+    def _update_health_listener(self, _cache: object) -> None:
+        self._update_health()
+
+    def apply(self, settings: Settings) -> None:
+        """Switch to ``settings``: new providers' keys are loaded first, then one assignment
+        swaps the engine; Checks in flight finish on the old one."""
+        old = self.service.engine
+        engine = Engine.build(settings, previous=old)
+        fresh = [c for c in engine.caches.values() if c.keyset is None]
+        _load_in_parallel(fresh)
+        for cache in fresh:
+            cache.start()
+        self._watch_caches(engine)
+        ignored = [
+            f"server.{name}"
+            for name in ("listen", "http_listen", "threads")
+            if getattr(settings.server, name) != getattr(self.settings.server, name)
+        ]
+        self.service.decision_log = DecisionLog(settings.server.decision_log)
+        self.service.engine = self.engine = engine
+        self.settings = settings
+        old.close(keep=engine.caches.values())
+        for cache in old.caches.values():
+            if (
+                cache not in engine.caches.values()
+                and self._update_health_listener in cache.listeners
+            ):
+                cache.listeners.remove(self._update_health_listener)
+        self._update_health()
+        self.metrics.config_loaded(settings.digest, reload=True)
+        log.info(
+            "configuration %s in force: %d provider(s), %d polic(ies)%s",
+            settings.digest,
+            len(settings.providers),
+            len(settings.policies),
+            f"; {', '.join(ignored)} changed but need a restart" if ignored else "",
+        )
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """(ready, {provider: "ready" | "no keys: <last error>"}); never ready while stopping."""
@@ -110,9 +195,7 @@ class AuthzServer:
     def start(self) -> None:
         """Load keys (a provider whose keys fail to load is reported, not fatal), then listen."""
         caches = list(self.engine.caches.values())
-        if caches:  # providers load in parallel: start-up waits for the slowest, not the sum
-            with futures.ThreadPoolExecutor(max_workers=min(8, len(caches))) as pool:
-                list(pool.map(lambda cache: cache.refresh(), caches))
+        _load_in_parallel(caches)
         for cache in caches:
             cache.start()
         self._update_health()
@@ -139,12 +222,16 @@ class AuthzServer:
         self.side_port = _SidePort((host, port), self)
         self.http_port = self.side_port.server_address[1]
         threading.Thread(target=self.side_port.serve_forever, name="side-port", daemon=True).start()
+        if self.reloader is not None:
+            self.reloader.start()
         ready, providers = self.readiness()
         log.info(
-            "serving gRPC on %s, HTTP on %s:%d; %d provider(s), %d polic(ies); ready=%s %s",
+            "serving gRPC on %s, HTTP on %s:%d; configuration %s: %d provider(s), "
+            "%d polic(ies); ready=%s %s",
             self.listen,
             host,
             self.http_port,
+            self.settings.digest,
             len(self.settings.providers),
             len(self.settings.policies),
             ready,
@@ -156,6 +243,8 @@ class AuthzServer:
         then refuse new Checks and let in-flight ones finish within ``grace``."""
         self._stopping = True
         self.health.enter_graceful_shutdown()
+        if self.reloader is not None:
+            self.reloader.stop()
         if drain_delay > 0:
             threading.Event().wait(drain_delay)
         if self.grpc_server is not None:
@@ -165,23 +254,30 @@ class AuthzServer:
         if self.side_port is not None:
             self.side_port.shutdown()
             self.side_port.server_close()
-        for cache in self.engine.caches.values():
-            cache.stop()
+        self.service.engine.close()
 
 
-def serve(settings: Settings, *, listen: str, http_listen: str) -> int:
-    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+def serve(
+    settings: Settings, *, listen: str, http_listen: str, config_path: Path | None = None
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain; SIGHUP reloads. Returns the exit code."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: draining", signal.Signals(signum).name)
         stop.set()
 
+    server = AuthzServer(settings, listen=listen, http_listen=http_listen, config_path=config_path)
+
+    def on_hangup(_signum: int, _frame: object) -> None:
+        if server.reloader is not None:
+            server.reloader.request()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = AuthzServer(settings, listen=listen, http_listen=http_listen)
+    signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     stop.wait()
-    server.stop(drain_delay=settings.server.drain_delay)
+    server.stop(drain_delay=server.settings.server.drain_delay)
     log.info("stopped")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from authz_server import errors, responses
@@ -21,6 +21,8 @@ from authz_server.credentials import CredentialExtractor
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError
 from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
+from authz_server.log import DecisionLog
+from authz_server.metrics import Metrics
 from authz_server.policy import PolicySet
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
@@ -118,10 +120,29 @@ class Engine:
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
 
     @classmethod
-    def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Engine:
-        """Create key caches for ``settings`` (not yet loaded) and the engine over them."""
-        caches = {p.name: make_cache(p) for p in settings.providers}
+    def build(
+        cls,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        previous: Engine | None = None,
+    ) -> Engine:
+        """The engine for ``settings``, over new key caches (not loaded yet), except that the
+        caches of ``previous`` are kept for providers whose configuration did not change."""
+        kept = previous.reusable_caches() if previous is not None else {}
+        caches = {p.name: kept.get(_cache_identity(p)) or make_cache(p) for p in settings.providers}
         return cls(settings, caches, clock)
+
+    def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
+        return {_cache_identity(p.provider): p.keys for p in self.providers}
+
+    def close(self, keep: Iterable[JWKSCache] = ()) -> None:
+        """Detach from the key caches and stop those not in ``keep`` (used by a successor)."""
+        kept = {id(c) for c in keep}
+        for cache in self.caches.values():
+            if self.token_cache.purge in cache.listeners:
+                cache.listeners.remove(self.token_cache.purge)
+            if id(cache) not in kept:
+                cache.stop()
 
     def missing_or_denied(self, identity: Identity | None, error: AuthzError) -> Decision:
         if identity is None and self.missing_token_status == 401:
@@ -131,6 +152,34 @@ class Engine:
                 token_present=False,
             )
         return responses.deny(error, realm=self.realm, token_present=identity is not None)
+
+
+_KEY_FIELDS = {
+    "issuer",
+    "jwks_uri",
+    "jwks",
+    "jwks_file",
+    "discovery",
+    "shared_secret_file",
+    "ca_file",
+    "timeout",
+    "algorithms",
+    "refresh_interval",
+    "min_refresh_interval",
+    "max_stale",
+}
+
+
+def _cache_identity(provider: Provider) -> tuple[object, ...]:
+    """What a key cache depends on: a reload keeps the cache when none of it changed."""
+    keys = provider.spec.model_dump_json(include=_KEY_FIELDS)
+    return (
+        provider.name,
+        keys,
+        provider.jwks_file,
+        provider.ca_file,
+        provider.shared_secret_file,
+    )
 
 
 def make_cache(provider: Provider) -> JWKSCache:
@@ -147,21 +196,40 @@ def make_cache(provider: Provider) -> JWKSCache:
 
 
 class AuthorizationService:
-    """Decides Checks with the current engine. Fails closed on any unexpected error."""
+    """Decides Checks with the current engine, then records them. Fails closed on any
+    unexpected error."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        metrics: Metrics | None = None,
+        decision_log: DecisionLog | None = None,
+    ) -> None:
         self.engine = engine
+        self.metrics = metrics
+        self.decision_log = decision_log
 
     def check(self, request: RequestAttributes) -> Decision:
+        started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
+        identity: Identity | None = None
         try:
-            return self._decide(engine, request)
+            decision, identity = self._decide(engine, request)
         except Exception:
             # NOTE: the exception text may quote request data; log type and place, not values.
             log.exception("internal error while deciding %s %s", request.method, request.host)
-            return responses.internal_error()
+            decision = responses.internal_error()
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.record(decision, elapsed)
+        if self.decision_log is not None and self.decision_log.wants(decision):
+            self.decision_log.write(request, decision, identity, elapsed)
+        return decision
 
-    def _decide(self, engine: Engine, request: RequestAttributes) -> Decision:
+    def _decide(
+        self, engine: Engine, request: RequestAttributes
+    ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
         found = engine.extractor.extract(request)
         identity: Identity | None = None
@@ -174,12 +242,13 @@ class AuthorizationService:
                 try:
                     current = engine.verifier.verify(token.token, token.providers)
                 except AuthzError as exc:
-                    return responses.with_context(
+                    denial = responses.with_context(
                         responses.deny(exc, realm=engine.realm, token_present=True),
                         provider=token.providers[0].name if len(token.providers) == 1 else None,
                         principal=None,
                         policy=None,
                     )
+                    return denial, None
                 verified[key] = current
             identity = identity or current
             if (
@@ -188,32 +257,26 @@ class AuthorizationService:
             ):
                 token_headers_to_strip.append(token.location.name)
         if identity is None and engine.token_required:
-            return responses.deny(
+            denial = responses.deny(
                 AuthenticationError(errors.MISSING_CREDENTIALS),
                 realm=engine.realm,
                 token_present=False,
             )
+            return denial, None
 
         result = engine.policies.evaluate(request, identity)
-        if result.audited or result.dry_run:
-            log.info(
-                "audit=%s dry_run=%s decision=%s principal=%s %s %s",
-                ",".join(result.audited) or "-",
-                ",".join(f"{name}:{would}" for name, would in result.dry_run) or "-",
-                "allow" if result.allowed else "deny",
-                identity.principal if identity else "-",
-                request.method,
-                request.normalized_path,
-            )
         provider = identity.provider if identity else None
         principal = identity.principal if identity else None
         if not result.allowed:
-            return responses.with_context(
+            denial = responses.with_context(
                 engine.missing_or_denied(identity, AuthorizationError(result.reason)),
                 provider=provider,
                 principal=principal,
                 policy=result.policy,
+                audited=result.audited,
+                dry_run=result.dry_run,
             )
+            return denial, identity
 
         to_set: list[tuple[str, str]] = []
         to_remove: set[str] = set(engine.protected_headers)
@@ -232,11 +295,14 @@ class AuthorizationService:
             # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.
             if "_" in name and name.replace("_", "-") in engine.protected_headers:
                 to_remove.add(name)
-        return responses.allow(
+        decision = responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),
             metadata=metadata,
             provider=provider,
             principal=principal,
             policy=result.policy,
+            audited=result.audited,
+            dry_run=result.dry_run,
         )
+        return decision, identity

@@ -936,7 +936,10 @@ def test_dry_run_deny_policy_is_not_enforced_but_reported() -> None:
 
 def test_dry_run_allow_policy_does_not_make_allow_policies_exist() -> None:
     rules = policies({"name": "try-allow", "dryRun": True, "rules": [operation(paths=["/orders"])]})
-    assert rules.evaluate(request(path="/admin"), None) == PolicyResult(True, None, "allowed")
+    # Enforced: nothing (no ALLOW policy is in force). Observed: it would deny /admin.
+    assert rules.evaluate(request(path="/admin"), None) == PolicyResult(
+        True, None, "allowed", (), (("try-allow", "deny"),)
+    )
     assert rules.evaluate(request(path="/orders"), None) == PolicyResult(
         True, None, "allowed", (), (("try-allow", "allow"),)
     )
@@ -952,11 +955,12 @@ def test_dry_run_allow_policy_beside_an_enforced_one() -> None:
     )
 
 
-def test_dry_run_policy_that_does_not_match_is_not_reported() -> None:
+def test_dry_run_deny_policy_gives_a_verdict_on_every_request() -> None:
     rules = policies(
         {"name": "try-deny", "action": "DENY", "dryRun": True, "rules": [operation(paths=["/a"])]}
     )
-    assert rules.evaluate(request(path="/b"), None).dry_run == ()
+    assert rules.evaluate(request(path="/b"), None).dry_run == (("try-deny", "allow"),)
+    assert rules.evaluate(request(path="/a"), None).dry_run == (("try-deny", "deny"),)
 
 
 def test_policy_set_groups_by_action() -> None:
