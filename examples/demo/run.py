@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokens = _mint(key)
         print(f"Envoy        {base_url}  (admin http://127.0.0.1:{admin_port})")
-        print(f"authz-server grpc {grpc_address}, http://127.0.0.1:{http_port}/readyz")
+        print(f"authz-server grpc {grpc_address}, http://127.0.0.1:{http_port}/metrics /readyz")
         print(f"upstream     http://127.0.0.1:{upstream.port}   logs in {workdir}")
         if args.selftest:
             ok = _selftest(base_url, grpc_address, tokens)
