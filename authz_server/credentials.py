@@ -8,6 +8,7 @@ Istio's defaults: ``Authorization: Bearer <token>`` and the ``access_token`` que
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,6 +38,27 @@ class FoundToken:
     location: TokenLocation
     token: str
     providers: tuple[ProviderRuntime, ...]
+    scope: bytes  # what verifying here depends on: equal across reloads that keep it
+
+
+def verification_scope(providers: tuple[ProviderRuntime, ...]) -> bytes:
+    """A digest of everything that decides whether a token verifies for ``providers``.
+
+    Cached verifications are shared only within one scope, and survive a reload that leaves
+    it unchanged (a policy edit, say)."""
+    digest = hashlib.sha256()
+    for runtime in providers:
+        provider = runtime.provider
+        for part in (
+            provider.name,
+            provider.spec.model_dump_json(),
+            str(provider.jwks_file),
+            str(provider.ca_file),
+            str(provider.shared_secret_file),
+            str(id(runtime.keys)),  # the key cache object itself: a new one is a new scope
+        ):
+            digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.digest()[:16]
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,7 @@ class _CompiledLocation:
     location: TokenLocation
     providers: tuple[ProviderRuntime, ...]
     prefix_lower: str = field(default="")
+    scope: bytes = b""
 
 
 DEFAULT_LOCATIONS = (
@@ -72,7 +95,8 @@ class CredentialExtractor:
             for location in provider_locations(provider):
                 readers.setdefault(location, []).append(provider)
         self._locations = tuple(
-            _CompiledLocation(loc, tuple(ps), loc.prefix.lower()) for loc, ps in readers.items()
+            _CompiledLocation(loc, tuple(ps), loc.prefix.lower(), verification_scope(tuple(ps)))
+            for loc, ps in readers.items()
         )
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
 
@@ -98,5 +122,5 @@ class CredentialExtractor:
             else:
                 token = (request.cookies.get(location.name) or "").strip()
             if token:
-                found.append(FoundToken(location, token, compiled.providers))
+                found.append(FoundToken(location, token, compiled.providers, compiled.scope))
         return found

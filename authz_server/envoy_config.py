@@ -106,6 +106,8 @@ def render_bootstrap(
         # decodes it: redirect the client to the unescaped path instead.
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
         "generate_request_id": True,
+        # So a client can quote the id of a 401/403 that the decision log recorded.
+        "always_set_request_id_in_response": True,
         "route_config": {
             "name": "local_route",
             "virtual_hosts": [

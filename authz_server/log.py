@@ -105,13 +105,16 @@ class DecisionLog:
             fields["dry_run"] = dict(decision.dry_run)
         if identity is not None and self.claims:
             fields["claims"] = {c: identity.claims[c] for c in self.claims if c in identity.claims}
-        self.logger.log(
+        # NOTE: makeRecord + handle skips logging's caller lookup (~4 us a line), which the
+        # JSON lines never print.
+        record = self.logger.makeRecord(
+            self.logger.name,
             self.level,
+            "",
+            0,
             "%s %s %s -> %d %s",
-            fields["decision"],
-            request.method,
-            fields["path"],
-            decision.status,
-            decision.reason,
+            (fields["decision"], request.method, fields["path"], decision.status, decision.reason),
+            None,
             extra={"fields": fields},
         )
+        self.logger.handle(record)

@@ -150,6 +150,7 @@ class Metrics:
         self._dry_children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._engine_collector: _EngineCollector | None = None
+        self._config_digest: str | None = None
 
     def watch_engine(self, current: Callable[[], Engine | None]) -> None:
         """Expose the token cache and key sets of whatever engine ``current`` returns."""
@@ -179,8 +180,11 @@ class Metrics:
             child.inc()
 
     def config_loaded(self, digest: str, *, reload: bool) -> None:
-        self.config_info.clear()
+        # NOTE: set the new hash before removing the old, so no scrape sees neither.
         self.config_info.labels(digest).set(1)
+        if self._config_digest not in (None, digest):
+            self.config_info.remove(self._config_digest)
+        self._config_digest = digest
         self.last_reload.set(time.time())
         if reload:
             self.reloads.labels("success").inc()

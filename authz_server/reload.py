@@ -94,7 +94,15 @@ class ConfigReloader:
                 return True
             for warning in settings.warnings:
                 log.warning("%s", warning)
-            self.apply(settings)
+            try:
+                self.apply(settings)
+            except Exception:
+                log.exception(
+                    "configuration %s could not be applied; old one kept", settings.digest
+                )
+                self._seen = ()  # try again on the next poll
+                self.on_rejected(ConfigError([]))
+                return False
             self.digest = settings.digest
             return True
 

@@ -154,12 +154,10 @@ class AuthzServer:
         self.service.decision_log = DecisionLog(settings.server.decision_log)
         self.service.engine = self.engine = engine
         self.settings = settings
-        old.close(keep=engine.caches.values())
+        old.close(successor=engine)
+        kept = {id(c) for c in engine.caches.values()}
         for cache in old.caches.values():
-            if (
-                cache not in engine.caches.values()
-                and self._update_health_listener in cache.listeners
-            ):
+            if id(cache) not in kept and self._update_health_listener in cache.listeners:
                 cache.listeners.remove(self._update_health_listener)
         self._update_health()
         self.metrics.config_loaded(settings.digest, reload=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from authz_server import errors, responses
@@ -89,6 +89,7 @@ class Engine:
         settings: Settings,
         caches: Mapping[str, JWKSCache],
         clock: Callable[[], float] = time.time,
+        token_cache: TokenCache | None = None,
     ) -> None:
         self.settings = settings
         self.realm = settings.server.realm
@@ -98,7 +99,7 @@ class Engine:
         self.caches = dict(caches)
         self.extractor = CredentialExtractor(self.providers)
         server = settings.server
-        self.token_cache = TokenCache(
+        self.token_cache = token_cache or TokenCache(
             server.token_cache.max_entries, server.token_cache.max_ttl, clock=clock
         )
         self.verifier = TokenVerifier(
@@ -110,7 +111,8 @@ class Engine:
         )
         for cache in self.caches.values():
             # A key that left its set stops validating at once; this frees its entries too.
-            cache.listeners.append(self.token_cache.purge)
+            if self.token_cache.purge not in cache.listeners:
+                cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
@@ -130,16 +132,26 @@ class Engine:
         caches of ``previous`` are kept for providers whose configuration did not change."""
         kept = previous.reusable_caches() if previous is not None else {}
         caches = {p.name: kept.get(_cache_identity(p)) or make_cache(p) for p in settings.providers}
-        return cls(settings, caches, clock)
+        # The token cache (and its counters) carries over; entries stay valid for providers
+        # whose verification scope is unchanged, the others age out of the LRU.
+        token_cache = None
+        if previous is not None and (
+            previous.settings.server.token_cache == settings.server.token_cache
+        ):
+            token_cache = previous.token_cache
+        return cls(settings, caches, clock, token_cache)
 
     def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
         return {_cache_identity(p.provider): p.keys for p in self.providers}
 
-    def close(self, keep: Iterable[JWKSCache] = ()) -> None:
-        """Detach from the key caches and stop those not in ``keep`` (used by a successor)."""
-        kept = {id(c) for c in keep}
+    def close(self, successor: Engine | None = None) -> None:
+        """Detach from the key caches ``successor`` does not keep, and stop them."""
+        kept = {id(c) for c in successor.caches.values()} if successor is not None else set()
+        shared_cache = successor is not None and successor.token_cache is self.token_cache
         for cache in self.caches.values():
-            if self.token_cache.purge in cache.listeners:
+            if (id(cache) not in kept or not shared_cache) and (
+                self.token_cache.purge in cache.listeners
+            ):
                 cache.listeners.remove(self.token_cache.purge)
             if id(cache) not in kept:
                 cache.stop()
@@ -234,13 +246,13 @@ class AuthorizationService:
         found = engine.extractor.extract(request)
         identity: Identity | None = None
         token_headers_to_strip: list[str] = []
-        verified: dict[tuple[str, int], Identity] = {}
+        verified: dict[tuple[str, bytes], Identity] = {}
         for token in found:
-            key = (token.token, id(token.providers))
+            key = (token.token, token.scope)
             current = verified.get(key)
             if current is None:
                 try:
-                    current = engine.verifier.verify(token.token, token.providers)
+                    current = engine.verifier.verify(token.token, token.providers, token.scope)
                 except AuthzError as exc:
                     denial = responses.with_context(
                         responses.deny(exc, realm=engine.realm, token_present=True),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class CachedToken:
     identity: Identity
-    scope: object  # the providers that could verify it (compared by identity on a hit)
+    scope: bytes  # which providers could verify it (see credentials.verification_scope)
     key: VerificationKey  # the key that verified the signature
     cache: JWKSCache  # the key set it came from
     exp: float | None
@@ -78,11 +78,9 @@ class TokenCache:
         return len(self._entries)
 
     @staticmethod
-    def digest(token: str, scope: int) -> bytes:
+    def digest(token: str, scope: bytes) -> bytes:
         """The cache key: the token's SHA-256 and the scope (which providers may verify it)."""
-        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest() + scope.to_bytes(
-            8, "little", signed=False
-        )
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest() + scope
 
     def get(self, key: bytes) -> CachedToken | None:
         """The live entry for ``key``: None on a miss, past ``maxTtl``, or if its key left."""
@@ -106,6 +104,10 @@ class TokenCache:
             return
         with self._lock:
             self._entries[key] = entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
     def purge(self, cache: JWKSCache) -> int:
         """Drop the entries verified by keys that ``cache`` no longer holds. Returns how many."""

@@ -182,8 +182,13 @@ class TokenVerifier:
         # need a refresh trigger it but do not wait for it.
         self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
 
-    def verify(self, token: str, providers: Sequence[ProviderRuntime]) -> Identity:
+    def verify(
+        self, token: str, providers: Sequence[ProviderRuntime], scope: bytes | None = None
+    ) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
+
+        ``scope`` names what verification depends on (``credentials.verification_scope``);
+        cached results are shared only within one scope (default: this providers object).
 
         Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
         the issuer has no keys.
@@ -191,10 +196,12 @@ class TokenVerifier:
         if len(token) > self.max_token_bytes:
             raise _malformed(f"token longer than {self.max_token_bytes} bytes")
         cache_key = b""
+        if scope is None:
+            scope = id(providers).to_bytes(8, "little")
         if self.cache is not None:
-            cache_key = TokenCache.digest(token, id(providers))
+            cache_key = TokenCache.digest(token, scope)
             hit = self.cache.get(cache_key)
-            if hit is not None and hit.scope is providers:
+            if hit is not None and hit.scope == scope:
                 _check_times(hit.exp, hit.nbf, hit.skew, self._clock())
                 return hit.identity
         header, payload, segments = decode_segments(token)
@@ -214,7 +221,7 @@ class TokenVerifier:
                     cache_key,
                     CachedToken(
                         identity=identity,
-                        scope=providers,
+                        scope=scope,
                         key=key,
                         cache=provider.keys,
                         exp=exp,

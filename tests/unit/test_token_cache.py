@@ -201,11 +201,11 @@ def test_scopes_with_other_providers_do_not_share_entries(
 
 def test_cache_key_is_a_digest_per_scope_never_the_token() -> None:
     token = "header.payload.signature"
-    key = TokenCache.digest(token, 1)
-    assert len(key) == 40 and token.encode() not in key
-    assert key == TokenCache.digest(token, 1)
-    assert key != TokenCache.digest(token, 2)
-    assert key != TokenCache.digest(token + "x", 1)
+    key = TokenCache.digest(token, b"scope-1")
+    assert len(key) == 32 + len(b"scope-1") and token.encode() not in key
+    assert key == TokenCache.digest(token, b"scope-1")
+    assert key != TokenCache.digest(token, b"scope-2")
+    assert key != TokenCache.digest(token + "x", b"scope-1")
 
 
 def test_the_size_cap_is_checked_before_the_cache(rsa_key: SigningKey, clock: Clock) -> None:
