@@ -30,6 +30,8 @@ log = logging.getLogger("authz_server.server")
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The gRPC health "service" a liveness probe asks about: SERVING while the process runs.
+LIVENESS_SERVICE = "liveness"
 
 
 def _load_in_parallel(caches: list[JWKSCache]) -> None:
@@ -189,6 +191,8 @@ class AuthzServer:
         )
         for name in ("", AUTHORIZATION_SERVICE):
             self.health.set(name, status)
+        # Liveness must not follow the IdP: a pod restarted for a dead IdP comes back keyless.
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> None:
         """Load keys (a provider whose keys fail to load is reported, not fatal), then listen."""

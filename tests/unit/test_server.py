@@ -156,3 +156,23 @@ def test_drain_reports_not_ready_while_still_answering_checks(
         assert stub.Check(check_request(token), timeout=5).status.code == 0
     finally:
         stopper.join(timeout=10)
+
+
+def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> None:
+    text = (
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
+        f"providers: [{{issuer: {ISSUER}, jwksUri: 'http://127.0.0.1:9/jwks', timeout: 200ms}}]\n"
+    )
+    server = AuthzServer(
+        config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as chan:
+            health = health_pb2_grpc.HealthStub(chan)
+            ready = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+        assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(grace=1)
