@@ -24,32 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from common import ISSUER, bench_config
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.grpc_door import AuthorizationServicer, to_attributes
 from authz_server.server import AuthzServer
-
-ISSUER = "https://issuer.bench"
-CONFIG = """
-apiVersion: authz-server/v1
-kind: AuthzConfig
-server: {{threads: 4}}
-providers:
-  - issuer: {issuer}
-    audiences: [bench]
-    jwksFile: jwks.json
-    outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
-policies:
-  - name: deny-internal
-    action: DENY
-    rules: [{{to: [{{operation: {{paths: ["/internal/*"]}}}}]}}]
-  - name: read
-    rules:
-      - from: [{{source: {{requestPrincipals: ["{issuer}/*"]}}}}]
-        to: [{{operation: {{methods: ["GET"], paths: ["/api/*"]}}}}]
-        when: [{{key: "request.auth.claims[groups]", values: ["dev", "admin"]}}]
-"""
 
 
 def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> None:
@@ -108,7 +88,7 @@ def main() -> None:
     key = devkeys.generate_key("RSA", kid="bench-1")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
-        (Path(tmp) / "config.yaml").write_text(CONFIG.format(issuer=ISSUER))
+        (Path(tmp) / "config.yaml").write_text(bench_config(server="{threads: 4}"))
         settings = config.load(Path(tmp) / "config.yaml")
         server = AuthzServer(settings, listen="127.0.0.1:0", http_listen="127.0.0.1:0")
         server.start()

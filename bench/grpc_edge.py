@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from common import ISSUER, bench_config
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import config, devkeys
@@ -49,26 +50,6 @@ from authz_server.grpc_door import AuthorizationServicer
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 
-ISSUER = "https://issuer.bench"
-CONFIG = """
-apiVersion: authz-server/v1
-kind: AuthzConfig
-server: {{threads: 16}}
-providers:
-  - issuer: {issuer}
-    audiences: [bench]
-    jwksFile: jwks.json
-    outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
-policies:
-  - name: deny-internal
-    action: DENY
-    rules: [{{to: [{{operation: {{paths: ["/internal/*"]}}}}]}}]
-  - name: read
-    rules:
-      - from: [{{source: {{requestPrincipals: ["{issuer}/*"]}}}}]
-        to: [{{operation: {{methods: ["GET"], paths: ["/api/*"]}}}}]
-        when: [{{key: "request.auth.claims[groups]", values: ["dev", "admin"]}}]
-"""
 SHIPPED_OPTIONS = [("grpc.so_reuseport", 0)]
 SYNC = {
     "sync1": (1, SHIPPED_OPTIONS),
@@ -329,7 +310,7 @@ def main() -> None:
     door: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
-        (Path(tmp) / "config.yaml").write_text(CONFIG.format(issuer=ISSUER))
+        (Path(tmp) / "config.yaml").write_text(bench_config(server="{threads: 16}"))
         servicer = AuthorizationServicer(_service(Path(tmp) / "config.yaml"))
         assert servicer.Check(request, None).status.code == 0
         try:

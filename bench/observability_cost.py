@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from common import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 from prometheus_client import CollectorRegistry
 
 from authz_server import config, devkeys
@@ -44,29 +45,7 @@ from authz_server.metrics import Metrics
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 
-ISSUER = "https://issuer.bench"
 PARTNER = "https://partner.bench"
-AUDIENCE = "bench"
-CONFIG = """
-apiVersion: authz-server/v1
-kind: AuthzConfig
-providers:
-  - name: main
-    issuer: {issuer}
-    audiences: [{audience}]
-    jwksFile: jwks.json
-    outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
-{extra}
-policies:
-  - name: deny-internal
-    action: DENY
-    rules: [{{to: [{{operation: {{paths: ["/internal/*"]}}}}]}}]
-  - name: read
-    rules:
-      - from: [{{source: {{requestPrincipals: ["{issuer}/*"]}}}}]
-        to: [{{operation: {{methods: ["GET"], paths: {paths}}}}}]
-        when: [{{key: "request.auth.claims[groups]", values: ["dev", "admin"]}}]
-"""
 PARTNER_PROVIDER = """
   - name: partner
     issuer: {issuer}
@@ -74,26 +53,10 @@ PARTNER_PROVIDER = """
     jwksUri: {url}
 """
 
-Variant = tuple[str, Callable[[], object]]
-
-
-def interleaved(variants: list[Variant], calls: int, rounds: int) -> dict[str, float]:
-    """Best per-call CPU seconds of each variant; each round runs every variant once."""
-    best = {name: float("inf") for name, _ in variants}
-    for _ in range(rounds):
-        for name, fn in variants:
-            cpu0 = time.process_time()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], (time.process_time() - cpu0) / calls)
-    return best
-
 
 def write(directory: Path, name: str, paths: list[str], extra: str = "") -> Path:
     path = directory / name
-    path.write_text(
-        CONFIG.format(issuer=ISSUER, audience=AUDIENCE, extra=extra, paths=json.dumps(paths))
-    )
+    path.write_text(bench_config(extra_providers=extra, paths=paths))
     return path
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -43,42 +44,7 @@ from authz_server.service import AuthorizationService, Engine, make_cache
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, decode_segments
 
-ISSUER = "https://issuer.bench"
-AUDIENCE = "bench"
 KINDS = {"RS256": "RSA", "ES256": "EC-P256", "EdDSA": "Ed25519"}
-CONFIG = """
-apiVersion: authz-server/v1
-kind: AuthzConfig
-server: {{tokenCache: {{maxEntries: {max_entries}}}}}
-providers:
-  - issuer: {issuer}
-    audiences: [{audience}]
-    jwksFile: {jwks_file}
-    outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
-policies:
-  - name: deny-internal
-    action: DENY
-    rules: [{{to: [{{operation: {{paths: ["/internal/*"]}}}}]}}]
-  - name: read
-    rules:
-      - from: [{{source: {{requestPrincipals: ["{issuer}/*"]}}}}]
-        to: [{{operation: {{methods: ["GET"], paths: ["/api/*"]}}}}]
-        when: [{{key: "request.auth.claims[groups]", values: ["dev", "admin"]}}]
-"""
-
-Variant = tuple[str, Callable[[], object]]
-
-
-def interleaved(variants: list[Variant], calls: int, rounds: int) -> dict[str, float]:
-    """Best per-call CPU seconds of each variant; each round runs every variant once."""
-    best = {name: float("inf") for name, _ in variants}
-    for _ in range(rounds):
-        for name, fn in variants:
-            cpu0 = time.process_time()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], (time.process_time() - cpu0) / calls)
-    return best
 
 
 def claims(sub: str = "alice") -> dict[str, Any]:
@@ -185,8 +151,8 @@ def services(tmp: Path, key: devkeys.SigningKey, tag: str) -> dict[str, Authoriz
     out = {}
     for name, max_entries in (("hit", 10_000), ("miss", 1)):
         path = tmp / f"config-{tag}-{name}.yaml"
-        text = CONFIG.format(
-            max_entries=max_entries, issuer=ISSUER, audience=AUDIENCE, jwks_file=jwks_file.name
+        text = bench_config(
+            server=f"{{tokenCache: {{maxEntries: {max_entries}}}}}", jwks_file=jwks_file.name
         )
         path.write_text(text)
         engine = Engine.build(config.load(path))
