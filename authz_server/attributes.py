@@ -104,11 +104,18 @@ class RequestAttributes:
         return self.host.lower()
 
     @cached_property
+    def query_string(self) -> str:
+        """The raw query (after ``?``, before ``#``), or ``""``."""
+        if "?" not in self.path:
+            return ""
+        return self.path.split("?", 1)[1].split("#", 1)[0]
+
+    @cached_property
     def query_params(self) -> dict[str, str]:
         """First value of each query parameter, URL-decoded."""
-        if "?" not in self.path:
+        query = self.query_string
+        if not query:
             return {}
-        query = self.path.split("?", 1)[1].split("#", 1)[0]
         params: dict[str, str] = {}
         for key, value in parse_qsl(query, keep_blank_values=True):
             params.setdefault(key, value)

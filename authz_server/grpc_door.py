@@ -8,13 +8,14 @@ distinct answer and reused.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
+from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from authz_server import responses
@@ -83,25 +84,27 @@ def _render_denial(decision: Decision) -> Any:
 _DenialKey = tuple[int, int, str, tuple[tuple[str, str], ...], str]
 
 
+_AllowKey = tuple[tuple[tuple[str, str], ...], tuple[str, ...], int]
+
+
 class Renderer:
-    """Decision → CheckResponse, with denials memoized (their number is small and bounded)."""
+    """Decision → CheckResponse. Denials are memoized (few and bounded); allows are kept in an
+    LRU keyed by their headers and metadata, since a caller repeating a token gets the same
+    answer (building one costs ~10 us: the Struct and the header messages)."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_entries: int = 4096) -> None:
         self._denials: dict[_DenialKey, Any] = {}
+        self._allows: LRUCache[_AllowKey, tuple[object, Any]] = LRUCache(allow_entries)
+        self._lock = threading.Lock()
 
-    def render(self, decision: Decision) -> Any:
-        if not decision.allowed:
-            key = (
-                decision.status,
-                decision.grpc_code,
-                decision.reason,
-                decision.response_headers,
-                decision.body,
-            )
-            response = self._denials.get(key)
-            if response is None:
-                response = self._denials.setdefault(key, _render_denial(decision))
-            return response
+    def _allow(self, decision: Decision) -> Any:
+        metadata = decision.metadata
+        key = (decision.headers_to_set, decision.headers_to_remove, id(metadata))
+        with self._lock:
+            cached = self._allows.get(key)
+        # NOTE: the entry holds the metadata itself, so an id reused after GC never matches.
+        if cached is not None and cached[0] is metadata:
+            return cached[1]
         ok = external_auth_pb2.OkHttpResponse(
             headers=_header_options(decision.headers_to_set),
             headers_to_remove=decision.headers_to_remove,
@@ -109,10 +112,26 @@ class Renderer:
         response = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=responses.GRPC_OK), ok_response=ok
         )
-        if decision.metadata:
-            metadata = struct_pb2.Struct()
-            metadata.update(decision.metadata)
-            response.dynamic_metadata.CopyFrom(metadata)
+        if metadata:
+            response.dynamic_metadata.update(metadata)
+        with self._lock:
+            self._allows[key] = (metadata, response)
+        return response
+
+    def render(self, decision: Decision) -> Any:
+        """The CheckResponse for ``decision`` (shared: never mutate it)."""
+        if decision.allowed:
+            return self._allow(decision)
+        key = (
+            decision.status,
+            decision.grpc_code,
+            decision.reason,
+            decision.response_headers,
+            decision.body,
+        )
+        response = self._denials.get(key)
+        if response is None:
+            response = self._denials.setdefault(key, _render_denial(decision))
         return response
 
 

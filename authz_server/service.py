@@ -292,16 +292,12 @@ class AuthorizationService:
 
         to_set: list[tuple[str, str]] = []
         to_remove: set[str] = set(engine.protected_headers)
-        metadata: dict[str, Any] | None = None
+        metadata: Mapping[str, Any] | None = None
         if identity is not None:
             outputs = engine.outputs[identity.provider]
             to_set = outputs.headers(identity)
             to_remove.difference_update(h for h, _ in to_set)
-            metadata = {
-                "principal": identity.principal,
-                "provider": identity.provider,
-                "claims": dict(identity.claims),
-            }
+            metadata = identity.metadata
         to_remove.update(token_headers_to_strip)
         for name in request.headers:
             # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from authz_server import errors
@@ -26,7 +27,7 @@ MAX_TOKEN_BYTES = 8192
 DEFAULT_SPACE_DELIMITED = frozenset({"scope", "permission"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # NOTE: not slotted: ``metadata`` is a cached_property
 class Identity:
     """Who a verified token says the caller is."""
 
@@ -43,6 +44,11 @@ class Identity:
     def principal(self) -> str:
         """Istio's request principal: ``iss/sub``."""
         return f"{self.issuer}/{self.subject}"
+
+    @cached_property
+    def metadata(self) -> Mapping[str, Any]:
+        """What Envoy's dynamic metadata carries (built once per verified token)."""
+        return {"principal": self.principal, "provider": self.provider, "claims": self.claims}
 
 
 @dataclass(frozen=True)

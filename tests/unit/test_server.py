@@ -176,3 +176,31 @@ def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> 
         assert alive.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(grace=1)
+
+
+def test_rendered_allows_are_reused_per_identity_and_never_mixed(rsa_key: SigningKey) -> None:
+    from authz_server.grpc_door import Renderer
+    from authz_server.responses import Decision, allow
+
+    renderer = Renderer(allow_entries=8)
+    alice = {"principal": "iss/alice", "claims": {"sub": "alice"}}
+    bob = {"principal": "iss/bob", "claims": {"sub": "bob"}}
+
+    def decision(who: dict[str, object], user: str) -> Decision:
+        return allow(
+            headers_to_set=(("x-user", user),),
+            headers_to_remove=("authorization",),
+            metadata=who,
+            provider="p",
+            principal=str(who["principal"]),
+            policy=None,
+        )
+
+    first = renderer.render(decision(alice, "alice"))
+    assert renderer.render(decision(alice, "alice")) is first
+    other = renderer.render(decision(bob, "bob"))
+    assert other.dynamic_metadata.fields["principal"].string_value == "iss/bob"
+    assert other.ok_response.headers[0].header.value == "bob"
+    assert first.dynamic_metadata.fields["principal"].string_value == "iss/alice"
+    # Same headers but another (equal-looking) metadata object: rebuilt, not reused.
+    assert renderer.render(decision(dict(alice), "alice")) is not first

@@ -311,3 +311,13 @@ def test_underscore_twins_of_identity_headers_are_removed(
     )
     assert "x_user" in decision.headers_to_remove
     assert "x_other" not in decision.headers_to_remove
+
+
+def test_token_in_a_query_parameter_with_an_escaped_name_is_still_found(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    token = make_token()
+    assert service.check(request(path=f"/api/orders?x=1&access%5Ftoken={token}")).allowed
+    expired = make_token(exp=1)
+    decision = service.check(request(path=f"/api/orders?access%5Ftoken={expired}"))
+    assert decision.reason == errors.TOKEN_EXPIRED
