@@ -1,4 +1,4 @@
-"""Command line: ``authz-server serve | validate | version``."""
+"""Command line: ``authz-server serve | validate | check | version``."""
 
 from __future__ import annotations
 
@@ -39,8 +39,63 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a configuration; print ok or every problem")
     validate.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
 
+    check = sub.add_parser(
+        "check",
+        help="decide one request offline and explain why (exit 0 allowed, 1 denied)",
+        description="Load the configuration and its keys (fetching JWKS URLs), decide one "
+        "request as the server would, and print the decision with the policies that matched. "
+        "The token is never printed.",
+    )
+    check.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
+    check.add_argument("--method", default="GET")
+    check.add_argument("--path", default="/", help="path with query, e.g. /api/orders?page=2")
+    check.add_argument("--host", default="")
+    check.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'", help="repeatable"
+    )
+    check.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding a JWT, sent as 'Authorization: Bearer' (not on the command line)",
+    )
+    check.add_argument("--source-ip", default="", help="the direct peer address")
+
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _check(args: argparse.Namespace, settings: config.Settings) -> int:
+    import json  # noqa: PLC0415
+
+    from authz_server.attributes import RequestAttributes  # noqa: PLC0415
+    from authz_server.explain import explain  # noqa: PLC0415
+    from authz_server.service import Engine  # noqa: PLC0415
+
+    headers: dict[str, str] = {}
+    for raw in args.header:
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            print(f"--header {raw!r}: expected 'NAME: VALUE'", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    if args.token_file is not None:
+        headers["authorization"] = f"Bearer {args.token_file.read_text().strip()}"
+    engine = Engine.build(settings)
+    for cache in engine.caches.values():
+        if not cache.refresh():
+            print(f"warning: provider {cache.provider}: {cache.last_error}", file=sys.stderr)
+    request = RequestAttributes(
+        method=args.method.upper(),
+        host=args.host,
+        path=args.path,
+        headers=headers,
+        source_ip=args.source_ip,
+        trusted_proxy_hops=settings.server.trusted_proxy_hops,
+    )
+    result = explain(engine, request)
+    engine.close()
+    print(json.dumps(result, indent=2))
+    return 0 if result["decision"] == "allow" else 1
 
 
 def _load(path: str) -> config.Settings | None:
@@ -58,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"authz-server {__version__}")
         return 0
+    if args.command == "check":
+        settings = _load(args.config)
+        return 2 if settings is None else _check(args, settings)
     if args.command == "validate":
         settings = _load(args.config)
         if settings is None:

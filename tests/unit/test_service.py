@@ -321,3 +321,34 @@ def test_token_in_a_query_parameter_with_an_escaped_name_is_still_found(
     expired = make_token(exp=1)
     decision = service.check(request(path=f"/api/orders?access%5Ftoken={expired}"))
     assert decision.reason == errors.TOKEN_EXPIRED
+
+
+def test_check_command_explains_a_decision_without_printing_the_token(
+    tmp_path: Path,
+    rsa_key: SigningKey,
+    make_token: Callable[..., str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from authz_server import cli
+
+    text = (
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
+        f"providers:{provider_yaml(rsa_key)}\n{POLICIES}"
+    )
+    path = write_config(tmp_path, text)
+    token_file = tmp_path / "token"
+    token = make_token(groups=["dev"])
+    token_file.write_text(token)
+    argv = ["check", "--config", str(path), "--path", "/api/orders?page=2"]
+    assert cli.main([*argv, "--token-file", str(token_file)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    assert (result["decision"], result["policy"]) == ("allow", "read")
+    assert result["policies_matched"]["allow"] == ["read"]
+    assert result["tokens"][0]["principal"] == f"{ISSUER}/alice"
+    assert token not in out and token.split(".")[2] not in out
+
+    assert cli.main([*argv, "--method", "POST", "--token-file", str(token_file)]) == 1
+    assert json.loads(capsys.readouterr().out)["reason"] == errors.NO_ALLOW_POLICY_MATCHED
+    assert cli.main(argv) == 1
+    assert json.loads(capsys.readouterr().out)["reason"] == errors.MISSING_CREDENTIALS
