@@ -16,10 +16,12 @@ import hashlib
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -81,6 +83,20 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _secure_or_loopback(url: str) -> bool:
+    """https, or http to a loopback host (tests, sidecars)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Model(BaseModel):
@@ -179,6 +195,11 @@ class ProviderSpec(_Model):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("url must have scheme http:// or https:// and a host")
+        if value is not None and not _secure_or_loopback(value):
+            raise ValueError(
+                "keys must come over https: anyone on the path could hand out signing keys "
+                "over plain http (http is accepted on loopback only)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -195,6 +216,11 @@ class ProviderSpec(_Model):
             )
         if self.discovery and not re.match(r"^https?://[^/\s]+", self.issuer):
             raise ValueError("discovery needs an issuer that is an http(s) URL")
+        if self.discovery and not _secure_or_loopback(self.issuer):
+            raise ValueError(
+                "OIDC discovery over plain http would let anyone on the path choose the keys: "
+                "use an https issuer, or give jwksUri (https) or jwks/jwksFile"
+            )
         if self.shared_secret_file is not None and "algorithms" not in self.model_fields_set:
             object.__setattr__(self, "algorithms", list(HMAC_ALGORITHMS))
         return self
@@ -768,6 +794,15 @@ def _resolve_provider(
             problems=problems,
         )
         ok = ok and found
+    ca_file = paths["ca_file"]
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(
+                ConfigProblem(document, f"{prefix}.caFile", f"not a usable CA bundle: {exc}")
+            )
+            ok = False
     secret = paths["shared_secret_file"]
     if secret is not None and len(secret.read_bytes().strip()) < 32:
         problems.append(

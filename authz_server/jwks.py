@@ -280,6 +280,7 @@ class JWKSCache:
         self._jitter = jitter
         self.listeners: list[Callable[[JWKSCache], object]] = []
         self.keyset: KeySet | None = None
+        self.removed_keys = False
         self.last_error: str | None = None
         self.last_success: float | None = None  # on ``clock``
         self.last_success_wall: float | None = None  # unix time, for metrics
@@ -389,7 +390,7 @@ class JWKSCache:
         self.fetches["failure"] += 1
         self._failures += 1
         self.last_error = error
-        backoff = min(2.0 ** (self._failures - 1), self.refresh_interval)
+        backoff = min(2.0 ** min(self._failures - 1, 16), self.refresh_interval)
         self.next_refresh = self._clock() + backoff
         self._wake.set()
         log.warning(
@@ -404,8 +405,13 @@ class JWKSCache:
         )
 
     def _publish(self, keyset: KeySet | None) -> None:
+        old = self.keyset
+        # Whether a key this set held is gone (listeners purge only then).
+        self.removed_keys = old is not None and (
+            keyset is None or not all(any(k is n for n in keyset.keys) for k in old.keys)
+        )
         self.keyset = keyset
-        for listener in self.listeners:
+        for listener in tuple(self.listeners):  # a reload may edit the list meanwhile
             try:
                 listener(self)
             except Exception:
@@ -416,13 +422,18 @@ class JWKSCache:
     def tick(self) -> None:
         """One background step; returns at once when nothing is due."""
         now = self._clock()
-        if (
-            self.keyset is not None
-            and self.source.remote
-            and self._failures > 0  # keys are stale only once a refresh has failed
-            and self.last_success is not None
-            and now - self.last_success > self.max_stale
-        ):
+        with self._lock:
+            # NOTE: decided under the lock, and never while a load is in flight, so keys that
+            # an unknown-kid refresh just brought are not dropped as stale.
+            drop = (
+                self._flight is None
+                and self.keyset is not None
+                and self.source.remote
+                and self._failures > 0  # keys are stale only once a refresh has failed
+                and self.last_success is not None
+                and now - self.last_success > self.max_stale
+            )
+        if drop:
             log.error(
                 "provider %s: keys stale for more than %.0fs (maxStale): dropping them; "
                 "its tokens get 503 until %s answers",

@@ -8,14 +8,17 @@ a 200 with a JSON body as a failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import os
 import re
+import socket
 import ssl
-import time
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -86,32 +89,112 @@ def max_age(cache_control: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
+class _Deadline:
+    """One deadline for a whole fetch (connect, headers, body, redirects): when it passes,
+    every socket opened for the fetch is shut down, which ends any read blocked on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _tracked(base: type[http.client.HTTPConnection], deadline: _Deadline) -> Any:
+    class Tracked(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            deadline.track(self.sock)
+
+    return Tracked
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_tracked(http.client.HTTPConnection, self.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self.deadline = deadline
+        self.ssl_context = context
+
+    def https_open(self, req: Any) -> Any:
+        context = self.ssl_context or ssl.create_default_context()
+        return self.do_open(
+            _tracked(http.client.HTTPSConnection, self.deadline), req, context=context
+        )
+
+
 def fetch_json(
     url: str, *, timeout: float, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[Any, float | None]:
-    """GET ``url``: (parsed JSON, Cache-Control max-age). Raises on any failure."""
-    opener = urllib.request.build_opener(
-        _SafeRedirects(url),
-        urllib.request.HTTPSHandler(context=ssl_context or ssl.create_default_context()),
-        urllib.request.ProxyHandler({}),
-    )
+    """GET ``url``: (parsed JSON, Cache-Control max-age). Raises on any failure.
+
+    ``timeout`` bounds the whole fetch, redirects included, not each read.
+    """
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
-    deadline = time.monotonic() + timeout
-    with opener.open(request, timeout=timeout) as response:
-        if response.status != 200:
-            raise OSError(f"HTTP {response.status}")
-        age = max_age(response.headers.get("Cache-Control"))
-        chunks: list[bytes] = []
-        size = 0
-        # NOTE: the socket timeout bounds each read; a server trickling bytes is bounded here.
-        while chunk := response.read1(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_DOCUMENT_BYTES:
-                raise ValueError(f"response larger than {MAX_DOCUMENT_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"response not complete within {timeout:g}s")
-        body = b"".join(chunks)
+    with _Deadline(timeout) as deadline:
+        opener = urllib.request.build_opener(
+            _SafeRedirects(url),
+            _HTTPHandler(deadline),
+            _HTTPSHandler(deadline, ssl_context),
+            urllib.request.ProxyHandler({}),
+        )
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+                age = max_age(response.headers.get("Cache-Control"))
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := response.read1(65536):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_DOCUMENT_BYTES:
+                        raise ValueError(f"response larger than {MAX_DOCUMENT_BYTES} bytes")
+                body = b"".join(chunks)
+        except Exception:
+            if deadline.expired:
+                raise TimeoutError(
+                    f"timed out: response not complete within {timeout:g}s"
+                ) from None
+            raise
+        if deadline.expired:  # a shut socket can also look like a clean end of the body
+            raise TimeoutError(f"timed out: response not complete within {timeout:g}s")
     try:
         return json.loads(body), age
     except (ValueError, RecursionError):

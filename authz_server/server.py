@@ -51,6 +51,7 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
 
 class _SidePortHandler(BaseHTTPRequestHandler):
     server: _SidePort
+    timeout = 5  # an idle or slow client never holds a thread for long
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -83,10 +84,24 @@ class _SidePortHandler(BaseHTTPRequestHandler):
 
 class _SidePort(ThreadingHTTPServer):
     daemon_threads = True
+    MAX_CONNECTIONS = 32  # probes and scrapers need a handful
 
     def __init__(self, address: tuple[str, int], owner: AuthzServer) -> None:
         self.owner = owner
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
         super().__init__(address, _SidePortHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: refuse rather than pile up threads
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class AuthzServer:

@@ -90,11 +90,13 @@ class Engine:
         caches: Mapping[str, JWKSCache],
         clock: Callable[[], float] = time.time,
         token_cache: TokenCache | None = None,
+        threads: int | None = None,
     ) -> None:
         self.settings = settings
         self.realm = settings.server.realm
         self.missing_token_status = settings.server.missing_token_status
         self.trusted_proxy_hops = settings.server.trusted_proxy_hops
+        self.threads = threads or settings.server.threads
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
         self.extractor = CredentialExtractor(self.providers)
@@ -107,7 +109,8 @@ class Engine:
             cache=self.token_cache,
             unknown_kid_wait=server.unknown_kid_wait,
             max_token_bytes=server.max_token_bytes,
-            max_waiting=max(1, server.threads // 2),
+            # NOTE: the running pool's size: a reload cannot resize it.
+            max_waiting=max(1, (threads or server.threads) // 2),
         )
         for cache in self.caches.values():
             # A key that left its set stops validating at once; this frees its entries too.
@@ -139,7 +142,8 @@ class Engine:
             previous.settings.server.token_cache == settings.server.token_cache
         ):
             token_cache = previous.token_cache
-        return cls(settings, caches, clock, token_cache)
+        threads = previous.threads if previous is not None else settings.server.threads
+        return cls(settings, caches, clock, token_cache, threads)
 
     def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
         return {_cache_identity(p.provider): p.keys for p in self.providers}

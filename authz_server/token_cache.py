@@ -111,6 +111,8 @@ class TokenCache:
 
     def purge(self, cache: JWKSCache) -> int:
         """Drop the entries verified by keys that ``cache`` no longer holds. Returns how many."""
+        if not cache.removed_keys:
+            return 0  # the usual refresh: same keys, nothing to scan
         with self._lock:
             stale = [
                 k for k, e in self._entries.items() if e.cache is cache and not e.key_still_valid()

@@ -258,10 +258,9 @@ class TokenVerifier:
         keyset = cache.keyset
         if keyset is None:
             raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
+        if kid is not None and kid not in keyset.by_kid and self._refresh(cache, kid):
+            keyset = cache.keyset or keyset  # a rotated key: refresh first (kid-less keys last)
         keys = keyset.candidates(kid, alg)
-        if not keys and kid is not None and self._refresh(cache, kid):
-            keyset = cache.keyset
-            keys = keyset.candidates(kid, alg) if keyset is not None else []
         if not keys:
             raise AuthenticationError(errors.UNKNOWN_KID, "no key matches the token's kid")
         return keys

@@ -13,6 +13,7 @@ import yaml
 from authz_server import cli, config
 from authz_server.config import Settings, parse_duration
 from authz_server.errors import ConfigError, ConfigProblem
+from tests.helpers import write_config
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ISS = "https://idp.example.com"
@@ -1120,3 +1121,49 @@ def test_document_without_kind_or_api_version_is_refused(tmp_path: Path) -> None
         ("apiVersion", True),
         ("kind", True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "message"),
+    [
+        ({"jwksUri": "http://idp.example.com/jwks.json"}, "jwksUri", "keys must come over https"),
+        ({"discovery": True, "issuer": "http://idp.example.com"}, "", "plain http"),
+    ],
+)
+def test_keys_over_plain_http_off_loopback_are_refused(
+    tmp_path: Path, fields: dict[str, Any], path: str, message: str
+) -> None:
+    spec = {"issuer": "https://idp.example.com"} | fields
+    text = yaml.safe_dump(
+        {"apiVersion": "authz-server/v1", "kind": "AuthzConfig", "providers": [spec]}
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(write_config(tmp_path, text))
+    [problem] = caught.value.problems
+    assert problem.path == ("providers[0]." + path).rstrip(".") and message in problem.message
+
+
+def test_loopback_http_key_sources_are_accepted(tmp_path: Path) -> None:
+    text = yaml.safe_dump(
+        {
+            "apiVersion": "authz-server/v1",
+            "kind": "AuthzConfig",
+            "providers": [
+                {"issuer": "a", "jwksUri": "http://127.0.0.1:8080/jwks.json"},
+                {"issuer": "http://localhost:9000", "discovery": True},
+            ],
+        }
+    )
+    assert len(config.load(write_config(tmp_path, text)).providers) == 2
+
+
+def test_a_ca_file_that_is_not_a_ca_bundle_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    spec = {"issuer": "https://idp.example.com", "discovery": True, "caFile": "ca.pem"}
+    text = yaml.safe_dump(
+        {"apiVersion": "authz-server/v1", "kind": "AuthzConfig", "providers": [spec]}
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(write_config(tmp_path, text))
+    [problem] = caught.value.problems
+    assert problem.path == "providers[0].caFile" and "not a usable CA bundle" in problem.message

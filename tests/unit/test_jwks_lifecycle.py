@@ -18,7 +18,7 @@ from authz_server import devkeys, errors
 from authz_server.config import ASYMMETRIC_ALGORITHMS, Provider, ProviderSpec
 from authz_server.devkeys import SigningKey
 from authz_server.errors import AuthenticationError, DependencyError
-from authz_server.jwks import JWKSCache
+from authz_server.jwks import JWKSCache, KeySet
 from authz_server.keysources import InlineSource, UrlSource
 from authz_server.tokens import ProviderRuntime, TokenVerifier
 from tests.e2e.harness import JWKSServer, wait_until
@@ -435,3 +435,39 @@ def test_tokens_get_503_while_keyless_and_pass_when_the_idp_returns(
     clock.advance(31)
     assert verifier.verify(token, scope).subject == "alice"
     assert idp.fetch_count() == fetched + 1
+
+
+def test_a_very_long_outage_keeps_backing_off_without_overflowing(clock: Clock) -> None:
+    class Down(InlineSource):
+        remote = True
+
+        def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]:
+            raise OSError("down")
+
+    cache = JWKSCache(
+        provider="p",
+        allowed_algs=ALL,
+        source=Down('{"keys": []}'),
+        refresh_interval=60,
+        clock=clock,
+    )
+    for _ in range(1100):
+        assert not cache.refresh()
+    assert cache.next_refresh - clock.now == 60
+
+
+def test_a_new_kid_triggers_a_refresh_even_beside_a_key_without_kid(
+    idp: JWKSServer, rsa_key: SigningKey, clock: Clock
+) -> None:
+    anonymous = devkeys.generate_key("EC-P256", kid="x").public_jwk()
+    del anonymous["kid"]
+    idp.set_jwks({"keys": [anonymous]})
+    source = UrlSource(idp.jwks_url, timeout=2, ssl_context=None)
+    keys = JWKSCache(provider="p", allowed_algs=ALL, source=source, clock=clock)
+    assert keys.refresh()
+    idp.set_jwks({"keys": [anonymous, rsa_key.public_jwk()]})
+    provider = ProviderRuntime.build(
+        Provider(spec=ProviderSpec(issuer=ISSUER, jwks='{"keys": []}'), name="p", origin="t"), keys
+    )
+    token = rsa_key.sign(claims_for(clock.now))
+    assert TokenVerifier(clock).verify(token, [provider]).subject == "alice"

@@ -739,3 +739,35 @@ def test_a_server_trickling_bytes_is_cut_off_at_the_overall_timeout() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class _SlowHeadersHandler(BaseHTTPRequestHandler):
+    server: _TrickleServer
+
+    def do_GET(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(60):  # a header line a byte at a time: 6 s in all
+            self.wfile.write(b"X")
+            self.wfile.flush()
+            if self.server.release.wait(0.1):
+                return
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_slow_headers_are_cut_off_at_the_overall_timeout_too() -> None:
+    server = _TrickleServer()
+    server.RequestHandlerClass = _SlowHeadersHandler
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="timed out"):
+            fetch_json(f"http://127.0.0.1:{server.server_address[1]}/", timeout=0.5)
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
