@@ -90,7 +90,6 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         path=args.path,
         headers=headers,
         source_ip=args.source_ip,
-        trusted_proxy_hops=settings.server.trusted_proxy_hops,
     )
     result = explain(engine, request)
     engine.close()

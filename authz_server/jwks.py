@@ -294,10 +294,6 @@ class JWKSCache:
         self._wake = threading.Event()  # set when next_refresh moves or on stop
         self._thread: threading.Thread | None = None
 
-    @property
-    def description(self) -> str:
-        return self.source.description
-
     def stale_for(self) -> float:
         """Seconds since the last successful load (0 when fresh or never loaded)."""
         if self.last_success is None or self._failures == 0:

@@ -21,7 +21,6 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -199,9 +198,6 @@ def fetch_json(
         return json.loads(body), age
     except (ValueError, RecursionError):
         raise ValueError("response is not JSON") from None
-
-
-Fetch = Callable[..., tuple[Any, float | None]]
 
 
 @dataclass

@@ -120,10 +120,10 @@ class AuthzServer:
         self.listen = listen
         self.http_listen = http_listen
         self.metrics = metrics or Metrics()
-        self.engine = Engine.build(settings)
-        self._watch_caches(self.engine)
+        engine = Engine.build(settings)
+        self._watch_caches(engine)
         self.service = AuthorizationService(
-            self.engine,
+            engine,
             metrics=self.metrics,
             decision_log=DecisionLog(settings.server.decision_log),
         )
@@ -144,6 +144,11 @@ class AuthzServer:
         self.grpc_port = 0
         self.http_port = 0
         self._stopping = False
+
+    @property
+    def engine(self) -> Engine:
+        """The engine in force (the service holds it; a reload swaps it there)."""
+        return self.service.engine
 
     def _watch_caches(self, engine: Engine) -> None:
         for cache in engine.caches.values():
@@ -169,7 +174,7 @@ class AuthzServer:
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.service.decision_log = DecisionLog(settings.server.decision_log)
-        self.service.engine = self.engine = engine
+        self.service.engine = engine
         self.settings = settings
         old.close(successor=engine)
         kept = {id(c) for c in engine.caches.values()}

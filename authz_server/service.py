@@ -96,6 +96,9 @@ class Engine:
         self.realm = settings.server.realm
         self.missing_token_status = settings.server.missing_token_status
         self.trusted_proxy_hops = settings.server.trusted_proxy_hops
+        self.missing_credentials = responses.deny(
+            AuthenticationError(errors.MISSING_CREDENTIALS), realm=self.realm, token_present=False
+        )
         self.threads = threads or settings.server.threads
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
@@ -161,12 +164,10 @@ class Engine:
                 cache.stop()
 
     def missing_or_denied(self, identity: Identity | None, error: AuthzError) -> Decision:
+        """A policy denial: the prebuilt 401 for an anonymous caller (unless Istio's 403 is
+        configured), else the 403 for ``error``."""
         if identity is None and self.missing_token_status == 401:
-            return responses.deny(
-                AuthenticationError(errors.MISSING_CREDENTIALS),
-                realm=self.realm,
-                token_present=False,
-            )
+            return self.missing_credentials
         return responses.deny(error, realm=self.realm, token_present=identity is not None)
 
 
@@ -273,12 +274,7 @@ class AuthorizationService:
             ):
                 token_headers_to_strip.append(token.location.name)
         if identity is None and engine.token_required:
-            denial = responses.deny(
-                AuthenticationError(errors.MISSING_CREDENTIALS),
-                realm=engine.realm,
-                token_present=False,
-            )
-            return denial, None
+            return engine.missing_credentials, None
 
         result = engine.policies.evaluate(request, identity)
         provider = identity.provider if identity else None

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from common import ISSUER, bench_config
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from common import bench_config, check_request
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.grpc_door import AuthorizationServicer, to_attributes
@@ -93,27 +93,7 @@ def main() -> None:
         server = AuthzServer(settings, listen="127.0.0.1:0", http_listen="127.0.0.1:0")
         server.start()
         try:
-            token = key.sign(
-                {
-                    "iss": ISSUER,
-                    "sub": "alice",
-                    "aud": "bench",
-                    "exp": int(time.time()) + 3600,
-                    "groups": ["dev"],
-                }
-            )
-            ctx = attribute_context_pb2.AttributeContext
-            http = ctx.HttpRequest(
-                method="GET",
-                host="api.bench",
-                path="/api/orders?page=2",
-                headers={
-                    "authorization": f"Bearer {token}",
-                    "user-agent": "bench",
-                    "x-request-id": "abc",
-                },
-            )
-            request = external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
+            request = check_request(key)
             servicer = AuthorizationServicer(server.service)
             assert servicer.Check(request, None).status.code == 0
             measure(

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 ISSUER = "https://issuer.bench"
 AUDIENCE = "bench"
@@ -61,3 +64,25 @@ def interleaved(variants: list[Variant], calls: int, rounds: int) -> dict[str, f
                 fn()
             best[name] = min(best[name], (time.process_time() - cpu0) / calls)
     return best
+
+
+def check_request(key: Any) -> Any:
+    """A CheckRequest as Envoy sends it: GET /api/orders with a fresh token signed by ``key``
+    that the bench configuration allows."""
+    token = key.sign(
+        {
+            "iss": ISSUER,
+            "sub": "alice",
+            "aud": AUDIENCE,
+            "exp": int(time.time()) + 3600,
+            "groups": ["dev"],
+        }
+    )
+    ctx = attribute_context_pb2.AttributeContext
+    http = ctx.HttpRequest(
+        method="GET",
+        host="api.bench",
+        path="/api/orders?page=2",
+        headers={"authorization": f"Bearer {token}", "user-agent": "bench", "x-request-id": "abc"},
+    )
+    return external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from common import ISSUER, bench_config
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from common import bench_config, check_request
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.grpc_door import AuthorizationServicer
@@ -235,26 +235,6 @@ def run_round(server: Server, request: Any, mode: str, calls: int) -> None:
     server.wall.setdefault(mode, []).append(wall / total * 1e6)
 
 
-def make_request(key: Any) -> Any:
-    token = key.sign(
-        {
-            "iss": ISSUER,
-            "sub": "alice",
-            "aud": "bench",
-            "exp": int(time.time()) + 3600,
-            "groups": ["dev"],
-        }
-    )
-    ctx = attribute_context_pb2.AttributeContext
-    http = ctx.HttpRequest(
-        method="GET",
-        host="api.bench",
-        path="/api/orders?page=2",
-        headers={"authorization": f"Bearer {token}", "user-agent": "bench", "x-request-id": "abc"},
-    )
-    return external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
-
-
 def door_cpu(servicer: AuthorizationServicer, request: Any, calls: int) -> float:
     """In-process CPU us of servicer.Check alone (no gRPC): the floor under every edge."""
     cpu0 = time.process_time()
@@ -305,7 +285,7 @@ def main() -> None:
             print("uvloop not installed: skipping aiouv")
             variants.remove("aiouv")
     key = devkeys.generate_key("RSA", kid="bench-1")
-    request = make_request(key)
+    request = check_request(key)
     servers: list[Server] = []
     door: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
