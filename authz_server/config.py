@@ -17,10 +17,10 @@ import ipaddress
 import json
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -57,6 +57,9 @@ ASYMMETRIC_ALGORITHMS: tuple[Algorithm, ...] = (
     "ES384",
     "EdDSA",
 )
+
+# Clocks that disagree by more than this are broken, and a larger skew accepts expired tokens.
+MAX_CLOCK_SKEW = 300.0
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -158,6 +161,16 @@ class ProviderSpec(_Model):
             raise ValueError("must be at least 1s (a shorter interval hammers the IdP)")
         return value
 
+    @field_validator("clock_skew")
+    @classmethod
+    def _bounded_skew(cls, value: float) -> float:
+        if value > MAX_CLOCK_SKEW:
+            raise ValueError(
+                f"at most {MAX_CLOCK_SKEW:g}s (5m): a larger skew keeps expired tokens valid; "
+                "fix the clocks instead (NTP)"
+            )
+        return value
+
     @field_validator("timeout")
     @classmethod
     def _positive_timeout(cls, value: float) -> float:
@@ -248,51 +261,72 @@ _WHEN_KEY_INDEXED = re.compile(
 )
 
 
-def _check_cidrs(values: list[str] | None) -> list[str] | None:
-    for v in values or []:
-        try:
-            ipaddress.ip_network(v, strict=False)
-        except ValueError:
-            raise ValueError(f"{v!r} is not an IP address or CIDR block") from None
+def _every_value(
+    values: list[str] | None, problem: Callable[[str], str | None]
+) -> list[str] | None:
+    """Check each value with ``problem`` (None when fine); raise one error naming every bad
+    value, so a list with several mistakes is reported whole, not one fix at a time."""
+    found = [p for p in map(problem, values or []) if p is not None]
+    if found:
+        raise ValueError("; ".join(found))
     return values
+
+
+def _cidr_problem(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP address or CIDR block"
+    return None
+
+
+def _service_account_problem(value: str) -> str | None:
+    namespace, slash, name = value.partition("/")
+    if "*" in value:
+        return f"{value!r}: wildcards are not allowed in service accounts"
+    if not (slash and namespace and name) or "/" in name:
+        return (
+            f"{value!r} is not namespace/serviceAccount (a bare name takes the namespace "
+            "of an AuthorizationPolicy's metadata.namespace)"
+        )
+    return None
+
+
+def _path_template_problem(value: str) -> str | None:
+    """Istio's rules: ``{*}`` and ``{**}`` are whole segments; ``{**}`` is the last operator."""
+    if "{" not in value and "}" not in value:
+        return None
+    seen_rest = False
+    for segment in value.strip("/").split("/"):
+        if segment in ("{*}", "{**}"):
+            if seen_rest:
+                return f"{value!r}: {{**}} must be the last operator of a path template"
+            seen_rest = segment == "{**}"
+        elif "{" in segment or "}" in segment:
+            return f"{value!r}: a path template operator must be a whole segment, {{*}} or {{**}}"
+    return None
+
+
+def _port_problem(value: str) -> str | None:
+    if not (value.isdigit() and 0 < int(value) < 65536):
+        return f"{value!r} is not a port number (1-65535)"
+    return None
+
+
+def _check_cidrs(values: list[str] | None) -> list[str] | None:
+    return _every_value(values, _cidr_problem)
 
 
 def _check_service_accounts(values: list[str] | None) -> list[str] | None:
-    for v in values or []:
-        namespace, slash, name = v.partition("/")
-        if "*" in v:
-            raise ValueError(f"{v!r}: wildcards are not allowed in service accounts")
-        if not (slash and namespace and name) or "/" in name:
-            raise ValueError(
-                f"{v!r} is not namespace/serviceAccount (a bare name takes the namespace "
-                "of an AuthorizationPolicy's metadata.namespace)"
-            )
-    return values
+    return _every_value(values, _service_account_problem)
 
 
 def _check_path_templates(values: list[str] | None) -> list[str] | None:
-    """Istio's rules: ``{*}`` and ``{**}`` are whole segments; ``{**}`` is the last operator."""
-    for v in values or []:
-        if "{" not in v and "}" not in v:
-            continue
-        seen_rest = False
-        for segment in v.strip("/").split("/"):
-            if segment in ("{*}", "{**}"):
-                if seen_rest:
-                    raise ValueError(f"{v!r}: {{**}} must be the last operator of a path template")
-                seen_rest = segment == "{**}"
-            elif "{" in segment or "}" in segment:
-                raise ValueError(
-                    f"{v!r}: a path template operator must be a whole segment, {{*}} or {{**}}"
-                )
-    return values
+    return _every_value(values, _path_template_problem)
 
 
 def _check_ports(values: list[str] | None) -> list[str] | None:
-    for v in values or []:
-        if not (v.isdigit() and 0 < int(v) < 65536):
-            raise ValueError(f"{v!r} is not a port number (1-65535)")
-    return values
+    return _every_value(values, _port_problem)
 
 
 StrList = list[Annotated[str, Field(min_length=1)]] | None
@@ -465,6 +499,10 @@ class ServerSpec(_Model):
     unknown_kid_wait: Duration = 0.5
     token_cache: TokenCacheSpec = Field(default_factory=TokenCacheSpec)
     decision_log: DecisionLogSpec = Field(default_factory=DecisionLogSpec)
+    # A configuration with no provider and no policy allows every request. That is what a
+    # truncated file or an empty ConfigMap looks like, so it is refused unless this says the
+    # emptiness is meant.
+    allow_empty: bool = False
 
     @field_validator("unknown_kid_wait")
     @classmethod
@@ -614,6 +652,15 @@ _ISTIO_JWT_RULE_FIELDS = frozenset(
 )
 
 
+def _istio_name(body: dict[str, Any]) -> str | None:
+    """``namespace/name`` (or ``name``) of an Istio object, None without a usable name."""
+    meta = body.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return None
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+
+
 def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -> str | None:
     """Check the envelope of an Istio object; return its ``namespace/name`` or None if unusable."""
     body = doc.body
@@ -640,8 +687,7 @@ def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -
     extra = set(body) - {"apiVersion", "kind", "metadata", "spec", "status"}
     for key in sorted(extra):
         problems.append(ConfigProblem(doc.label, key, "unknown field"))
-    namespace = meta.get("namespace")
-    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+    return _istio_name(body)
 
 
 # A provider found in a document: (spec, document label, field path of the spec, base dir).
@@ -779,6 +825,16 @@ def _resolve_provider(
                     )
                 )
                 ok = False
+            elif not parsed["keys"]:
+                problems.append(
+                    ConfigProblem(
+                        document,
+                        f"{prefix}.jwks",
+                        "holds no keys: this provider could never verify a token "
+                        "(and the server would never be ready)",
+                    )
+                )
+                ok = False
     paths: dict[str, Path | None] = {}
     for attr, field_name in (
         ("jwks_file", "jwksFile"),
@@ -816,6 +872,18 @@ def _resolve_provider(
     return paths, ok
 
 
+_Item = TypeVar("_Item", bound=BaseModel)
+
+
+def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]:
+    """(index, item) for each entry of the list ``raw`` that ``model`` accepts."""
+    for index, entry in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            yield index, model.model_validate(entry)
+        except ValidationError:
+            continue
+
+
 def load(path: str | Path) -> Settings:
     """Read, validate and resolve the configuration at ``path`` (file or directory).
 
@@ -826,13 +894,17 @@ def load(path: str | Path) -> Settings:
     warnings: list[str] = []
     server: ServerSpec | None = None
     providers: list[_FoundProvider] = []
-    # (policy, document label, field path of its name)
-    policies: list[tuple[PolicySpec, str, str]] = []
+    policies: list[PolicySpec] = []
+    # (name, document label, field path of the name) of every policy, valid or not, so that a
+    # duplicate name is reported together with the other problems.
+    policy_names: list[tuple[str, str, str]] = []
     digest = hashlib.sha256()
     # NOTE: keyed by id() but holding the bytes, so a freed file's id is never reused.
     seen_raw: dict[int, bytes] = {}
 
+    documents = 0
     for doc, raw in _read_documents(root, problems):
+        documents += 1
         if id(raw) not in seen_raw:
             seen_raw[id(raw)] = raw
             digest.update(raw)
@@ -842,17 +914,21 @@ def load(path: str | Path) -> Settings:
                 native = AuthzConfigDoc.model_validate(doc.body)
             except ValidationError as exc:
                 problems.extend(_problems_from(exc, doc.label, ""))
-                # Still check the key sources of the providers that are valid, so that every
-                # problem is reported at once.
-                raw_providers = doc.body.get("providers")
-                for i, raw_provider in enumerate(
-                    raw_providers if isinstance(raw_providers, list) else []
-                ):
-                    try:
-                        spec = ProviderSpec.model_validate(raw_provider)
-                    except ValidationError:
-                        continue
-                    _resolve_provider(spec, doc.label, f"providers[{i}]", doc.base_dir, problems)
+                # The valid providers and policies of a broken document still take part in the
+                # checks across documents (key files, duplicate names), so that every problem
+                # is reported at once.
+                providers.extend(
+                    (spec, doc.label, f"providers[{i}]", doc.base_dir)
+                    for i, spec in _valid_items(doc.body.get("providers"), ProviderSpec)
+                )
+                raw_policies = doc.body.get("policies")
+                policy_names.extend(
+                    (entry["name"], doc.label, f"policies[{i}].name")
+                    for i, entry in enumerate(
+                        raw_policies if isinstance(raw_policies, list) else []
+                    )
+                    if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                )
                 continue
             if native.server is not None:
                 if server is not None:
@@ -864,8 +940,9 @@ def load(path: str | Path) -> Settings:
                 (p, doc.label, f"providers[{i}]", doc.base_dir)
                 for i, p in enumerate(native.providers)
             )
-            policies.extend(
-                (p, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
+            policies.extend(native.policies)
+            policy_names.extend(
+                (p.name, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
             )
         elif kind in ("RequestAuthentication", "AuthorizationPolicy"):
             if api_version not in ISTIO_SECURITY_VERSIONS:
@@ -882,7 +959,10 @@ def load(path: str | Path) -> Settings:
             else:
                 policy = _authorization_policy(doc, problems, warnings)
                 if policy is not None:
-                    policies.append((policy, doc.label, "metadata.name"))
+                    policies.append(policy)
+                name = _istio_name(doc.body)
+                if name is not None:
+                    policy_names.append((name, doc.label, "metadata.name"))
         elif not isinstance(api_version, str) or not isinstance(kind, str):
             problems.append(
                 ConfigProblem(
@@ -911,9 +991,6 @@ def load(path: str | Path) -> Settings:
     names: dict[str, int] = {}
     for spec, document, prefix, base_dir in providers:
         paths, ok = _resolve_provider(spec, document, prefix, base_dir, problems)
-        if not ok:
-            continue
-        origin = f"{document}: {prefix}"
         name = spec.name or spec.issuer
         if name in names:
             if spec.name:
@@ -925,22 +1002,47 @@ def load(path: str | Path) -> Settings:
             name = f"{name}#{names[name]}"
         else:
             names[name] = 1
-        resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
+        if ok:
+            origin = f"{document}: {prefix}"
+            resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
 
-    policy_names: set[str] = set()
-    for policy, document, name_path in policies:
-        if policy.name in policy_names:
-            problems.append(
-                ConfigProblem(document, name_path, f"duplicate policy name {policy.name!r}")
+    seen_names: set[str] = set()
+    for name, document, name_path in policy_names:
+        if name in seen_names:
+            problems.append(ConfigProblem(document, name_path, f"duplicate policy name {name!r}"))
+        seen_names.add(name)
+
+    if documents == 0 and not problems:
+        problems.append(
+            ConfigProblem(
+                str(root),
+                "",
+                "no configuration documents (the file is empty or holds only comments): "
+                "refused, since an empty configuration would allow every request",
             )
-        policy_names.add(policy.name)
-
+        )
+    elif not providers and not policies and not problems:
+        if server is None or not server.allow_empty:
+            problems.append(
+                ConfigProblem(
+                    str(root),
+                    "",
+                    "no providers and no policies: this configuration would allow every "
+                    "request, which is what a truncated file or an empty ConfigMap looks like. "
+                    "Set server.allowEmpty: true if allowing everything is meant",
+                )
+            )
+        else:
+            warnings.append(
+                f"{root}: server.allowEmpty is set and there are no providers and no "
+                "policies: every request is allowed"
+            )
     if problems:
         raise ConfigError(problems)
     return Settings(
         server=server or ServerSpec(),
         providers=tuple(resolved),
-        policies=tuple(p for p, _, _ in policies),
+        policies=tuple(policies),
         warnings=tuple(warnings),
         digest=digest.hexdigest()[:16],
         sources=tuple(str(p) for p in _config_files(root)),

@@ -23,10 +23,13 @@ class AuthzError(Exception):
 
     status: int = 403
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        # Shown to the client (WWW-Authenticate error_description) instead of the reason's
+        # fixed text: built from configuration only, never from request data.
+        self.description = description
 
 
 class AuthenticationError(AuthzError):

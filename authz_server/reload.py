@@ -20,6 +20,8 @@ from authz_server.errors import ConfigError
 log = logging.getLogger("authz_server.reload")
 
 Snapshot = tuple[object, ...]
+# Reads of a configuration that keeps changing under us before judging the last one.
+_SETTLE_READS = 3
 
 
 def snapshot(path: Path) -> Snapshot:
@@ -73,9 +75,8 @@ class ConfigReloader:
     def reload(self, *, force: bool = False) -> bool:
         """Load the configuration and apply it if it differs. Returns False when refused."""
         with self._lock:
-            self._seen = snapshot(self.path)
             try:
-                settings = config.load(self.path)
+                settings = self._read_settled()
             except ConfigError as exc:
                 log.error(
                     "configuration at %s refused (%d problem(s)); still serving %s: %s",
@@ -105,6 +106,25 @@ class ConfigReloader:
                 return False
             self.digest = settings.digest
             return True
+
+    def _read_settled(self) -> config.Settings:
+        """Load the configuration, reading again (a few times at most) when it changed on disk
+        while it was read, so that a file caught half-written is not what is judged.
+
+        Returns the Settings; raises ConfigError as ``config.load`` does."""
+        attempt = 1
+        while True:
+            before = self._seen = snapshot(self.path)
+            settled = attempt == _SETTLE_READS
+            try:
+                settings = config.load(self.path)
+            except ConfigError:
+                if settled or snapshot(self.path) == before:
+                    raise
+            else:
+                if settled or snapshot(self.path) == before:
+                    return settings
+            attempt += 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="config-reload", daemon=True)

@@ -90,19 +90,28 @@ def allow(
     )
 
 
-def _www_authenticate(realm: str, reason: str, token_present: bool) -> str:
+def _quoted_string_safe(text: str) -> str:
+    """``text`` fit for an RFC 7230 quoted-string: no quotes, backslashes or controls."""
+    return "".join(c for c in text if c.isprintable() and c not in '"\\')
+
+
+def _www_authenticate(realm: str, reason: str, token_present: bool, description: str) -> str:
     value = f'Bearer realm="{realm}"'
     if token_present:
-        description = _DESCRIPTIONS.get(reason, "invalid token")
+        description = _quoted_string_safe(description or _DESCRIPTIONS.get(reason, "invalid token"))
         value += f', error="invalid_token", error_description="{description}"'
     return value
 
 
 @lru_cache(maxsize=256)
-def _denial(status: int, reason: str, realm: str, token_present: bool) -> Decision:
+def _denial(
+    status: int, reason: str, realm: str, token_present: bool, description: str = ""
+) -> Decision:
     headers: list[tuple[str, str]] = [("content-type", "application/json")]
     if status == 401:
-        headers.append(("www-authenticate", _www_authenticate(realm, reason, token_present)))
+        headers.append(
+            ("www-authenticate", _www_authenticate(realm, reason, token_present, description))
+        )
     body = json.dumps({"error": _ERROR_NAMES.get(status, "denied"), "reason": reason})
     return Decision(
         allowed=False,
@@ -122,7 +131,7 @@ def deny(error: AuthzError, *, realm: str, token_present: bool) -> Decision:
         status = 503
     else:
         status = error.status
-    return _denial(status, error.reason, realm, token_present)
+    return _denial(status, error.reason, realm, token_present, error.description or "")
 
 
 def internal_error() -> Decision:

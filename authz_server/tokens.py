@@ -306,7 +306,11 @@ class TokenVerifier:
     ) -> tuple[Identity, float | None, float | None]:
         exp = _numeric(payload, "exp")
         if exp is None and provider.require_expiration:
-            raise AuthenticationError(errors.MISSING_CLAIM, "the token has no 'exp'")
+            raise AuthenticationError(
+                errors.MISSING_CLAIM,
+                "the token has no 'exp'",
+                description="required claim 'exp' missing",
+            )
         nbf = _numeric(payload, "nbf")
         iat = _numeric(payload, "iat")
         # A token issued in the future is not valid yet either (beyond the skew).
@@ -326,8 +330,19 @@ class TokenVerifier:
             raise AuthenticationError(errors.INVALID_AUDIENCE, "audience not accepted")
         for name, expected in provider.required_claims:
             value = payload.get(name)
-            if value is None or (expected is not None and not _claim_equals(value, expected)):
-                raise AuthenticationError(errors.MISSING_CLAIM, "a required claim is missing")
+            # NOTE: the claim's name comes from configuration; its value is never quoted.
+            if value is None:
+                raise AuthenticationError(
+                    errors.MISSING_CLAIM,
+                    f"required claim {name!r} is missing",
+                    description=f"required claim '{name}' missing",
+                )
+            if expected is not None and not _claim_equals(value, expected):
+                raise AuthenticationError(
+                    errors.MISSING_CLAIM,
+                    f"required claim {name!r} has another value",
+                    description=f"required claim '{name}' does not have the required value",
+                )
         sub = payload.get("sub", "")
         azp = payload.get("azp")
         identity = Identity(

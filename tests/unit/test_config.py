@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,14 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import cli, config
+from authz_server import cli, config, devkeys
 from authz_server.config import Settings, parse_duration
 from authz_server.errors import ConfigError, ConfigProblem
 from tests.helpers import write_config
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ISS = "https://idp.example.com"
-JWKS = '{"keys": []}'
+JWKS = json.dumps(devkeys.jwks(devkeys.generate_key("EC-P256", kid="config-test")))
 
 Doc = Mapping[str, Any]
 
@@ -153,11 +154,67 @@ def test_defaults_without_a_server_section(tmp_path: Path) -> None:
     assert only.origin.endswith("(AuthzConfig): providers[0]")
 
 
-def test_an_empty_stream_is_an_empty_configuration(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["", "# nothing yet\n---\n", "---\n...\n"])
+def test_a_stream_with_no_documents_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "empty.yaml"
-    path.write_text("# nothing yet\n---\n")
-    settings = config.load(path)
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    (problem,) = caught.value.problems
+    assert "no configuration documents" in problem.message
+    assert "allow every request" in problem.message
+
+
+def test_a_directory_of_empty_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("")
+    (tmp_path / "b.yml").write_text("# comment\n")
+    with pytest.raises(ConfigError, match="no configuration documents"):
+        config.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "docs",
+    [
+        [native()],
+        [native(server={"listen": "0.0.0.0:9001"})],
+        [native(providers=[], policies=[])],
+        [istio("RequestAuthentication", {})],
+        [native(server={"allowEmpty": False})],
+    ],
+    ids=["bare", "server-only", "empty-lists", "istio-without-rules", "allow-empty-false"],
+)
+def test_no_providers_and_no_policies_is_refused_as_allow_all(
+    tmp_path: Path, docs: list[Doc]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, *docs)
+    (problem,) = caught.value.problems
+    assert "no providers and no policies" in problem.message
+    assert "server.allowEmpty: true" in problem.message
+
+
+def test_allow_empty_accepts_an_empty_configuration_with_a_warning(tmp_path: Path) -> None:
+    settings = load(tmp_path, native(server={"allowEmpty": True}))
     assert (settings.providers, settings.policies) == ((), ())
+    assert settings.server.allow_empty
+    (warning,) = settings.warnings
+    assert "every request is allowed" in warning
+
+
+def test_allow_empty_does_not_excuse_a_file_with_no_documents(tmp_path: Path) -> None:
+    # The flag lives in a document: a stream with none cannot have said it.
+    (tmp_path / "a.yaml").write_text("")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(native(server={"allowEmpty": True})))
+    settings = config.load(tmp_path)
+    assert settings.server.allow_empty
+    (tmp_path / "b.yaml").write_text("")
+    with pytest.raises(ConfigError, match="no configuration documents"):
+        config.load(tmp_path)
+
+
+def test_a_provider_alone_or_a_policy_alone_is_not_empty(tmp_path: Path) -> None:
+    assert load(tmp_path, native(providers=[provider()])).providers
+    assert load(tmp_path, native(policies=[{"name": "p", "action": "DENY"}])).policies
 
 
 @pytest.mark.parametrize(
@@ -241,7 +298,7 @@ def test_each_jwt_rule_becomes_a_provider(tmp_path: Path) -> None:
 
 
 def test_request_authentication_without_rules_adds_no_provider(tmp_path: Path) -> None:
-    settings = load(tmp_path, istio("RequestAuthentication", {}))
+    settings = load(tmp_path, istio("RequestAuthentication", {}), policy_doc({}))
     assert settings.providers == ()
 
 
@@ -1106,7 +1163,9 @@ def test_peer_authentication_beside_the_policies_is_ignored_with_a_warning(tmp_p
     path = tmp_path / "mesh.yaml"
     path.write_text(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
-        "metadata: {name: strict}\nspec: {mtls: {mode: STRICT}}\n"
+        "metadata: {name: strict}\nspec: {mtls: {mode: STRICT}}\n---\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-all}\nspec: {}\n"
     )
     settings = config.load(path)
     assert any("PeerAuthentication" in w and "ignored" in w for w in settings.warnings)
@@ -1167,3 +1226,91 @@ def test_a_ca_file_that_is_not_a_ca_bundle_is_refused(tmp_path: Path) -> None:
         config.load(write_config(tmp_path, text))
     [problem] = caught.value.problems
     assert problem.path == "providers[0].caFile" and "not a usable CA bundle" in problem.message
+
+
+# ------------------------------------------------------------------ every problem at once
+
+
+def test_every_bad_value_of_a_list_is_reported_at_once(tmp_path: Path) -> None:
+    source = {"ipBlocks": ["10.0.0.0/8", "bad-one", "300.1.1.1"], "notIpBlocks": ["also-bad"]}
+    operation = {"ports": ["80", "0", "http"], "paths": ["/a/{x}", "/{**}/{*}", "/ok/{*}"]}
+    found = problems(
+        tmp_path,
+        policy_doc({"rules": [{"from": [{"source": source}], "to": [{"operation": operation}]}]}),
+    )
+    text = "\n".join(str(p) for p in found)
+    for bad in (
+        "'bad-one'",
+        "'300.1.1.1'",
+        "'also-bad'",
+        "'0'",
+        "'http'",
+        "'/a/{x}'",
+        "'/{**}/{*}'",
+    ):
+        assert bad in text, f"{bad} not reported in:\n{text}"
+    assert "'10.0.0.0/8'" not in text and "'/ok/{*}'" not in text
+
+
+def test_a_missing_key_file_and_a_duplicate_name_are_reported_with_other_problems(
+    tmp_path: Path,
+) -> None:
+    found = problems(
+        tmp_path,
+        native(
+            providers=[
+                {"issuer": ISS, "jwksFile": "missing.json"},
+                provider(issuer="https://two", clockSkew="1h"),
+            ],
+            policies=[
+                {"name": "twice", "rules": [{"from": [{"source": {"ipBlocks": ["nope"]}}]}]},
+                {"name": "twice", "rules": [{}]},
+                {"name": "bad-action", "action": "MAYBE"},
+            ],
+        ),
+        policy_doc({"rules": [{}]}, name="twice", namespace=None),
+    )
+    by_path = {p.path: p.message for p in found}
+    assert "no such file" in by_path["providers[0].jwksFile"]
+    assert "at most 300s" in by_path["providers[1].clockSkew"]
+    assert "'nope'" in by_path["policies[0].rules[0].from[0].source.ipBlocks"]
+    assert "policies[2].action" in by_path
+    assert by_path["policies[1].name"] == "duplicate policy name 'twice'"
+    assert by_path["metadata.name"] == "duplicate policy name 'twice'"
+
+
+def test_a_duplicate_provider_name_is_reported_even_when_its_key_file_is_missing(
+    tmp_path: Path,
+) -> None:
+    found = problems(
+        tmp_path,
+        native(
+            providers=[
+                provider(name="idp"),
+                {"name": "idp", "issuer": "https://other", "jwksFile": "missing.json"},
+            ]
+        ),
+    )
+    assert {p.path for p in found} == {"providers[1].jwksFile", "providers[1].name"}
+
+
+# ---------------------------------------------------------------- refuse what cannot work
+
+
+def test_an_inline_jwks_without_keys_is_refused(tmp_path: Path) -> None:
+    (problem,) = problems(tmp_path, native(providers=[provider(jwks='{"keys": []}')]))
+    assert problem.path == "providers[0].jwks"
+    assert "holds no keys" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("skew", "ok"), [("5m", True), ("300s", True), ("301s", False), ("1h", False)]
+)
+def test_clock_skew_is_bounded_at_five_minutes(tmp_path: Path, skew: str, ok: bool) -> None:
+    doc = native(providers=[provider(clockSkew=skew)])
+    if ok:
+        assert load(tmp_path, doc).providers[0].spec.clock_skew <= 300
+    else:
+        (problem,) = problems(tmp_path, doc)
+        assert problem.path == "providers[0].clockSkew"
+        assert "at most 300s (5m)" in problem.message

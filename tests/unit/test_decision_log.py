@@ -182,6 +182,7 @@ def test_claims_and_fields_are_configured_in_camel_case(tmp_path: Path) -> None:
 kind: AuthzConfig
 server:
   decisionLog: {sampleRate: 0.25, denyOnly: true, claims: [groups], level: WARNING}
+  allowEmpty: true
 providers: []
 policies: []
 """

@@ -25,7 +25,7 @@ from authz_server.policy import PolicyResult
 from authz_server.reload import ConfigReloader, snapshot
 from authz_server.server import AuthzServer
 from authz_server.tokens import Identity
-from tests.e2e.harness import JWKSServer, wait_until
+from tests.e2e.harness import JWKSServer, http_request, wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 PARTNER_ISSUER = "https://partner.test"
@@ -587,3 +587,76 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
     assert service.check(request).allowed
     assert successor.token_cache is engine.token_cache
     assert (successor.token_cache.hits, successor.token_cache.misses) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "truncated",
+    [
+        "",
+        "apiVersion: authz-server/v1\n",
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n",
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\nproviders:\n",
+    ],
+    ids=["zero-bytes", "first-line", "header-only", "cut-before-providers"],
+)
+def test_a_truncated_config_is_refused_and_never_opens_the_door(
+    config_dir: Path, registry: CollectorRegistry, token: str, truncated: str
+) -> None:
+    path = config_dir / "config.yaml"
+    server = AuthzServer(
+        config.load(path),
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        metrics=Metrics(registry),
+        config_path=path,
+    )
+    assert server.reloader is not None
+    server.reloader.interval = 0.05
+    server.start()
+    try:
+        first = server.settings.digest
+        anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
+        assert not server.service.check(anonymous_delete).allowed
+        replace_text(path, truncated)
+        wait_until(
+            lambda: registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}),
+            what="the truncated config refused",
+        )
+        assert server.settings.digest == first
+        assert (len(server.settings.providers), len(server.settings.policies)) == (1, 1)
+        decision = server.service.check(anonymous_delete)
+        assert (decision.allowed, decision.status) == (False, 401)
+        assert server.service.check(request(token)).allowed
+        status, _, body = http_request(f"http://127.0.0.1:{server.http_port}/readyz")
+        assert (status, json.loads(body)["ready"]) == (200, True)
+        # Refused once, not on every poll.
+        wait_until(lambda: server.reloader is not None and server.reloader._seen == snapshot(path))
+        assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 1
+    finally:
+        server.stop(grace=1)
+
+
+def test_an_empty_config_that_says_allow_empty_is_applied(
+    config_dir: Path, registry: CollectorRegistry
+) -> None:
+    path = config_dir / "config.yaml"
+    server = AuthzServer(
+        config.load(path),
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        metrics=Metrics(registry),
+        config_path=path,
+    )
+    assert server.reloader is not None
+    server.reloader.interval = 0.05
+    server.start()
+    try:
+        anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
+        assert not server.service.check(anonymous_delete).allowed
+        replace_text(
+            path, "apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {allowEmpty: true}\n"
+        )
+        wait_until(lambda: server.service.check(anonymous_delete).allowed, what="allow-all")
+        assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
+    finally:
+        server.stop(grace=1)

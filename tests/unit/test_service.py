@@ -352,3 +352,33 @@ def test_check_command_explains_a_decision_without_printing_the_token(
     assert json.loads(capsys.readouterr().out)["reason"] == errors.NO_ALLOW_POLICY_MATCHED
     assert cli.main(argv) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == errors.MISSING_CREDENTIALS
+
+
+def test_a_missing_required_claim_is_named_in_the_challenge_never_its_value(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    required = "requiredClaims: {tenant: acme, email_verified: true}"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, required))
+    cases = [
+        ({"email_verified": True}, "required claim 'tenant' missing"),
+        (
+            {"tenant": "evil-corp", "email_verified": True},
+            "required claim 'tenant' does not have the required value",
+        ),
+        ({"tenant": "acme"}, "required claim 'email_verified' missing"),
+    ]
+    for claims, description in cases:
+        decision = service.check(request(make_token(**claims)))
+        assert (decision.status, decision.reason) == (401, errors.MISSING_CLAIM)
+        challenge = dict(decision.response_headers)["www-authenticate"]
+        assert f'error_description="{description}"' in challenge
+        assert "evil-corp" not in challenge and "evil-corp" not in decision.body
+    assert service.check(request(make_token(tenant="acme", email_verified=True))).allowed
+
+
+def test_a_token_without_exp_names_the_exp_claim(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(exp=None)))
+    challenge = dict(decision.response_headers)["www-authenticate"]
+    assert "error_description=\"required claim 'exp' missing\"" in challenge
