@@ -1,8 +1,10 @@
 """The gRPC door: Envoy's ``CheckRequest`` in, ``CheckResponse`` out. No decision logic here.
 
 ``to_attributes`` reads the wire message into the door-neutral ``RequestAttributes``;
-``render`` turns a ``Decision`` into a ``CheckResponse``. Denials are rendered once per
-distinct answer and reused.
+``render`` turns a ``Decision`` into a ``CheckResponse``. Answers repeat (one denial per
+reason, one allow per caller), so each distinct answer is rendered and serialized once: the
+server registers ``check_bytes``, which parses the request itself and answers with those
+bytes, so grpcio serializes nothing per Check.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import grpc
 from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from authz_server import responses
@@ -26,6 +30,10 @@ from authz_server.service import AuthorizationService
 log = logging.getLogger("authz_server.grpc")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_parse = external_auth_pb2.CheckRequest.FromString
+AUTHORIZATION_SERVICE: str = external_auth_pb2.DESCRIPTOR.services_by_name[
+    "Authorization"
+].full_name
 
 
 def _headers(http: Any) -> Mapping[str, str]:
@@ -87,17 +95,40 @@ _DenialKey = tuple[int, int, str, tuple[tuple[str, str], ...], str]
 _AllowKey = tuple[tuple[tuple[str, str], ...], tuple[str, ...], int]
 
 
+class Rendered:
+    """One answer, as a message and as the bytes on the wire (both shared: never mutate)."""
+
+    __slots__ = ("message", "wire")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.wire: bytes = message.SerializeToString()
+
+
+def _render_allow(decision: Decision) -> Any:
+    ok = external_auth_pb2.OkHttpResponse(
+        headers=_header_options(decision.headers_to_set),
+        headers_to_remove=decision.headers_to_remove,
+    )
+    response = external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=responses.GRPC_OK), ok_response=ok
+    )
+    if decision.metadata:
+        response.dynamic_metadata.update(decision.metadata)
+    return response
+
+
 class Renderer:
     """Decision → CheckResponse. Denials are memoized (few and bounded); allows are kept in an
     LRU keyed by their headers and metadata, since a caller repeating a token gets the same
     answer (building one costs ~10 us: the Struct and the header messages)."""
 
     def __init__(self, allow_entries: int = 4096) -> None:
-        self._denials: dict[_DenialKey, Any] = {}
-        self._allows: LRUCache[_AllowKey, tuple[object, Any]] = LRUCache(allow_entries)
+        self._denials: dict[_DenialKey, Rendered] = {}
+        self._allows: LRUCache[_AllowKey, tuple[object, Rendered]] = LRUCache(allow_entries)
         self._lock = threading.Lock()
 
-    def _allow(self, decision: Decision) -> Any:
+    def _allow(self, decision: Decision) -> Rendered:
         metadata = decision.metadata
         key = (decision.headers_to_set, decision.headers_to_remove, id(metadata))
         with self._lock:
@@ -105,21 +136,13 @@ class Renderer:
         # NOTE: the entry holds the metadata itself, so an id reused after GC never matches.
         if cached is not None and cached[0] is metadata:
             return cached[1]
-        ok = external_auth_pb2.OkHttpResponse(
-            headers=_header_options(decision.headers_to_set),
-            headers_to_remove=decision.headers_to_remove,
-        )
-        response = external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=responses.GRPC_OK), ok_response=ok
-        )
-        if metadata:
-            response.dynamic_metadata.update(metadata)
+        rendered = Rendered(_render_allow(decision))
         with self._lock:
-            self._allows[key] = (metadata, response)
-        return response
+            self._allows[key] = (metadata, rendered)
+        return rendered
 
-    def render(self, decision: Decision) -> Any:
-        """The CheckResponse for ``decision`` (shared: never mutate it)."""
+    def rendered(self, decision: Decision) -> Rendered:
+        """The answer for ``decision``, rendered once per distinct answer."""
         if decision.allowed:
             return self._allow(decision)
         key = (
@@ -129,10 +152,14 @@ class Renderer:
             decision.response_headers,
             decision.body,
         )
-        response = self._denials.get(key)
-        if response is None:
-            response = self._denials.setdefault(key, _render_denial(decision))
-        return response
+        rendered = self._denials.get(key)
+        if rendered is None:
+            rendered = self._denials.setdefault(key, Rendered(_render_denial(decision)))
+        return rendered
+
+    def render(self, decision: Decision) -> Any:
+        """The CheckResponse for ``decision`` (shared: never mutate it)."""
+        return self.rendered(decision).message
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -149,3 +176,25 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("internal error in the gRPC door")
             return self.renderer.render(responses.internal_error())
+
+    def check_bytes(self, data: bytes, context: Any) -> bytes:
+        """``Check`` on the wire: a serialized CheckRequest in, a serialized CheckResponse out
+        (registered with no (de)serializers, so the prebuilt answers are sent as they are)."""
+        try:
+            request = _parse(data)
+        except DecodeError:
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details("not a serialized envoy.service.auth.v3.CheckRequest")
+            return b""
+        try:
+            decision = self.service.check(to_attributes(request))
+            return self.renderer.rendered(decision).wire
+        except Exception:
+            log.exception("internal error in the gRPC door")
+            return self.renderer.rendered(responses.internal_error()).wire
+
+    def method_handlers(self) -> Any:
+        """The generic handler that serves ``Authorization/Check`` with ``check_bytes``."""
+        return grpc.method_handlers_generic_handler(
+            AUTHORIZATION_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(self.check_bytes)}
+        )

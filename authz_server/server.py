@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
-from authz_server.grpc_door import AuthorizationServicer
+from authz_server.grpc_door import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.jwks import JWKSCache
 from authz_server.log import DecisionLog
 from authz_server.metrics import CONTENT_TYPE, Metrics
@@ -28,7 +27,6 @@ from authz_server.service import AuthorizationService, Engine
 
 log = logging.getLogger("authz_server.server")
 
-AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # The gRPC health "service" a liveness probe asks about: SERVING while the process runs.
 LIVENESS_SERVICE = "liveness"
@@ -227,9 +225,7 @@ class AuthzServer:
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="check"),
             options=[("grpc.so_reuseport", 0)],
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(self.service), server
-        )
+        server.add_generic_rpc_handlers((AuthorizationServicer(self.service).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server

@@ -86,6 +86,29 @@ def test_check_allows_with_headers_and_denies_with_401(
     assert headers["www-authenticate"].startswith("Bearer realm=")
 
 
+def test_repeated_answers_are_identical_on_the_wire(
+    channel: grpc.Channel, rsa_key: SigningKey
+) -> None:
+    raw = channel.unary_unary(f"/{AUTHORIZATION_SERVICE}/Check")
+    token = rsa_key.sign(claims_for(Clock().now))
+    allows = {raw(check_request(token).SerializeToString(), timeout=5) for _ in range(3)}
+    denials = {raw(check_request(None).SerializeToString(), timeout=5) for _ in range(3)}
+    assert len(allows) == len(denials) == 1
+    (allow,), (denial,) = allows, denials
+    assert external_auth_pb2.CheckResponse.FromString(allow).status.code == 0
+    assert external_auth_pb2.CheckResponse.FromString(denial).denied_response.status.code == 401
+
+
+def test_bytes_that_are_not_a_check_request_are_an_invalid_argument(
+    channel: grpc.Channel,
+) -> None:
+    raw = channel.unary_unary(f"/{AUTHORIZATION_SERVICE}/Check")
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(b"\xff\xff\xff not protobuf", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "CheckRequest" in (caught.value.details() or "")
+
+
 def test_health_is_serving_with_keys_and_not_serving_after_stop(
     running: AuthzServer, channel: grpc.Channel
 ) -> None:
