@@ -11,6 +11,7 @@ from pathlib import Path
 from authz_server import __version__, config
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
+from authz_server.workers import Supervisor, worker_count
 
 log = logging.getLogger("authz_server.cli")
 
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
+    )
+    serve.add_argument(
+        "--workers",
+        default="1",
+        help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own caches; "
+        "'auto' = one per CPU (default 1)",
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
@@ -130,11 +137,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for warning in settings.warnings:
         log.warning("%s", warning)
+    try:
+        workers = worker_count(args.workers)
+    except ValueError as exc:
+        log.error("--workers: %s", exc)
+        return 2
+    listen = args.listen or settings.server.listen
+    http_listen = args.http_listen or settings.server.http_listen
+    if workers > 1:
+        try:
+            supervisor = Supervisor(
+                workers=workers,
+                config_path=Path(args.config),
+                listen=listen,
+                http_listen=http_listen,
+                log_level=args.log_level,
+                log_format=args.log_format,
+                drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
+            )
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+        return supervisor.run()
     from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
 
     return serve(
         settings,
-        listen=args.listen or settings.server.listen,
-        http_listen=args.http_listen or settings.server.http_listen,
+        listen=listen,
+        http_listen=http_listen,
         config_path=Path(args.config),
     )

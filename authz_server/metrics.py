@@ -6,9 +6,11 @@ bound once per label combination and kept (``.labels()`` costs microseconds; a d
 does not). State that other objects already count (token cache, key sets, reloads) is read
 at scrape time by a collector, so it costs the hot path nothing.
 
-Multi-process: with ``multiprocess=True`` (and ``PROMETHEUS_MULTIPROC_DIR`` set) the counters
-and histogram are aggregated by prometheus-client across worker processes; the scrape-time
-gauges then describe the scraped process.
+Multi-process (``--workers``): with ``multiprocess_mode=True`` (and ``PROMETHEUS_MULTIPROC_DIR``
+set before prometheus-client is imported) every worker writes its samples to that directory and
+the supervisor's ``/metrics`` aggregates them. A scrape reaches the supervisor, not the workers,
+so each worker copies its token cache and key set state into multi-process metrics now and
+then (``publish_engine``): counters summed over workers, gauges as named per metric.
 """
 
 from __future__ import annotations
@@ -150,12 +152,21 @@ class Metrics:
         self._dry_children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._engine_collector: _EngineCollector | None = None
+        self._published: _PublishedEngine | None = None
         self._config_digest: str | None = None
 
     def watch_engine(self, current: Callable[[], Engine | None]) -> None:
         """Expose the token cache and key sets of whatever engine ``current`` returns."""
         self._engine_collector = _EngineCollector(current)
-        self.registry.register(self._engine_collector)
+        if self.multiprocess_mode:
+            self._published = _PublishedEngine(self.registry, self._engine_collector)
+        else:
+            self.registry.register(self._engine_collector)
+
+    def publish_engine(self) -> None:
+        """Copy the engine's state into the multi-process files (workers only; no-op else)."""
+        if self._published is not None:
+            self._published.publish()
 
     def _child(self, key: tuple[str, str, str, str]) -> Any:
         child = self._children.get(key)
@@ -193,12 +204,73 @@ class Metrics:
         self.reloads.labels("failure").inc()
 
     def exposition(self) -> bytes:
-        """The text format for ``/metrics``."""
-        if self.multiprocess_mode:
-            # Counters and histograms from every worker's files, gauges of this process.
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            if self._engine_collector is not None:
-                registry.register(self._engine_collector)
-            return generate_latest(registry)
+        """The text format for ``/metrics`` (of this process; workers are read by
+        ``aggregated_exposition``)."""
         return generate_latest(self.registry)
+
+
+def aggregated_exposition() -> bytes:
+    """``/metrics`` over every worker's files in ``PROMETHEUS_MULTIPROC_DIR``."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+# How each scrape-time gauge combines across live workers.
+_GAUGE_MODES = {
+    "authz_token_cache_entries": "livesum",
+    "authz_jwks_keys": "livemin",  # the worker with the fewest usable keys
+    "authz_jwks_last_success_timestamp_seconds": "livemin",  # the stalest worker
+    "authz_jwks_stale_seconds": "livemax",
+}
+
+
+class _PublishedEngine:
+    """A worker's copy of ``_EngineCollector``'s samples in multi-process metrics."""
+
+    def __init__(self, registry: CollectorRegistry, source: _EngineCollector) -> None:
+        self._source = source
+        self._registry = registry
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._lock = threading.Lock()
+
+    def publish(self) -> None:
+        with self._lock:
+            for family in self._source.collect():
+                for sample in family.samples:
+                    labels = tuple(sample.labels.values())
+                    if family.type == "counter":
+                        self._add(family, sample.name, labels, sample.value)
+                    elif family.name in _GAUGE_MODES:
+                        gauge = self._gauge(family)
+                        (gauge.labels(*labels) if labels else gauge).set(sample.value)
+
+    def _add(self, family: Any, name: str, labels: tuple[str, ...], value: float) -> None:
+        counter = self._counters.get(family.name)
+        if counter is None:
+            counter = self._counters[family.name] = Counter(
+                family.name,
+                family.documentation,
+                list(family.samples[0].labels),
+                registry=self._registry,
+            )
+        previous = self._last.get((name, labels), 0.0)
+        # A new engine (reload) may restart a count below what was published: add from zero.
+        delta = value - previous if value >= previous else value
+        self._last[(name, labels)] = value
+        if delta > 0:
+            (counter.labels(*labels) if labels else counter).inc(delta)
+
+    def _gauge(self, family: Any) -> Gauge:
+        gauge = self._gauges.get(family.name)
+        if gauge is None:
+            gauge = self._gauges[family.name] = Gauge(
+                family.name,
+                family.documentation,
+                list(family.samples[0].labels),
+                registry=self._registry,
+                multiprocess_mode=_GAUGE_MODES[family.name],  # type: ignore[arg-type]
+            )
+        return gauge

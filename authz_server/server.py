@@ -8,10 +8,11 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,8 +48,18 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class SidePortOwner(Protocol):
+    """What the side port reports on: one server, or the supervisor of several."""
+
+    def readiness_report(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, the JSON body of /readyz)."""
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics."""
+
+
 class _SidePortHandler(BaseHTTPRequestHandler):
-    server: _SidePort
+    server: SidePort
     timeout = 5  # an idle or slow client never holds a thread for long
 
     def do_GET(self) -> None:
@@ -56,10 +67,10 @@ class _SidePortHandler(BaseHTTPRequestHandler):
         if path == "/healthz":
             self._reply(200, {"status": "ok"})
         elif path == "/readyz":
-            ready, providers = self.server.owner.readiness()
-            self._reply(200 if ready else 503, {"ready": ready, "providers": providers})
+            ready, body = self.server.owner.readiness_report()
+            self._reply(200 if ready else 503, body)
         elif path == "/metrics":
-            data = self.server.owner.metrics.exposition()
+            data = self.server.owner.exposition()
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(data)))
@@ -80,11 +91,13 @@ class _SidePortHandler(BaseHTTPRequestHandler):
         pass  # NOTE: probes every few seconds would drown the logs.
 
 
-class _SidePort(ThreadingHTTPServer):
+class SidePort(ThreadingHTTPServer):
+    """The HTTP side port: /healthz, /readyz, /metrics."""
+
     daemon_threads = True
     MAX_CONNECTIONS = 32  # probes and scrapers need a handful
 
-    def __init__(self, address: tuple[str, int], owner: AuthzServer) -> None:
+    def __init__(self, address: tuple[str, int], owner: SidePortOwner) -> None:
         self.owner = owner
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
         super().__init__(address, _SidePortHandler)
@@ -110,13 +123,20 @@ class AuthzServer:
         settings: Settings,
         *,
         listen: str,
-        http_listen: str,
+        http_listen: str | None,
         config_path: Path | None = None,
         metrics: Metrics | None = None,
+        reuse_port: bool = False,
+        share_readiness: Callable[[bool], bool] | None = None,
     ) -> None:
+        """``http_listen`` None: no side port (a worker's supervisor serves it).
+        ``share_readiness``: publishes this server's readiness and returns whether every
+        server sharing the port is ready (workers), which is what health then reports."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
+        self.reuse_port = reuse_port
+        self.share_readiness = share_readiness
         self.metrics = metrics or Metrics()
         engine = Engine.build(settings)
         self._watch_caches(engine)
@@ -138,10 +158,11 @@ class AuthzServer:
             self.reloader.digest = settings.digest
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None
-        self.side_port: _SidePort | None = None
+        self.side_port: SidePort | None = None
         self.grpc_port = 0
         self.http_port = 0
         self._stopping = False
+        self._stop_following = threading.Event()
 
     @property
     def engine(self) -> Engine:
@@ -198,10 +219,19 @@ class AuthzServer:
         ready = not self._stopping and all(v == "ready" for v in providers.values())
         return ready, providers
 
+    def readiness_report(self) -> tuple[bool, dict[str, Any]]:
+        ready, providers = self.readiness()
+        return ready, {"ready": ready, "providers": providers}
+
+    def exposition(self) -> bytes:
+        return self.metrics.exposition()
+
     def _update_health(self) -> None:
         if self._stopping:
             return
         ready, _ = self.readiness()
+        if self.share_readiness is not None:
+            ready = self.share_readiness(ready)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if ready
@@ -223,7 +253,7 @@ class AuthzServer:
         threads = self.settings.server.threads
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="check"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
         )
         server.add_generic_rpc_handlers((AuthorizationServicer(self.service).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -236,19 +266,25 @@ class AuthzServer:
         server.start()
         self.grpc_server = server
 
-        host, port = split_host_port(self.http_listen, "--http-listen")
-        self.side_port = _SidePort((host, port), self)
-        self.http_port = self.side_port.server_address[1]
-        threading.Thread(target=self.side_port.serve_forever, name="side-port", daemon=True).start()
+        side = "no side port"
+        if self.http_listen is not None:
+            host, port = split_host_port(self.http_listen, "--http-listen")
+            self.side_port = SidePort((host, port), self)
+            self.http_port = self.side_port.server_address[1]
+            threading.Thread(
+                target=self.side_port.serve_forever, name="side-port", daemon=True
+            ).start()
+            side = f"HTTP on {host}:{self.http_port}"
         if self.reloader is not None:
             self.reloader.start()
+        if self.share_readiness is not None:
+            # Other workers' readiness changes without telling us: look again now and then.
+            threading.Thread(target=self._follow_peers, name="peer-health", daemon=True).start()
         ready, providers = self.readiness()
         log.info(
-            "serving gRPC on %s, HTTP on %s:%d; configuration %s: %d provider(s), "
-            "%d polic(ies); ready=%s %s",
+            "serving gRPC on %s, %s; configuration %s: %d provider(s), %d polic(ies); ready=%s %s",
             self.listen,
-            host,
-            self.http_port,
+            side,
             self.settings.digest,
             len(self.settings.providers),
             len(self.settings.policies),
@@ -256,10 +292,18 @@ class AuthzServer:
             "" if ready else providers,
         )
 
+    def _follow_peers(self, interval: float = 0.25) -> None:
+        while not self._stop_following.wait(interval):
+            self._update_health()
+            self.metrics.publish_engine()
+
     def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
         """Report NOT_SERVING, keep answering for ``drain_delay`` while load balancers notice,
         then refuse new Checks and let in-flight ones finish within ``grace``."""
         self._stopping = True
+        self._stop_following.set()
+        if self.share_readiness is not None:
+            self.share_readiness(False)
         self.health.enter_graceful_shutdown()
         if self.reloader is not None:
             self.reloader.stop()
@@ -276,16 +320,24 @@ class AuthzServer:
 
 
 def serve(
-    settings: Settings, *, listen: str, http_listen: str, config_path: Path | None = None
+    settings: Settings,
+    *,
+    listen: str,
+    http_listen: str | None,
+    config_path: Path | None = None,
+    **options: Any,
 ) -> int:
-    """Run until SIGTERM or SIGINT, then drain; SIGHUP reloads. Returns the exit code."""
+    """Run until SIGTERM or SIGINT, then drain; SIGHUP reloads. Returns the exit code.
+    ``options`` go to AuthzServer (a worker's metrics, port sharing, readiness)."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: draining", signal.Signals(signum).name)
         stop.set()
 
-    server = AuthzServer(settings, listen=listen, http_listen=http_listen, config_path=config_path)
+    server = AuthzServer(
+        settings, listen=listen, http_listen=http_listen, config_path=config_path, **options
+    )
 
     def on_hangup(_signum: int, _frame: object) -> None:
         if server.reloader is not None:

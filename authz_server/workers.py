@@ -1,0 +1,305 @@
+"""``serve --workers N``: N server processes sharing the gRPC port, under one supervisor.
+
+Each worker is a fresh interpreter (multiprocessing's ``spawn``: nothing of the supervisor is
+inherited, gRPC least of all) that runs the ordinary server with SO_REUSEPORT, its own key and
+token caches, its own reloader watching the configuration, and no side port. The supervisor
+holds no gRPC object. It
+
+- serves the side port: ``/metrics`` summed over every worker (prometheus-client multi-process
+  mode, in a directory it creates and removes), ``/readyz`` ready only when every worker is;
+- keeps a readiness board, one byte per worker in shared memory, that each worker's gRPC health
+  reads, so health too says SERVING only when every worker is ready;
+- forwards SIGHUP (reload) to every worker, and on SIGTERM or SIGINT drains every worker and
+  exits 0 when all of them did;
+- restarts a worker that dies, and logs it; a worker that keeps dying is restarted after a
+  growing delay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("authz_server.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A worker that dies sooner than this after its start is restarted after a growing delay.
+_HEALTHY_RUN = 5.0
+_MAX_RESTART_DELAY = 30.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_count(value: str) -> int:
+    """``--workers``: a positive number, or ``auto`` for the CPUs this process may use."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"expected a number of workers (1 or more) or 'auto', got {value!r}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies, even by SIGKILL: no orphan keeps the
+    port. (Elsewhere, a no-op.)"""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class _WorkerPlan:
+    """What every worker is started with (sent to the spawned process)."""
+
+    config_path: str
+    listen: str
+    log_level: str
+    log_format: str
+    supervisor_pid: int
+
+
+def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
+    """The body of one worker process (spawned: imports happen here, after the environment
+    carries the metrics directory, as prometheus-client requires)."""
+    from authz_server import config  # noqa: PLC0415
+    from authz_server.errors import ConfigError  # noqa: PLC0415
+    from authz_server.log import setup_logging  # noqa: PLC0415
+    from authz_server.metrics import Metrics  # noqa: PLC0415
+    from authz_server.server import serve  # noqa: PLC0415
+
+    _die_with_parent(plan.supervisor_pid)
+    setup_logging(plan.log_level, plan.log_format)
+    try:
+        settings = config.load(plan.config_path)
+    except ConfigError as exc:
+        log.error("worker %d: configuration refused: %s", slot, exc)
+        raise SystemExit(1) from None
+
+    def share_readiness(ready: bool) -> bool:
+        board[slot] = 1 if ready else 0
+        return all(board)
+
+    raise SystemExit(
+        serve(
+            settings,
+            listen=plan.listen,
+            http_listen=None,
+            config_path=Path(plan.config_path),
+            metrics=Metrics(multiprocess_mode=True),
+            reuse_port=True,
+            share_readiness=share_readiness,
+        )
+    )
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: Any = None
+    started: float = 0.0
+    restart_delay: float = 0.0
+    restart_at: float = 0.0
+    exit_code: int | None = None
+
+
+class Supervisor:
+    """Runs ``workers`` server processes on ``listen`` and the side port on ``http_listen``."""
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        config_path: Path,
+        listen: str,
+        http_listen: str,
+        log_level: str = "INFO",
+        log_format: str = "json",
+        drain_seconds: float = 10.0,
+    ) -> None:
+        if listen.startswith("unix:"):
+            raise ValueError(
+                "--workers needs a TCP --listen address: processes share a port with "
+                "SO_REUSEPORT, which unix sockets do not have"
+            )
+        self.workers = workers
+        self.config_path = config_path
+        self.listen = listen
+        self.http_listen = http_listen
+        self.log_level = log_level
+        self.log_format = log_format
+        self.drain_seconds = drain_seconds
+        self._context = multiprocessing.get_context("spawn")
+        self.board = self._context.RawArray("B", workers)
+        self.slots = [_Slot(i) for i in range(workers)]
+        self._stop = threading.Event()
+        self._stopping = False
+        self._port_holder: socket.socket | None = None
+        self.metrics_dir = ""
+        self.grpc_port = 0
+        self.http_port = 0
+
+    # ---------------------------------------------------------------- side port owner
+
+    def readiness_report(self) -> tuple[bool, dict[str, Any]]:
+        states = {str(s.index): "ready" if self.board[s.index] else "not ready" for s in self.slots}
+        ready = not self._stopping and all(self.board)
+        return ready, {"ready": ready, "workers": states}
+
+    def exposition(self) -> bytes:
+        from authz_server.metrics import aggregated_exposition  # noqa: PLC0415
+
+        return aggregated_exposition()
+
+    # ---------------------------------------------------------------------- running
+
+    def _reserve_port(self) -> None:
+        """Resolve port 0 to a free port that every worker can share, and hold it."""
+        from authz_server.server import split_host_port  # noqa: PLC0415
+
+        host, port = split_host_port(self.listen, "--listen")
+        if port == 0:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            holder = socket.socket(family, socket.SOCK_STREAM)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((host, 0))  # bound, never listening: takes no connections
+            port = holder.getsockname()[1]
+            self._port_holder = holder
+            self.listen = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        self.grpc_port = port
+
+    def _start_worker(self, slot: _Slot) -> None:
+        self.board[slot.index] = 0
+        slot.process = self._context.Process(
+            target=_worker_main,
+            name=f"authz-worker-{slot.index}",
+            args=(
+                slot.index,
+                self.board,
+                _WorkerPlan(
+                    str(self.config_path), self.listen, self.log_level, self.log_format, os.getpid()
+                ),
+            ),
+        )
+        slot.process.start()
+        slot.started = time.monotonic()
+        log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
+
+    def _reap(self, slot: _Slot) -> None:
+        """A worker that exited outside a shutdown: log it and schedule its restart."""
+        from prometheus_client import multiprocess  # noqa: PLC0415
+
+        process = slot.process
+        self.board[slot.index] = 0
+        multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        ran = time.monotonic() - slot.started
+        slot.restart_delay = (
+            min(_MAX_RESTART_DELAY, max(0.5, slot.restart_delay * 2)) if ran < _HEALTHY_RUN else 0.0
+        )
+        slot.restart_at = time.monotonic() + slot.restart_delay
+        log.error(
+            "worker %d (pid %d) exited with code %s after %.1fs; restarting in %.1fs",
+            slot.index,
+            process.pid,
+            process.exitcode,
+            ran,
+            slot.restart_delay,
+        )
+        slot.process = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for slot in self.slots:
+                if slot.process is not None and not slot.process.is_alive():
+                    self._reap(slot)
+                if slot.process is None and time.monotonic() >= slot.restart_at:
+                    self._start_worker(slot)
+
+    def _forward(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signum)
+
+    def _drain(self) -> bool:
+        """SIGTERM every worker and wait for them; True when every one exited 0."""
+        self._stopping = True
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_seconds
+        clean = True
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                continue
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %d did not drain in time: killed", slot.index)
+                process.kill()
+                process.join(5)
+                clean = False
+            # NOTE: -SIGTERM: it was still starting (no handler yet), so it had nothing to drain.
+            elif process.exitcode not in (0, -signal.SIGTERM):
+                log.error("worker %d exited with code %s", slot.index, process.exitcode)
+                clean = False
+        return clean
+
+    def run(self) -> int:
+        """Start the workers and the side port; return the exit code after a drain."""
+        from authz_server.server import SidePort, split_host_port  # noqa: PLC0415
+
+        self.metrics_dir = tempfile.mkdtemp(prefix="authz-server-metrics-")
+        # NOTE: prometheus-client picks multi-process mode from the environment when it is
+        # imported: the spawned workers inherit this before importing anything.
+        os.environ[MULTIPROC_ENV] = self.metrics_dir
+        side_port: SidePort | None = None
+        try:
+            self._reserve_port()
+
+            def on_stop(signum: int, _frame: object) -> None:
+                log.info(
+                    "received %s: draining %d workers", signal.Signals(signum).name, self.workers
+                )
+                self._stop.set()
+
+            signal.signal(signal.SIGTERM, on_stop)
+            signal.signal(signal.SIGINT, on_stop)
+            signal.signal(signal.SIGHUP, lambda _s, _f: self._forward(signal.SIGHUP))
+            for slot in self.slots:
+                self._start_worker(slot)
+            host, port = split_host_port(self.http_listen, "--http-listen")
+            side_port = SidePort((host, port), self)
+            self.http_port = side_port.server_address[1]
+            threading.Thread(target=side_port.serve_forever, name="side-port", daemon=True).start()
+            log.info(
+                "supervising %d workers on gRPC %s, HTTP on %s:%d",
+                self.workers,
+                self.listen,
+                host,
+                self.http_port,
+            )
+            self._watch()
+            clean = self._drain()
+            log.info("stopped")
+            return 0 if clean else 1
+        finally:
+            if side_port is not None:
+                side_port.shutdown()
+                side_port.server_close()
+            if self._port_holder is not None:
+                self._port_holder.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV, None)

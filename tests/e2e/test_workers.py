@@ -1,0 +1,206 @@
+"""``serve --workers 2``: processes sharing the port, one side port, reloads, restarts, drain.
+
+The real CLI runs as a subprocess; Checks go over real gRPC connections to the shared port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_server import devkeys
+from authz_server.devkeys import SigningKey
+from tests.e2e.harness import AuthzServerProcess, free_port, http_request, wait_until
+from tests.helpers import AUDIENCE, ISSUER, claims_for
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 2
+
+
+def config_text(paths: list[str]) -> str:
+    return f"""apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksFile: jwks.json
+policies:
+  - name: users
+    rules:
+      - from: [{{source: {{requestPrincipals: ["*"]}}}}]
+        to: [{{operation: {{paths: {json.dumps(paths)}}}}}]
+"""
+
+
+def check_code(address: str, token: str, path: str) -> int:
+    """One Check over a new connection (SO_REUSEPORT spreads connections, not requests)."""
+    ctx = attribute_context_pb2.AttributeContext
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            request=ctx.Request(
+                http=ctx.HttpRequest(
+                    method="GET",
+                    host="api.test",
+                    path=path,
+                    headers={"authorization": f"Bearer {token}"},
+                )
+            )
+        )
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        code: int = stub.Check(request, timeout=5).status.code
+        return code
+
+
+def worker_pids(server: AuthzServerProcess) -> dict[int, int]:
+    """{worker index: pid} of the newest start of each worker, from the supervisor's log."""
+    started = re.findall(r"worker (\d+) started \(pid (\d+)\)", server.log_text())
+    return {int(index): int(pid) for index, pid in started}
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def metric_sum(server: AuthzServerProcess, name: str, **labels: str) -> float:
+    _, _, body = http_request(f"{server.http_url}/metrics")
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return devkeys.generate_key("RSA", kid="workers")
+
+
+@pytest.fixture(scope="module")
+def token(key: SigningKey) -> str:
+    return key.sign(claims_for(time.time()))
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Path:
+    directory = tmp_path_factory.mktemp("workers")
+    (directory / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
+    path = directory / "config.yaml"
+    path.write_text(config_text(["/orders"]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(config_path: Path) -> Iterator[AuthzServerProcess]:
+    process = AuthzServerProcess(
+        config_path,
+        free_port(),
+        free_port(),
+        ["--workers", str(WORKERS), "--log-format", "text"],
+        ready_path="/readyz",
+        ready_timeout=60,
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_every_worker_is_ready_and_health_says_so(server: AuthzServerProcess) -> None:
+    status, _, body = http_request(f"{server.http_url}/readyz")
+    assert status == 200
+    assert json.loads(body) == {
+        "ready": True,
+        "workers": {str(i): "ready" for i in range(WORKERS)},
+    }
+    assert sorted(worker_pids(server)) == list(range(WORKERS))
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_checks_spread_over_the_workers_and_metrics_add_up(
+    server: AuthzServerProcess, token: str
+) -> None:
+    before = metric_sum(server, "authz_checks_total")
+    pids = worker_pids(server)
+    ticks = {pid: cpu_ticks(pid) for pid in pids.values()}
+    checks = 0
+    deadline = time.monotonic() + 60
+    # Connections land on workers by a hash of their ports: keep connecting until every
+    # worker has clearly worked (bounded in count and time).
+    while checks < 3000 and time.monotonic() < deadline:
+        for _ in range(50):
+            assert check_code(server.grpc_address, token, "/orders") == 0
+            checks += 1
+        if all(cpu_ticks(pid) - ticks[pid] >= 5 for pid in pids.values()):
+            break
+    busy = {pid: cpu_ticks(pid) - ticks[pid] for pid in pids.values()}
+    assert all(t >= 5 for t in busy.values()), f"CPU ticks per worker: {busy}"
+    wait_until(
+        lambda: metric_sum(server, "authz_checks_total") - before == checks,
+        what=f"/metrics to count {checks} Checks summed over the workers",
+    )
+    assert metric_sum(server, "authz_checks_total", decision="allow") >= checks
+    # Scrape-time state is published by every worker too.
+    wait_until(lambda: metric_sum(server, "authz_token_cache_hits_total") > 0, what="cache hits")
+    assert metric_sum(server, "authz_jwks_keys", provider=ISSUER) == 1
+
+
+def test_a_config_change_reaches_every_worker(
+    server: AuthzServerProcess, config_path: Path, token: str
+) -> None:
+    before = metric_sum(server, "authz_config_reloads_total", result="success")
+    assert check_code(server.grpc_address, token, "/admin") == 7  # PERMISSION_DENIED
+    partial = config_path.with_name(".config.yaml.tmp")
+    partial.write_text(config_text(["/orders", "/admin"]))
+    partial.replace(config_path)
+    wait_until(
+        lambda: (
+            metric_sum(server, "authz_config_reloads_total", result="success") == before + WORKERS
+        ),
+        timeout=20,
+        what="every worker reloaded",
+    )
+    # Whichever worker a new connection lands on, it decides with the new configuration.
+    assert all(check_code(server.grpc_address, token, "/admin") == 0 for _ in range(40))
+
+
+def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) -> None:
+    old = worker_pids(server)[0]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: worker_pids(server)[0] != old, timeout=20, what="worker 0 restarted")
+    assert re.search(rf"worker 0 \(pid {old}\) exited with code -9", server.log_text())
+    wait_until(
+        lambda: http_request(f"{server.http_url}/readyz")[0] == 200,
+        timeout=60,
+        what="ready again",
+    )
+
+
+def test_sigterm_drains_every_worker_and_exits_0(server: AuthzServerProcess, token: str) -> None:
+    # Last in this module: it stops the shared server.
+    pids = list(worker_pids(server).values())
+    assert check_code(server.grpc_address, token, "/orders") == 0
+    code = server.stop(timeout=30)
+    assert code == 0, server.log_text()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert server.log_text().count("authz_server.server stopped") >= WORKERS
