@@ -1,4 +1,9 @@
-"""Command line: ``authz-server serve | validate | check | version``."""
+"""Command line: ``authz-server serve | validate | check | version``.
+
+``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
+that a log pipeline sees every line of a pod; ``validate`` and ``check`` are for a
+person at a terminal and print plain text.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +84,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             return 2
         headers[name.strip().lower()] = value.strip()
     if args.token_file is not None:
-        headers["authorization"] = f"Bearer {args.token_file.read_text().strip()}"
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        headers["authorization"] = f"Bearer {token}"
     engine = Engine.build(settings)
     for cache in engine.caches.values():
         if not cache.refresh():
@@ -98,13 +108,67 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _load(path: str) -> config.Settings | None:
+    """For validate and check: every problem as a line of text on stderr."""
     try:
-        return config.load(path)
+        settings = config.load(path)
     except ConfigError as exc:
         print(f"invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return None
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Every line, start-up errors included, is a log line in ``--log-format``."""
+    setup_logging(args.log_level, args.log_format)
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error(
+                "invalid configuration: %s",
+                problem,
+                extra={
+                    "fields": {
+                        "document": problem.document,
+                        "field": problem.path,
+                        "problem": problem.message,
+                    }
+                },
+            )
+        log.error(
+            "not starting: %d problem(s) in the configuration %s",
+            len(exc.problems),
+            args.config,
+            extra={"fields": {"problems": len(exc.problems)}},
+        )
+        return 1
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
+
+    listen = args.listen or settings.server.listen
+    http_listen = args.http_listen or settings.server.http_listen
+    try:
+        return serve(
+            settings, listen=listen, http_listen=http_listen, config_path=Path(args.config)
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A port in use, an address that does not parse: the message says what, the fields where.
+        log.error(
+            "exiting: %s (gRPC %s, HTTP %s)",
+            exc,
+            listen,
+            http_listen,
+            extra={"fields": {"listen": listen, "http_listen": http_listen}},
+        )
+        return 1
+    except Exception:
+        log.critical("exiting on an unexpected error", exc_info=True)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,22 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args.config)
         if settings is None:
             return 1
-        for warning in settings.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
         print("ok")
         return 0
-
-    setup_logging(args.log_level, args.log_format)
-    settings = _load(args.config)
-    if settings is None:
-        return 1
-    for warning in settings.warnings:
-        log.warning("%s", warning)
-    from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
-
-    return serve(
-        settings,
-        listen=args.listen or settings.server.listen,
-        http_listen=args.http_listen or settings.server.http_listen,
-        config_path=Path(args.config),
-    )
+    return _serve(args)
