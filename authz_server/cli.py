@@ -1,7 +1,7 @@
-"""Command line: ``authz-server serve | validate | check | version``.
+"""Command line: ``authz-server serve | validate | check | token | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
-that a log pipeline sees every line of a pod; ``validate`` and ``check`` are for a
+that a log pipeline sees every line of a pod; ``validate``, ``check`` and ``token`` are for a
 person at a terminal and print plain text.
 """
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config
+from authz_server import __version__, config, devtoken
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 
@@ -65,8 +65,108 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
 
+    _token_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return config.parse_duration(float(text) if text.isdecimal() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    warning = (
+        "A DEVELOPMENT TOOL: the private key is written unencrypted and anyone who can read it "
+        "can mint accepted tokens. Never point a production configuration at these keys."
+    )
+    token = sub.add_parser(
+        "token",
+        help="DEVELOPMENT TOOL: make a local key pair and mint test tokens (never in production)",
+        description="Try a configuration with tokens of your own: `token init` makes a key pair "
+        "and the provider that trusts it, `token mint` signs tokens with the claims you give. "
+        + warning,
+    )
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    init = token_sub.add_parser(
+        "init",
+        help="make DIR/private.pem (0600) and DIR/jwks.json; print a provider using it",
+        description="Make a key pair: DIR/private.pem (mode 0600, unencrypted) and "
+        "DIR/jwks.json (the public key only). Prints an AuthzConfig document whose provider "
+        "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
+        "into your configuration. " + warning,
+    )
+    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--kind",
+        choices=list(devtoken.KINDS),
+        default="RSA",
+        help="RSA (2048 bits, RS256), EC (P-256, ES256) or Ed25519 (EdDSA); default RSA",
+    )
+    init.add_argument("--kid", help="key id tokens carry (default: the key's RFC 7638 thumbprint)")
+    init.add_argument(
+        "--issuer",
+        default=devtoken.DEFAULT_ISSUER,
+        help=f"issuer of the printed provider (default {devtoken.DEFAULT_ISSUER})",
+    )
+    init.add_argument("--force", action="store_true", help="replace keys already in DIR")
+
+    mint = token_sub.add_parser(
+        "mint",
+        help="print a token signed with a key from `token init`",
+        description="Print a signed JWT: iss, sub, aud, iat (now) and exp (now + --ttl), then "
+        "every --claim, which may also replace those (a null value removes one). " + warning,
+    )
+    mint.add_argument(
+        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+    )
+    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
+    mint.add_argument(
+        "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
+    )
+    mint.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help='repeatable; VALUE is JSON when it parses (true, 42, \'["a","b"]\', '
+        "'{\"x\": 1}'), else a string; null removes the claim (exp=null: no expiry)",
+    )
+    mint.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        help="lifetime: 1h, 15m, 90s, 1h30m, or a bare number of seconds (default 1h)",
+    )
+    mint.add_argument("--alg", help="signing algorithm (default RS256, ES256 or EdDSA by key)")
+    mint.add_argument("--kid", help="kid in the header (default: the key's kid in jwks.json)")
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        if args.token_command == "init":
+            files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            print(devtoken.provider_document(files, issuer=args.issuer), end="")
+            return 0
+        key = devtoken.load_signing_key(args.key, kid=args.kid)
+        print(
+            devtoken.mint(
+                key,
+                issuer=args.issuer,
+                subject=args.sub,
+                audiences=args.aud,
+                claims=devtoken.parse_claims(args.claim),
+                ttl=args.ttl,
+                alg=args.alg,
+            )
+        )
+        return 0
+    except devtoken.DevTokenError as exc:
+        print(f"authz-server token {args.token_command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -176,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"authz-server {__version__}")
         return 0
+    if args.command == "token":
+        return _token(args)
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)
