@@ -111,6 +111,9 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=devtoken.DEFAULT_ISSUER,
         help=f"issuer of the printed provider (default {devtoken.DEFAULT_ISSUER})",
     )
+    init.add_argument(
+        "--name", default="dev", help="name of the printed provider (default dev; unique)"
+    )
     init.add_argument("--force", action="store_true", help="replace keys already in DIR")
 
     mint = token_sub.add_parser(
@@ -149,7 +152,8 @@ def _token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
             files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
-            print(devtoken.provider_document(files, issuer=args.issuer), end="")
+            document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
+            print(document, end="")
             return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
         print(

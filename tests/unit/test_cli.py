@@ -15,7 +15,8 @@ import pytest
 from authz_server import cli
 from tests.helpers import write_config
 
-# Three problems in three places: a bad value, an unknown field, a missing key file.
+# Three problems in three places: a bad value, an unknown field, a missing key file; and a
+# valid policy, so that the configuration is not empty whatever else is wrong with it.
 BAD_CONFIG = """\
 apiVersion: authz-server/v1
 kind: AuthzConfig
@@ -23,6 +24,12 @@ server: {threads: 0, colour: blue}
 providers:
   - issuer: https://idp.example.com
     jwksFile: missing-jwks.json
+---
+apiVersion: authz-server/v1
+kind: AuthzConfig
+policies:
+  - name: reads
+    rules: [{to: [{operation: {methods: [GET]}}]}]
 """
 
 # Valid, needs no network: one policy, no provider. The Istio policy's selector is ignored

@@ -302,3 +302,23 @@ def test_the_kid_comes_from_the_jwks_beside_the_key(tmp_path: Path) -> None:
     assert devtoken.load_signing_key(files.private_key, kid="override").kid == "override"
     (tmp_path / "keys" / "jwks.json").unlink()
     assert devtoken.load_signing_key(files.private_key).kid != "from-init"  # the thumbprint
+
+
+def test_two_key_directories_named_apart_make_one_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alpha, beta = tmp_path / "alpha", tmp_path / "beta"
+    _, alpha_document, _ = _cli(capsys, "token", "init", "--dir", str(alpha), "--kind", "EC",
+                                "--name", "alpha", "--issuer", "https://alpha.invalid")  # fmt: skip
+    _, beta_document, _ = _cli(capsys, "token", "init", "--dir", str(beta), "--kind", "EC",
+                               "--name", "beta", "--issuer", "https://beta.invalid")  # fmt: skip
+    config_dir = _config_dir(tmp_path, alpha_document)
+    (config_dir / "beta-provider.yaml").write_text(beta_document)
+
+    assert sorted(p.name for p in config.load(config_dir).providers) == ["alpha", "beta"]
+    for keys, issuer, name in ((alpha, "https://alpha.invalid", "alpha"),
+                               (beta, "https://beta.invalid", "beta")):  # fmt: skip
+        token = _cli(capsys, "token", "mint", "--key", str(keys), "--issuer", issuer,
+                     "--sub", "bob")[1].strip()  # fmt: skip
+        code, result = _check(capsys, config_dir, token, "GET")
+        assert (code, result["provider"], result["principal"]) == (0, name, f"{issuer}/bob")
