@@ -1,4 +1,9 @@
-"""Command line: ``authz-server serve | validate | check | version``."""
+"""Command line: ``authz-server serve | validate | check | token | version``.
+
+``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
+that a log pipeline sees every line of a pod; ``validate``, ``check`` and ``token`` are for a
+person at a terminal and print plain text.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config
+from authz_server import __version__, config, devtoken
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.workers import Supervisor, worker_count
@@ -67,8 +72,112 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
 
+    _token_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return config.parse_duration(float(text) if text.isdecimal() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    warning = (
+        "A DEVELOPMENT TOOL: the private key is written unencrypted and anyone who can read it "
+        "can mint accepted tokens. Never point a production configuration at these keys."
+    )
+    token = sub.add_parser(
+        "token",
+        help="DEVELOPMENT TOOL: make a local key pair and mint test tokens (never in production)",
+        description="Try a configuration with tokens of your own: `token init` makes a key pair "
+        "and the provider that trusts it, `token mint` signs tokens with the claims you give. "
+        + warning,
+    )
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    init = token_sub.add_parser(
+        "init",
+        help="make DIR/private.pem (0600) and DIR/jwks.json; print a provider using it",
+        description="Make a key pair: DIR/private.pem (mode 0600, unencrypted) and "
+        "DIR/jwks.json (the public key only). Prints an AuthzConfig document whose provider "
+        "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
+        "into your configuration. " + warning,
+    )
+    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--kind",
+        choices=list(devtoken.KINDS),
+        default="RSA",
+        help="RSA (2048 bits, RS256), EC (P-256, ES256) or Ed25519 (EdDSA); default RSA",
+    )
+    init.add_argument("--kid", help="key id tokens carry (default: the key's RFC 7638 thumbprint)")
+    init.add_argument(
+        "--issuer",
+        default=devtoken.DEFAULT_ISSUER,
+        help=f"issuer of the printed provider (default {devtoken.DEFAULT_ISSUER})",
+    )
+    init.add_argument(
+        "--name", default="dev", help="name of the printed provider (default dev; unique)"
+    )
+    init.add_argument("--force", action="store_true", help="replace keys already in DIR")
+
+    mint = token_sub.add_parser(
+        "mint",
+        help="print a token signed with a key from `token init`",
+        description="Print a signed JWT: iss, sub, aud, iat (now) and exp (now + --ttl), then "
+        "every --claim, which may also replace those (a null value removes one). " + warning,
+    )
+    mint.add_argument(
+        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+    )
+    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
+    mint.add_argument(
+        "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
+    )
+    mint.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help='repeatable; VALUE is JSON when it parses (true, 42, \'["a","b"]\', '
+        "'{\"x\": 1}'), else a string; null removes the claim (exp=null: no expiry)",
+    )
+    mint.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        help="lifetime: 1h, 15m, 90s, 1h30m, or a bare number of seconds (default 1h)",
+    )
+    mint.add_argument("--alg", help="signing algorithm (default RS256, ES256 or EdDSA by key)")
+    mint.add_argument("--kid", help="kid in the header (default: the key's kid in jwks.json)")
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        if args.token_command == "init":
+            files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
+            print(document, end="")
+            return 0
+        key = devtoken.load_signing_key(args.key, kid=args.kid)
+        print(
+            devtoken.mint(
+                key,
+                issuer=args.issuer,
+                subject=args.sub,
+                audiences=args.aud,
+                claims=devtoken.parse_claims(args.claim),
+                ttl=args.ttl,
+                alg=args.alg,
+            )
+        )
+        return 0
+    except devtoken.DevTokenError as exc:
+        print(f"authz-server token {args.token_command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -86,7 +195,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             return 2
         headers[name.strip().lower()] = value.strip()
     if args.token_file is not None:
-        headers["authorization"] = f"Bearer {args.token_file.read_text().strip()}"
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        headers["authorization"] = f"Bearer {token}"
     engine = Engine.build(settings)
     for cache in engine.caches.values():
         if not cache.refresh():
@@ -105,48 +219,54 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _load(path: str) -> config.Settings | None:
+    """For validate and check: every problem as a line of text on stderr."""
     try:
-        return config.load(path)
+        settings = config.load(path)
     except ConfigError as exc:
         print(f"invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return None
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return settings
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "version":
-        print(f"authz-server {__version__}")
-        return 0
-    if args.command == "check":
-        settings = _load(args.config)
-        return 2 if settings is None else _check(args, settings)
-    if args.command == "validate":
-        settings = _load(args.config)
-        if settings is None:
-            return 1
-        for warning in settings.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print("ok")
-        return 0
-
+def _serve(args: argparse.Namespace) -> int:
+    """Every line, start-up errors included, is a log line in ``--log-format``."""
     setup_logging(args.log_level, args.log_format)
-    settings = _load(args.config)
-    if settings is None:
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error(
+                "invalid configuration: %s",
+                problem,
+                extra={
+                    "fields": {
+                        "document": problem.document,
+                        "field": problem.path,
+                        "problem": problem.message,
+                    }
+                },
+            )
+        log.error(
+            "not starting: %d problem(s) in the configuration %s",
+            len(exc.problems),
+            args.config,
+            extra={"fields": {"problems": len(exc.problems)}},
+        )
         return 1
     for warning in settings.warnings:
         log.warning("%s", warning)
-    try:
-        workers = worker_count(args.workers)
-    except ValueError as exc:
-        log.error("--workers: %s", exc)
-        return 2
+    from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
+
     listen = args.listen or settings.server.listen
     http_listen = args.http_listen or settings.server.http_listen
-    if workers > 1:
-        try:
-            supervisor = Supervisor(
+    try:
+        workers = worker_count(args.workers)
+        if workers > 1:
+            return Supervisor(
                 workers=workers,
                 config_path=Path(args.config),
                 listen=listen,
@@ -154,16 +274,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
-            )
-        except ValueError as exc:
-            log.error("%s", exc)
-            return 2
-        return supervisor.run()
-    from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
+            ).run()
+        return serve(
+            settings, listen=listen, http_listen=http_listen, config_path=Path(args.config)
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A port in use, an address that does not parse: the message says what, the fields where.
+        log.error(
+            "exiting: %s (gRPC %s, HTTP %s)",
+            exc,
+            listen,
+            http_listen,
+            extra={"fields": {"listen": listen, "http_listen": http_listen}},
+        )
+        return 1
+    except Exception:
+        log.critical("exiting on an unexpected error", exc_info=True)
+        return 1
 
-    return serve(
-        settings,
-        listen=listen,
-        http_listen=http_listen,
-        config_path=Path(args.config),
-    )
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"authz-server {__version__}")
+        return 0
+    if args.command == "token":
+        return _token(args)
+    if args.command == "check":
+        settings = _load(args.config)
+        return 2 if settings is None else _check(args, settings)
+    if args.command == "validate":
+        settings = _load(args.config)
+        if settings is None:
+            return 1
+        print("ok")
+        return 0
+    return _serve(args)
