@@ -37,7 +37,9 @@ class Identity:
     claims: Mapping[str, Any]
     audiences: tuple[str, ...]
     presenter: str | None
-    payload_segment: str  # base64url payload as it came, for outputPayloadToHeader
+    # The base64url payload as it came, kept only for a provider with outputPayloadToHeader
+    # (a cached token would carry it for nothing otherwise).
+    payload_segment: str
     space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED
 
     @property
@@ -63,6 +65,7 @@ class ProviderRuntime:
     space_delimited: frozenset[str]
     require_expiration: bool = True
     required_claims: tuple[tuple[str, str | int | bool | None], ...] = ()
+    keeps_payload: bool = False
 
     @property
     def name(self) -> str:
@@ -84,6 +87,7 @@ class ProviderRuntime:
             space_delimited=DEFAULT_SPACE_DELIMITED | frozenset(spec.space_delimited_claims),
             require_expiration=spec.require_expiration,
             required_claims=tuple(spec.required_claims.items()),
+            keeps_payload=spec.output_payload_to_header is not None,
         )
 
 
@@ -352,7 +356,7 @@ class TokenVerifier:
             claims=payload,
             audiences=audiences,
             presenter=azp if isinstance(azp, str) else None,
-            payload_segment=payload_segment,
+            payload_segment=payload_segment if provider.keeps_payload else "",
             space_delimited=provider.space_delimited,
         )
         return identity, exp, nbf

@@ -219,11 +219,12 @@ def test_rendered_allows_are_reused_per_identity_and_never_mixed(rsa_key: Signin
             policy=None,
         )
 
-    first = renderer.render(decision(alice, "alice"))
-    assert renderer.render(decision(alice, "alice")) is first
-    other = renderer.render(decision(bob, "bob"))
+    first = renderer.wire(decision(alice, "alice"))
+    assert renderer.wire(decision(alice, "alice")) is first
+    other = external_auth_pb2.CheckResponse.FromString(renderer.wire(decision(bob, "bob")))
     assert other.dynamic_metadata.fields["principal"].string_value == "iss/bob"
     assert other.ok_response.headers[0].header.value == "bob"
-    assert first.dynamic_metadata.fields["principal"].string_value == "iss/alice"
+    parsed = external_auth_pb2.CheckResponse.FromString(first)
+    assert parsed.dynamic_metadata.fields["principal"].string_value == "iss/alice"
     # Same headers but another (equal-looking) metadata object: rebuilt, not reused.
-    assert renderer.render(decision(dict(alice), "alice")) is not first
+    assert renderer.wire(decision(dict(alice), "alice")) is not first
