@@ -13,8 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 from authz_server import errors
@@ -27,9 +26,9 @@ MAX_TOKEN_BYTES = 8192
 DEFAULT_SPACE_DELIMITED = frozenset({"scope", "permission"})
 
 
-@dataclass(frozen=True)  # NOTE: not slotted: ``metadata`` is a cached_property
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a verified token says the caller is."""
+    """Who a verified token says the caller is. Lives in the token cache, hence the slots."""
 
     provider: str
     issuer: str
@@ -41,16 +40,16 @@ class Identity:
     # (a cached token would carry it for nothing otherwise).
     payload_segment: str
     space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED
+    principal: str = field(init=False)  # Istio's request principal: ``iss/sub``
+    # What Envoy's dynamic metadata carries: built once per verified token, and its identity
+    # keys the rendered answer.
+    metadata: Mapping[str, Any] = field(init=False)
 
-    @property
-    def principal(self) -> str:
-        """Istio's request principal: ``iss/sub``."""
-        return f"{self.issuer}/{self.subject}"
-
-    @cached_property
-    def metadata(self) -> Mapping[str, Any]:
-        """What Envoy's dynamic metadata carries (built once per verified token)."""
-        return {"principal": self.principal, "provider": self.provider, "claims": self.claims}
+    def __post_init__(self) -> None:
+        principal = f"{self.issuer}/{self.subject}"
+        object.__setattr__(self, "principal", principal)
+        metadata = {"principal": principal, "provider": self.provider, "claims": self.claims}
+        object.__setattr__(self, "metadata", metadata)
 
 
 @dataclass(frozen=True)
