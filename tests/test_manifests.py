@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,11 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
         "Service/authz-server",
         "ServiceAccount/authz-server",
     ]
-    extra = ["AuthorizationPolicy/authz-server-api"] if overlay == "istio" else []
+    extra = (
+        ["AuthorizationPolicy/authz-server-api", "PeerAuthentication/authz-server"]
+        if overlay == "istio"
+        else []
+    )
     assert rendered == sorted(base + extra)
 
 
@@ -250,7 +255,8 @@ def test_every_object_carries_the_common_label_and_its_namespace(overlay: str) -
         assert meta.get("labels", {}).get("app.kubernetes.io/name") == "authz-server", _label(obj)
         if obj["kind"] == "Namespace":
             continue
-        expected = "istio-system" if _is_istio(obj) else "authz-system"
+        # The CUSTOM policy lives with the gateway; everything else with the server.
+        expected = "istio-system" if obj["kind"] == "AuthorizationPolicy" else "authz-system"
         assert meta.get("namespace") == expected, _label(obj)
 
 
@@ -263,7 +269,8 @@ def test_every_object_validates_against_its_schema(overlay: str) -> None:
 def test_the_istio_overlay_holds_istio_objects_and_the_base_none() -> None:
     assert not [o for o in _objects("base") if _is_istio(o)]
     assert [_label(o) for o in _objects("istio") if _is_istio(o)] == [
-        "AuthorizationPolicy/authz-server-api"
+        "AuthorizationPolicy/authz-server-api",
+        "PeerAuthentication/authz-server",
     ]
 
 
@@ -292,7 +299,11 @@ def test_broken_manifests_are_caught_by_both_checks() -> None:
         "AuthorizationPolicy/broken: $.spec.provider: Additional properties are not allowed "
         "('nmae' was unexpected) (Istio CRD schema)" in problems
     ), text
-    assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 2, text
+    assert (
+        "PeerAuthentication/broken: $.spec.mtls.mode: 'strict' is not one of "
+        "['UNSET', 'DISABLE', 'PERMISSIVE', 'STRICT'] (Istio CRD schema)" in problems
+    ), text
+    assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 3, text
 
 
 def _schema_script() -> Any:
@@ -392,12 +403,15 @@ def test_configmap_holds_the_seed_story(settings: config.Settings) -> None:
     assert settings.server.shutdown_grace == 10.0
 
 
-def test_configmap_name_is_what_the_deployment_mounts() -> None:
-    objects = _objects("base")
-    configmap = _one(objects, "ConfigMap")["metadata"]["name"]
-    assert configmap.startswith("authz-server-config-")  # the generator's content hash
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_keeps_a_stable_name_that_the_deployment_mounts(overlay: str) -> None:
+    # No content hash in the name: an edit updates the mounted files and the pods hot-reload.
+    objects = _objects(overlay)
+    assert _one(objects, "ConfigMap")["metadata"]["name"] == "authz-server-config"
     pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
-    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [configmap]
+    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [
+        "authz-server-config"
+    ]
 
 
 # ------------------------------------------------------------------------ the Deployment
@@ -410,6 +424,11 @@ def _pod(overlay: str = "base") -> Obj:
 def _container() -> Obj:
     (container,) = _pod()["containers"]
     return dict(container)
+
+
+def _package_version() -> str:
+    with (REPO / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
 
 
 def _port(address: str) -> int:
@@ -440,7 +459,7 @@ def test_container_serves_the_configured_ports_and_reads_the_mounted_config(
         "grpc": _port(settings.server.listen),
         "http-metrics": _port(settings.server.http_listen),
     }
-    assert container["image"] == "authz-server:0.1.0"
+    assert container["image"] == f"authz-server:{_package_version()}"
     # The command is explicit, so the args do not depend on the image's ENTRYPOINT.
     assert container["command"] == ["python", "-m", "authz_server"]
     assert container["args"] == ["serve", "--config", "/etc/authz-server/"]
@@ -603,6 +622,65 @@ def test_custom_policy_names_the_mesh_provider_on_the_gateway() -> None:
     assert spec["action"] == "CUSTOM"
     assert spec["provider"]["name"] == _extension_provider()["name"]
     assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
-    assert spec["rules"] == [{"to": [{"operation": {"paths": ["/api/*"]}}]}]
     # The gateway's namespace is one the NetworkPolicy lets reach the Check port.
     assert policy["metadata"]["namespace"] in _allowed_namespaces()[9001]
+
+
+def test_custom_policy_checks_every_path_but_a_few_exact_exceptions() -> None:
+    rules = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
+    # One rule, only notPaths: no host, method or path narrows what is sent to us, so a path
+    # nobody thought of (or spelt differently) is checked too.
+    assert rules == [{"to": [{"operation": {"notPaths": ["/healthz"]}}]}]
+    # Exact paths: a `*` or `{**}` template would exempt a whole subtree.
+    exceptions = rules[0]["to"][0]["operation"]["notPaths"]
+    assert all(p.startswith("/") and "*" not in p and "{" not in p for p in exceptions)
+
+
+def test_mesh_normalises_paths_before_any_policy_sees_them() -> None:
+    mesh = yaml.safe_load(MESH_CONFIG.read_text())["spec"]["meshConfig"]
+    # MeshConfig field names: a typo (pathNormalisation) would be ignored by istiod.
+    assert set(mesh) == {"extensionProviders", "pathNormalization"}
+    # ProxyPathNormalization.NormalizationType: decode %2F/%5C, then BASE, then merge slashes.
+    assert mesh["pathNormalization"] == {"normalization": "DECODE_AND_MERGE_SLASHES"}
+
+
+def _peer_authentication() -> Obj:
+    return _one(_objects("istio"), "PeerAuthentication")
+
+
+def test_checks_reach_the_server_only_over_mesh_mtls() -> None:
+    objects = _objects("istio")
+    peer = _peer_authentication()
+    deployment = _one(objects, "Deployment")
+    assert peer["apiVersion"] == "security.istio.io/v1"
+    assert peer["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert peer["spec"]["mtls"] == {"mode": "STRICT"}
+    # The selector picks the server's pods, and the namespace puts them in the mesh.
+    selector = peer["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    namespace = _one(objects, "Namespace")
+    assert namespace["metadata"]["name"] == deployment["metadata"]["namespace"]
+    assert namespace["metadata"]["labels"]["istio-injection"] == "enabled"
+    # Without Istio (k8s/base) the namespace is left alone.
+    assert "istio-injection" not in _one(_objects("base"), "Namespace")["metadata"]["labels"]
+
+
+def test_only_the_metrics_port_also_accepts_plaintext() -> None:
+    spec = _peer_authentication()["spec"]
+    ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    # Keys are workload (container) ports; the Check port is never among the exceptions.
+    assert spec["portLevelMtls"] == {str(ports["http-metrics"]): {"mode": "PERMISSIVE"}}
+    assert str(ports["grpc"]) not in spec["portLevelMtls"]
+    # The CRD's CEL rule (which the schema check cannot run): portLevelMtls needs a selector.
+    assert spec["selector"]["matchLabels"]
+
+
+def test_sidecar_in_a_restricted_namespace_comes_with_istio_cni() -> None:
+    # The restricted Pod Security Standard refuses istio-init's NET_ADMIN/NET_RAW; with the
+    # CNI node agent no such init container is injected.
+    namespace = _one(_objects("istio"), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    operator = yaml.safe_load(MESH_CONFIG.read_text())["spec"]
+    assert operator["components"]["cni"] == {"enabled": True}
+    # Pod-level seccomp covers the injected containers too.
+    assert _pod("istio")["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
