@@ -59,8 +59,8 @@ image-check: $(STAMP) ## Lint the Dockerfile (hadolint) and test its shape; no e
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest -q tests/test_dockerfile.py
 
-k8s-validate: $(STAMP) ## Render k8s/ with kubectl kustomize and validate it offline (schemas, config)
-	$(BIN)/pytest -q tests/test_manifests.py
+k8s-validate: $(STAMP) ## Render k8s/ with kubectl and validate it offline (schemas, config, docs)
+	$(BIN)/pytest -q tests/test_manifests.py tests/test_deploy_docs.py
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,7 @@
   NetworkPolicy, mesh config and CUSTOM policy agree with it and with each other.
 - ``tests/data/manifests_broken`` shows that each check catches what it should.
 
-``make k8s-validate`` runs this file alone.
+``make k8s-validate`` runs this file and ``tests/test_deploy_docs.py``.
 """
 
 from __future__ import annotations
