@@ -1,7 +1,8 @@
-# authz-server image: `make image` builds it, `make image-check` lints and tests this file.
+# authz-server image: `make image` builds it as authz-server:<version in pyproject.toml>,
+# `make image-check` lints and tests this file.
 #
-#   docker run --rm -p 9001:9001 -p 9090:9090 -v "$PWD/examples/demo:/etc/authz-server:ro" authz-server:dev
-#   docker run --rm -v "$PWD/examples/demo:/etc/authz-server:ro" authz-server:dev \
+#   docker run --rm -p 9001:9001 -p 9090:9090 -v "$PWD/examples/demo:/etc/authz-server:ro" authz-server:0.1.0
+#   docker run --rm -v "$PWD/examples/demo:/etc/authz-server:ro" authz-server:0.1.0 \
 #       validate --config /etc/authz-server/
 #
 # Both stages use the same base image: the venv's python links to the base's interpreter.

