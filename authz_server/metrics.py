@@ -97,6 +97,20 @@ class _EngineCollector(Collector):
         yield from (fetches, keys, last, stale)
 
 
+class _DroppedLinesCollector(Collector):
+    """Scrape-time view of the decision log's drop count (read, never imported)."""
+
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "authz_decision_log_dropped",
+            "Decision log lines dropped: the queue was full or the destination failed.",
+            value=self._dropped(),
+        )
+
+
 class Metrics:
     """Every collector of the server, registered on ``registry``."""
 
@@ -150,12 +164,18 @@ class Metrics:
         self._dry_children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._engine_collector: _EngineCollector | None = None
+        self._dropped_collector: _DroppedLinesCollector | None = None
         self._config_digest: str | None = None
 
     def watch_engine(self, current: Callable[[], Engine | None]) -> None:
         """Expose the token cache and key sets of whatever engine ``current`` returns."""
         self._engine_collector = _EngineCollector(current)
         self.registry.register(self._engine_collector)
+
+    def watch_decision_log(self, dropped: Callable[[], int]) -> None:
+        """Expose ``dropped()``, the decision log lines lost so far, at each scrape."""
+        self._dropped_collector = _DroppedLinesCollector(dropped)
+        self.registry.register(self._dropped_collector)
 
     def _child(self, key: tuple[str, str, str, str]) -> Any:
         child = self._children.get(key)
@@ -198,7 +218,8 @@ class Metrics:
             # Counters and histograms from every worker's files, gauges of this process.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            if self._engine_collector is not None:
-                registry.register(self._engine_collector)
+            for collector in (self._engine_collector, self._dropped_collector):
+                if collector is not None:
+                    registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)

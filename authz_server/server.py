@@ -128,6 +128,7 @@ class AuthzServer:
             engine, metrics=self.metrics, decision_log=self.decision_log
         )
         self.metrics.watch_engine(lambda: self.service.engine)
+        self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
         self.metrics.config_loaded(settings.digest, reload=False)
         self.reloader = (
             ConfigReloader(

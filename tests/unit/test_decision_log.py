@@ -12,6 +12,7 @@ import random
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -475,6 +476,23 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_the_check(
     assert log.dropped == 7
 
 
+def test_the_drop_count_is_exported_as_a_counter(logs: list[DecisionLog]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from authz_server.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    stream = BlockingStream()
+    log = stream_log(logs, stream, capacity=1)
+    metrics.watch_decision_log(lambda: log.dropped)
+    assert metrics.registry.get_sample_value("authz_decision_log_dropped_total") == 0
+    write_lines(log, range(1))
+    assert stream.entered.wait(timeout=10)
+    write_lines(log, range(1, 5))
+    assert metrics.registry.get_sample_value("authz_decision_log_dropped_total") == 3
+    stream.release.set()
+
+
 def test_a_failing_destination_counts_the_lost_lines_and_the_writer_carries_on(
     logs: list[DecisionLog],
 ) -> None:
@@ -669,6 +687,22 @@ def test_a_reload_loses_no_queued_line_and_stop_writes_them_all(
     assert ["claims" in line for line in lines] == [False] * 5 + [True] * 5
     assert lines[-1]["claims"] == {"groups": ["dev"]}
     assert running.decision_log.dropped == 0
+
+
+def test_the_running_server_exports_the_drop_count_on_metrics(
+    running: AuthzServer, decision_logger: logging.Logger, rsa_key: SigningKey
+) -> None:
+    stream = RecordingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    decision_logger.handlers[:] = [handler]
+    assert grpc_check(running, rsa_key.sign(claims_for(time.time())), "m") == 0
+    url = f"http://127.0.0.1:{running.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    assert re.search(r"^authz_decision_log_dropped_total 0\.0$", text, re.MULTILINE), text
+    [line] = wait_until(stream.lines, what="the Check's line")
+    assert line["request_id"] == "m"
 
 
 def test_a_text_handler_gets_text_lines_and_handler_levels_still_filter(
