@@ -98,22 +98,43 @@ class _Rules:
         )
 
 
-# One decision as captured on the request thread: references and raw values only, in a plain
-# tuple (a NamedTuple costs a Python call per Check): (time, rules, decision, method, host,
-# path with its query, source_ip, request_id, seconds, identity when claims are logged).
-_Entry = tuple[float, _Rules, Decision, str, str, str, str, str | None, float, Identity | None]
+# One decision as captured on the request thread: raw values only (no Decision or request
+# object kept alive until the writer runs), in a plain tuple (a NamedTuple costs a Python call
+# per Check). Fields, in order: time, rules, allowed, status, reason, provider, principal,
+# policy, audited, dry_run, method, host, path (with its query), source_ip, request_id,
+# seconds, claims (the identity's claims when some are to be logged, else None).
+_Entry = tuple[
+    float,
+    _Rules,
+    bool,
+    int,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    tuple[str, ...],
+    tuple[tuple[str, str], ...],
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    float,
+    Mapping[str, Any] | None,
+]
 
 
 def _fields(entry: _Entry) -> dict[str, Any]:
     """The fields of ``entry``'s line after time, level, logger and message."""
-    _, rules, decision, method, host, path, source_ip, request_id, seconds, identity = entry
+    (_, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+     method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
     fields: dict[str, Any] = {
-        "decision": "allow" if decision.allowed else "deny",
-        "status": decision.status,
-        "reason": decision.reason,
-        "provider": decision.provider,
-        "principal": decision.principal,
-        "policy": decision.policy,
+        "decision": "allow" if allowed else "deny",
+        "status": status,
+        "reason": reason,
+        "provider": provider,
+        "principal": principal,
+        "policy": policy,
         "method": method,
         "host": host,
         "path": path.split("?", 1)[0],
@@ -121,65 +142,61 @@ def _fields(entry: _Entry) -> dict[str, Any]:
         "request_id": request_id,
         "duration_us": round(seconds * 1e6, 1),
     }
-    if decision.audited:
-        fields["audit"] = list(decision.audited)
-    if decision.dry_run:
-        fields["dry_run"] = dict(decision.dry_run)
-    if identity is not None and rules.claims:
-        claims = identity.claims
+    if audited:
+        fields["audit"] = list(audited)
+    if dry_run:
+        fields["dry_run"] = dict(dry_run)
+    if claims is not None:
         fields["claims"] = {c: claims[c] for c in rules.claims if c in claims}
     return fields
 
 
 def _message_args(entry: _Entry) -> tuple[str, str, str, int, str]:
-    decision = entry[2]
-    verdict = "allow" if decision.allowed else "deny"
-    return verdict, entry[3], entry[5].split("?", 1)[0], decision.status, decision.reason
+    verdict = "allow" if entry[2] else "deny"
+    return verdict, entry[10], entry[12].split("?", 1)[0], entry[3], entry[4]
 
 
-def _json_or_null(value: str | None) -> str:
-    return "null" if value is None else _encode(value)
-
-
-class _Clock:
-    """``2024-05-01T12:00:00.123Z`` for a Unix time, the seconds part formatted once a second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def format(self, when: float) -> str:
+def _render_json(entries: list[_Entry], end: str) -> str:
+    """``entries`` as the lines ``JsonFormatter`` writes for them (same keys, order and
+    spacing, each followed by ``end``), built from pieces: no dict and no json.dumps, except
+    for audit, dry-run and claims; the time's seconds formatted once a second."""
+    encode = _encode
+    out: list[str] = []
+    last_second = -1
+    stamp = ""
+    for entry in entries:
+        (when, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+         method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
         second = int(when)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
-        return f"{self._text}.{int((when - second) * 1000):03d}Z"
-
-
-def _render_json(entry: _Entry, clock: _Clock) -> str:
-    """``entry`` as the line ``JsonFormatter`` writes for it (same keys, order and spacing),
-    built from pieces: no dict and no json.dumps, except for audit, dry-run and claims."""
-    when, rules, decision, method, host, path, source_ip, request_id, seconds, identity = entry
-    path = path.split("?", 1)[0]
-    verdict = "allow" if decision.allowed else "deny"
-    message = _MESSAGE % (verdict, method, path, decision.status, decision.reason)
-    line = (
-        f'{{"time": "{clock.format(when)}", {rules.head}"message": {_encode(message)}, '
-        f'"decision": "{verdict}", "status": {decision.status:d}, '
-        f'"reason": {_encode(decision.reason)}, "provider": {_json_or_null(decision.provider)}, '
-        f'"principal": {_json_or_null(decision.principal)}, '
-        f'"policy": {_json_or_null(decision.policy)}, "method": {_encode(method)}, '
-        f'"host": {_encode(host)}, "path": {_encode(path)}, '
-        f'"source_ip": {_encode(source_ip)}, "request_id": {_json_or_null(request_id)}, '
-        f'"duration_us": {round(seconds * 1e6, 1)!r}'
-    )
-    if decision.audited or decision.dry_run or (identity is not None and rules.claims):
-        fields = _fields(entry)
-        for name in ("audit", "dry_run", "claims"):
-            if name in fields:
-                value = json.dumps(fields[name], default=str, ensure_ascii=False)
-                line += f', "{name}": {value}'
-    return line + "}"
+        if second != last_second:
+            last_second = second
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+        if "?" in path:
+            path = path.split("?", 1)[0]
+        verdict = "allow" if allowed else "deny"
+        # JSON escapes character by character: the message reuses its parts' escaped text.
+        method, path, reason = encode(method), encode(path), encode(reason)
+        # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
+        line = (
+            f'{{"time": "{stamp}.{int((when - second) * 1000):03d}Z", {rules.head}'
+            f'"message": "{verdict} {method[1:-1]} {path[1:-1]} -> {status:d} {reason[1:-1]}", '
+            f'"decision": "{verdict}", "status": {status:d}, "reason": {reason}, '
+            f'"provider": {"null" if provider is None else encode(provider)}, '
+            f'"principal": {"null" if principal is None else encode(principal)}, '
+            f'"policy": {"null" if policy is None else encode(policy)}, '
+            f'"method": {method}, "host": {encode(host)}, "path": {path}, '
+            f'"source_ip": {encode(source_ip)}, '
+            f'"request_id": {"null" if request_id is None else encode(request_id)}, '
+            f'"duration_us": {seconds * 1e6:.1f}'
+        )
+        if audited or dry_run or claims is not None:
+            fields = _fields(entry)
+            for name in ("audit", "dry_run", "claims"):
+                if name in fields:
+                    value = json.dumps(fields[name], default=str, ensure_ascii=False)
+                    line += f', "{name}": {value}'
+        out.append(line + "}" + end)
+    return "".join(out)
 
 
 def _is_json_stream(handler: logging.Handler) -> TypeGuard[logging.StreamHandler[TextIO]]:
@@ -240,6 +257,7 @@ class DecisionLog:
         self._flush_interval = flush_interval
         self._queue: deque[_Entry | threading.Event] = deque()
         self._pending = threading.Event()  # the queue has something: the writer wakes
+        self._awake = False  # _pending.is_set(), as a plain attribute for the request thread
         self._hurry = threading.Event()  # write now rather than gather a bigger batch
         self._lock = threading.Lock()  # starts and stops the writer
         self._write_lock = threading.Lock()  # one batch at a time, in queue order
@@ -307,17 +325,24 @@ class DecisionLog:
             (
                 time.time(),
                 rules,
-                decision,
+                decision.allowed,
+                decision.status,
+                decision.reason,
+                decision.provider,
+                decision.principal,
+                decision.policy,
+                decision.audited,
+                decision.dry_run,
                 request.method,
                 request.host,
                 request.path,
                 request.source_ip,
                 request.headers.get("x-request-id"),
                 seconds,
-                identity if rules.claims else None,
+                identity.claims if identity is not None and rules.claims else None,
             )
         )
-        if not self._pending.is_set():
+        if not self._awake:
             self._wake()
         elif len(queue) >= self._high_water and not self._hurry.is_set():
             self._hurry.set()
@@ -339,12 +364,14 @@ class DecisionLog:
             if thread is not None:
                 self._queue.append(_Stop())
                 self._hurry.set()
+                self._awake = True
                 self._pending.set()
                 thread.join(timeout)
                 if thread.is_alive():
                     return False
                 self._thread = None
             # Lines queued while the writer was stopping: the writer is gone, write them here.
+            self._awake = False
             self._pending.clear()
             if not self._write_lock.acquire(timeout=timeout):
                 return False
@@ -363,6 +390,7 @@ class DecisionLog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
                 self._thread.start()
+            self._awake = True
             self._pending.set()
 
     def _run(self) -> None:
@@ -371,7 +399,9 @@ class DecisionLog:
             # Gather a batch: one write for many lines, one wake-up per interval at most.
             self._hurry.wait(self._flush_interval)
             self._hurry.clear()
-            self._pending.clear()  # NOTE: before taking the batch, so no line is left behind
+            # NOTE: cleared before taking the batch, so a line queued meanwhile wakes us again.
+            self._awake = False
+            self._pending.clear()
             with self._write_lock:
                 if self._write_queued():
                     return
@@ -436,9 +466,8 @@ class DecisionLog:
     ) -> None:
         """One write (and flush) for all ``entries``, under ``handler``'s lock if any, so
         other log lines on the same stream never interleave with these."""
-        clock = _Clock()
         end = handler.terminator if isinstance(handler, logging.StreamHandler) else "\n"
-        text = "".join([_render_json(entry, clock) + end for entry in entries])
+        text = _render_json(entries, end)
         if handler is not None:
             handler.acquire()
         try:

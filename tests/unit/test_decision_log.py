@@ -735,3 +735,18 @@ def test_a_text_handler_gets_text_lines_and_handler_levels_still_filter(
         assert quiet_stream.getvalue() == ""
     finally:
         logger.handlers.clear()
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 1e-8, 5e-8, 0.00012345, 0.000123449, 0.0123456789, 0.25, 1.5, 12.3456789]
+)
+def test_durations_are_written_in_microseconds_to_a_tenth_as_before(
+    seconds: float, logs: list[DecisionLog]
+) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    log.write(numbered(1), ALLOWED, None, seconds)
+    assert log.close()
+    text = stream.getvalue()
+    assert f'"duration_us": {json.dumps(round(seconds * 1e6, 1))}' in text
+    assert stream.lines()[0]["duration_us"] == round(seconds * 1e6, 1)
