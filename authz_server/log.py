@@ -2,17 +2,26 @@
 
 Redaction is a habit, not a filter: nothing logs a token, an Authorization or Cookie header,
 or claim values, except the claims an operator lists in ``server.decisionLog.claims``.
+
+The decision log keeps I/O off the request thread: a Check only appends a tuple of raw values
+to a bounded queue; one writer thread turns them into lines and writes each batch with one
+write, where the logger's handlers would have written them (stderr by default). A full queue
+drops the line and counts it; it never blocks a Check.
 """
 
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import random
 import sys
+import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeGuard
 
 from authz_server.attributes import RequestAttributes
 from authz_server.config import DecisionLogSpec
@@ -20,6 +29,7 @@ from authz_server.responses import Decision
 from authz_server.tokens import Identity
 
 DECISION_LOGGER = "authz_server.decision"
+log = logging.getLogger("authz_server.log")
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,28 +65,248 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
-class DecisionLog:
-    """One structured line per decision, sampled, never with the token or secret headers."""
+_Encoder = Callable[[str], str]
+# json.dumps(..., ensure_ascii=False) escapes strings with this very function.
+_encode: _Encoder = json.encoder.encode_basestring
 
-    def __init__(self, spec: DecisionLogSpec, logger: logging.Logger | None = None) -> None:
-        self.enabled = spec.enabled
-        self.sample_rate = spec.sample_rate
-        self.deny_only = spec.deny_only
-        self.claims = tuple(spec.claims)
-        self.level = logging.getLevelName(spec.level)
+DEFAULT_CAPACITY = 10_000
+DEFAULT_FLUSH_INTERVAL = 0.05
+_MESSAGE = "%s %s %s -> %d %s"
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What a ``DecisionLogSpec`` means at run time; swapped whole on reload."""
+
+    enabled: bool
+    sample_rate: float
+    deny_only: bool
+    claims: tuple[str, ...]
+    level: int
+    # The constant middle of every line: `"level": ..., "logger": ..., ` (json.dumps spacing).
+    head: str
+
+    @classmethod
+    def of(cls, spec: DecisionLogSpec, logger_name: str) -> _Rules:
+        return cls(
+            enabled=spec.enabled,
+            sample_rate=spec.sample_rate,
+            deny_only=spec.deny_only,
+            claims=tuple(spec.claims),
+            level=logging.getLevelName(spec.level),
+            head=f'"level": {_encode(spec.level)}, "logger": {_encode(logger_name)}, ',
+        )
+
+
+# One decision as captured on the request thread: raw values only (no Decision or request
+# object kept alive until the writer runs), in a plain tuple (a NamedTuple costs a Python call
+# per Check). Fields, in order: time, rules, allowed, status, reason, provider, principal,
+# policy, audited, dry_run, method, host, path (with its query), source_ip, request_id,
+# seconds, claims (the identity's claims when some are to be logged, else None).
+_Entry = tuple[
+    float,
+    _Rules,
+    bool,
+    int,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    tuple[str, ...],
+    tuple[tuple[str, str], ...],
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    float,
+    Mapping[str, Any] | None,
+]
+
+
+def _fields(entry: _Entry) -> dict[str, Any]:
+    """The fields of ``entry``'s line after time, level, logger and message."""
+    (_, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+     method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
+    fields: dict[str, Any] = {
+        "decision": "allow" if allowed else "deny",
+        "status": status,
+        "reason": reason,
+        "provider": provider,
+        "principal": principal,
+        "policy": policy,
+        "method": method,
+        "host": host,
+        "path": path.split("?", 1)[0],
+        "source_ip": source_ip,
+        "request_id": request_id,
+        "duration_us": round(seconds * 1e6, 1),
+    }
+    if audited:
+        fields["audit"] = list(audited)
+    if dry_run:
+        fields["dry_run"] = dict(dry_run)
+    if claims is not None:
+        fields["claims"] = {c: claims[c] for c in rules.claims if c in claims}
+    return fields
+
+
+def _message_args(entry: _Entry) -> tuple[str, str, str, int, str]:
+    verdict = "allow" if entry[2] else "deny"
+    return verdict, entry[10], entry[12].split("?", 1)[0], entry[3], entry[4]
+
+
+def _render_json(entries: list[_Entry], end: str) -> str:
+    """``entries`` as the lines ``JsonFormatter`` writes for them (same keys, order and
+    spacing, each followed by ``end``), built from pieces: no dict and no json.dumps, except
+    for audit, dry-run and claims; the time's seconds formatted once a second."""
+    encode = _encode
+    out: list[str] = []
+    last_second = -1
+    stamp = ""
+    for entry in entries:
+        (when, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+         method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
+        second = int(when)
+        if second != last_second:
+            last_second = second
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+        if "?" in path:
+            path = path.split("?", 1)[0]
+        verdict = "allow" if allowed else "deny"
+        # JSON escapes character by character: the message reuses its parts' escaped text.
+        method, path, reason = encode(method), encode(path), encode(reason)
+        # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
+        line = (
+            f'{{"time": "{stamp}.{int((when - second) * 1000):03d}Z", {rules.head}'
+            f'"message": "{verdict} {method[1:-1]} {path[1:-1]} -> {status:d} {reason[1:-1]}", '
+            f'"decision": "{verdict}", "status": {status:d}, "reason": {reason}, '
+            f'"provider": {"null" if provider is None else encode(provider)}, '
+            f'"principal": {"null" if principal is None else encode(principal)}, '
+            f'"policy": {"null" if policy is None else encode(policy)}, '
+            f'"method": {method}, "host": {encode(host)}, "path": {path}, '
+            f'"source_ip": {encode(source_ip)}, '
+            f'"request_id": {"null" if request_id is None else encode(request_id)}, '
+            f'"duration_us": {seconds * 1e6:.1f}'
+        )
+        if audited or dry_run or claims is not None:
+            fields = _fields(entry)
+            for name in ("audit", "dry_run", "claims"):
+                if name in fields:
+                    value = json.dumps(fields[name], default=str, ensure_ascii=False)
+                    line += f', "{name}": {value}'
+        out.append(line + "}" + end)
+    return "".join(out)
+
+
+def _is_json_stream(handler: logging.Handler) -> TypeGuard[logging.StreamHandler[TextIO]]:
+    """A handler whose lines we can write ourselves, in one write per batch."""
+    return (
+        isinstance(handler, logging.StreamHandler)
+        and type(handler.formatter) is JsonFormatter
+        and not handler.filters
+        and handler.stream is not None
+    )
+
+
+def _handlers_for(logger: logging.Logger, level: int) -> list[logging.Handler]:
+    """The handlers a record of ``level`` from ``logger`` reaches (as Logger.callHandlers)."""
+    out: list[logging.Handler] = []
+    found = 0
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            found += 1
+            if level >= handler.level:
+                out.append(handler)
+        current = current.parent if current.propagate else None
+    last = logging.lastResort
+    if not found and last is not None and level >= last.level:
+        out.append(last)
+    return out
+
+
+class DecisionLog:
+    """One structured line per decision, sampled, never with the token or secret headers.
+
+    ``write`` only queues raw values; a writer thread (started by the first line) formats
+    and writes them in batches, at most ``flush_interval`` seconds after they were queued.
+    Lines go to ``stream`` when one is given, else where the logger's handlers would send
+    them: a ``StreamHandler`` with ``JsonFormatter`` gets one write per batch under its lock;
+    any other handler gets a ``LogRecord`` per line, still off the request thread.
+    ``configure`` swaps the spec and keeps the queue and the writer.
+    """
+
+    def __init__(
+        self,
+        spec: DecisionLogSpec,
+        logger: logging.Logger | None = None,
+        *,
+        stream: TextIO | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity: must be at least 1, got {capacity}")
         self.logger = logger or logging.getLogger(DECISION_LOGGER)
+        self._rules = _Rules.of(spec, self.logger.name)
+        self._stream = stream
+        self._capacity = capacity
+        # Past this many queued lines the writer is hurried, well before the queue is full.
+        self._high_water = max(1, capacity // 4)
+        self._flush_interval = flush_interval
+        self._queue: deque[_Entry | threading.Event] = deque()
+        self._pending = threading.Event()  # the queue has something: the writer wakes
+        self._awake = False  # _pending.is_set(), as a plain attribute for the request thread
+        self._hurry = threading.Event()  # write now rather than gather a bigger batch
+        self._lock = threading.Lock()  # starts and stops the writer
+        self._write_lock = threading.Lock()  # one batch at a time, in queue order
+        self._thread: threading.Thread | None = None
+        self._dropped = 0
+        self._dropped_lock = threading.Lock()
+
+    def configure(self, spec: DecisionLogSpec) -> None:
+        """Apply ``spec`` from the next Check on; queued lines keep the spec they were taken
+        under."""
+        self._rules = _Rules.of(spec, self.logger.name)
+
+    @property
+    def enabled(self) -> bool:
+        return self._rules.enabled
+
+    @property
+    def sample_rate(self) -> float:
+        return self._rules.sample_rate
+
+    @property
+    def deny_only(self) -> bool:
+        return self._rules.deny_only
+
+    @property
+    def claims(self) -> tuple[str, ...]:
+        return self._rules.claims
+
+    @property
+    def level(self) -> int:
+        return self._rules.level
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost so far: the queue was full, or the destination failed to take them."""
+        return self._dropped
 
     def wants(self, decision: Decision) -> bool:
         """Whether this decision is logged (cheap: checked before building anything)."""
-        if not self.enabled:
+        rules = self._rules
+        if not rules.enabled:
             return False
         if decision.audited:  # AUDIT policies exist to be logged: never sampled away
-            return self.logger.isEnabledFor(self.level)
-        if self.deny_only and decision.allowed:
+            return self.logger.isEnabledFor(rules.level)
+        if rules.deny_only and decision.allowed:
             return False
-        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:  # noqa: S311
+        if rules.sample_rate < 1.0 and random.random() >= rules.sample_rate:  # noqa: S311
             return False
-        return self.logger.isEnabledFor(self.level)
+        return self.logger.isEnabledFor(rules.level)
 
     def write(
         self,
@@ -85,36 +315,187 @@ class DecisionLog:
         identity: Identity | None,
         seconds: float,
     ) -> None:
-        fields: dict[str, Any] = {
-            "decision": "allow" if decision.allowed else "deny",
-            "status": decision.status,
-            "reason": decision.reason,
-            "provider": decision.provider,
-            "principal": decision.principal,
-            "policy": decision.policy,
-            "method": request.method,
-            "host": request.host,
-            "path": request.path.split("?", 1)[0],
-            "source_ip": request.source_ip,
-            "request_id": request.headers.get("x-request-id"),
-            "duration_us": round(seconds * 1e6, 1),
-        }
-        if decision.audited:
-            fields["audit"] = list(decision.audited)
-        if decision.dry_run:
-            fields["dry_run"] = dict(decision.dry_run)
-        if identity is not None and self.claims:
-            fields["claims"] = {c: identity.claims[c] for c in self.claims if c in identity.claims}
-        # NOTE: makeRecord + handle skips logging's caller lookup (~4 us a line), which the
-        # JSON lines never print.
+        """Queue one line. Never blocks: with the queue full the line is dropped and counted."""
+        queue = self._queue
+        if len(queue) >= self._capacity:
+            self._count_dropped(1)
+            return
+        rules = self._rules
+        queue.append(
+            (
+                time.time(),
+                rules,
+                decision.allowed,
+                decision.status,
+                decision.reason,
+                decision.provider,
+                decision.principal,
+                decision.policy,
+                decision.audited,
+                decision.dry_run,
+                request.method,
+                request.host,
+                request.path,
+                request.source_ip,
+                request.headers.get("x-request-id"),
+                seconds,
+                identity.claims if identity is not None and rules.claims else None,
+            )
+        )
+        if not self._awake:
+            self._wake()
+        elif len(queue) >= self._high_water and not self._hurry.is_set():
+            self._hurry.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every line queued before this call is written. Returns False when that
+        takes longer than ``timeout`` (the destination blocks)."""
+        written = threading.Event()
+        self._queue.append(written)  # NOTE: past the capacity on purpose: a marker, not a line
+        self._hurry.set()
+        self._wake()
+        return written.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Write every queued line and stop the writer (a later ``write`` starts a new one).
+        Returns False when the destination did not take them within ``timeout``."""
+        with self._lock:
+            thread = self._thread
+            if thread is not None:
+                self._queue.append(_Stop())
+                self._hurry.set()
+                self._awake = True
+                self._pending.set()
+                thread.join(timeout)
+                if thread.is_alive():
+                    return False
+                self._thread = None
+            # Lines queued while the writer was stopping: the writer is gone, write them here.
+            self._awake = False
+            self._pending.clear()
+            if not self._write_lock.acquire(timeout=timeout):
+                return False
+            try:
+                self._write_queued()
+            finally:
+                self._write_lock.release()
+            return True
+
+    def _count_dropped(self, count: int) -> None:
+        with self._dropped_lock:
+            self._dropped += count
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+                self._thread.start()
+            self._awake = True
+            self._pending.set()
+
+    def _run(self) -> None:
+        while True:
+            self._pending.wait()
+            # Gather a batch: one write for many lines, one wake-up per interval at most.
+            self._hurry.wait(self._flush_interval)
+            self._hurry.clear()
+            # NOTE: cleared before taking the batch, so a line queued meanwhile wakes us again.
+            self._awake = False
+            self._pending.clear()
+            with self._write_lock:
+                if self._write_queued():
+                    return
+
+    def _write_queued(self) -> bool:
+        """Write everything queued now, in order, releasing each flush marker once the lines
+        before it are out. Returns True when a stop marker was met (the rest is written too)."""
+        queue = self._queue
+        entries: list[_Entry] = []
+        stopped = False
+        for _ in range(len(queue)):
+            item = queue.popleft()
+            if type(item) is tuple:
+                entries.append(item)
+                continue
+            assert isinstance(item, threading.Event)
+            self._emit(entries)
+            entries = []
+            item.set()
+            stopped = stopped or isinstance(item, _Stop)
+        self._emit(entries)
+        return stopped
+
+    def _emit(self, entries: list[_Entry]) -> None:
+        if not entries:
+            return
+        try:
+            if self._stream is not None:
+                self._emit_to(self._stream, None, entries)
+                return
+            if self.logger.disabled:
+                return
+            # Runs of lines taken under one spec (one level): a reload may change it mid-batch.
+            start = 0
+            while start < len(entries):
+                rules = entries[start][1]
+                end = start + 1
+                while end < len(entries) and entries[end][1] is rules:
+                    end += 1
+                self._emit_run(entries[start:end], rules.level)
+                start = end
+        except Exception as exc:  # the writer must outlive any one batch
+            self._count_dropped(len(entries))
+            # NOTE: the exception text may quote request data; log its type only.
+            log.error("decision log: %d line(s) lost: %s", len(entries), type(exc).__name__)
+
+    def _emit_run(self, entries: list[_Entry], level: int) -> None:
+        logger = self.logger
+        if logger.filters:
+            for entry in entries:
+                logger.handle(self._record(entry))
+            return
+        for handler in _handlers_for(logger, level):
+            if _is_json_stream(handler):
+                self._emit_to(handler.stream, handler, entries)
+            else:
+                for entry in entries:
+                    handler.handle(self._record(entry))
+
+    def _emit_to(
+        self, stream: TextIO, handler: logging.Handler | None, entries: list[_Entry]
+    ) -> None:
+        """One write (and flush) for all ``entries``, under ``handler``'s lock if any, so
+        other log lines on the same stream never interleave with these."""
+        end = handler.terminator if isinstance(handler, logging.StreamHandler) else "\n"
+        text = _render_json(entries, end)
+        if handler is not None:
+            handler.acquire()
+        try:
+            stream.write(text)
+            stream.flush()
+        except OSError:
+            self._count_dropped(len(entries))
+        finally:
+            if handler is not None:
+                handler.release()
+
+    def _record(self, entry: _Entry) -> logging.LogRecord:
+        """The LogRecord the request thread used to build, for the handlers we cannot batch."""
+        when = entry[0]
         record = self.logger.makeRecord(
             self.logger.name,
-            self.level,
+            entry[1].level,
             "",
             0,
-            "%s %s %s -> %d %s",
-            (fields["decision"], request.method, fields["path"], decision.status, decision.reason),
+            _MESSAGE,
+            _message_args(entry),
             None,
-            extra={"fields": fields},
+            extra={"fields": _fields(entry)},
         )
-        self.logger.handle(record)
+        record.created = when  # when the Check was decided, not when the line is written
+        record.msecs = int((when - int(when)) * 1000) + 0.0
+        return record
+
+
+class _Stop(threading.Event):
+    """The marker ``close`` queues: the writer exits once it is reached."""

@@ -99,6 +99,20 @@ class _EngineCollector(Collector):
         yield from (fetches, keys, last, stale)
 
 
+class _DroppedLinesCollector(Collector):
+    """Scrape-time view of the decision log's drop count (read, never imported)."""
+
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "authz_decision_log_dropped",
+            "Decision log lines dropped: the queue was full or the destination failed.",
+            value=self._dropped(),
+        )
+
+
 class Metrics:
     """Every collector of the server, registered on ``registry``."""
 
@@ -152,19 +166,27 @@ class Metrics:
         self._dry_children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._engine_collector: _EngineCollector | None = None
-        self._published: _PublishedEngine | None = None
+        # Workers copy scrape-time collectors into the multi-process files instead.
+        self._published = _Published(self.registry) if multiprocess_mode else None
         self._config_digest: str | None = None
 
     def watch_engine(self, current: Callable[[], Engine | None]) -> None:
         """Expose the token cache and key sets of whatever engine ``current`` returns."""
         self._engine_collector = _EngineCollector(current)
-        if self.multiprocess_mode:
-            self._published = _PublishedEngine(self.registry, self._engine_collector)
+        self._watch(self._engine_collector)
+
+    def watch_decision_log(self, dropped: Callable[[], int]) -> None:
+        """Expose ``dropped()``, the decision log lines lost so far, at each scrape."""
+        self._watch(_DroppedLinesCollector(dropped))
+
+    def _watch(self, collector: Collector) -> None:
+        if self._published is not None:
+            self._published.sources.append(collector)
         else:
-            self.registry.register(self._engine_collector)
+            self.registry.register(collector)
 
     def publish_engine(self) -> None:
-        """Copy the engine's state into the multi-process files (workers only; no-op else)."""
+        """Copy scrape-time state into the multi-process files (workers only; no-op else)."""
         if self._published is not None:
             self._published.publish()
 
@@ -225,11 +247,11 @@ _GAUGE_MODES = {
 }
 
 
-class _PublishedEngine:
-    """A worker's copy of ``_EngineCollector``'s samples in multi-process metrics."""
+class _Published:
+    """A worker's copy of its scrape-time collectors' samples in multi-process metrics."""
 
-    def __init__(self, registry: CollectorRegistry, source: _EngineCollector) -> None:
-        self._source = source
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sources: list[Collector] = []
         self._registry = registry
         self._counters: dict[str, Counter] = {}
         self._gauges: dict[str, Gauge] = {}
@@ -238,7 +260,7 @@ class _PublishedEngine:
 
     def publish(self) -> None:
         with self._lock:
-            for family in self._source.collect():
+            for family in (f for source in self.sources for f in source.collect()):
                 for sample in family.samples:
                     labels = tuple(sample.labels.values())
                     if family.type == "counter":

@@ -140,12 +140,13 @@ class AuthzServer:
         self.metrics = metrics or Metrics()
         engine = Engine.build(settings)
         self._watch_caches(engine)
+        # One decision log (queue and writer thread) for the server's life; a reload swaps its spec.
+        self.decision_log = DecisionLog(settings.server.decision_log)
         self.service = AuthorizationService(
-            engine,
-            metrics=self.metrics,
-            decision_log=DecisionLog(settings.server.decision_log),
+            engine, metrics=self.metrics, decision_log=self.decision_log
         )
         self.metrics.watch_engine(lambda: self.service.engine)
+        self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
         self.metrics.config_loaded(settings.digest, reload=False)
         self.reloader = (
             ConfigReloader(
@@ -192,7 +193,7 @@ class AuthzServer:
             for name in ("listen", "http_listen", "threads")
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
-        self.service.decision_log = DecisionLog(settings.server.decision_log)
+        self.decision_log.configure(settings.server.decision_log)
         self.service.engine = engine
         self.settings = settings
         old.close(successor=engine)
@@ -313,6 +314,8 @@ class AuthzServer:
             if grace is None:
                 grace = self.settings.server.shutdown_grace
             self.grpc_server.stop(grace).wait()
+        # Every Check has finished: write out the decision lines still queued.
+        self.decision_log.close()
         if self.side_port is not None:
             self.side_port.shutdown()
             self.side_port.server_close()

@@ -240,8 +240,9 @@ class AuthorizationService:
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.record(decision, elapsed)
-        if self.decision_log is not None and self.decision_log.wants(decision):
-            self.decision_log.write(request, decision, identity, elapsed)
+        decision_log = self.decision_log
+        if decision_log is not None and decision_log.wants(decision):
+            decision_log.write(request, decision, identity, elapsed)  # queues: no I/O here
         return decision
 
     def _decide(

@@ -130,11 +130,25 @@ def test_every_worker_is_ready_and_health_says_so(server: AuthzServerProcess) ->
         "workers": {str(i): "ready" for i in range(WORKERS)},
     }
     assert sorted(worker_pids(server)) == list(range(WORKERS))
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5
-        )
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    def health_on_a_new_connection() -> int:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            status: int = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                .status
+            )
+            return status
+
+    # Each worker looks at the others' readiness every 250 ms: poll, then every connection,
+    # whichever worker it lands on, says SERVING.
+    serving = health_pb2.HealthCheckResponse.SERVING
+    wait_until(lambda: health_on_a_new_connection() == serving, what="health SERVING")
+    wait_until(
+        lambda: all(health_on_a_new_connection() == serving for _ in range(10)),
+        timeout=2,
+        what="every worker's health SERVING",
+    )
 
 
 def test_checks_spread_over_the_workers_and_metrics_add_up(

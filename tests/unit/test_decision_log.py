@@ -1,5 +1,7 @@
 """The decision log: one JSON line per decision with the documented fields, redaction,
-claims only when listed, denyOnly, sampling, AUDIT policies, and the JSON formatter."""
+claims only when listed, denyOnly, sampling, AUDIT policies, and the JSON formatter; then the
+writer thread: lines leave the request thread, keep their order, a full queue drops and counts,
+shutdown and reload lose nothing, and the drop count is on /metrics."""
 
 from __future__ import annotations
 
@@ -8,21 +10,30 @@ import json
 import logging
 import random
 import re
+import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import config, devkeys, errors
 from authz_server import log as log_module
 from authz_server.attributes import RequestAttributes
 from authz_server.config import DecisionLogSpec
 from authz_server.devkeys import SigningKey
-from authz_server.log import DecisionLog, JsonFormatter
+from authz_server.log import DECISION_LOGGER, DecisionLog, JsonFormatter
 from authz_server.responses import Decision
+from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
-from tests.helpers import AUDIENCE, ISSUER, Clock, write_config
+from authz_server.tokens import Identity
+from tests.e2e.harness import wait_until
+from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 POLICIES = """
 policies:
@@ -37,7 +48,8 @@ policies:
 
 
 class Captured:
-    """A private logger whose JSON lines end up in memory."""
+    """A private logger whose JSON lines end up in memory. Reading flushes the decision logs
+    made through ``log``: their writer thread has written every queued line by then."""
 
     def __init__(self, name: str) -> None:
         self.stream = io.StringIO()
@@ -47,9 +59,17 @@ class Captured:
         self.logger.handlers[:] = [handler]
         self.logger.setLevel(logging.DEBUG)
         self.logger.propagate = False
+        self.logs: list[DecisionLog] = []
+
+    def log(self, spec: DecisionLogSpec, **options: Any) -> DecisionLog:
+        decision_log = DecisionLog(spec, self.logger, **options)
+        self.logs.append(decision_log)
+        return decision_log
 
     @property
     def text(self) -> str:
+        for decision_log in self.logs:
+            assert decision_log.flush(timeout=10)
         return self.stream.getvalue()
 
     def entries(self) -> list[dict[str, Any]]:
@@ -60,6 +80,8 @@ class Captured:
 def captured(request: pytest.FixtureRequest) -> Iterator[Captured]:
     out = Captured(f"test.decision.{request.node.name}")
     yield out
+    for decision_log in out.logs:
+        decision_log.close()
     out.logger.handlers.clear()
 
 
@@ -83,9 +105,7 @@ providers:
 
 
 def service_with(engine: Engine, captured: Captured, **spec: Any) -> AuthorizationService:
-    return AuthorizationService(
-        engine, decision_log=DecisionLog(DecisionLogSpec(**spec), captured.logger)
-    )
+    return AuthorizationService(engine, decision_log=captured.log(DecisionLogSpec(**spec)))
 
 
 def request(
@@ -242,7 +262,7 @@ def test_a_fractional_sample_rate_keeps_about_that_fraction(
     captured: Captured, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(log_module, "random", random.Random(1234))  # noqa: S311
-    log = DecisionLog(DecisionLogSpec(sample_rate=0.25), captured.logger)
+    log = captured.log(DecisionLogSpec(sample_rate=0.25))
     decision = Decision(allowed=True, status=200, reason="allowed")
     kept = sum(log.wants(decision) for _ in range(4000))
     assert 900 <= kept <= 1100
@@ -285,7 +305,7 @@ def test_the_configured_level_is_used_and_a_quieter_logger_costs_nothing(
 
 
 def test_dry_run_verdicts_appear_in_the_line(captured: Captured) -> None:
-    log = DecisionLog(DecisionLogSpec(), captured.logger)
+    log = captured.log(DecisionLogSpec())
     decision = Decision(allowed=True, status=200, reason="allowed", dry_run=(("strict", "deny"),))
     log.write(RequestAttributes(path="/p?secret=1"), decision, None, 0.000123)
     [entry] = captured.entries()
@@ -310,3 +330,424 @@ def test_json_formatter_merges_fields_and_survives_unserialisable_values(
     captured.logger.info("hello", extra={"fields": {"path": Path("/x"), "n": 1}})
     [entry] = captured.entries()
     assert (entry["path"], entry["n"], entry["message"]) == ("/x", 1, "hello")
+
+
+# ------------------------------------------------------------------ the writer thread
+
+
+class RecordingStream(io.StringIO):
+    """A destination that notes which thread wrote and how many writes it took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[str] = set()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writers.add(threading.current_thread().name)
+        self.writes += 1
+        return super().write(text)
+
+    def lines(self) -> list[dict[str, Any]]:
+        # NOTE: split on "\n" only: a line may hold U+2028, which str.splitlines splits on.
+        return [json.loads(line) for line in self.getvalue().split("\n")[:-1]]
+
+
+class BlockingStream(RecordingStream):
+    """A destination whose writes wait until the test releases them (a stuck pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        assert self.release.wait(timeout=30), "the test never released the destination"
+        return super().write(text)
+
+
+class FailingStream(RecordingStream):
+    """A destination whose first ``failures`` writes fail (a closed pipe, a full disk)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def write(self, text: str) -> int:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("broken pipe")
+        return super().write(text)
+
+
+ALLOWED = Decision(allowed=True, status=200, reason="allowed", provider="main", policy="read")
+
+
+def numbered(n: int) -> RequestAttributes:
+    return RequestAttributes(path=f"/api/{n}", headers={"x-request-id": str(n)})
+
+
+def write_lines(log: DecisionLog, numbers: range) -> None:
+    for n in numbers:
+        log.write(numbered(n), ALLOWED, None, 0.0001)
+
+
+def ids(lines: list[dict[str, Any]]) -> list[int]:
+    return [int(line["request_id"]) for line in lines]
+
+
+@pytest.fixture
+def logs() -> Iterator[list[DecisionLog]]:
+    """Decision logs a test makes; their writers are stopped afterwards."""
+    made: list[DecisionLog] = []
+    yield made
+    for log in made:
+        log.close(timeout=1)
+
+
+def stream_log(
+    logs: list[DecisionLog], stream: io.StringIO, spec: DecisionLogSpec | None = None, **opts: Any
+) -> DecisionLog:
+    logger = logging.getLogger("test.decision.streams")
+    logger.setLevel(logging.DEBUG)
+    log = DecisionLog(spec or DecisionLogSpec(), logger, stream=stream, **opts)
+    logs.append(log)
+    return log
+
+
+def test_lines_are_written_by_the_writer_thread_not_the_request_thread(
+    engine: Engine, make_token: Callable[..., str], logs: list[DecisionLog]
+) -> None:
+    stream = RecordingStream()
+    service = AuthorizationService(engine, decision_log=stream_log(logs, stream))
+    service.check(request(make_token(), x_request_id="first"))
+    [line] = wait_until(stream.lines, what="the line, without any flush")
+    assert line["request_id"] == "first" and line["reason"] == "allowed"
+    assert stream.writers == {"decision-log"}
+
+
+def test_many_lines_keep_their_order_go_out_in_few_writes_and_all_of_them_at_close(
+    logs: list[DecisionLog],
+) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream, capacity=5000)
+    write_lines(log, range(3000))
+    assert log.close()
+    assert ids(stream.lines()) == list(range(3000))
+    assert log.dropped == 0
+    assert stream.writes < 300  # batches, not a write per line
+
+
+def test_lines_from_many_threads_are_all_written_each_thread_in_its_order(
+    logs: list[DecisionLog],
+) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    threads = [
+        threading.Thread(target=write_lines, args=(log, range(k * 1000, k * 1000 + 500)))
+        for k in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert log.close()
+    written = ids(stream.lines())
+    assert sorted(written) == [n for k in range(4) for n in range(k * 1000, k * 1000 + 500)]
+    for k in range(4):
+        assert [n for n in written if n // 1000 == k] == list(range(k * 1000, k * 1000 + 500))
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking_the_check(
+    logs: list[DecisionLog],
+) -> None:
+    stream = BlockingStream()
+    log = stream_log(logs, stream, capacity=5)
+    write_lines(log, range(1))
+    assert stream.entered.wait(timeout=10)  # the writer holds line 0 and is stuck in write()
+    writer = threading.Thread(target=write_lines, args=(log, range(1, 13)))
+    writer.start()
+    writer.join(timeout=10)
+    assert not writer.is_alive(), "a Check blocked on the decision log"
+    assert log.dropped == 7  # 5 queued behind the stuck line, the other 7 dropped
+    stream.release.set()
+    assert log.close()
+    assert ids(stream.lines()) == list(range(6))
+    assert log.dropped == 7
+
+
+def test_the_drop_count_is_exported_as_a_counter(logs: list[DecisionLog]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from authz_server.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    stream = BlockingStream()
+    log = stream_log(logs, stream, capacity=1)
+    metrics.watch_decision_log(lambda: log.dropped)
+    assert metrics.registry.get_sample_value("authz_decision_log_dropped_total") == 0
+    write_lines(log, range(1))
+    assert stream.entered.wait(timeout=10)
+    write_lines(log, range(1, 5))
+    assert metrics.registry.get_sample_value("authz_decision_log_dropped_total") == 3
+    stream.release.set()
+
+
+def test_a_failing_destination_counts_the_lost_lines_and_the_writer_carries_on(
+    logs: list[DecisionLog],
+) -> None:
+    stream = FailingStream(failures=1)
+    log = stream_log(logs, stream)
+    write_lines(log, range(3))
+    assert log.flush()
+    assert (log.dropped, stream.lines()) == (3, [])
+    write_lines(log, range(3, 5))
+    assert log.flush()
+    assert ids(stream.lines()) == [3, 4] and log.dropped == 3
+
+
+def test_a_closed_log_starts_its_writer_again_for_a_late_line(logs: list[DecisionLog]) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    write_lines(log, range(2))
+    assert log.close() and log.close()  # closing twice is harmless
+    write_lines(log, range(2, 3))
+    assert log.close()
+    assert ids(stream.lines()) == [0, 1, 2]
+
+
+TRICKY = [
+    "",
+    'quote " backslash \\ slash /',
+    "controls \x00\x01\x08\t\n\r\x1f\x7f",
+    "unicode é ü 中文 😀 \u2028 \u2029 \ufeff",
+    "</script><!--",
+    "%s %d {} {{}}",
+]
+
+
+def tricky_strings() -> list[str]:
+    rng = random.Random(20241129)  # noqa: S311 (fixed seed: the same strings every run)
+    alphabet = [chr(c) for c in (*range(0, 128), 0xE9, 0x4E2D, 0x1F600, 0x2028)]
+    return TRICKY + ["".join(rng.choices(alphabet, k=rng.randint(1, 40))) for _ in range(40)]
+
+
+@pytest.mark.parametrize("value", tricky_strings())
+def test_lines_are_byte_for_byte_what_the_json_formatter_writes(
+    value: str, logs: list[DecisionLog], clock: Clock
+) -> None:
+    """The writer builds lines from pieces; they equal json.dumps of the documented fields."""
+    stream = RecordingStream()
+    log = stream_log(logs, stream, DecisionLogSpec(claims=["groups", "n", "missing"]))
+    identity = Identity(
+        provider="p",
+        issuer="i",
+        subject="s",
+        claims={"groups": [value, "dev"], "n": 1.5, "other": value},
+        audiences=(),
+        presenter=None,
+        payload_segment="",
+    )
+    decision = Decision(
+        allowed=False,
+        status=403,
+        reason=value or "r",
+        provider=value,
+        principal=value or None,
+        policy=value,
+        audited=(value, "audit-2"),
+        dry_run=((value, "deny"), ("strict", "allow")),
+    )
+    attrs = RequestAttributes(
+        method=value,
+        host=value,
+        path=f"{value}?q={value}",
+        headers={"x-request-id": value},
+        source_ip=value,
+    )
+    before = time.time()
+    log.write(attrs, decision, identity, 0.000123)
+    after = time.time()
+    assert log.close()
+    [line, end] = stream.getvalue().split("\n")
+    assert end == ""
+    stamp = datetime.strptime(json.loads(line)["time"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    assert int(before * 1000) / 1000 <= stamp <= after  # when the Check was decided
+    path = value.split("?", 1)[0]
+    reason = value or "r"
+    expected = {
+        "time": json.loads(line)["time"],
+        "level": "INFO",
+        "logger": "test.decision.streams",
+        "message": f"deny {value} {path} -> 403 {reason}",
+        "decision": "deny",
+        "status": 403,
+        "reason": reason,
+        "provider": value,
+        "principal": value or None,
+        "policy": value,
+        "method": value,
+        "host": value,
+        "path": path,
+        "source_ip": value,
+        "request_id": value,
+        "duration_us": 123.0,
+        "audit": [value, "audit-2"],
+        "dry_run": {value: "deny", "strict": "allow"},
+        "claims": {"groups": [value, "dev"], "n": 1.5},
+    }
+    assert line == json.dumps(expected, ensure_ascii=False)
+
+
+# ------------------------------------------------------------- in the running server
+
+
+SERVER_CONFIG = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server: SERVER
+providers:
+  - issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksFile: jwks.json
+policies:
+  - name: authenticated
+    rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]
+"""
+
+
+def server_config(tmp_path: Path, server: str = "{}") -> Path:
+    return write_config(tmp_path, SERVER_CONFIG.replace("SERVER", server))
+
+
+@pytest.fixture
+def decision_logger() -> Iterator[logging.Logger]:
+    """The server's own decision logger, its lines kept apart from the test run's logs."""
+    logger = logging.getLogger(DECISION_LOGGER)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def running(tmp_path: Path, rsa_key: SigningKey) -> Iterator[AuthzServer]:
+    (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(rsa_key)))
+    server = AuthzServer(
+        config.load(server_config(tmp_path)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1)
+
+
+def grpc_check(server: AuthzServer, token: str, request_id: str) -> int:
+    ctx = attribute_context_pb2.AttributeContext
+    http = ctx.HttpRequest(
+        method="GET",
+        host="api.test",
+        path="/orders",
+        headers={"authorization": f"Bearer {token}", "x-request-id": request_id},
+    )
+    request = external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        code: int = stub.Check(request, timeout=5).status.code
+        return code
+
+
+def test_a_reload_loses_no_queued_line_and_stop_writes_them_all(
+    tmp_path: Path,
+    running: AuthzServer,
+    decision_logger: logging.Logger,
+    rsa_key: SigningKey,
+) -> None:
+    stream = BlockingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    decision_logger.handlers[:] = [handler]
+    token = rsa_key.sign(claims_for(time.time(), groups=["dev"]))
+    assert grpc_check(running, token, "0") == 0
+    assert stream.entered.wait(timeout=10)  # line 0 is stuck in the destination
+    for n in range(1, 5):
+        assert grpc_check(running, token, str(n)) == 0
+    # The reload asks for WARNING lines with the groups claim, from the next Check on.
+    new = server_config(tmp_path, "{decisionLog: {level: WARNING, claims: [groups]}}")
+    running.apply(config.load(new))
+    for n in range(5, 10):
+        assert grpc_check(running, token, str(n)) == 0
+    stream.release.set()
+    running.stop(grace=1)
+    lines = stream.lines()
+    assert ids(lines) == list(range(10))
+    assert [line["level"] for line in lines] == ["INFO"] * 5 + ["WARNING"] * 5
+    assert ["claims" in line for line in lines] == [False] * 5 + [True] * 5
+    assert lines[-1]["claims"] == {"groups": ["dev"]}
+    assert running.decision_log.dropped == 0
+
+
+def test_the_running_server_exports_the_drop_count_on_metrics(
+    running: AuthzServer, decision_logger: logging.Logger, rsa_key: SigningKey
+) -> None:
+    stream = RecordingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    decision_logger.handlers[:] = [handler]
+    assert grpc_check(running, rsa_key.sign(claims_for(time.time())), "m") == 0
+    url = f"http://127.0.0.1:{running.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    assert re.search(r"^authz_decision_log_dropped_total 0\.0$", text, re.MULTILINE), text
+    [line] = wait_until(stream.lines, what="the Check's line")
+    assert line["request_id"] == "m"
+
+
+def test_a_text_handler_gets_text_lines_and_handler_levels_still_filter(
+    logs: list[DecisionLog],
+) -> None:
+    logger = logging.getLogger("test.decision.handlers")
+    text_stream, json_stream, quiet_stream = io.StringIO(), io.StringIO(), io.StringIO()
+    text = logging.StreamHandler(text_stream)
+    text.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    as_json = logging.StreamHandler(json_stream)
+    as_json.setFormatter(JsonFormatter())
+    quiet = logging.StreamHandler(quiet_stream)
+    quiet.setFormatter(JsonFormatter())
+    quiet.setLevel(logging.ERROR)
+    logger.handlers[:] = [text, as_json, quiet]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        log = DecisionLog(DecisionLogSpec(), logger)
+        logs.append(log)
+        write_lines(log, range(2))
+        assert log.close()
+        assert text_stream.getvalue().splitlines() == [
+            f"INFO test.decision.handlers allow GET /api/{n} -> 200 allowed" for n in range(2)
+        ]
+        assert [json.loads(line)["request_id"] for line in json_stream.getvalue().splitlines()] == [
+            "0",
+            "1",
+        ]
+        assert quiet_stream.getvalue() == ""
+    finally:
+        logger.handlers.clear()
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 1e-8, 5e-8, 0.00012345, 0.000123449, 0.0123456789, 0.25, 1.5, 12.3456789]
+)
+def test_durations_are_written_in_microseconds_to_a_tenth_as_before(
+    seconds: float, logs: list[DecisionLog]
+) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    log.write(numbered(1), ALLOWED, None, seconds)
+    assert log.close()
+    text = stream.getvalue()
+    assert f'"duration_us": {json.dumps(round(seconds * 1e6, 1))}' in text
+    assert stream.lines()[0]["duration_us"] == round(seconds * 1e6, 1)

@@ -1,0 +1,255 @@
+"""What the decision log costs a Check in the running server.
+
+Each variant is `authz-server serve` as its own process, stderr to a file, with the bench
+configuration (one cached RS256 token, output headers, a DENY and an ALLOW policy) and
+`decisionLog.enabled` false ("off") or true at sampleRate 1 ("on", the default). h2load drives
+it over plaintext HTTP/2 with a framed CheckRequest (--requests per run, --clients connections,
+--streams concurrent streams each), after one Check through grpcio has answered OK.
+
+The server's CPU (user + system of every thread, from /proc/PID/stat) is read before a run and
+again once every decision line of that run is in the log file (so the writer's work counts),
+and divided by the requests. Rounds are interleaved: every variant once per round, the order
+reversed on odd rounds, so the shared machine's noise falls on all alike. Prints, per variant,
+the median and min-max of CPU us/Check and the median req/s, then on - off per source.
+
+--source LABEL=DIR (repeatable) runs the package found in DIR (a checkout's root), so a
+baseline tree (`git archive <commit> authz_server | tar -x -C DIR`) runs side by side with
+this one. Default: this checkout, labelled "this".
+
+    .venv/bin/python bench/decision_log_cost.py [--requests 20000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from common import bench_config, check_request
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from authz_server import devkeys
+
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+DECISION_MARK = b'"logger": "authz_server.decision"'
+THIS = Path(__file__).resolve().parent.parent
+LINES_TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all threads) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    """One `authz-server serve` process of one variant."""
+
+    label: str
+    source: Path
+    log_on: bool
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    grpc_port: int = 0
+    http_port: int = 0
+    cpu_per_check: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    expected_lines: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}/log {'on' if self.log_on else 'off'}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.label}-{'on' if self.log_on else 'off'}.log"
+
+    def start(self, config_path: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(self.source)}
+        probe = subprocess.run(
+            [sys.executable, "-c", "import authz_server; print(authz_server.__file__)"],
+            env=env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        if not Path(probe.stdout.strip()).is_relative_to(self.source):
+            raise SystemExit(f"{self.label}: authz_server resolves to {probe.stdout.strip()}")
+        self.grpc_port, self.http_port = _free_port(), _free_port()
+        argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
+        argv += ["--listen", f"127.0.0.1:{self.grpc_port}"]
+        argv += ["--http-listen", f"127.0.0.1:{self.http_port}"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            )
+
+    def check_once(self, request: object) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            answer = stub.Check(request, timeout=5)
+            if answer.status.code != 0:
+                raise SystemExit(f"{self.name}: the bench request was not allowed: {answer}")
+        self.expected_lines += self.log_on
+
+    def decision_lines(self) -> int:
+        return self.log_path.read_bytes().count(DECISION_MARK)
+
+    def wait_for_lines(self) -> None:
+        deadline = time.monotonic() + LINES_TIMEOUT
+        while self.decision_lines() < self.expected_lines:
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"{self.name}: {self.decision_lines()} decision lines, "
+                    f"expected {self.expected_lines}"
+                )
+            time.sleep(0.01)
+
+    def dropped(self) -> str:
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        found = re.search(r"^authz_decision_log_dropped_total (\S+)$", text, re.MULTILINE)
+        return found.group(1) if found else "n/a"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+_H2LOAD_DONE = re.compile(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded")
+_H2LOAD_RATE = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
+
+
+def h2load(server: Server, body: Path, requests: int, clients: int, streams: int) -> float:
+    """Send ``requests`` Checks; returns req/s. Raises SystemExit unless all succeeded."""
+    argv = ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1"]
+    argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    argv += [f"http://127.0.0.1:{server.grpc_port}{CHECK_PATH}"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300).stdout
+    done, rate = _H2LOAD_DONE.search(out), _H2LOAD_RATE.search(out)
+    if done is None or rate is None or int(done.group(2)) != requests:
+        raise SystemExit(f"{server.name}: h2load did not complete every request:\n{out}")
+    return float(rate.group(1))
+
+
+def measure(server: Server, body: Path, args: argparse.Namespace) -> None:
+    assert server.process is not None
+    cpu0 = _process_cpu(server.process.pid)
+    rate = h2load(server, body, args.requests, args.clients, args.streams)
+    server.expected_lines += args.requests if server.log_on else 0
+    server.wait_for_lines()  # the writer thread's formatting and writes count too
+    cpu1 = _process_cpu(server.process.pid)
+    server.cpu_per_check.append((cpu1 - cpu0) / args.requests)
+    server.rates.append(rate)
+
+
+def _sources(values: list[str]) -> list[tuple[str, Path]]:
+    if not values:
+        return [("this", THIS)]
+    out = []
+    for value in values:
+        label, sep, directory = value.partition("=")
+        if not sep or not (Path(directory) / "authz_server").is_dir():
+            raise SystemExit(f"--source: expected LABEL=DIR with DIR/authz_server, got {value!r}")
+        out.append((label, Path(directory).resolve()))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=20000, help="Checks per run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=10, help="h2load connections")
+    parser.add_argument("--streams", type=int, default=10, help="streams per connection")
+    parser.add_argument("--source", action="append", default=[], metavar="LABEL=DIR")
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+
+    key = devkeys.generate_key("RSA", kid="bench-1")
+    request = check_request(key)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        (workdir / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
+        configs = {}
+        for log_on in (False, True):
+            path = workdir / f"config-{'on' if log_on else 'off'}.yaml"
+            spec = "{decisionLog: {enabled: %s}}" % ("true" if log_on else "false")
+            path.write_text(bench_config(jwks_file=str(workdir / "jwks.json"), server=spec))
+            configs[log_on] = path
+        payload = request.SerializeToString()
+        body = workdir / "check.grpc"
+        body.write_bytes(b"\x00" + len(payload).to_bytes(4, "big") + payload)
+
+        servers = [
+            Server(label, source, log_on, workdir)
+            for label, source in _sources(args.source)
+            for log_on in (False, True)
+        ]
+        try:
+            for server in servers:
+                server.start(configs[server.log_on])
+            for server in servers:
+                server.check_once(request)
+                # Warm up: connections, caches, the writer thread.
+                h2load(server, body, min(2000, args.requests), args.clients, args.streams)
+                server.expected_lines += min(2000, args.requests) if server.log_on else 0
+                server.wait_for_lines()
+            for round_ in range(args.rounds):
+                for server in servers if round_ % 2 == 0 else servers[::-1]:
+                    measure(server, body, args)
+            report(servers, args)
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def report(servers: list[Server], args: argparse.Namespace) -> None:
+    print(
+        f"\nCPU per Check in the server process ({args.rounds} interleaved rounds of "
+        f"{args.requests} Checks, h2load -c{args.clients} -m{args.streams})"
+    )
+    print(f"{'variant':<24} {'median us':>10} {'min-max us':>16} {'req/s':>8}  lines  dropped")
+    medians = {}
+    for server in servers:
+        us = [c * 1e6 for c in server.cpu_per_check]
+        medians[server.name] = statistics.median(us)
+        lines = "all" if server.decision_lines() == server.expected_lines else "MISSING"
+        print(
+            f"{server.name:<24} {medians[server.name]:>10.1f} "
+            f"{min(us):>7.1f}-{max(us):<8.1f} {statistics.median(server.rates):>8.0f}  "
+            f"{lines if server.log_on else '-':<5}  {server.dropped()}"
+        )
+    for label in dict.fromkeys(s.label for s in servers):
+        on, off = medians[f"{label}/log on"], medians[f"{label}/log off"]
+        print(f"{label}: the decision log costs {on - off:.1f} us CPU per Check ({on / off:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
