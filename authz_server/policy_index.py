@@ -33,7 +33,7 @@ Dimension = Literal["host", "path", "method"]
 
 TEMPLATE_OPERATOR = re.compile(r"(\{\*\*\}|\{\*\})")
 _IDENTITY_KEYS = ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
-# How much a key is worth as a filter, ranked when two fields of an operation could carry it.
+# When two fields of an operation are equally rare, the host is preferred, then the path.
 _DIMENSIONS: tuple[Dimension, ...] = ("host", "path", "method")
 
 
@@ -131,59 +131,75 @@ def requires_identity(rule: Rule) -> bool:
     )
 
 
+Key = tuple[Dimension, PatternKind, str]
+# Where one rule is filed: under keys (it needs one of them), under token presence, or nowhere.
+Placement = list[Key] | Literal["identity", "unplaced"]
+
+
+def place(rules: Sequence[Rule]) -> list[Placement]:
+    """Where to file each rule. Each operation of ``to`` offers the patterns of its positive
+    host, path and method fields; the rule takes, per operation, the field whose patterns the
+    fewest other operations share (presence and one-character prefixes count as shared by all),
+    or token presence when that is rarer, or when ``to`` cannot place it."""
+    offers = [[_operation_keys(to.operation) for to in rule.to or ()] for rule in rules]
+    shared: Counter[Key] = Counter(
+        (dim, kind, text)
+        for operations in offers
+        for keys in operations
+        for dim, patterns in keys.items()
+        for kind, text in patterns
+    )
+    everyone = len(rules) + 1
+
+    def cost(dim: Dimension, patterns: list[tuple[PatternKind, str]]) -> int:
+        return sum(
+            everyone
+            if kind == "present" or (kind == "prefix" and len(text) < 2)
+            else shared[dim, kind, text]
+            for kind, text in patterns
+        )
+
+    needs_identity = [requires_identity(rule) for rule in rules]
+    identity_cost = sum(needs_identity)
+    placements: list[Placement] = []
+    for operations, identity_only in zip(offers, needs_identity, strict=True):
+        keys: list[Key] = []
+        to_cost = everyone * everyone
+        if operations and all(operations):
+            to_cost = 0
+            for offer in operations:
+                dim = min(offer, key=lambda d: (cost(d, offer[d]), _DIMENSIONS.index(d)))
+                to_cost += cost(dim, offer[dim])
+                keys.extend((dim, kind, text) for kind, text in offer[dim])
+        if identity_only and (not keys or identity_cost < to_cost):
+            placements.append("identity")
+        else:
+            placements.append(keys or "unplaced")
+    return placements
+
+
 class RuleIndex:
     """Candidate rules for a request, as a bit mask over the rules given, in their order."""
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.host = StringIndex()
-        self.path = StringIndex()
-        self.method = StringIndex()
-        self.identity = 0
-        self.unplaced = 0
-        placements = [[_operation_keys(to.operation) for to in rule.to or ()] for rule in rules]
-        # How many operations share each key: a rare key is a sharp filter.
-        shared: Counter[tuple[Dimension, PatternKind, str]] = Counter(
-            (dim, kind, text)
-            for operations in placements
-            for keys in operations
-            for dim, patterns in keys.items()
-            for kind, text in patterns
-        )
-        everyone = len(rules) + 1
-
-        def cost(dim: Dimension, patterns: list[tuple[PatternKind, str]]) -> int:
-            # Presence and one-character prefixes ("/") let almost every request through.
-            return sum(
-                everyone
-                if kind == "present" or (kind == "prefix" and len(text) < 2)
-                else shared[dim, kind, text]
-                for kind, text in patterns
-            )
-
-        needs_identity = [requires_identity(rule) for rule in rules]
-        identity_cost = sum(needs_identity)
-        tables = {"host": self.host, "path": self.path, "method": self.method}
-        for position, operations in enumerate(placements):
+        tables: dict[Dimension, StringIndex] = {dim: StringIndex() for dim in _DIMENSIONS}
+        self.identity = 0  # rules that need a token
+        self.unplaced = 0  # rules every request must try
+        for position, placement in enumerate(place(rules)):
             bit = 1 << position
-            chosen: list[tuple[Dimension, list[tuple[PatternKind, str]]]] = []
-            if operations and all(operations):
-                for keys in operations:
-                    dim = min(keys, key=lambda d: (cost(d, keys[d]), _DIMENSIONS.index(d)))
-                    chosen.append((dim, keys[dim]))
-            to_cost = sum(cost(dim, patterns) for dim, patterns in chosen) if chosen else None
-            if needs_identity[position] and (to_cost is None or identity_cost < to_cost):
+            if placement == "identity":
                 self.identity |= bit
-            elif chosen:
-                for dim, patterns in chosen:
-                    for kind, text in patterns:
-                        tables[dim].add(kind, text, bit)
-            else:
+            elif placement == "unplaced":
                 self.unplaced |= bit
+            else:
+                for dim, kind, text in placement:
+                    tables[dim].add(kind, text, bit)
         for table in tables.values():
             table.freeze()
-        self._host = self.host if self.host else None
-        self._path = self.path if self.path else None
-        self._method = self.method if self.method else None
+        # An empty table is skipped at lookup.
+        self._host = tables["host"] or None
+        self._path = tables["path"] or None
+        self._method = tables["method"] or None
 
     def candidates(self, request: RequestAttributes, identity: Identity | None) -> int:
         """The mask of rules that may match ``request``; every other rule cannot."""
