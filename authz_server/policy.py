@@ -5,7 +5,9 @@ A rule matches when one of its ``from`` sources, one of its ``to`` operations an
 operation every set field must match; a list matches when any value does; ``not*`` fields
 match when no value does. DENY policies are checked first, then ALLOW: with at least one
 enforced ALLOW policy, a request no ALLOW policy matches is denied. AUDIT and dry-run
-policies are evaluated and reported, never enforced.
+policies are evaluated and reported, never enforced. An index built at load (``policy_index``)
+picks the rules a request can match, so the cost of a Check does not grow with the number of
+policies; the result is always that of trying every policy in order (``evaluate_linear``).
 
 String values use Istio's matching: exact, ``prefix*``, ``*suffix``, and ``*`` (present,
 non-empty). Paths also take Istio's templates ``{*}`` (one segment) and ``{**}`` (the rest).
