@@ -98,6 +98,7 @@ class Sample:
     failures: int  # non-2xx, socket errors, failed streams, and Checks the server denied
     server_us: float | None  # server CPU per request
     envoy_us: float | None  # Envoy CPU per request
+    load1: float  # the machine's 1-minute load average when the run ended
 
 
 @dataclass
@@ -157,6 +158,7 @@ def measure(scenario: Scenario, scratch: Path, seconds: int, *, record: bool = T
         failures=failures,
         server_us=(server1 - server0) * per_request if scenario.server else None,
         envoy_us=(envoy1 - envoy0) * per_request if scenario.envoy else None,
+        load1=os.getloadavg()[0],
     )
     if record:
         scenario.samples.append(sample)

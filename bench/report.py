@@ -120,9 +120,16 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     half_floor, half_ours = run.half_load
     ours_p99 = median(_field(half_ours.samples, "p99_ms"))
     floor_p99 = median(_field(half_floor.samples, "p99_ms"))
+    reached = [median(_field(s.samples, "rps")) for s in run.half_load]
+    verdict = _verdict(ours_p99 <= floor_p99 + 1.0)
+    if min(reached) < 0.9 * run.half_rate:
+        # Below the rate asked for, the load generator waited on answers: a saturated
+        # (or busy) machine, not half load.
+        verdict = "inconclusive: rate not reached"
     lines.append(
         f"| P2 p99 at half the floor's max ({run.half_rate:,.0f} req/s) ≤ the floor's p99 + 1 ms | "
-        f"{ours_p99:.2f} ms vs {floor_p99:.2f} + 1 ms | {_verdict(ours_p99 <= floor_p99 + 1.0)} |"
+        f"{ours_p99:.2f} ms vs {floor_p99:.2f} + 1 ms (reached {reached[1]:,.0f} and "
+        f"{reached[0]:,.0f} req/s) | {verdict} |"
     )
     many, one = by_key["direct-1000p"], by_key["direct-1p"]
     scale = _pair(many, one, cpu)
@@ -183,9 +190,9 @@ def _versions() -> list[str]:
     envoy_match = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
     wrk = _command_output(["wrk", "-v"]).splitlines()
     commit = _command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _command_output(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]
-    )
+    # The results file itself does not make the code dirty.
+    status = ["status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]
+    dirty = _command_output(["git", "-C", str(REPO), *status])
     return [
         f"- authz-server {authz_server.__version__}, commit {commit}"
         + (" (with uncommitted changes)" if dirty else ""),
@@ -206,12 +213,15 @@ def _machine(run: Run) -> list[str]:
     def load(values: tuple[float, float, float]) -> str:
         return ", ".join(f"{v:.2f}" for v in values)
 
+    during = [sample.load1 for s in [*run.scenarios, *run.half_load] for sample in s.samples]
     return [
         f"- {model.group(1) if model else platform.processor()}, {os.cpu_count()} CPUs, "
         f"{gib:.0f} GiB, Linux {platform.release()}",
         f"- load average (1, 5, 15 min) before: {load(run.load_before)}; after: "
-        f"{load(run.load_after)}. The machine is shared: other work on it lowers req/s more "
-        "than CPU per request.",
+        f"{load(run.load_after)}; 1-min load average at the end of each run: median "
+        f"{median(during):.1f}, max {max(during, default=float('nan')):.1f}. The bench itself "
+        "keeps about 2 busy; more is other work on the shared machine, which lowers req/s "
+        "more than CPU per request.",
     ]
 
 
