@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run bench image image-check k8s-validate clean
+.PHONY: help install lint format test run bench bench-loop bench-tools image image-check k8s-validate clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -33,8 +33,16 @@ test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Env
 run: $(STAMP) ## Demo: Envoy in front of the server with examples/demo, prints curl commands
 	$(BIN)/python examples/demo/run.py
 
-bench: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
+bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~7 min (BENCH_QUICK=1: ~2): bench/results/latest.md
+	$(BIN)/python bench/envoy_bench.py
+
+bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
+
+bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
+	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \
+		apt-get update && apt-get install -y wrk nghttp2-client; \
+	fi
 
 # One version for the package, the image tag and k8s/base/deployment.yaml: pyproject.toml's.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
