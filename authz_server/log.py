@@ -70,8 +70,11 @@ _Encoder = Callable[[str], str]
 _encode: _Encoder = json.encoder.encode_basestring
 
 DEFAULT_CAPACITY = 10_000
-DEFAULT_FLUSH_INTERVAL = 0.05
+# Lines reach the destination at most this late. Measured in the server: at 0.05 s the writer's
+# wake-ups cost ~3 us per line under load, at 0.2 s ~1 us (Envoy flushes its access log every 1 s).
+DEFAULT_FLUSH_INTERVAL = 0.2
 _MESSAGE = "%s %s %s -> %d %s"
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1000))  # a format spec per line costs more
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
     """``entries`` as the lines ``JsonFormatter`` writes for them (same keys, order and
     spacing, each followed by ``end``), built from pieces: no dict and no json.dumps, except
     for audit, dry-run and claims; the time's seconds formatted once a second."""
-    encode = _encode
+    encode, millis = _encode, _MILLIS
     out: list[str] = []
     last_second = -1
     stamp = ""
@@ -174,17 +177,15 @@ def _render_json(entries: list[_Entry], end: str) -> str:
         if "?" in path:
             path = path.split("?", 1)[0]
         verdict = "allow" if allowed else "deny"
-        # JSON escapes character by character: the message reuses its parts' escaped text.
-        method, path, reason = encode(method), encode(path), encode(reason)
         # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
         line = (
-            f'{{"time": "{stamp}.{int((when - second) * 1000):03d}Z", {rules.head}'
-            f'"message": "{verdict} {method[1:-1]} {path[1:-1]} -> {status:d} {reason[1:-1]}", '
-            f'"decision": "{verdict}", "status": {status:d}, "reason": {reason}, '
+            f'{{"time": "{stamp}.{millis[int((when - second) * 1000)]}Z", {rules.head}'
+            f'"message": {encode(f"{verdict} {method} {path} -> {status} {reason}")}, '
+            f'"decision": "{verdict}", "status": {status}, "reason": {encode(reason)}, '
             f'"provider": {"null" if provider is None else encode(provider)}, '
             f'"principal": {"null" if principal is None else encode(principal)}, '
             f'"policy": {"null" if policy is None else encode(policy)}, '
-            f'"method": {method}, "host": {encode(host)}, "path": {path}, '
+            f'"method": {encode(method)}, "host": {encode(host)}, "path": {encode(path)}, '
             f'"source_ip": {encode(source_ip)}, '
             f'"request_id": {"null" if request_id is None else encode(request_id)}, '
             f'"duration_us": {seconds * 1e6:.1f}'
