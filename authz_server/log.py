@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import json.encoder
 import logging
+import os
 import random
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -265,6 +267,21 @@ class DecisionLog:
         self._thread: threading.Thread | None = None
         self._dropped = 0
         self._dropped_lock = threading.Lock()
+        # A forked child has no writer thread and may inherit held locks: start afresh there.
+        forget = weakref.WeakMethod(self._forget_writer)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(forget))
+
+    def _forget_writer(self) -> None:
+        """In a forked child: no writer yet, fresh locks, and none of the parent's queued
+        lines (the parent writes those)."""
+        self._queue.clear()
+        self._thread = None
+        self._awake = False
+        self._pending = threading.Event()
+        self._hurry = threading.Event()
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._dropped_lock = threading.Lock()
 
     def configure(self, spec: DecisionLogSpec) -> None:
         """Apply ``spec`` from the next Check on; queued lines keep the spec they were taken
@@ -496,6 +513,12 @@ class DecisionLog:
         record.created = when  # when the Check was decided, not when the line is written
         record.msecs = int((when - int(when)) * 1000) + 0.0
         return record
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 class _Stop(threading.Event):
