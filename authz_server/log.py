@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import json.encoder
 import logging
+import os
 import random
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,8 +72,11 @@ _Encoder = Callable[[str], str]
 _encode: _Encoder = json.encoder.encode_basestring
 
 DEFAULT_CAPACITY = 10_000
-DEFAULT_FLUSH_INTERVAL = 0.05
+# Lines reach the destination at most this late. Measured in the server: at 0.05 s the writer's
+# wake-ups cost ~3 us per line under load, at 0.2 s ~1 us (Envoy flushes its access log every 1 s).
+DEFAULT_FLUSH_INTERVAL = 0.2
 _MESSAGE = "%s %s %s -> %d %s"
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1000))  # a format spec per line costs more
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
     """``entries`` as the lines ``JsonFormatter`` writes for them (same keys, order and
     spacing, each followed by ``end``), built from pieces: no dict and no json.dumps, except
     for audit, dry-run and claims; the time's seconds formatted once a second."""
-    encode = _encode
+    encode, millis = _encode, _MILLIS
     out: list[str] = []
     last_second = -1
     stamp = ""
@@ -174,17 +179,15 @@ def _render_json(entries: list[_Entry], end: str) -> str:
         if "?" in path:
             path = path.split("?", 1)[0]
         verdict = "allow" if allowed else "deny"
-        # JSON escapes character by character: the message reuses its parts' escaped text.
-        method, path, reason = encode(method), encode(path), encode(reason)
         # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
         line = (
-            f'{{"time": "{stamp}.{int((when - second) * 1000):03d}Z", {rules.head}'
-            f'"message": "{verdict} {method[1:-1]} {path[1:-1]} -> {status:d} {reason[1:-1]}", '
-            f'"decision": "{verdict}", "status": {status:d}, "reason": {reason}, '
+            f'{{"time": "{stamp}.{millis[int((when - second) * 1000)]}Z", {rules.head}'
+            f'"message": {encode(f"{verdict} {method} {path} -> {status} {reason}")}, '
+            f'"decision": "{verdict}", "status": {status}, "reason": {encode(reason)}, '
             f'"provider": {"null" if provider is None else encode(provider)}, '
             f'"principal": {"null" if principal is None else encode(principal)}, '
             f'"policy": {"null" if policy is None else encode(policy)}, '
-            f'"method": {method}, "host": {encode(host)}, "path": {path}, '
+            f'"method": {encode(method)}, "host": {encode(host)}, "path": {encode(path)}, '
             f'"source_ip": {encode(source_ip)}, '
             f'"request_id": {"null" if request_id is None else encode(request_id)}, '
             f'"duration_us": {seconds * 1e6:.1f}'
@@ -263,6 +266,21 @@ class DecisionLog:
         self._write_lock = threading.Lock()  # one batch at a time, in queue order
         self._thread: threading.Thread | None = None
         self._dropped = 0
+        self._dropped_lock = threading.Lock()
+        # A forked child has no writer thread and may inherit held locks: start afresh there.
+        forget = weakref.WeakMethod(self._forget_writer)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(forget))
+
+    def _forget_writer(self) -> None:
+        """In a forked child: no writer yet, fresh locks, and none of the parent's queued
+        lines (the parent writes those)."""
+        self._queue.clear()
+        self._thread = None
+        self._awake = False
+        self._pending = threading.Event()
+        self._hurry = threading.Event()
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._dropped_lock = threading.Lock()
 
     def configure(self, spec: DecisionLogSpec) -> None:
@@ -495,6 +513,12 @@ class DecisionLog:
         record.created = when  # when the Check was decided, not when the line is written
         record.msecs = int((when - int(when)) * 1000) + 0.0
         return record
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 class _Stop(threading.Event):

@@ -10,7 +10,11 @@ The server's CPU (user + system of every thread, from /proc/PID/stat) is read be
 again once every decision line of that run is in the log file (so the writer's work counts),
 and divided by the requests. Rounds are interleaved: every variant once per round, the order
 reversed on odd rounds, so the shared machine's noise falls on all alike. Prints, per variant,
-the median and min-max of CPU us/Check and the median req/s, then on - off per source.
+the median and min-max of CPU us/Check and the median req/s; then, per source, the cost of
+the log: the median over rounds of (on - off) within a round, which cancels the machine's
+slow phases better than a difference of medians.
+
+Log files live in /dev/shm when it exists (tmpfs: no disk writeback adds noise).
 
 --source LABEL=DIR (repeatable) runs the package found in DIR (a checkout's root), so a
 baseline tree (`git archive <commit> authz_server | tar -x -C DIR`) runs side by side with
@@ -75,6 +79,8 @@ class Server:
     cpu_per_check: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     expected_lines: int = 0
+    _counted: int = 0  # decision lines counted in the log file so far
+    _offset: int = 0  # bytes of the log file read so far (whole lines only)
 
     @property
     def name(self) -> str:
@@ -105,6 +111,11 @@ class Server:
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
             )
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def check_once(self, request: object) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
@@ -115,7 +126,14 @@ class Server:
         self.expected_lines += self.log_on
 
     def decision_lines(self) -> int:
-        return self.log_path.read_bytes().count(DECISION_MARK)
+        """Decision lines in the log file so far (reads only what is new since last time)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._offset)
+            chunk = log.read()
+        whole = chunk.rfind(b"\n") + 1
+        self._counted += chunk[:whole].count(DECISION_MARK)
+        self._offset += whole
+        return self._counted
 
     def wait_for_lines(self) -> None:
         deadline = time.monotonic() + LINES_TIMEOUT
@@ -144,27 +162,46 @@ _H2LOAD_DONE = re.compile(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) 
 _H2LOAD_RATE = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
 
 
-def h2load(server: Server, body: Path, requests: int, clients: int, streams: int) -> float:
-    """Send ``requests`` Checks; returns req/s. Raises SystemExit unless all succeeded."""
-    argv = ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1"]
-    argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+def start_h2load(server: Server, body: Path, requests: int, args: argparse.Namespace) -> Load:
+    """Start sending ``requests`` Checks to ``server`` (at --rps per client when given)."""
+    argv = ["h2load", "-n", str(requests), "-c", str(args.clients), "-m", str(args.streams)]
+    argv += ["-t", "1", "-d", str(body)]
+    argv += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if args.rps:
+        argv += ["--rps", str(args.rps)]
     argv += [f"http://127.0.0.1:{server.grpc_port}{CHECK_PATH}"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300).stdout
-    done, rate = _H2LOAD_DONE.search(out), _H2LOAD_RATE.search(out)
-    if done is None or rate is None or int(done.group(2)) != requests:
-        raise SystemExit(f"{server.name}: h2load did not complete every request:\n{out}")
-    return float(rate.group(1))
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Load(server, requests, process)
 
 
-def measure(server: Server, body: Path, args: argparse.Namespace) -> None:
-    assert server.process is not None
-    cpu0 = _process_cpu(server.process.pid)
-    rate = h2load(server, body, args.requests, args.clients, args.streams)
-    server.expected_lines += args.requests if server.log_on else 0
-    server.wait_for_lines()  # the writer thread's formatting and writes count too
-    cpu1 = _process_cpu(server.process.pid)
-    server.cpu_per_check.append((cpu1 - cpu0) / args.requests)
-    server.rates.append(rate)
+@dataclass
+class Load:
+    """One h2load run against one server."""
+
+    server: Server
+    requests: int
+    process: subprocess.Popen[str]
+
+    def finish(self) -> float:
+        """Wait for the run; returns req/s. Raises SystemExit unless every request succeeded."""
+        out, _ = self.process.communicate(timeout=600)
+        done, rate = _H2LOAD_DONE.search(out), _H2LOAD_RATE.search(out)
+        if done is None or rate is None or int(done.group(2)) != self.requests:
+            raise SystemExit(f"{self.server.name}: h2load did not complete every request:\n{out}")
+        self.server.expected_lines += self.requests if self.server.log_on else 0
+        return float(rate.group(1))
+
+
+def measure(servers: list[Server], body: Path, args: argparse.Namespace) -> None:
+    """One run of --requests Checks against each of ``servers`` at the same time."""
+    cpu0 = [_process_cpu(s.pid) for s in servers]
+    loads = [start_h2load(s, body, args.requests, args) for s in servers]
+    rates = [load.finish() for load in loads]
+    for server in servers:
+        server.wait_for_lines()  # the writer thread's formatting and writes count too
+    for server, before, rate in zip(servers, cpu0, rates, strict=True):
+        server.cpu_per_check.append((_process_cpu(server.pid) - before) / args.requests)
+        server.rates.append(rate)
 
 
 def _sources(values: list[str]) -> list[tuple[str, Path]]:
@@ -187,6 +224,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=10, help="h2load connections")
     parser.add_argument("--streams", type=int, default=10, help="streams per connection")
+    parser.add_argument(
+        "--rps", type=int, default=0, help="requests/s per h2load client (default: no limit)"
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run a source's log-off and log-on servers at the same time (use with --rps), so "
+        "the shared machine's load falls on both alike",
+    )
     parser.add_argument("--source", action="append", default=[], metavar="LABEL=DIR")
     args = parser.parse_args()
     if shutil.which("h2load") is None:
@@ -194,7 +240,8 @@ def main() -> None:
 
     key = devkeys.generate_key("RSA", kid="bench-1")
     request = check_request(key)
-    with tempfile.TemporaryDirectory() as tmp:
+    shm = Path("/dev/shm")  # noqa: S108 (mkdtemp below: a private directory)
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
         workdir = Path(tmp)
         (workdir / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
         configs = {}
@@ -218,12 +265,14 @@ def main() -> None:
             for server in servers:
                 server.check_once(request)
                 # Warm up: connections, caches, the writer thread.
-                h2load(server, body, min(2000, args.requests), args.clients, args.streams)
-                server.expected_lines += min(2000, args.requests) if server.log_on else 0
+                start_h2load(server, body, min(2000, args.requests), args).finish()
                 server.wait_for_lines()
+            # Groups measured at once: a source's off+on pair with --together, else each alone.
+            size = 2 if args.together else 1
+            groups = [servers[i : i + size] for i in range(0, len(servers), size)]
             for round_ in range(args.rounds):
-                for server in servers if round_ % 2 == 0 else servers[::-1]:
-                    measure(server, body, args)
+                for group in groups if round_ % 2 == 0 else groups[::-1]:
+                    measure(group, body, args)
             report(servers, args)
         finally:
             for server in servers:
@@ -231,9 +280,11 @@ def main() -> None:
 
 
 def report(servers: list[Server], args: argparse.Namespace) -> None:
+    rps = f" --rps {args.rps}" if args.rps else ""
+    together = ", log off and on at the same time" if args.together else ""
     print(
         f"\nCPU per Check in the server process ({args.rounds} interleaved rounds of "
-        f"{args.requests} Checks, h2load -c{args.clients} -m{args.streams})"
+        f"{args.requests} Checks, h2load -c{args.clients} -m{args.streams}{rps}{together})"
     )
     print(f"{'variant':<24} {'median us':>10} {'min-max us':>16} {'req/s':>8}  lines  dropped")
     medians = {}
@@ -246,9 +297,16 @@ def report(servers: list[Server], args: argparse.Namespace) -> None:
             f"{min(us):>7.1f}-{max(us):<8.1f} {statistics.median(server.rates):>8.0f}  "
             f"{lines if server.log_on else '-':<5}  {server.dropped()}"
         )
+    by_name = {server.name: server for server in servers}
     for label in dict.fromkeys(s.label for s in servers):
-        on, off = medians[f"{label}/log on"], medians[f"{label}/log off"]
-        print(f"{label}: the decision log costs {on - off:.1f} us CPU per Check ({on / off:.2f}x)")
+        on, off = by_name[f"{label}/log on"], by_name[f"{label}/log off"]
+        # Paired per round (the two ran back to back), so slow phases of the machine cancel.
+        paired = [(a - b) * 1e6 for a, b in zip(on.cpu_per_check, off.cpu_per_check, strict=True)]
+        print(
+            f"{label}: the decision log costs {statistics.median(paired):.1f} us CPU per Check "
+            f"(median of per-round on-off; min-max {min(paired):.1f} to {max(paired):.1f}; "
+            f"medians {medians[on.name]:.1f} vs {medians[off.name]:.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import re
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -751,3 +753,61 @@ def test_durations_are_written_in_microseconds_to_a_tenth_as_before(
     text = stream.getvalue()
     assert f'"duration_us": {json.dumps(round(seconds * 1e6, 1))}' in text
     assert stream.lines()[0]["duration_us"] == round(seconds * 1e6, 1)
+
+
+def test_close_gives_up_on_a_stuck_destination_and_a_later_close_writes_everything(
+    logs: list[DecisionLog],
+) -> None:
+    stream = BlockingStream()
+    log = stream_log(logs, stream)
+    write_lines(log, range(3))
+    assert stream.entered.wait(timeout=10)
+    assert not log.close(timeout=0.2)  # a shutdown is not held forever by a stuck pipe
+    stream.release.set()
+    assert log.close()
+    assert ids(stream.lines()) == [0, 1, 2]
+
+
+class PipeStream(io.StringIO):
+    """Writes to a pipe; blocks in the process ``blocking_pid`` until released."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.blocking_pid = os.getpid()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        if os.getpid() == self.blocking_pid:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        return os.write(self.fd, text.encode())
+
+
+def test_a_forked_child_writes_its_own_lines_and_not_the_parents_queued_ones(
+    logs: list[DecisionLog],
+) -> None:
+    read_end, write_end = os.pipe()
+    stream = PipeStream(write_end)
+    log = stream_log(logs, stream)
+    write_lines(log, range(1))
+    assert stream.entered.wait(timeout=10)  # the parent's writer is stuck with line 0
+    write_lines(log, range(1, 2))  # line 1 is queued when the process forks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: no pytest from here on, only an exit code
+        try:
+            write_lines(log, range(2, 3))
+            os._exit(0 if log.flush(timeout=10) else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    stream.release.set()
+    assert log.close()
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        written = [json.loads(line) for line in pipe.read().decode().splitlines()]
+    assert ids(written) == [2, 0, 1]  # the child's own line; the parent's two, once
