@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
-from functools import cached_property
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -63,6 +63,29 @@ def _parse_ip(value: str) -> IPAddress | None:
         return None
 
 
+_T = TypeVar("_T")
+
+
+class _computed_once(Generic[_T]):  # noqa: N801 (used as a decorator, like cached_property)
+    """``functools.cached_property`` without its lock (Python 3.11 takes one on every first
+    access): a RequestAttributes belongs to one Check on one thread."""
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> _T:
+        if instance is None:
+            return self  # type: ignore[return-value]
+        value = self._compute(instance)
+        instance.__dict__[self._name] = value  # later reads find the value, not us
+        return value
+
+
 class RequestAttributes:
     """One request as the decision sees it. Header names are lower case."""
 
@@ -95,22 +118,22 @@ class RequestAttributes:
         self.context_extensions: Mapping[str, str] = context_extensions or {}
         self.trusted_proxy_hops = trusted_proxy_hops
 
-    @cached_property
+    @_computed_once
     def normalized_path(self) -> str:
         return normalize_path(self.path)
 
-    @cached_property
+    @_computed_once
     def host_lower(self) -> str:
         return self.host.lower()
 
-    @cached_property
+    @_computed_once
     def query_string(self) -> str:
         """The raw query (after ``?``, before ``#``), or ``""``."""
         if "?" not in self.path:
             return ""
         return self.path.split("?", 1)[1].split("#", 1)[0]
 
-    @cached_property
+    @_computed_once
     def query_params(self) -> dict[str, str]:
         """First value of each query parameter, URL-decoded."""
         query = self.query_string
@@ -121,7 +144,7 @@ class RequestAttributes:
             params.setdefault(key, value)
         return params
 
-    @cached_property
+    @_computed_once
     def cookies(self) -> dict[str, str]:
         """First value of each cookie in the ``cookie`` header."""
         raw = self.headers.get("cookie", "")
@@ -132,15 +155,15 @@ class RequestAttributes:
                 jar.setdefault(name, value.strip().strip('"'))
         return jar
 
-    @cached_property
+    @_computed_once
     def source_address(self) -> IPAddress | None:
         return _parse_ip(self.source_ip)
 
-    @cached_property
+    @_computed_once
     def destination_address(self) -> IPAddress | None:
         return _parse_ip(self.destination_ip)
 
-    @cached_property
+    @_computed_once
     def remote_address(self) -> IPAddress | None:
         """The client address: from X-Forwarded-For, skipping ``trusted_proxy_hops`` from the right.
 
@@ -157,7 +180,7 @@ class RequestAttributes:
                 return address
         return self.source_address
 
-    @cached_property
+    @_computed_once
     def peer_identity(self) -> tuple[str, str, str, str] | None:
         """(principal, trust domain, namespace, service account) from a SPIFFE peer URI."""
         raw = self.peer_principal

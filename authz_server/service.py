@@ -30,6 +30,9 @@ from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier
 
 log = logging.getLogger("authz_server.service")
 
+# Allow decisions kept per engine (one per caller and deciding policy); past this, start over.
+_ALLOWS_KEPT = 4096
+
 
 def _header_value(value: Any) -> str | None:
     """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
@@ -121,6 +124,11 @@ class Engine:
                 cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
+        # (id(identity), policy, stripped token headers, twins) -> (identity, allow decision)
+        self._allows: dict[
+            tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
+            tuple[Identity | None, Decision],
+        ] = {}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
         # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
@@ -162,6 +170,56 @@ class Engine:
                 cache.listeners.remove(self.token_cache.purge)
             if id(cache) not in kept:
                 cache.stop()
+
+    def allow_for(
+        self,
+        identity: Identity | None,
+        policy: str | None,
+        strip: tuple[str, ...],
+        twins: tuple[str, ...],
+    ) -> Decision:
+        """The allow for this caller, built once and reused: a caller repeating a token gets
+        the same headers, metadata and answer every time."""
+        key = (id(identity), policy, strip, twins)
+        cached = self._allows.get(key)
+        # NOTE: the entry holds the identity itself, so an id reused after GC never matches.
+        if cached is not None and cached[0] is identity:
+            return cached[1]
+        decision = self.build_allow(identity, policy, strip, twins)
+        if len(self._allows) >= _ALLOWS_KEPT:
+            self._allows.clear()  # the busy callers come back at once
+        self._allows[key] = (identity, decision)
+        return decision
+
+    def build_allow(
+        self,
+        identity: Identity | None,
+        policy: str | None,
+        strip: tuple[str, ...],
+        twins: tuple[str, ...],
+        *,
+        audited: tuple[str, ...] = (),
+        dry_run: tuple[tuple[str, str], ...] = (),
+    ) -> Decision:
+        """An allow: the identity's headers set, their client-sent copies (and ``twins``) and
+        the token headers in ``strip`` removed."""
+        to_set: list[tuple[str, str]] = []
+        to_remove = set(self.protected_headers)
+        if identity is not None:
+            to_set = self.outputs[identity.provider].headers(identity)
+            to_remove.difference_update(h for h, _ in to_set)
+        to_remove.update(strip)
+        to_remove.update(twins)
+        return responses.allow(
+            headers_to_set=tuple(to_set),
+            headers_to_remove=tuple(sorted(to_remove)),
+            metadata=identity.metadata if identity is not None else None,
+            provider=identity.provider if identity is not None else None,
+            principal=identity.principal if identity is not None else None,
+            policy=policy,
+            audited=audited,
+            dry_run=dry_run,
+        )
 
     def missing_or_denied(self, identity: Identity | None, error: AuthzError) -> Decision:
         """A policy denial: the prebuilt 401 for an anonymous caller (unless Istio's 403 is
@@ -291,27 +349,22 @@ class AuthorizationService:
             )
             return denial, identity
 
-        to_set: list[tuple[str, str]] = []
-        to_remove: set[str] = set(engine.protected_headers)
-        metadata: Mapping[str, Any] | None = None
-        if identity is not None:
-            outputs = engine.outputs[identity.provider]
-            to_set = outputs.headers(identity)
-            to_remove.difference_update(h for h, _ in to_set)
-            metadata = identity.metadata
-        to_remove.update(token_headers_to_strip)
-        for name in request.headers:
-            # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.
-            if "_" in name and name.replace("_", "-") in engine.protected_headers:
-                to_remove.add(name)
-        decision = responses.allow(
-            headers_to_set=tuple(to_set),
-            headers_to_remove=tuple(sorted(to_remove)),
-            metadata=metadata,
-            provider=provider,
-            principal=principal,
-            policy=result.policy,
-            audited=result.audited,
-            dry_run=result.dry_run,
+        # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.
+        twins = tuple(
+            name
+            for name in request.headers
+            if "_" in name and name.replace("_", "-") in engine.protected_headers
         )
+        strip = tuple(token_headers_to_strip)
+        if result.audited or result.dry_run:  # observed verdicts ride on this one decision
+            decision = engine.build_allow(
+                identity,
+                result.policy,
+                strip,
+                twins,
+                audited=result.audited,
+                dry_run=result.dry_run,
+            )
+        else:
+            decision = engine.allow_for(identity, result.policy, strip, twins)
         return decision, identity

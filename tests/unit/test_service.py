@@ -382,3 +382,27 @@ def test_a_token_without_exp_names_the_exp_claim(
     decision = service.check(request(make_token(exp=None)))
     challenge = dict(decision.response_headers)["www-authenticate"]
     assert "error_description=\"required claim 'exp' missing\"" in challenge
+
+
+def test_a_repeating_caller_gets_the_removals_its_own_request_needs(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    # Allows are reused per caller: what one request carried must not leak into the next.
+    token = make_token(groups=["dev"])
+    plain = service.check(request(token))
+    forged = service.check(
+        RequestAttributes(
+            method="GET",
+            host="api.test",
+            path="/api/orders",
+            headers={"authorization": f"Bearer {token}", "x_user": "root"},
+        )
+    )
+    again = service.check(request(token))
+    assert plain.allowed and forged.allowed and again.allowed
+    assert "x_user" in forged.headers_to_remove
+    assert "x_user" not in plain.headers_to_remove
+    assert again.headers_to_remove == plain.headers_to_remove
+    assert dict(again.headers_to_set)["x-user"] == "alice"
+    other = service.check(request(make_token(sub="bob", groups=["dev"])))
+    assert dict(other.headers_to_set)["x-user"] == "bob"
