@@ -88,29 +88,35 @@ class _Rules:
     deny_only: bool
     claims: tuple[str, ...]
     level: int
-    # The constant middle of every line: `"level": ..., "logger": ..., ` (json.dumps spacing).
-    head: str
+    # What a queued line needs of the spec: (the constant middle of every line,
+    # `"level": ..., "logger": ..., ` in json.dumps spacing; the level; the claims to log).
+    # NOTE: atomic values only, so the collector untracks queued tuples at its first look
+    # rather than promoting them through the generations.
+    line: tuple[str, int, tuple[str, ...]]
 
     @classmethod
     def of(cls, spec: DecisionLogSpec, logger_name: str) -> _Rules:
+        level: int = logging.getLevelName(spec.level)
+        claims = tuple(spec.claims)
+        head = f'"level": {_encode(spec.level)}, "logger": {_encode(logger_name)}, '
         return cls(
             enabled=spec.enabled,
             sample_rate=spec.sample_rate,
             deny_only=spec.deny_only,
-            claims=tuple(spec.claims),
-            level=logging.getLevelName(spec.level),
-            head=f'"level": {_encode(spec.level)}, "logger": {_encode(logger_name)}, ',
+            claims=claims,
+            level=level,
+            line=(head, level, claims),
         )
 
 
 # One decision as captured on the request thread: raw values only (no Decision or request
 # object kept alive until the writer runs), in a plain tuple (a NamedTuple costs a Python call
-# per Check). Fields, in order: time, rules, allowed, status, reason, provider, principal,
+# per Check). Fields, in order: time, rules.line, allowed, status, reason, provider, principal,
 # policy, audited, dry_run, method, host, path (with its query), source_ip, request_id,
 # seconds, claims (the identity's claims when some are to be logged, else None).
 _Entry = tuple[
     float,
-    _Rules,
+    tuple[str, int, tuple[str, ...]],
     bool,
     int,
     str,
@@ -131,7 +137,7 @@ _Entry = tuple[
 
 def _fields(entry: _Entry) -> dict[str, Any]:
     """The fields of ``entry``'s line after time, level, logger and message."""
-    (_, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+    (_, (_, _, claim_names), allowed, status, reason, provider, principal, policy, audited, dry_run,
      method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
     fields: dict[str, Any] = {
         "decision": "allow" if allowed else "deny",
@@ -152,7 +158,7 @@ def _fields(entry: _Entry) -> dict[str, Any]:
     if dry_run:
         fields["dry_run"] = dict(dry_run)
     if claims is not None:
-        fields["claims"] = {c: claims[c] for c in rules.claims if c in claims}
+        fields["claims"] = {c: claims[c] for c in claim_names if c in claims}
     return fields
 
 
@@ -170,7 +176,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
     last_second = -1
     stamp = ""
     for entry in entries:
-        (when, rules, allowed, status, reason, provider, principal, policy, audited, dry_run,
+        (when, (head, _, _), allowed, status, reason, provider, principal, policy, audited, dry_run,
          method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
         second = int(when)
         if second != last_second:
@@ -181,7 +187,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
         verdict = "allow" if allowed else "deny"
         # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
         line = (
-            f'{{"time": "{stamp}.{millis[int((when - second) * 1000)]}Z", {rules.head}'
+            f'{{"time": "{stamp}.{millis[int((when - second) * 1000)]}Z", {head}'
             f'"message": {encode(f"{verdict} {method} {path} -> {status} {reason}")}, '
             f'"decision": "{verdict}", "status": {status}, "reason": {encode(reason)}, '
             f'"provider": {"null" if provider is None else encode(provider)}, '
@@ -342,7 +348,7 @@ class DecisionLog:
         queue.append(
             (
                 time.time(),
-                rules,
+                rules.line,
                 decision.allowed,
                 decision.status,
                 decision.reason,
@@ -455,11 +461,11 @@ class DecisionLog:
             # Runs of lines taken under one spec (one level): a reload may change it mid-batch.
             start = 0
             while start < len(entries):
-                rules = entries[start][1]
+                line = entries[start][1]
                 end = start + 1
-                while end < len(entries) and entries[end][1] is rules:
+                while end < len(entries) and entries[end][1] is line:
                     end += 1
-                self._emit_run(entries[start:end], rules.level)
+                self._emit_run(entries[start:end], line[1])
                 start = end
         except Exception as exc:  # the writer must outlive any one batch
             self._count_dropped(len(entries))
@@ -502,7 +508,7 @@ class DecisionLog:
         when = entry[0]
         record = self.logger.makeRecord(
             self.logger.name,
-            entry[1].level,
+            entry[1][1],
             "",
             0,
             _MESSAGE,
