@@ -530,9 +530,9 @@ def test_no_check_fails_while_configs_are_applied_back_and_forth(
     assert outcomes and set(outcomes) == {(200, "ok")}
 
 
-def test_a_running_server_reloads_from_disk_and_refuses_a_broken_config(
-    config_dir: Path, registry: CollectorRegistry, token: str
-) -> None:
+@pytest.fixture
+def watching(config_dir: Path, registry: CollectorRegistry) -> Iterator[AuthzServer]:
+    """A running server that polls its config.yaml every 50 ms."""
     path = config_dir / "config.yaml"
     server = AuthzServer(
         config.load(path),
@@ -545,24 +545,32 @@ def test_a_running_server_reloads_from_disk_and_refuses_a_broken_config(
     server.reloader.interval = 0.05
     server.start()
     try:
-        first = server.settings.digest
-        replace_text(path, "providers: [")
-        wait_until(
-            lambda: registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}),
-            what="the failure counted",
-        )
-        assert server.settings.digest == first
-        assert registry.get_sample_value("authz_config_info", {"hash": first}) == 1
-        assert not server.service.check(request(token, "/admin")).allowed
-        assert server.service.check(request(token)).allowed
-
-        replace_text(path, config_text(("/orders", "/admin")))
-        wait_until(lambda: server.service.check(request(token, "/admin")).allowed, what="reload")
-        assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
-        assert registry.get_sample_value("authz_config_info", {"hash": first}) is None
-        assert server.reloader.digest == server.settings.digest != first
+        yield server
     finally:
         server.stop(grace=1)
+
+
+def test_a_running_server_reloads_from_disk_and_refuses_a_broken_config(
+    watching: AuthzServer, config_dir: Path, registry: CollectorRegistry, token: str
+) -> None:
+    path = config_dir / "config.yaml"
+    server = watching
+    first = server.settings.digest
+    replace_text(path, "providers: [")
+    wait_until(
+        lambda: registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}),
+        what="the failure counted",
+    )
+    assert server.settings.digest == first
+    assert registry.get_sample_value("authz_config_info", {"hash": first}) == 1
+    assert not server.service.check(request(token, "/admin")).allowed
+    assert server.service.check(request(token)).allowed
+
+    replace_text(path, config_text(("/orders", "/admin")))
+    wait_until(lambda: server.service.check(request(token, "/admin")).allowed, what="reload")
+    assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
+    assert registry.get_sample_value("authz_config_info", {"hash": first}) is None
+    assert server.reloader.digest == server.settings.digest != first
 
 
 def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
@@ -607,63 +615,39 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
     ids=["zero-bytes", "first-line", "header-only", "cut-before-providers"],
 )
 def test_a_truncated_config_is_refused_and_never_opens_the_door(
-    config_dir: Path, registry: CollectorRegistry, token: str, truncated: str
+    watching: AuthzServer, config_dir: Path, registry: CollectorRegistry, token: str, truncated: str
 ) -> None:
     path = config_dir / "config.yaml"
-    server = AuthzServer(
-        config.load(path),
-        listen="127.0.0.1:0",
-        http_listen="127.0.0.1:0",
-        metrics=Metrics(registry),
-        config_path=path,
+    server = watching
+    first = server.settings.digest
+    anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
+    assert not server.service.check(anonymous_delete).allowed
+    replace_text(path, truncated)
+    wait_until(
+        lambda: registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}),
+        what="the truncated config refused",
     )
-    assert server.reloader is not None
-    server.reloader.interval = 0.05
-    server.start()
-    try:
-        first = server.settings.digest
-        anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
-        assert not server.service.check(anonymous_delete).allowed
-        replace_text(path, truncated)
-        wait_until(
-            lambda: registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}),
-            what="the truncated config refused",
-        )
-        assert server.settings.digest == first
-        assert (len(server.settings.providers), len(server.settings.policies)) == (1, 1)
-        decision = server.service.check(anonymous_delete)
-        assert (decision.allowed, decision.status) == (False, 401)
-        assert server.service.check(request(token)).allowed
-        status, _, body = http_request(f"http://127.0.0.1:{server.http_port}/readyz")
-        assert (status, json.loads(body)["ready"]) == (200, True)
-        # Refused once, not on every poll.
-        wait_until(lambda: server.reloader is not None and server.reloader._seen == snapshot(path))
-        assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 1
-    finally:
-        server.stop(grace=1)
+    assert server.settings.digest == first
+    assert (len(server.settings.providers), len(server.settings.policies)) == (1, 1)
+    decision = server.service.check(anonymous_delete)
+    assert (decision.allowed, decision.status) == (False, 401)
+    assert server.service.check(request(token)).allowed
+    status, _, body = http_request(f"http://127.0.0.1:{server.http_port}/readyz")
+    assert (status, json.loads(body)["ready"]) == (200, True)
+    # Refused once, not on every poll.
+    wait_until(lambda: server.reloader is not None and server.reloader._seen == snapshot(path))
+    assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 1
 
 
 def test_an_empty_config_that_says_allow_empty_is_applied(
-    config_dir: Path, registry: CollectorRegistry
+    watching: AuthzServer, config_dir: Path, registry: CollectorRegistry
 ) -> None:
     path = config_dir / "config.yaml"
-    server = AuthzServer(
-        config.load(path),
-        listen="127.0.0.1:0",
-        http_listen="127.0.0.1:0",
-        metrics=Metrics(registry),
-        config_path=path,
+    server = watching
+    anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
+    assert not server.service.check(anonymous_delete).allowed
+    replace_text(
+        path, "apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {allowEmpty: true}\n"
     )
-    assert server.reloader is not None
-    server.reloader.interval = 0.05
-    server.start()
-    try:
-        anonymous_delete = RequestAttributes(method="DELETE", host="api.test", path="/orders")
-        assert not server.service.check(anonymous_delete).allowed
-        replace_text(
-            path, "apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {allowEmpty: true}\n"
-        )
-        wait_until(lambda: server.service.check(anonymous_delete).allowed, what="allow-all")
-        assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
-    finally:
-        server.stop(grace=1)
+    wait_until(lambda: server.service.check(anonymous_delete).allowed, what="allow-all")
+    assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
