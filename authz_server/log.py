@@ -497,7 +497,7 @@ class DecisionLog:
         try:
             stream.write(text)
             stream.flush()
-        except OSError:
+        except (OSError, ValueError):  # a broken pipe, a full disk, a closed file
             self._count_dropped(len(entries))
         finally:
             if handler is not None:

@@ -16,6 +16,11 @@ slow phases better than a difference of medians.
 
 Log files live in /dev/shm when it exists (tmpfs: no disk writeback adds noise).
 
+With --together --rps N every variant's server is driven at once, at the same fixed rate, so all
+see the same machine (a shared machine's load swings a run's CPU per Check by 2x); the cost
+is then the median of per-round on - off. Without it, each server is driven alone at full
+speed, in turn.
+
 --source LABEL=DIR (repeatable) runs the package found in DIR (a checkout's root), so a
 baseline tree (`git archive <commit> authz_server | tar -x -C DIR`) runs side by side with
 this one. Default: this checkout, labelled "this".
@@ -230,8 +235,8 @@ def main() -> None:
     parser.add_argument(
         "--together",
         action="store_true",
-        help="run a source's log-off and log-on servers at the same time (use with --rps), so "
-        "the shared machine's load falls on both alike",
+        help="run every variant's server at the same time (use with --rps), so the shared "
+        "machine's load falls on all alike",
     )
     parser.add_argument("--source", action="append", default=[], metavar="LABEL=DIR")
     args = parser.parse_args()
@@ -267,9 +272,8 @@ def main() -> None:
                 # Warm up: connections, caches, the writer thread.
                 start_h2load(server, body, min(2000, args.requests), args).finish()
                 server.wait_for_lines()
-            # Groups measured at once: a source's off+on pair with --together, else each alone.
-            size = 2 if args.together else 1
-            groups = [servers[i : i + size] for i in range(0, len(servers), size)]
+            # Measured at once: every server with --together, else one at a time.
+            groups = [servers] if args.together else [[server] for server in servers]
             for round_ in range(args.rounds):
                 for group in groups if round_ % 2 == 0 else groups[::-1]:
                     measure(group, body, args)
@@ -281,7 +285,7 @@ def main() -> None:
 
 def report(servers: list[Server], args: argparse.Namespace) -> None:
     rps = f" --rps {args.rps}" if args.rps else ""
-    together = ", log off and on at the same time" if args.together else ""
+    together = ", every variant at the same time" if args.together else ""
     print(
         f"\nCPU per Check in the server process ({args.rounds} interleaved rounds of "
         f"{args.requests} Checks, h2load -c{args.clients} -m{args.streams}{rps}{together})"
@@ -307,6 +311,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> None:
             f"(median of per-round on-off; min-max {min(paired):.1f} to {max(paired):.1f}; "
             f"medians {medians[on.name]:.1f} vs {medians[off.name]:.1f})"
         )
+        print(f"  per round: {' '.join(f'{d:.0f}' for d in paired)}")
 
 
 if __name__ == "__main__":

@@ -811,3 +811,12 @@ def test_a_forked_child_writes_its_own_lines_and_not_the_parents_queued_ones(
     with os.fdopen(read_end, "rb") as pipe:
         written = [json.loads(line) for line in pipe.read().decode().splitlines()]
     assert ids(written) == [2, 0, 1]  # the child's own line; the parent's two, once
+
+
+def test_a_closed_destination_counts_its_lines_as_dropped(logs: list[DecisionLog]) -> None:
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    stream.close()  # as stderr may be at interpreter exit: writes raise ValueError
+    write_lines(log, range(4))
+    assert log.close()
+    assert log.dropped == 4
