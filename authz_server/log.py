@@ -71,6 +71,7 @@ _Encoder = Callable[[str], str]
 # json.dumps(..., ensure_ascii=False) escapes strings with this very function.
 _encode: _Encoder = json.encoder.encode_basestring
 
+WRITER_THREAD = "decision-log"  # the writer thread's name, in Python and in the OS
 DEFAULT_CAPACITY = 10_000
 # Lines reach the destination at most this late. Measured in the server: at 0.05 s the writer's
 # wake-ups cost ~3 us per line under load, at 0.2 s ~1 us (Envoy flushes its access log every 1 s).
@@ -412,12 +413,13 @@ class DecisionLog:
     def _wake(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
                 self._thread.start()
             self._awake = True
             self._pending.set()
 
     def _run(self) -> None:
+        _name_os_thread(WRITER_THREAD)
         while True:
             self._pending.wait()
             # Gather a batch: one write for many lines, one wake-up per interval at most.
@@ -519,6 +521,16 @@ class DecisionLog:
         record.created = when  # when the Check was decided, not when the line is written
         record.msecs = int((when - int(when)) * 1000) + 0.0
         return record
+
+
+def _name_os_thread(name: str) -> None:
+    """Show the calling thread as ``name`` in ``top -H`` and /proc (Linux), so its CPU can be
+    told apart; elsewhere nothing."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        pass
 
 
 def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:

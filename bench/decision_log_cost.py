@@ -12,7 +12,8 @@ and divided by the requests. Rounds are interleaved: every variant once per roun
 reversed on odd rounds, so the shared machine's noise falls on all alike. Prints, per variant,
 the median and min-max of CPU us/Check and the median req/s; then, per source, the cost of
 the log: the median over rounds of (on - off) within a round, which cancels the machine's
-slow phases better than a difference of medians.
+slow phases better than a difference of medians. "writer us" is the CPU of the writer thread
+alone (found by its OS name) per Check: the part of the cost that is certainly the log's.
 
 Log files live in /dev/shm when it exists (tmpfs: no disk writeback adds noise).
 
@@ -50,6 +51,7 @@ from common import bench_config, check_request
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import devkeys
+from authz_server.log import WRITER_THREAD
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 DECISION_MARK = b'"logger": "authz_server.decision"'
@@ -63,11 +65,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all threads) so far."""
-    with open(f"/proc/{pid}/stat") as stat:
+def _cpu(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc stat file."""
+    with open(stat_path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all threads) so far."""
+    return _cpu(f"/proc/{pid}/stat")
+
+
+def _writer_cpu(pid: int) -> float | None:
+    """CPU seconds of the thread named WRITER_THREAD in ``pid``; None when there is none (a
+    tree that logs on the request thread)."""
+    tasks = Path(f"/proc/{pid}/task")
+    for task in tasks.iterdir():
+        try:
+            if (task / "comm").read_text().strip() == WRITER_THREAD:
+                return _cpu(str(task / "stat"))
+        except FileNotFoundError:  # a thread that just ended
+            continue
+    return None
 
 
 @dataclass
@@ -82,6 +102,7 @@ class Server:
     grpc_port: int = 0
     http_port: int = 0
     cpu_per_check: list[float] = field(default_factory=list)
+    writer_per_check: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     expected_lines: int = 0
     _counted: int = 0  # decision lines counted in the log file so far
@@ -200,12 +221,16 @@ class Load:
 def measure(servers: list[Server], body: Path, args: argparse.Namespace) -> None:
     """One run of --requests Checks against each of ``servers`` at the same time."""
     cpu0 = [_process_cpu(s.pid) for s in servers]
+    writer0 = [_writer_cpu(s.pid) for s in servers]
     loads = [start_h2load(s, body, args.requests, args) for s in servers]
     rates = [load.finish() for load in loads]
     for server in servers:
         server.wait_for_lines()  # the writer thread's formatting and writes count too
-    for server, before, rate in zip(servers, cpu0, rates, strict=True):
+    for server, before, writer_before, rate in zip(servers, cpu0, writer0, rates, strict=True):
         server.cpu_per_check.append((_process_cpu(server.pid) - before) / args.requests)
+        writer = _writer_cpu(server.pid)
+        if writer is not None and writer_before is not None:
+            server.writer_per_check.append((writer - writer_before) / args.requests)
         server.rates.append(rate)
 
 
@@ -290,16 +315,24 @@ def report(servers: list[Server], args: argparse.Namespace) -> None:
         f"\nCPU per Check in the server process ({args.rounds} interleaved rounds of "
         f"{args.requests} Checks, h2load -c{args.clients} -m{args.streams}{rps}{together})"
     )
-    print(f"{'variant':<24} {'median us':>10} {'min-max us':>16} {'req/s':>8}  lines  dropped")
+    print(
+        f"{'variant':<24} {'median us':>10} {'min-max us':>16} {'req/s':>8}  lines  dropped"
+        "  writer us"
+    )
     medians = {}
     for server in servers:
         us = [c * 1e6 for c in server.cpu_per_check]
         medians[server.name] = statistics.median(us)
         lines = "all" if server.decision_lines() == server.expected_lines else "MISSING"
+        writer = (
+            f"{statistics.median(server.writer_per_check) * 1e6:.1f}"
+            if server.writer_per_check
+            else "-"
+        )
         print(
             f"{server.name:<24} {medians[server.name]:>10.1f} "
             f"{min(us):>7.1f}-{max(us):<8.1f} {statistics.median(server.rates):>8.0f}  "
-            f"{lines if server.log_on else '-':<5}  {server.dropped()}"
+            f"{lines if server.log_on else '-':<5}  {server.dropped():<7}  {writer}"
         )
     by_name = {server.name: server for server in servers}
     for label in dict.fromkeys(s.label for s in servers):

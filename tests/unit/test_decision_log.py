@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import sys
 import threading
 import time
 import urllib.request
@@ -427,6 +428,13 @@ def test_lines_are_written_by_the_writer_thread_not_the_request_thread(
     [line] = wait_until(stream.lines, what="the line, without any flush")
     assert line["request_id"] == "first" and line["reason"] == "allowed"
     assert stream.writers == {"decision-log"}
+    # The OS sees the name too (top -H, /proc), so the writer's CPU can be told apart.
+    writers = [t for t in threading.enumerate() if t.name == "decision-log"]
+    assert writers
+    if sys.platform == "linux":
+        for writer in writers:
+            comm = Path(f"/proc/self/task/{writer.native_id}/comm").read_text().strip()
+            assert comm == "decision-log"
 
 
 def test_many_lines_keep_their_order_go_out_in_few_writes_and_all_of_them_at_close(
