@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "orders-api"
@@ -45,3 +48,25 @@ def write_config(directory: Path, text: str, name: str = "config.yaml") -> Path:
     path = directory / name
     path.write_text(text)
     return path
+
+
+def identity(
+    sub: str = "alice",
+    *,
+    iss: str = "https://idp.example.com",
+    claims: Mapping[str, Any] | None = None,
+    audiences: Sequence[str] = (),
+    presenter: str | None = None,
+    space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED,
+) -> Identity:
+    """A verified caller for policy tests: ``iss`` and ``sub`` are in its claims too."""
+    return Identity(
+        provider="idp",
+        issuer=iss,
+        subject=sub,
+        claims={"iss": iss, "sub": sub, **(claims or {})},
+        audiences=tuple(audiences),
+        presenter=presenter,
+        payload_segment="",
+        space_delimited=space_delimited,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +19,11 @@ from authz_server.policy import (
     string_matcher,
 )
 from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
+from tests.helpers import identity
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ISS = "https://idp.example.com"
 PEER = "spiffe://cluster.local/ns/foo/sa/bar"
-
-
-def identity(
-    sub: str = "alice",
-    *,
-    iss: str = ISS,
-    claims: Mapping[str, Any] | None = None,
-    audiences: Sequence[str] = (),
-    presenter: str | None = None,
-    space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED,
-) -> Identity:
-    return Identity(
-        provider="idp",
-        issuer=iss,
-        subject=sub,
-        claims={"iss": iss, "sub": sub, **(claims or {})},
-        audiences=tuple(audiences),
-        presenter=presenter,
-        payload_segment="",
-        space_delimited=space_delimited,
-    )
 
 
 def request(**fields: Any) -> RequestAttributes:

@@ -15,31 +15,12 @@ from authz_server.attributes import RequestAttributes
 from authz_server.config import PolicySpec
 from authz_server.policy import PolicyResult, PolicySet
 from authz_server.policy_index import StringIndex, pattern_kind
-from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
+from authz_server.tokens import Identity
+from tests.helpers import identity
 
 ISS = "https://idp.example.com"
 OTHER_ISS = "https://other.example.org"
 PEER = "spiffe://cluster.local/ns/foo/sa/bar"
-
-
-def identity(
-    sub: str = "alice",
-    *,
-    iss: str = ISS,
-    claims: Mapping[str, Any] | None = None,
-    audiences: Sequence[str] = (),
-    presenter: str | None = None,
-) -> Identity:
-    return Identity(
-        provider="idp",
-        issuer=iss,
-        subject=sub,
-        claims={"iss": iss, "sub": sub, **(claims or {})},
-        audiences=tuple(audiences),
-        presenter=presenter,
-        payload_segment="",
-        space_delimited=DEFAULT_SPACE_DELIMITED,
-    )
 
 
 def policy_set(specs: Sequence[Mapping[str, Any]], *, indexed: bool = True) -> PolicySet:
