@@ -549,10 +549,7 @@ def main() -> int:
             loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
         )
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    log(f"written to {args.output}")
+    report.write(text, args.output, log)
     return 0
 
 

@@ -40,6 +40,14 @@ class Run:
     loads: tuple[int, int, int, int]  # wrk connections, h2load clients, streams, half-load clients
 
 
+def write(text: str, output: Path, log: Callable[[str], None]) -> None:
+    """Write the report to ``output`` and print it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(text)
+    log(f"written to {output}")
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -437,10 +437,7 @@ def main() -> int:
         setup = build(Bench(stack, tmp))
         run_rounds(setup.order, tmp / "h2load-requests.log")
     text = render(setup, wall_s=time.monotonic() - started, load_before=load_before)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    log(f"written to {args.output}")
+    report.write(text, args.output, log)
     return 0
 
 

@@ -7,6 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+
 from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
 
 ISSUER = "https://issuer.test"
@@ -70,3 +73,26 @@ def identity(
         payload_segment="",
         space_delimited=space_delimited,
     )
+
+
+def grpc_check_code(address: str, token: str, path: str) -> int:
+    """The gRPC status code of one Check (GET api.test ``path`` with ``token``) over a new
+    connection to ``address``."""
+
+    ctx = attribute_context_pb2.AttributeContext
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            request=ctx.Request(
+                http=ctx.HttpRequest(
+                    method="GET",
+                    host="api.test",
+                    path=path,
+                    headers={"authorization": f"Bearer {token}"},
+                )
+            )
+        )
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        code: int = stub.Check(request, timeout=5).status.code
+        return code

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz_server import devkeys
 from authz_server.devkeys import SigningKey
 from tests.e2e.harness import AuthzServerProcess, free_port, http_request, wait_until
-from tests.helpers import AUDIENCE, ISSUER, claims_for
+from tests.helpers import AUDIENCE, ISSUER, claims_for, grpc_check_code
 
 pytestmark = pytest.mark.e2e
 
@@ -42,27 +41,6 @@ policies:
       - from: [{{source: {{requestPrincipals: ["*"]}}}}]
         to: [{{operation: {{paths: {json.dumps(paths)}}}}}]
 """
-
-
-def check_code(address: str, token: str, path: str) -> int:
-    """One Check over a new connection (SO_REUSEPORT spreads connections, not requests)."""
-    ctx = attribute_context_pb2.AttributeContext
-    request = external_auth_pb2.CheckRequest(
-        attributes=ctx(
-            request=ctx.Request(
-                http=ctx.HttpRequest(
-                    method="GET",
-                    host="api.test",
-                    path=path,
-                    headers={"authorization": f"Bearer {token}"},
-                )
-            )
-        )
-    )
-    with grpc.insecure_channel(address) as channel:
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        code: int = stub.Check(request, timeout=5).status.code
-        return code
 
 
 def worker_pids(server: AuthzServerProcess) -> dict[int, int]:
@@ -163,7 +141,7 @@ def test_checks_spread_over_the_workers_and_metrics_add_up(
     # worker has clearly worked (bounded in count and time).
     while checks < 3000 and time.monotonic() < deadline:
         for _ in range(50):
-            assert check_code(server.grpc_address, token, "/orders") == 0
+            assert grpc_check_code(server.grpc_address, token, "/orders") == 0
             checks += 1
         if all(cpu_ticks(pid) - ticks[pid] >= 5 for pid in pids.values()):
             break
@@ -183,7 +161,7 @@ def test_a_config_change_reaches_every_worker(
     server: AuthzServerProcess, config_path: Path, token: str
 ) -> None:
     before = metric_sum(server, "authz_config_reloads_total", result="success")
-    assert check_code(server.grpc_address, token, "/admin") == 7  # PERMISSION_DENIED
+    assert grpc_check_code(server.grpc_address, token, "/admin") == 7  # PERMISSION_DENIED
     partial = config_path.with_name(".config.yaml.tmp")
     partial.write_text(config_text(["/orders", "/admin"]))
     partial.replace(config_path)
@@ -195,7 +173,7 @@ def test_a_config_change_reaches_every_worker(
         what="every worker reloaded",
     )
     # Whichever worker a new connection lands on, it decides with the new configuration.
-    assert all(check_code(server.grpc_address, token, "/admin") == 0 for _ in range(40))
+    assert all(grpc_check_code(server.grpc_address, token, "/admin") == 0 for _ in range(40))
 
 
 def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) -> None:
@@ -213,7 +191,7 @@ def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) 
 def test_sigterm_drains_every_worker_and_exits_0(server: AuthzServerProcess, token: str) -> None:
     # Last in this module: it stops the shared server.
     pids = list(worker_pids(server).values())
-    assert check_code(server.grpc_address, token, "/orders") == 0
+    assert grpc_check_code(server.grpc_address, token, "/orders") == 0
     code = server.stop(timeout=30)
     assert code == 0, server.log_text()
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)

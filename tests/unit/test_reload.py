@@ -10,9 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from authz_server import config, devkeys, errors
@@ -26,7 +24,7 @@ from authz_server.reload import ConfigReloader, snapshot
 from authz_server.server import AuthzServer
 from authz_server.tokens import Identity
 from tests.e2e.harness import JWKSServer, http_request, wait_until
-from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
+from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, grpc_check_code, write_config
 
 PARTNER_ISSUER = "https://partner.test"
 
@@ -348,24 +346,7 @@ def partner_token(ec_key: SigningKey) -> str:
 
 
 def grpc_check(server: AuthzServer, token: str, path: str) -> int:
-    ctx = attribute_context_pb2.AttributeContext
-    message = external_auth_pb2.CheckRequest(
-        attributes=ctx(
-            request=ctx.Request(
-                http=ctx.HttpRequest(
-                    method="GET",
-                    host="api.test",
-                    path=path,
-                    headers={"authorization": f"Bearer {token}"},
-                )
-            )
-        )
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        code: int = (
-            external_auth_pb2_grpc.AuthorizationStub(channel).Check(message, timeout=5).status.code
-        )
-        return code
+    return grpc_check_code(f"127.0.0.1:{server.grpc_port}", token, path)
 
 
 def test_apply_swaps_decisions_and_keeps_an_unchanged_providers_cache(
