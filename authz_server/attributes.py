@@ -1,8 +1,11 @@
 """The door-neutral request model: what a Check is about, whatever wire format brought it.
 
-A door (gRPC ``CheckRequest`` today, HTTP ext_authz later) fills a ``RequestAttributes``;
-the core decides on it. Derived views (normalized path, query parameters, cookies, client
-address, peer identity) are computed on first use and kept for the rest of the Check.
+A door (gRPC ``CheckRequest``, or Envoy's HTTP ext_authz request) fills a
+``RequestAttributes``; the core decides on it. A door that cannot know an attribute (the HTTP
+door never sees the client's address, its mTLS identity or the destination port) names it in
+``unknown``, and the policies treat it as unknown rather than absent: they fail closed.
+Derived views (normalized path, query parameters, cookies, client address, peer identity) are
+computed on first use and kept for the rest of the Check.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ _UNRESERVED_ESCAPE = re.compile(
 )
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _SLASHES = re.compile(r"/{2,}")
+
+# The attributes a door may be unable to tell (RequestAttributes.unknown).
+SOURCE_IP = "source.ip"
+SOURCE_PRINCIPAL = "source.principal"
+DESTINATION_IP = "destination.ip"
+DESTINATION_PORT = "destination.port"
+CONNECTION_SNI = "connection.sni"
+CONTEXT_EXTENSIONS = "context_extensions"
 
 
 def _decode_unreserved(match: re.Match[str]) -> str:
@@ -104,6 +115,8 @@ class RequestAttributes:
         sni: str = "",
         context_extensions: Mapping[str, str] | None = None,
         trusted_proxy_hops: int = 0,
+        door: str = "grpc",
+        unknown: frozenset[str] = frozenset(),
     ) -> None:
         self.method = method
         self.host = host
@@ -117,6 +130,8 @@ class RequestAttributes:
         self.sni = sni
         self.context_extensions: Mapping[str, str] = context_extensions or {}
         self.trusted_proxy_hops = trusted_proxy_hops
+        self.door = door  # which door brought it: "grpc" or "http" (metrics, decision log)
+        self.unknown = unknown
 
     @_computed_once
     def normalized_path(self) -> str:

@@ -476,9 +476,38 @@ class TokenCacheSpec(_Model):
     max_ttl: Duration = 3600.0
 
 
+class HttpAuthzSpec(_Model):
+    """The HTTP door: Envoy's ``http_service`` ext_authz protocol (Istio's
+    ``envoyExtAuthzHttp``), beside the gRPC door, on the same decision core."""
+
+    # host:port or unix:/path; absent = the door is closed (the default).
+    listen: str | None = None
+    # Envoy's `http_service.path_prefix`: removed from the path before deciding.
+    path_prefix: str = Field(default="", pattern=r"^(/[^?#\s]*)?$")
+    # Oversized requests: 414 (request target), 431 (headers), 413 (body).
+    max_request_line_bytes: int = Field(default=8192, ge=256, le=1 << 20)
+    max_header_bytes: int = Field(default=65536, ge=1024, le=1 << 24)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    max_body_bytes: int = Field(default=65536, ge=0, le=1 << 26)
+    # A request must arrive whole within this (a slow client gets 408 and is closed).
+    request_timeout: Duration = 10.0
+    # An idle keep-alive connection is closed after this; keep Envoy's cluster idle_timeout
+    # below it so Envoy, not us, closes idle connections.
+    idle_timeout: Duration = 300.0
+    max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        if value.endswith("/"):
+            raise ValueError("no trailing '/': Envoy appends the original path, which has one")
+        return value
+
+
 class ServerSpec(_Model):
     listen: str = "0.0.0.0:9001"
     http_listen: str = "0.0.0.0:9090"
+    http_authz: HttpAuthzSpec = Field(default_factory=HttpAuthzSpec)
     # Measured (bench/grpc_edge.py): more threads buy nothing under the GIL; 8 leaves room
     # for Checks that wait on I/O (a JWKS refresh) without queueing the rest.
     threads: int = Field(default=8, ge=1, le=1024)

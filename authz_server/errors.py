@@ -51,6 +51,11 @@ class DependencyError(AuthzError):
 
 
 # Reasons, in one place so that tests, metrics and docs agree on the spelling.
+class WouldWait(Exception):  # noqa: N818 (a signal, not an error)
+    """Deciding needs to wait for a key-set refresh already under way, and the caller said it
+    cannot wait on its thread (an event loop): decide again where waiting is allowed."""
+
+
 MISSING_CREDENTIALS = "missing_credentials"
 MALFORMED_TOKEN = "malformed_token"
 UNSUPPORTED_ALGORITHM = "unsupported_algorithm"

@@ -348,6 +348,11 @@ class JWKSCache:
         flight.done.wait(wait)
         return self._has(kid)
 
+    @property
+    def refreshing(self) -> bool:
+        """A key-set load is under way."""
+        return self._flight is not None
+
     def _has(self, kid: str | None) -> bool:
         keyset = self.keyset
         return keyset is not None and (kid is None or kid in keyset.by_kid)

@@ -114,7 +114,7 @@ class _Rules:
 # object kept alive until the writer runs), in a plain tuple (a NamedTuple costs a Python call
 # per Check). Fields, in order: time, rules.line, allowed, status, reason, provider, principal,
 # policy, audited, dry_run, method, host, path (with its query), source_ip, request_id,
-# seconds, claims (the identity's claims when some are to be logged, else None).
+# seconds, claims (the identity's claims when some are to be logged, else None), door.
 _Entry = tuple[
     float,
     tuple[str, int, tuple[str, ...]],
@@ -133,13 +133,14 @@ _Entry = tuple[
     str | None,
     float,
     Mapping[str, Any] | None,
+    str,
 ]
 
 
 def _fields(entry: _Entry) -> dict[str, Any]:
     """The fields of ``entry``'s line after time, level, logger and message."""
     (_, (_, _, claim_names), allowed, status, reason, provider, principal, policy, audited, dry_run,
-     method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
+     method, host, path, source_ip, request_id, seconds, claims, door) = entry  # fmt: skip
     fields: dict[str, Any] = {
         "decision": "allow" if allowed else "deny",
         "status": status,
@@ -152,6 +153,7 @@ def _fields(entry: _Entry) -> dict[str, Any]:
         "path": path.split("?", 1)[0],
         "source_ip": source_ip,
         "request_id": request_id,
+        "door": door,
         "duration_us": round(seconds * 1e6, 1),
     }
     if audited:
@@ -178,7 +180,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
     stamp = ""
     for entry in entries:
         (when, (head, _, _), allowed, status, reason, provider, principal, policy, audited, dry_run,
-         method, host, path, source_ip, request_id, seconds, claims) = entry  # fmt: skip
+         method, host, path, source_ip, request_id, seconds, claims, door) = entry  # fmt: skip
         second = int(when)
         if second != last_second:
             last_second = second
@@ -197,7 +199,7 @@ def _render_json(entries: list[_Entry], end: str) -> str:
             f'"method": {encode(method)}, "host": {encode(host)}, "path": {encode(path)}, '
             f'"source_ip": {encode(source_ip)}, '
             f'"request_id": {"null" if request_id is None else encode(request_id)}, '
-            f'"duration_us": {seconds * 1e6:.1f}'
+            f'"door": "{door}", "duration_us": {seconds * 1e6:.1f}'
         )
         if audited or dry_run or claims is not None:
             fields = _fields(entry)
@@ -365,6 +367,7 @@ class DecisionLog:
                 request.headers.get("x-request-id"),
                 seconds,
                 identity.claims if identity is not None and rules.claims else None,
+                request.door,
             )
         )
         if not self._awake:

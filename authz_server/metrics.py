@@ -45,6 +45,8 @@ CHECK_BUCKETS = (
 )  # fmt: skip
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The doors a Check can come through (the `door` label).
+DOORS = ("grpc", "http")
 
 
 class _EngineCollector(Collector):
@@ -128,15 +130,15 @@ class Metrics:
             gc_collector.GCCollector(registry=r)
         self.check_duration = Histogram(
             "authz_check_duration_seconds",
-            "Time to decide one Check, from request attributes to decision.",
-            ["decision"],
+            "Time to decide one Check, from request attributes to decision, by door.",
+            ["decision", "door"],
             buckets=CHECK_BUCKETS,
             registry=r,
         )
         self.checks = Counter(
             "authz_checks",
-            "Checks decided, by decision, reason, provider and deciding policy.",
-            ["decision", "reason", "provider", "policy"],
+            "Checks decided, by decision, reason, provider, deciding policy and door.",
+            ["decision", "reason", "provider", "policy", "door"],
             registry=r,
         )
         self.dry_run = Counter(
@@ -161,8 +163,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self._duration_children = {d: self.check_duration.labels(d) for d in ("allow", "deny")}
-        self._children: dict[tuple[str, str, str, str], Any] = {}
+        self._duration_children = {
+            (d, door): self.check_duration.labels(d, door)
+            for d in ("allow", "deny")
+            for door in DOORS
+        }
+        self._children: dict[tuple[str, str, str, str, str], Any] = {}
         self._dry_children: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._engine_collector: _EngineCollector | None = None
@@ -190,7 +196,7 @@ class Metrics:
         if self._published is not None:
             self._published.publish()
 
-    def _child(self, key: tuple[str, str, str, str]) -> Any:
+    def _child(self, key: tuple[str, str, str, str, str]) -> Any:
         child = self._children.get(key)
         if child is None:
             with self._lock:
@@ -198,12 +204,12 @@ class Metrics:
                 self._children[key] = child
         return child
 
-    def record(self, decision: Decision, seconds: float) -> None:
-        """Count one decision (called once per Check)."""
+    def record(self, decision: Decision, seconds: float, door: str = "grpc") -> None:
+        """Count one decision (called once per Check) that came through ``door``."""
         verdict = "allow" if decision.allowed else "deny"
-        self._duration_children[verdict].observe(seconds)
+        self._duration_children[verdict, door].observe(seconds)
         self._child(
-            (verdict, decision.reason, decision.provider or "", decision.policy or "")
+            (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
         ).inc()
         for policy, would in decision.dry_run:
             key = (policy, would)

@@ -15,6 +15,10 @@ Hosts compare case-insensitively. ``requestPrincipals`` (and ``request.auth.prin
 the pattern on its last ``/`` and match issuer and subject apart, as Istio does. One deliberate
 extension: a number or boolean claim matches its JSON text (``42``, ``true``), so DENY rules on
 such claims are not silently inert.
+
+An attribute the door could not tell (``RequestAttributes.unknown``: the HTTP door has no
+client address, mTLS identity, destination port, SNI or context extensions) fails closed: a
+clause on it makes an ALLOW rule not match and a DENY rule match, whatever the clause says.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from authz_server import attributes as attr
 from authz_server.attributes import IPAddress, RequestAttributes
 from authz_server.config import Condition, Operation, PolicySpec, Rule, Source
 from authz_server.policy_index import TEMPLATE_OPERATOR, RuleIndex, pattern_kind
@@ -120,6 +125,98 @@ def _negate(positive: Predicate, negate: bool) -> Predicate:
     if not negate:
         return positive
     return lambda request, identity: not positive(request, identity)
+
+
+UnknownTest = Callable[[RequestAttributes], bool]
+
+
+def _unknown(attribute: str) -> UnknownTest:
+    return lambda request: attribute in request.unknown
+
+
+def _remote_unknown(request: RequestAttributes) -> bool:
+    # X-Forwarded-For may still name the client when the direct peer is unknown.
+    return attr.SOURCE_IP in request.unknown and request.remote_address is None
+
+
+# Which door-unknowable attribute each field reads (fields not listed are always known).
+_SOURCE_NEEDS = {
+    "principals": attr.SOURCE_PRINCIPAL,
+    "not_principals": attr.SOURCE_PRINCIPAL,
+    "namespaces": attr.SOURCE_PRINCIPAL,
+    "not_namespaces": attr.SOURCE_PRINCIPAL,
+    "service_accounts": attr.SOURCE_PRINCIPAL,
+    "not_service_accounts": attr.SOURCE_PRINCIPAL,
+    "trust_domains": attr.SOURCE_PRINCIPAL,
+    "not_trust_domains": attr.SOURCE_PRINCIPAL,
+    "ip_blocks": attr.SOURCE_IP,
+    "not_ip_blocks": attr.SOURCE_IP,
+    "remote_ip_blocks": attr.SOURCE_IP,  # unless X-Forwarded-For reaches the door
+    "not_remote_ip_blocks": attr.SOURCE_IP,
+}
+_OPERATION_NEEDS = {"ports": attr.DESTINATION_PORT, "not_ports": attr.DESTINATION_PORT}
+_CONDITION_NEEDS = {
+    "source.ip": attr.SOURCE_IP,
+    "remote.ip": attr.SOURCE_IP,
+    "destination.ip": attr.DESTINATION_IP,
+    "source.principal": attr.SOURCE_PRINCIPAL,
+    "source.namespace": attr.SOURCE_PRINCIPAL,
+    "destination.port": attr.DESTINATION_PORT,
+    "connection.sni": attr.CONNECTION_SNI,
+}
+
+
+def condition_needs(key: str) -> str | None:
+    """The door-unknowable attribute a ``when`` key reads, or None."""
+    if key.startswith("request.context_extensions["):
+        return attr.CONTEXT_EXTENSIONS
+    return _CONDITION_NEEDS.get(key)
+
+
+def _guard(is_unknown: UnknownTest, predicate: Predicate, when_unknown: bool) -> Predicate:
+    """``predicate``, except that it answers ``when_unknown`` when the door could not tell
+    the attribute it reads."""
+
+    def guarded(request: RequestAttributes, identity: Identity | None) -> bool:
+        if request.unknown and is_unknown(request):
+            return when_unknown
+        return predicate(request, identity)
+
+    return guarded
+
+
+def unknown_attribute_uses(specs: Sequence[PolicySpec], unknown: frozenset[str]) -> list[str]:
+    """One line per clause of ``specs`` that reads an attribute in ``unknown``: how such a
+    rule will behave (for the warning at load when the HTTP door is open)."""
+    lines: list[str] = []
+    for spec in specs:
+        effect = "always matches (denies)" if spec.action == "DENY" else "never matches"
+        for number, rule in enumerate(spec.rules or (), start=1):
+            fields: list[tuple[str, str]] = []
+            for source in rule.from_ or ():
+                for name, needs in _SOURCE_NEEDS.items():
+                    if getattr(source.source, name):
+                        fields.append((f"from.source.{_camel(name)}", needs))
+            for operation in rule.to or ():
+                for name, needs in _OPERATION_NEEDS.items():
+                    if getattr(operation.operation, name):
+                        fields.append((f"to.operation.{_camel(name)}", needs))
+            for condition in rule.when or ():
+                condition_need = condition_needs(condition.key)
+                if condition_need is not None:
+                    fields.append((f"when[{condition.key}]", condition_need))
+            for field, needs in dict(fields).items():
+                if needs in unknown:
+                    lines.append(
+                        f"policy {spec.name!r} rule {number}: {field} reads {needs}, which the "
+                        f"HTTP door does not receive: through that door the rule {effect}"
+                    )
+    return lines
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def _field(getter: Getter, matcher: StringMatcher, *, negate: bool) -> Predicate:
@@ -319,7 +416,17 @@ def _audiences(_: RequestAttributes, identity: Identity | None) -> Iterable[str]
     return None if identity is None else identity.audiences
 
 
-def _condition(condition: Condition) -> list[Predicate]:
+def _condition(condition: Condition, when_unknown: bool) -> list[Predicate]:
+    key = condition.key
+    predicates = _condition_predicates(condition)
+    needs = condition_needs(key)
+    if needs is None:
+        return predicates
+    is_unknown = _remote_unknown if key == "remote.ip" else _unknown(needs)
+    return [_guard(is_unknown, p, when_unknown) for p in predicates]
+
+
+def _condition_predicates(condition: Condition) -> list[Predicate]:
     key = condition.key
     predicates: list[Predicate] = []
     for values, negate in ((condition.values, False), (condition.not_values, True)):
@@ -348,8 +455,9 @@ def _condition(condition: Condition) -> list[Predicate]:
 # --------------------------------------------------------------------- sources/operations
 
 
-def _source(source: Source) -> list[Predicate]:
+def _source(source: Source, when_unknown: bool) -> list[Predicate]:
     predicates: list[Predicate] = []
+    peer_unknown = _unknown(attr.SOURCE_PRINCIPAL)
     string_fields: list[tuple[list[str] | None, Getter, bool]] = [
         (source.principals, _peer(0), False),
         (source.not_principals, _peer(0), True),
@@ -362,7 +470,8 @@ def _source(source: Source) -> list[Predicate]:
     ]
     for values, getter, negate in string_fields:
         if values:
-            predicates.append(_field(getter, _any_string(values), negate=negate))
+            field = _field(getter, _any_string(values), negate=negate)
+            predicates.append(_guard(peer_unknown, field, when_unknown))
     for values, negate in (
         (source.request_principals, False),
         (source.not_request_principals, True),
@@ -370,14 +479,15 @@ def _source(source: Source) -> list[Predicate]:
         if values:
             predicates.append(_request_principals(values, negate=negate))
     ip_fields = [
-        (source.ip_blocks, _IP_GETTERS["source.ip"], False),
-        (source.not_ip_blocks, _IP_GETTERS["source.ip"], True),
-        (source.remote_ip_blocks, _IP_GETTERS["remote.ip"], False),
-        (source.not_remote_ip_blocks, _IP_GETTERS["remote.ip"], True),
+        (source.ip_blocks, "source.ip", _unknown(attr.SOURCE_IP), False),
+        (source.not_ip_blocks, "source.ip", _unknown(attr.SOURCE_IP), True),
+        (source.remote_ip_blocks, "remote.ip", _remote_unknown, False),
+        (source.not_remote_ip_blocks, "remote.ip", _remote_unknown, True),
     ]
-    for blocks, ip_getter, negate in ip_fields:
+    for blocks, key, is_unknown, negate in ip_fields:
         if blocks:
-            predicates.append(_ip_field(ip_getter, blocks, negate=negate))
+            field = _ip_field(_IP_GETTERS[key], blocks, negate=negate)
+            predicates.append(_guard(is_unknown, field, when_unknown))
     return predicates
 
 
@@ -398,7 +508,7 @@ def _port(match: StringMatcher) -> Predicate:
     return lambda request, _: request.destination_port != 0 and match(str(request.destination_port))
 
 
-def _operation(operation: Operation) -> list[Predicate]:
+def _operation(operation: Operation, when_unknown: bool) -> list[Predicate]:
     predicates: list[Predicate] = []
     fields: list[
         tuple[list[str] | None, Callable[[StringMatcher], Predicate], dict[str, bool], bool]
@@ -415,7 +525,10 @@ def _operation(operation: Operation) -> list[Predicate]:
     for values, on_attribute, options, negate in fields:
         if values:
             match = _any_string(values, **options)
-            predicates.append(_negate(on_attribute(match), negate))
+            predicate = _negate(on_attribute(match), negate)
+            if on_attribute is _port:
+                predicate = _guard(_unknown(attr.DESTINATION_PORT), predicate, when_unknown)
+            predicates.append(predicate)
     return predicates
 
 
@@ -459,16 +572,18 @@ def _any(predicates: Sequence[Predicate]) -> Predicate:
     return any_of
 
 
-def compile_rule(rule: Rule) -> Predicate:
-    """Return a predicate that is true when ``rule`` matches the request."""
+def compile_rule(rule: Rule, *, when_unknown: bool = False) -> Predicate:
+    """Return a predicate that is true when ``rule`` matches the request. A clause on an
+    attribute the door could not tell counts as ``when_unknown`` (True for DENY rules, False
+    for the others: either way, fail closed)."""
     # `to` first: host, method and path are the cheapest fields and the most selective.
     parts: list[Predicate] = []
     if rule.to:
-        parts.append(_any([_all(_operation(t.operation)) for t in rule.to]))
+        parts.append(_any([_all(_operation(t.operation, when_unknown)) for t in rule.to]))
     if rule.from_:
-        parts.append(_any([_all(_source(f.source)) for f in rule.from_]))
+        parts.append(_any([_all(_source(f.source, when_unknown)) for f in rule.from_]))
     for condition in rule.when or []:
-        parts.extend(_condition(condition))
+        parts.extend(_condition(condition, when_unknown))
     return _all(parts)
 
 
@@ -488,7 +603,9 @@ class CompiledPolicy:
             name=spec.name,
             action=spec.action,
             dry_run=spec.dry_run,
-            rules=tuple(compile_rule(r) for r in spec.rules or ()),
+            rules=tuple(
+                compile_rule(r, when_unknown=spec.action == "DENY") for r in spec.rules or ()
+            ),
         )
 
     def matches(self, request: RequestAttributes, identity: Identity | None) -> bool:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
-from authz_server.grpc_door import AUTHORIZATION_SERVICE, AuthorizationServicer
+from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.jwks import JWKSCache
 from authz_server.log import DecisionLog
 from authz_server.metrics import CONTENT_TYPE, Metrics

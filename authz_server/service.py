@@ -18,7 +18,7 @@ from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor
-from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError
+from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
 from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
 from authz_server.log import DecisionLog
@@ -285,26 +285,31 @@ class AuthorizationService:
         self.metrics = metrics
         self.decision_log = decision_log
 
-    def check(self, request: RequestAttributes) -> Decision:
+    def check(self, request: RequestAttributes, *, may_wait: bool = True) -> Decision:
+        """Decide ``request``. With ``may_wait`` False (an event loop's thread), raises
+        WouldWait, before counting or logging anything, when deciding needs to wait for a
+        key-set refresh: the caller decides again on a thread that may wait."""
         started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
         identity: Identity | None = None
         try:
-            decision, identity = self._decide(engine, request)
+            decision, identity = self._decide(engine, request, may_wait)
+        except WouldWait:
+            raise
         except Exception:
             # NOTE: the exception text may quote request data; log type and place, not values.
             log.exception("internal error while deciding %s %s", request.method, request.host)
             decision = responses.internal_error()
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.record(decision, elapsed)
+            self.metrics.record(decision, elapsed, request.door)
         decision_log = self.decision_log
         if decision_log is not None and decision_log.wants(decision):
             decision_log.write(request, decision, identity, elapsed)  # queues: no I/O here
         return decision
 
     def _decide(
-        self, engine: Engine, request: RequestAttributes
+        self, engine: Engine, request: RequestAttributes, may_wait: bool
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
         found = engine.extractor.extract(request)
@@ -316,7 +321,9 @@ class AuthorizationService:
             current = verified.get(key)
             if current is None:
                 try:
-                    current = engine.verifier.verify(token.token, token.providers, token.scope)
+                    current = engine.verifier.verify(
+                        token.token, token.providers, token.scope, may_wait=may_wait
+                    )
                 except AuthzError as exc:
                     denial = responses.with_context(
                         responses.deny(exc, realm=engine.realm, token_present=True),

@@ -18,7 +18,7 @@ from typing import Any
 
 from authz_server import errors
 from authz_server.config import Provider
-from authz_server.errors import AuthenticationError, DependencyError
+from authz_server.errors import AuthenticationError, DependencyError, WouldWait
 from authz_server.jwks import JWKSCache, VerificationKey
 from authz_server.token_cache import CachedToken, TokenCache
 
@@ -192,7 +192,12 @@ class TokenVerifier:
         self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
 
     def verify(
-        self, token: str, providers: Sequence[ProviderRuntime], scope: bytes | None = None
+        self,
+        token: str,
+        providers: Sequence[ProviderRuntime],
+        scope: bytes | None = None,
+        *,
+        may_wait: bool = True,
     ) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
 
@@ -200,7 +205,8 @@ class TokenVerifier:
         cached results are shared only within one scope (default: this providers object).
 
         Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
-        the issuer has no keys.
+        the issuer has no keys; with ``may_wait`` False, WouldWait instead of waiting for a
+        key-set refresh.
         """
         if len(token) > self.max_token_bytes:
             raise _malformed(f"token longer than {self.max_token_bytes} bytes")
@@ -221,7 +227,9 @@ class TokenVerifier:
         first_error: AuthenticationError | DependencyError | None = None
         for provider in candidates:
             try:
-                identity, key, exp, nbf = self._verify_for(provider, header, payload, segments)
+                identity, key, exp, nbf = self._verify_for(
+                    provider, header, payload, segments, may_wait
+                )
             except (AuthenticationError, DependencyError) as exc:
                 first_error = first_error or exc
                 continue
@@ -243,7 +251,15 @@ class TokenVerifier:
         assert first_error is not None
         raise first_error
 
-    def _refresh(self, cache: JWKSCache, kid: str | None) -> bool:
+    def _refresh(self, cache: JWKSCache, kid: str | None, may_wait: bool) -> bool:
+        if not may_wait:
+            # Start (or join) the refresh without waiting; only a load under way is worth
+            # waiting for, elsewhere.
+            if cache.refresh_for_kid(kid, 0.0):
+                return True
+            if cache.refreshing:
+                raise WouldWait
+            return False
         if not self._waiting.acquire(blocking=False):
             return cache.refresh_for_kid(kid, 0.0)
         try:
@@ -252,16 +268,16 @@ class TokenVerifier:
             self._waiting.release()
 
     def _keys_for(
-        self, provider: ProviderRuntime, kid: str | None, alg: str
+        self, provider: ProviderRuntime, kid: str | None, alg: str, may_wait: bool
     ) -> list[VerificationKey]:
         cache = provider.keys
         if cache.keyset is None:
             # Maybe the IdP is back: one refresh per minRefreshInterval, shared.
-            self._refresh(cache, None)
+            self._refresh(cache, None, may_wait)
         keyset = cache.keyset
         if keyset is None:
             raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
-        if kid is not None and kid not in keyset.by_kid and self._refresh(cache, kid):
+        if kid is not None and kid not in keyset.by_kid and self._refresh(cache, kid, may_wait):
             keyset = cache.keyset or keyset  # a rotated key: refresh first (kid-less keys last)
         keys = keyset.candidates(kid, alg)
         if not keys:
@@ -274,6 +290,7 @@ class TokenVerifier:
         header: Mapping[str, Any],
         payload: Mapping[str, Any],
         segments: list[str],
+        may_wait: bool,
     ) -> tuple[Identity, VerificationKey, float | None, float | None]:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in provider.algorithms:
@@ -285,7 +302,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _malformed("'kid' must be a string")
-        keys = self._keys_for(provider, kid, alg)
+        keys = self._keys_for(provider, kid, alg, may_wait)
         try:
             signature = _b64decode(segments[2])
         except (ValueError, binascii.Error):

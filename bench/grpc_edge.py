@@ -46,7 +46,7 @@ from common import bench_config, check_request
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
-from authz_server.grpc_door import AuthorizationServicer
+from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 

@@ -28,7 +28,7 @@ from common import AUDIENCE, ISSUER
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz_server import config, devkeys
-from authz_server.grpc_door import AuthorizationServicer, to_attributes
+from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.policy import PolicySet
 from authz_server.server import AuthzServer
 

@@ -144,6 +144,7 @@ def test_a_line_has_every_documented_field(
         "path": "/api/orders",
         "source_ip": "10.1.2.3",
         "request_id": "req-42",
+        "door": "grpc",
         "audit": ["audit-orders"],
     }
     assert isinstance(entry["duration_us"], float) and entry["duration_us"] > 0
@@ -602,6 +603,7 @@ def test_lines_are_byte_for_byte_what_the_json_formatter_writes(
         "path": path,
         "source_ip": value,
         "request_id": value,
+        "door": "grpc",
         "duration_us": 123.0,
         "audit": [value, "audit-2"],
         "dry_run": {value: "deny", "strict": "allow"},

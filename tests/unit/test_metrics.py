@@ -84,7 +84,13 @@ def checks(
 ) -> float | None:
     return registry.get_sample_value(
         "authz_checks_total",
-        {"decision": decision, "reason": reason, "provider": provider, "policy": policy},
+        {
+            "decision": decision,
+            "reason": reason,
+            "provider": provider,
+            "policy": policy,
+            "door": "grpc",
+        },
     )
 
 
@@ -101,10 +107,19 @@ def test_checks_are_counted_by_decision_reason_provider_and_policy(
     assert checks(registry, "deny", errors.POLICY_DENIED, "main", "no-internal") == 1
     assert checks(registry, "deny", errors.MISSING_CREDENTIALS, "", "") == 1
     duration = "authz_check_duration_seconds"
-    assert registry.get_sample_value(f"{duration}_count", {"decision": "allow"}) == 2
-    assert registry.get_sample_value(f"{duration}_count", {"decision": "deny"}) == 2
-    assert registry.get_sample_value(f"{duration}_bucket", {"decision": "allow", "le": "1.0"}) == 2
-    assert (registry.get_sample_value(f"{duration}_sum", {"decision": "allow"}) or 0) > 0
+    assert (
+        registry.get_sample_value(f"{duration}_count", {"decision": "allow", "door": "grpc"}) == 2
+    )
+    assert registry.get_sample_value(f"{duration}_count", {"decision": "deny", "door": "grpc"}) == 2
+    assert (
+        registry.get_sample_value(
+            f"{duration}_bucket", {"decision": "allow", "door": "grpc", "le": "1.0"}
+        )
+        == 2
+    )
+    assert (
+        registry.get_sample_value(f"{duration}_sum", {"decision": "allow", "door": "grpc"}) or 0
+    ) > 0
 
 
 def test_no_label_carries_request_controlled_values(
@@ -128,9 +143,17 @@ def test_histogram_buckets_resolve_below_a_millisecond(
     decision = Decision(allowed=True, status=200, reason="allowed", provider="main", policy="p")
     metrics.record(decision, 0.00018)
     bucket = "authz_check_duration_seconds_bucket"
-    assert registry.get_sample_value(bucket, {"decision": "allow", "le": "0.00015"}) == 0
-    assert registry.get_sample_value(bucket, {"decision": "allow", "le": "0.0002"}) == 1
-    assert registry.get_sample_value(bucket, {"decision": "allow", "le": "+Inf"}) == 1
+    assert (
+        registry.get_sample_value(bucket, {"decision": "allow", "door": "grpc", "le": "0.00015"})
+        == 0
+    )
+    assert (
+        registry.get_sample_value(bucket, {"decision": "allow", "door": "grpc", "le": "0.0002"})
+        == 1
+    )
+    assert (
+        registry.get_sample_value(bucket, {"decision": "allow", "door": "grpc", "le": "+Inf"}) == 1
+    )
 
 
 def test_repeated_label_sets_reuse_their_bound_children(metrics: Metrics) -> None:
@@ -142,13 +165,13 @@ def test_repeated_label_sets_reuse_their_bound_children(metrics: Metrics) -> Non
     for _ in range(50):
         metrics.record(allowed, 0.0001)
     assert len(metrics._children) == 1
-    child = metrics._children[("allow", "allowed", "main", "read")]
+    child = metrics._children[("allow", "allowed", "main", "read", "grpc")]
     for _ in range(50):
         metrics.record(allowed, 0.0001)
         metrics.record(denied, 0.0001)
         metrics.record(dry, 0.0001)
     assert len(metrics._children) == 3
-    assert metrics._children[("allow", "allowed", "main", "read")] is child
+    assert metrics._children[("allow", "allowed", "main", "read", "grpc")] is child
     assert len(metrics._dry_children) == 2
 
 
@@ -311,7 +334,16 @@ def test_exposition_is_valid_prometheus_text(
         if s.name == "authz_checks_total" and s.labels["decision"] == "allow"
     ]
     assert [(s.labels, s.value) for s in allowed] == [
-        ({"decision": "allow", "reason": "allowed", "provider": "main", "policy": "read"}, 1.0)
+        (
+            {
+                "decision": "allow",
+                "reason": "allowed",
+                "provider": "main",
+                "policy": "read",
+                "door": "grpc",
+            },
+            1.0,
+        )
     ]
 
 

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.devkeys import SigningKey
-from authz_server.grpc_door import to_attributes
+from authz_server.doors.grpc import to_attributes
 from authz_server.server import AUTHORIZATION_SERVICE, AuthzServer
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
@@ -202,7 +202,7 @@ def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> 
 
 
 def test_rendered_allows_are_reused_per_identity_and_never_mixed(rsa_key: SigningKey) -> None:
-    from authz_server.grpc_door import Renderer
+    from authz_server.doors.grpc import Renderer
     from authz_server.responses import Decision, allow
 
     renderer = Renderer(allow_entries=8)
