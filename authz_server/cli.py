@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
     )
     serve.add_argument(
+        "--http-authz-listen",
+        help="open the HTTP door (Envoy's HTTP ext_authz protocol) on host:port or unix:/path "
+        "(default: server.httpAuthz.listen; neither: closed)",
+    )
+    serve.add_argument(
         "--workers",
         default="1",
         help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own caches; "
@@ -229,6 +234,12 @@ def _load(path: str) -> config.Settings | None:
         return None
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if settings.server.http_authz.listen is not None:
+        from authz_server.doors.http import HTTP_UNKNOWN  # noqa: PLC0415
+        from authz_server.policy import unknown_attribute_uses  # noqa: PLC0415
+
+        for line in unknown_attribute_uses(settings.policies, HTTP_UNKNOWN):
+            print(f"warning: {line}", file=sys.stderr)
     return settings
 
 
@@ -263,6 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     listen = args.listen or settings.server.listen
     http_listen = args.http_listen or settings.server.http_listen
+    http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
         workers = worker_count(args.workers)
         if workers > 1:
@@ -271,21 +283,33 @@ def _serve(args: argparse.Namespace) -> int:
                 config_path=Path(args.config),
                 listen=listen,
                 http_listen=http_listen,
+                http_authz_listen=http_authz_listen,
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
             ).run()
         return serve(
-            settings, listen=listen, http_listen=http_listen, config_path=Path(args.config)
+            settings,
+            listen=listen,
+            http_listen=http_listen,
+            config_path=Path(args.config),
+            http_authz_listen=http_authz_listen,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
         log.error(
-            "exiting: %s (gRPC %s, HTTP %s)",
+            "exiting: %s (gRPC %s, HTTP side port %s, HTTP door %s)",
             exc,
             listen,
             http_listen,
-            extra={"fields": {"listen": listen, "http_listen": http_listen}},
+            http_authz_listen or "closed",
+            extra={
+                "fields": {
+                    "listen": listen,
+                    "http_listen": http_listen,
+                    "http_authz_listen": http_authz_listen,
+                }
+            },
         )
         return 1
     except Exception:

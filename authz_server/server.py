@@ -1,5 +1,5 @@
-"""Process plumbing: the gRPC server (Authorization, Health, Reflection), the HTTP side port,
-key loading at start, and a graceful drain on SIGTERM.
+"""Process plumbing: the gRPC server (Authorization, Health, Reflection), the HTTP door when
+it is open, the HTTP side port, key loading at start, and a graceful drain on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
+from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
 from authz_server.jwks import JWKSCache
 from authz_server.log import DecisionLog
 from authz_server.metrics import CONTENT_TYPE, Metrics
+from authz_server.policy import unknown_attribute_uses
 from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
 
@@ -128,13 +130,17 @@ class AuthzServer:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         share_readiness: Callable[[bool], bool] | None = None,
+        http_authz_listen: str | None = None,
     ) -> None:
         """``http_listen`` None: no side port (a worker's supervisor serves it).
+        ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
+        neither: the door stays closed).
         ``share_readiness``: publishes this server's readiness and returns whether every
         server sharing the port is ready (workers), which is what health then reports."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
+        self.http_authz_listen = http_authz_listen or settings.server.http_authz.listen
         self.reuse_port = reuse_port
         self.share_readiness = share_readiness
         self.metrics = metrics or Metrics()
@@ -160,8 +166,10 @@ class AuthzServer:
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None
         self.side_port: SidePort | None = None
+        self.http_door: HttpDoor | None = None
         self.grpc_port = 0
         self.http_port = 0
+        self.http_authz_port = 0
         self._stopping = False
         self._stop_following = threading.Event()
 
@@ -190,7 +198,7 @@ class AuthzServer:
         self._watch_caches(engine)
         ignored = [
             f"server.{name}"
-            for name in ("listen", "http_listen", "threads")
+            for name in ("listen", "http_listen", "threads", "http_authz")
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.decision_log.configure(settings.server.decision_log)
@@ -202,6 +210,7 @@ class AuthzServer:
             if id(cache) not in kept and self._update_health_listener in cache.listeners:
                 cache.listeners.remove(self._update_health_listener)
         self._update_health()
+        self._warn_http_door_gaps()
         self.metrics.config_loaded(settings.digest, reload=True)
         log.info(
             "configuration %s in force: %d provider(s), %d polic(ies)%s",
@@ -210,6 +219,14 @@ class AuthzServer:
             len(settings.policies),
             f"; {', '.join(ignored)} changed but need a restart" if ignored else "",
         )
+
+    def _warn_http_door_gaps(self) -> None:
+        """Through the HTTP door, a clause on an attribute it never receives fails closed:
+        say so for each such clause, at every load."""
+        if self.http_authz_listen is None:
+            return
+        for line in unknown_attribute_uses(self.settings.policies, HTTP_UNKNOWN):
+            log.warning("%s", line)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """(ready, {provider: "ready" | "no keys: <last error>"}); never ready while stopping."""
@@ -267,6 +284,24 @@ class AuthzServer:
         server.start()
         self.grpc_server = server
 
+        doors = f"gRPC on {self.listen}"
+        if self.http_authz_listen is not None:
+            self.http_door = HttpDoor(
+                self.service,
+                self.settings.server.http_authz,
+                listen=self.http_authz_listen,
+                reuse_port=self.reuse_port,
+                waiting_threads=max(2, threads // 2),
+            )
+            try:
+                self.http_door.start()
+            except BaseException:
+                server.stop(0)  # the gRPC door is up already: do not leave it serving alone
+                raise
+            self.http_authz_port = self.http_door.port
+            doors += f", HTTP ext_authz on {self.http_authz_listen}"
+            self._warn_http_door_gaps()
+
         side = "no side port"
         if self.http_listen is not None:
             host, port = split_host_port(self.http_listen, "--http-listen")
@@ -283,8 +318,8 @@ class AuthzServer:
             threading.Thread(target=self._follow_peers, name="peer-health", daemon=True).start()
         ready, providers = self.readiness()
         log.info(
-            "serving gRPC on %s, %s; configuration %s: %d provider(s), %d polic(ies); ready=%s %s",
-            self.listen,
+            "serving %s, %s; configuration %s: %d provider(s), %d polic(ies); ready=%s %s",
+            doors,
             side,
             self.settings.digest,
             len(self.settings.providers),
@@ -310,10 +345,13 @@ class AuthzServer:
             self.reloader.stop()
         if drain_delay > 0:
             threading.Event().wait(drain_delay)
-        if self.grpc_server is not None:
-            if grace is None:
-                grace = self.settings.server.shutdown_grace
-            self.grpc_server.stop(grace).wait()
+        if grace is None:
+            grace = self.settings.server.shutdown_grace
+        grpc_stopped = self.grpc_server.stop(grace) if self.grpc_server is not None else None
+        if self.http_door is not None:
+            self.http_door.stop(grace)  # side by side with gRPC's drain
+        if grpc_stopped is not None:
+            grpc_stopped.wait()
         # Every Check has finished: write out the decision lines still queued.
         self.decision_log.close()
         if self.side_port is not None:

@@ -26,7 +26,7 @@ from authz_server.metrics import Metrics
 from authz_server.policy import PolicySet
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
-from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier
+from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier, WaitMode
 
 log = logging.getLogger("authz_server.service")
 
@@ -285,15 +285,16 @@ class AuthorizationService:
         self.metrics = metrics
         self.decision_log = decision_log
 
-    def check(self, request: RequestAttributes, *, may_wait: bool = True) -> Decision:
-        """Decide ``request``. With ``may_wait`` False (an event loop's thread), raises
+    def check(self, request: RequestAttributes, *, wait: WaitMode = "yes") -> Decision:
+        """Decide ``request``. With ``wait="defer"`` (an event loop's thread), raises
         WouldWait, before counting or logging anything, when deciding needs to wait for a
-        key-set refresh: the caller decides again on a thread that may wait."""
+        key-set refresh: the caller decides again where it may wait (``"yes"``), or without
+        waiting (``"no"``)."""
         started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
         identity: Identity | None = None
         try:
-            decision, identity = self._decide(engine, request, may_wait)
+            decision, identity = self._decide(engine, request, wait)
         except WouldWait:
             raise
         except Exception:
@@ -309,7 +310,7 @@ class AuthorizationService:
         return decision
 
     def _decide(
-        self, engine: Engine, request: RequestAttributes, may_wait: bool
+        self, engine: Engine, request: RequestAttributes, wait: WaitMode
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
         found = engine.extractor.extract(request)
@@ -322,7 +323,7 @@ class AuthorizationService:
             if current is None:
                 try:
                     current = engine.verifier.verify(
-                        token.token, token.providers, token.scope, may_wait=may_wait
+                        token.token, token.providers, token.scope, wait=wait
                     )
                 except AuthzError as exc:
                     denial = responses.with_context(

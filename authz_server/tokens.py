@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from authz_server import errors
 from authz_server.config import Provider
@@ -171,6 +171,13 @@ def _claim_equals(value: Any, expected: str | int | bool) -> bool:
     return type(value) is type(expected) and value == expected
 
 
+# Whether a Check may wait for a key-set refresh its token needs (an unknown kid, a provider
+# without keys): "yes", up to unknownKidWait (a thread of its own); "defer", raise WouldWait
+# when a refresh is under way (an event loop: decide again where waiting is allowed); "no",
+# decide now without it (no waiting slot left).
+WaitMode = Literal["yes", "defer", "no"]
+
+
 class TokenVerifier:
     """Verifies tokens against the providers whose issuer they name, through the cache."""
 
@@ -197,7 +204,7 @@ class TokenVerifier:
         providers: Sequence[ProviderRuntime],
         scope: bytes | None = None,
         *,
-        may_wait: bool = True,
+        wait: WaitMode = "yes",
     ) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
 
@@ -205,8 +212,8 @@ class TokenVerifier:
         cached results are shared only within one scope (default: this providers object).
 
         Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
-        the issuer has no keys; with ``may_wait`` False, WouldWait instead of waiting for a
-        key-set refresh.
+        the issuer has no keys. ``wait`` says whether a key-set refresh the token needs may be
+        waited for (``WaitMode``).
         """
         if len(token) > self.max_token_bytes:
             raise _malformed(f"token longer than {self.max_token_bytes} bytes")
@@ -228,7 +235,7 @@ class TokenVerifier:
         for provider in candidates:
             try:
                 identity, key, exp, nbf = self._verify_for(
-                    provider, header, payload, segments, may_wait
+                    provider, header, payload, segments, wait
                 )
             except (AuthenticationError, DependencyError) as exc:
                 first_error = first_error or exc
@@ -251,8 +258,10 @@ class TokenVerifier:
         assert first_error is not None
         raise first_error
 
-    def _refresh(self, cache: JWKSCache, kid: str | None, may_wait: bool) -> bool:
-        if not may_wait:
+    def _refresh(self, cache: JWKSCache, kid: str | None, wait: WaitMode) -> bool:
+        if wait == "no":
+            return cache.refresh_for_kid(kid, 0.0)
+        if wait == "defer":
             # Start (or join) the refresh without waiting; only a load under way is worth
             # waiting for, elsewhere.
             if cache.refresh_for_kid(kid, 0.0):
@@ -268,16 +277,16 @@ class TokenVerifier:
             self._waiting.release()
 
     def _keys_for(
-        self, provider: ProviderRuntime, kid: str | None, alg: str, may_wait: bool
+        self, provider: ProviderRuntime, kid: str | None, alg: str, wait: WaitMode
     ) -> list[VerificationKey]:
         cache = provider.keys
         if cache.keyset is None:
             # Maybe the IdP is back: one refresh per minRefreshInterval, shared.
-            self._refresh(cache, None, may_wait)
+            self._refresh(cache, None, wait)
         keyset = cache.keyset
         if keyset is None:
             raise DependencyError(errors.JWKS_UNAVAILABLE, f"no keys for {provider.name}")
-        if kid is not None and kid not in keyset.by_kid and self._refresh(cache, kid, may_wait):
+        if kid is not None and kid not in keyset.by_kid and self._refresh(cache, kid, wait):
             keyset = cache.keyset or keyset  # a rotated key: refresh first (kid-less keys last)
         keys = keyset.candidates(kid, alg)
         if not keys:
@@ -290,7 +299,7 @@ class TokenVerifier:
         header: Mapping[str, Any],
         payload: Mapping[str, Any],
         segments: list[str],
-        may_wait: bool,
+        wait: WaitMode,
     ) -> tuple[Identity, VerificationKey, float | None, float | None]:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in provider.algorithms:
@@ -302,7 +311,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _malformed("'kid' must be a string")
-        keys = self._keys_for(provider, kid, alg, may_wait)
+        keys = self._keys_for(provider, kid, alg, wait)
         try:
             signature = _b64decode(segments[2])
         except (ValueError, binascii.Error):

@@ -71,6 +71,7 @@ class _WorkerPlan:
     log_level: str
     log_format: str
     supervisor_pid: int
+    http_authz_listen: str | None = None
 
 
 def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
@@ -103,6 +104,7 @@ def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
             metrics=Metrics(multiprocess_mode=True),
             reuse_port=True,
             share_readiness=share_readiness,
+            http_authz_listen=plan.http_authz_listen,
         )
     )
 
@@ -127,19 +129,22 @@ class Supervisor:
         config_path: Path,
         listen: str,
         http_listen: str,
+        http_authz_listen: str | None = None,
         log_level: str = "INFO",
         log_format: str = "json",
         drain_seconds: float = 10.0,
     ) -> None:
-        if listen.startswith("unix:"):
-            raise ValueError(
-                "--workers needs a TCP --listen address: processes share a port with "
-                "SO_REUSEPORT, which unix sockets do not have"
-            )
+        for flag, address in (("--listen", listen), ("--http-authz-listen", http_authz_listen)):
+            if address is not None and address.startswith("unix:"):
+                raise ValueError(
+                    f"--workers needs a TCP {flag} address: processes share a port with "
+                    "SO_REUSEPORT, which unix sockets do not have"
+                )
         self.workers = workers
         self.config_path = config_path
         self.listen = listen
         self.http_listen = http_listen
+        self.http_authz_listen = http_authz_listen
         self.log_level = log_level
         self.log_format = log_format
         self.drain_seconds = drain_seconds
@@ -148,10 +153,11 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(workers)]
         self._stop = threading.Event()
         self._stopping = False
-        self._port_holder: socket.socket | None = None
+        self._port_holders: list[socket.socket] = []
         self.metrics_dir = ""
         self.grpc_port = 0
         self.http_port = 0
+        self.http_authz_port = 0
 
     # ---------------------------------------------------------------- side port owner
 
@@ -167,20 +173,21 @@ class Supervisor:
 
     # ---------------------------------------------------------------------- running
 
-    def _reserve_port(self) -> None:
-        """Resolve port 0 to a free port that every worker can share, and hold it."""
+    def _reserve_port(self, address: str, flag: str) -> tuple[str, int]:
+        """Resolve port 0 in ``address`` to a free port that every worker can share, and hold
+        it. Returns the address to give the workers and its port."""
         from authz_server.server import split_host_port  # noqa: PLC0415
 
-        host, port = split_host_port(self.listen, "--listen")
+        host, port = split_host_port(address, flag)
         if port == 0:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             holder = socket.socket(family, socket.SOCK_STREAM)
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             holder.bind((host, 0))  # bound, never listening: takes no connections
             port = holder.getsockname()[1]
-            self._port_holder = holder
-            self.listen = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        self.grpc_port = port
+            self._port_holders.append(holder)
+            address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        return address, port
 
     def _start_worker(self, slot: _Slot) -> None:
         self.board[slot.index] = 0
@@ -191,7 +198,12 @@ class Supervisor:
                 slot.index,
                 self.board,
                 _WorkerPlan(
-                    str(self.config_path), self.listen, self.log_level, self.log_format, os.getpid()
+                    str(self.config_path),
+                    self.listen,
+                    self.log_level,
+                    self.log_format,
+                    os.getpid(),
+                    self.http_authz_listen,
                 ),
             ),
         )
@@ -267,7 +279,11 @@ class Supervisor:
         os.environ[MULTIPROC_ENV] = self.metrics_dir
         side_port: SidePort | None = None
         try:
-            self._reserve_port()
+            self.listen, self.grpc_port = self._reserve_port(self.listen, "--listen")
+            if self.http_authz_listen is not None:
+                self.http_authz_listen, self.http_authz_port = self._reserve_port(
+                    self.http_authz_listen, "--http-authz-listen"
+                )
 
             def on_stop(signum: int, _frame: object) -> None:
                 log.info(
@@ -285,9 +301,10 @@ class Supervisor:
             self.http_port = side_port.server_address[1]
             threading.Thread(target=side_port.serve_forever, name="side-port", daemon=True).start()
             log.info(
-                "supervising %d workers on gRPC %s, HTTP on %s:%d",
+                "supervising %d workers on gRPC %s%s, HTTP side port on %s:%d",
                 self.workers,
                 self.listen,
+                f", HTTP ext_authz {self.http_authz_listen}" if self.http_authz_listen else "",
                 host,
                 self.http_port,
             )
@@ -299,7 +316,7 @@ class Supervisor:
             if side_port is not None:
                 side_port.shutdown()
                 side_port.server_close()
-            if self._port_holder is not None:
-                self._port_holder.close()
+            for holder in self._port_holders:
+                holder.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             os.environ.pop(MULTIPROC_ENV, None)

@@ -656,3 +656,24 @@ class AuthzServerProcess(_Process):
     def signal(self, signum: int) -> None:
         """Send `signum` (e.g. SIGHUP) to the server process."""
         os.kill(self.pid, signum)
+
+
+# The two doors Envoy can reach the server through: ext_authz `grpc_service` or `http_service`.
+DOORS = ["grpc", "http"]
+
+
+def door_setup(
+    door: str, authz_port: int, output_headers: Sequence[str] = ()
+) -> tuple[list[str], dict[str, Any]]:
+    """(extra `serve` arguments, `render_bootstrap` keyword arguments) for Envoy to reach the
+    server through ``door`` on ``authz_port`` (for gRPC, the server's --listen port).
+    ``output_headers``: what the server sets on an allowed request (the HTTP door's Envoy passes
+    only the headers it lists on to the upstream)."""
+    address = f"127.0.0.1:{authz_port}"
+    if door == "grpc":
+        return [], {"authz_address": address}
+    return ["--http-authz-listen", address], {
+        "authz_address": address,
+        "door": "http",
+        "upstream_headers": list(output_headers),
+    }

@@ -1,4 +1,9 @@
-"""End to end: real Envoy → our server (subprocess) → real upstream; keys from a real JWKS URL."""
+"""End to end: real Envoy → our server (subprocess) → real upstream; keys from a real JWKS URL.
+
+Every case runs through both doors (``stack`` is parametrised): Envoy's gRPC ext_authz
+(``grpc_service``) and its HTTP ext_authz (``http_service``) must give the client and the
+upstream the same answers.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from authz_server import devkeys
 from authz_server.devkeys import SigningKey
 from authz_server.envoy_config import render_bootstrap
 from tests.e2e.harness import (
+    DOORS,
     AuthzServerProcess,
     EchoUpstream,
     EnvoyProcess,
     JWKSServer,
+    door_setup,
     free_port,
     http_request,
 )
@@ -62,8 +69,13 @@ spec:
 """
 
 
+# The headers the server sets (outputClaimToHeaders above): the HTTP door's Envoy must list them.
+OUTPUT_HEADERS = ["x-jwt-sub", "x-jwt-groups"]
+
+
 @dataclass
 class Stack:
+    door: str
     envoy_url: str
     grpc_address: str
     upstream: EchoUpstream
@@ -84,9 +96,12 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=DOORS)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    door = request.param
+    workdir = tmp_path_factory.mktemp(f"e2e-{door}")
     keys = {
         "RS256": devkeys.generate_key("RSA", kid="rsa-1"),
         "ES256": devkeys.generate_key("EC-P256", kid="ec-1"),
@@ -96,18 +111,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         config = workdir / "config.yaml"
         config.write_text(CONFIG.format(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks.jwks_url))
         grpc_port, http_port = free_port(), free_port()
+        server_args, envoy_args = door_setup(
+            door, grpc_port if door == "grpc" else free_port(), OUTPUT_HEADERS
+        )
         with AuthzServerProcess(
-            config, grpc_port, http_port, log_path=workdir / "server.log", ready_path="/readyz"
+            config,
+            grpc_port,
+            http_port,
+            server_args,
+            log_path=workdir / "server.log",
+            ready_path="/readyz",
         ) as server:
             listen, admin = free_port(), free_port()
             bootstrap = render_bootstrap(
-                listen_port=listen,
-                admin_port=admin,
-                authz_address=f"127.0.0.1:{grpc_port}",
-                upstream_port=upstream.port,
+                listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
             )
             with EnvoyProcess(bootstrap, admin, workdir / "envoy.log"):
                 yield Stack(
+                    door=door,
                     envoy_url=f"http://127.0.0.1:{listen}",
                     grpc_address=f"127.0.0.1:{grpc_port}",
                     upstream=upstream,
@@ -237,6 +258,8 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# gRPC only: grpcurl speaks to the gRPC door's API itself, which the HTTP door does not have.
+@pytest.mark.parametrize("stack", ["grpc"], indirect=True)
 def test_grpcurl_lists_the_service_and_checks_a_request(stack: Stack) -> None:
     listing = grpcurl(stack.grpc_address, "list")
     assert listing.returncode == 0, listing.stderr
@@ -282,14 +305,15 @@ def test_escaped_slashes_cannot_sneak_past_a_deny_rule(stack: Stack) -> None:
     assert stack.upstream.requests == []
 
 
-def test_envoy_fails_closed_with_503_when_the_server_is_unreachable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("door", DOORS)
+def test_envoy_fails_closed_with_503_when_the_server_is_unreachable(
+    tmp_path: Path, door: str
+) -> None:
     with EchoUpstream() as upstream:
         listen, admin = free_port(), free_port()
+        _, envoy_args = door_setup(door, free_port())  # nothing listens there
         bootstrap = render_bootstrap(
-            listen_port=listen,
-            admin_port=admin,
-            authz_address=f"127.0.0.1:{free_port()}",  # nothing listens there
-            upstream_port=upstream.port,
+            listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
         )
         with EnvoyProcess(bootstrap, admin, tmp_path / "envoy.log"):
             status, _, _ = http_request(f"http://127.0.0.1:{listen}/api/orders")

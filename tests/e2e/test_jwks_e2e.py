@@ -3,7 +3,9 @@
 Key rotation, IdP outages (stale-if-error, then `maxStale`), an IdP that is down at start,
 unknown-kid storms, OIDC discovery, and every verification failure reason as Envoy's client
 sees it. Stacks are shared per class; time passes for real here (the server runs in its own
-process), so intervals are short and every wait is `wait_until` with a deadline.
+process), so intervals are short and every wait is `wait_until` with a deadline. Every case
+runs through both doors (gRPC and HTTP ext_authz): an unknown kid through the HTTP door waits
+for the refresh off its event loop, and must behave exactly as through gRPC.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from authz_server import devkeys
 from authz_server.devkeys import SigningKey
 from authz_server.envoy_config import render_bootstrap
 from tests.e2e.harness import (
+    DOORS,
     AuthzServerProcess,
     EchoUpstream,
     EnvoyProcess,
     JWKSServer,
+    door_setup,
     free_port,
     http_request,
     wait_until,
@@ -55,6 +59,14 @@ class Stack:
     envoy_url: str
     server: AuthzServerProcess
     envoy: EnvoyProcess
+    door: str
+
+    @property
+    def unavailable(self) -> tuple[int, str | None]:
+        """What the client gets for a provider without keys. Through the gRPC door, the
+        server's 503 with its reason. Envoy treats an HTTP ext_authz server's 5xx as a failed
+        check: the client gets Envoy's status_on_error (503 in our bootstrap), with no body."""
+        return (503, "jwks_unavailable") if self.door == "grpc" else (503, None)
 
     def get(
         self, token: str | None, path: str = "/api/orders"
@@ -80,11 +92,22 @@ def reason_of(body: bytes) -> str | None:
     return doc.get("reason") if isinstance(doc, dict) else None
 
 
+@pytest.fixture(scope="module", params=DOORS)
+def door(request: pytest.FixtureRequest) -> str:
+    """The door Envoy asks the server through."""
+    return str(request.param)
+
+
 @contextmanager
 def run_stack(
-    workdir: Path, providers: list[dict[str, Any]], server: Mapping[str, Any] | None = None
+    workdir: Path,
+    providers: list[dict[str, Any]],
+    server: Mapping[str, Any] | None = None,
+    *,
+    door: str,
 ) -> Iterator[Stack]:
-    """Our server with `providers` (and one ALLOW policy for signed-in callers) behind Envoy."""
+    """Our server with `providers` (and one ALLOW policy for signed-in callers) behind Envoy,
+    which asks it through ``door``."""
     config = {
         "apiVersion": "authz-server/v1",
         "kind": "AuthzConfig",
@@ -96,18 +119,19 @@ def run_stack(
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with ExitStack() as stack:
         upstream = stack.enter_context(EchoUpstream())
+        grpc_port = free_port()
+        server_args, envoy_args = door_setup(door, grpc_port if door == "grpc" else free_port())
         authz = stack.enter_context(
-            AuthzServerProcess(path, free_port(), free_port(), log_path=workdir / "server.log")
+            AuthzServerProcess(
+                path, grpc_port, free_port(), server_args, log_path=workdir / "server.log"
+            )
         )
         listen, admin = free_port(), free_port()
         bootstrap = render_bootstrap(
-            listen_port=listen,
-            admin_port=admin,
-            authz_address=authz.grpc_address,
-            upstream_port=upstream.port,
+            listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
         )
         envoy = stack.enter_context(EnvoyProcess(bootstrap, admin, workdir / "envoy.log"))
-        yield Stack(envoy_url=f"http://127.0.0.1:{listen}", server=authz, envoy=envoy)
+        yield Stack(envoy_url=f"http://127.0.0.1:{listen}", server=authz, envoy=envoy, door=door)
 
 
 def provider(name: str, **fields: Any) -> dict[str, Any]:
@@ -152,7 +176,7 @@ class KeysWorld:
 
 
 @pytest.fixture(scope="class")
-def keys_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeysWorld]:
+def keys_world(tmp_path_factory: pytest.TempPathFactory, door: str) -> Iterator[KeysWorld]:
     keys = {
         kid: devkeys.generate_key(kind, kid=kid)
         for kid, kind in [
@@ -197,7 +221,9 @@ def keys_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeysWorld]:
             provider("flood", jwksUri=idps["flood"].jwks_url),
             provider("main", jwksUri=idps["main"].jwks_url),
         ]  # fmt: skip
-        envoy_stack = stack.enter_context(run_stack(tmp_path_factory.mktemp("keys"), providers))
+        envoy_stack = stack.enter_context(
+            run_stack(tmp_path_factory.mktemp("keys"), providers, door=door)
+        )
         yield KeysWorld(envoy_stack, idps, keys)
 
 
@@ -404,7 +430,7 @@ class OutageWorld:
 
 
 @pytest.fixture(scope="class")
-def outage_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageWorld]:
+def outage_world(tmp_path_factory: pytest.TempPathFactory, door: str) -> Iterator[OutageWorld]:
     keys = {mode: devkeys.generate_key("EC-P256", kid=f"{mode}-1") for mode in OUTAGES}
     with ExitStack() as stack:
         idps = {mode: stack.enter_context(JWKSServer(devkeys.jwks(keys[mode]))) for mode in OUTAGES}
@@ -424,7 +450,10 @@ def outage_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageWor
         # 1s, does not: see the unknown-kid-while-the-IdP-hangs test).
         envoy_stack = stack.enter_context(
             run_stack(
-                tmp_path_factory.mktemp("outage"), providers, server={"unknownKidWait": "0.5s"}
+                tmp_path_factory.mktemp("outage"),
+                providers,
+                server={"unknownKidWait": "0.5s"},
+                door=door,
             )
         )
         yield OutageWorld(envoy_stack, idps, keys)
@@ -465,7 +494,7 @@ class TestOutage:
         # Past maxStale the keys are dropped: fail closed with 503 jwks_unavailable.
         for mode in OUTAGES:
             poll_for(
-                (503, "jwks_unavailable"),
+                world.stack.unavailable,
                 lambda: check(mode),  # noqa: B023
                 f"{mode}: 503 jwks_unavailable after maxStale",
                 timeout=MAX_STALE + 5,
@@ -506,7 +535,7 @@ WRONG_ISSUER = "https://impostor.idp.test"
 
 
 @pytest.fixture(scope="class")
-def start_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWorld]:
+def start_world(tmp_path_factory: pytest.TempPathFactory, door: str) -> Iterator[StartWorld]:
     workdir = tmp_path_factory.mktemp("start")
     healthy_key = devkeys.generate_key("EC-P256", kid="healthy-1")
     down_key = devkeys.generate_key("EC-P256", kid="down-1")
@@ -530,7 +559,7 @@ def start_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartWorld
                 **lively,
             },
         ]
-        envoy_stack = stack.enter_context(run_stack(workdir, providers))
+        envoy_stack = stack.enter_context(run_stack(workdir, providers, door=door))
         yield StartWorld(envoy_stack, down_idp, disco_idp, healthy_key, down_key, disco_key)
 
 
@@ -543,7 +572,7 @@ class TestStartAndDiscovery:
         down = lambda: fresh_token(world.down_key, issuer_of("down"))  # noqa: E731
 
         assert world.stack.status_and_reason(healthy()) == (200, None)
-        assert world.stack.status_and_reason(down()) == (503, "jwks_unavailable")
+        assert world.stack.status_and_reason(down()) == world.stack.unavailable
         status, ready = world.stack.readyz()
         assert status == 503
         assert ready["ready"] is False
@@ -570,7 +599,7 @@ class TestStartAndDiscovery:
         token = lambda: fresh_token(world.disco_key, issuer)  # noqa: E731
 
         assert world.disco_idp.fetch_count("/.well-known/openid-configuration") >= 1
-        assert world.stack.status_and_reason(token()) == (503, "jwks_unavailable")
+        assert world.stack.status_and_reason(token()) == world.stack.unavailable
         log = world.stack.server.log_text()
         mismatch = [line for line in log.splitlines() if WRONG_ISSUER in line]
         assert mismatch, log[-3000:]

@@ -1,0 +1,548 @@
+"""The HTTP door: Envoy's HTTP ext_authz protocol (``http_service``; Istio's
+``envoyExtAuthzHttp``) in, an HTTP answer out. No decision logic here.
+
+Envoy sends the client's method, path (after ``pathPrefix``) and headers as an HTTP/1.1
+request; ``to_attributes`` reads them into the door-neutral ``RequestAttributes`` and
+``HttpRenderer`` turns the ``Decision`` into the answer Envoy understands: 200 with the
+identity headers (Envoy copies those in its ``allowed_upstream_headers`` onto the upstream
+request) and ``x-envoy-auth-headers-to-remove``; or the denial's status, headers and body,
+which Envoy sends to the client as they are.
+
+The door runs one event loop (uvloop, with httptools' C parser) on its own thread, beside the
+gRPC door's threads, over the same ``AuthorizationService``. A Check is decided on the loop
+itself (tens of microseconds); one that would wait for a key-set refresh is decided again on a
+small thread pool, and the connection waits for it (answers stay in request order). When every
+pool thread is taken, it is decided at once without waiting, as the gRPC door does past its
+waiting slots: a hanging IdP delays a few Checks, never the loop or the other providers.
+
+Defences: limits on the request line (414), header count and size (431) and body (413); a
+malformed request gets 400 and the connection is closed; a request must arrive whole within
+``requestTimeout`` (else 408 and close: a slow client holds nothing for long); idle keep-alive
+connections are closed after ``idleTimeout``; past ``maxConnections``, new connections are
+closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import stat
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httptools
+import uvloop
+
+from authz_server import responses
+from authz_server.attributes import (
+    CONNECTION_SNI,
+    CONTEXT_EXTENSIONS,
+    DESTINATION_IP,
+    DESTINATION_PORT,
+    SOURCE_IP,
+    SOURCE_PRINCIPAL,
+    RequestAttributes,
+)
+from authz_server.config import HttpAuthzSpec
+from authz_server.errors import WouldWait
+from authz_server.responses import Decision
+
+log = logging.getLogger("authz_server.http")
+
+# What Envoy's HTTP ext_authz request does not carry: policies fail closed on these.
+HTTP_UNKNOWN = frozenset(
+    {SOURCE_IP, SOURCE_PRINCIPAL, DESTINATION_IP, DESTINATION_PORT, CONNECTION_SNI,
+     CONTEXT_EXTENSIONS}
+)  # fmt: skip
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_CLOSE = b"connection: close\r\n"
+_SWEEP_INTERVAL = 1.0
+# Requests parsed ahead (pipelined) before the door stops reading from that connection.
+_MAX_PIPELINED = 64
+
+
+def _status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Denied')}\r\n".encode("ascii")
+
+
+def _header_line(name: str, value: str) -> bytes:
+    # Values were checked printable where they were made (claims, fixed texts).
+    return f"{name}: {value}\r\n".encode()
+
+
+def render_allow(decision: Decision) -> bytes:
+    """200, the headers to set, and the headers Envoy is to remove, with no body."""
+    parts = [_status_line(200), b"content-length: 0\r\n"]
+    parts.extend(_header_line(name, value) for name, value in decision.headers_to_set)
+    if decision.headers_to_remove:
+        parts.append(_header_line(HEADERS_TO_REMOVE, ",".join(decision.headers_to_remove)))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def render_denial(decision: Decision) -> bytes:
+    """The denial's status, headers and body, for Envoy to send to the client."""
+    body = decision.body.encode()
+    parts = [_status_line(decision.status)]
+    parts.extend(_header_line(name, value) for name, value in decision.response_headers)
+    parts.append(f"content-length: {len(body)}\r\n\r\n".encode("ascii"))
+    parts.append(body)
+    return b"".join(parts)
+
+
+def _protocol_error(status: int, reason: str) -> bytes:
+    """The answer to a request the door cannot read (never a decision: Envoy sent it badly)."""
+    body = f'{{"error": "bad_request", "reason": "{reason}"}}'.encode("ascii")
+    return (
+        _status_line(status)
+        + b"content-type: application/json\r\n"
+        + _CLOSE
+        + f"content-length: {len(body)}\r\n\r\n".encode("ascii")
+        + body
+    )
+
+
+def _closing(answer: bytes) -> bytes:
+    """``answer`` with ``connection: close`` after its status line."""
+    end = answer.index(b"\r\n") + 2
+    return answer[:end] + _CLOSE + answer[end:]
+
+
+class HttpRenderer:
+    """Decision → HTTP answer bytes, each distinct answer rendered once: denials by their
+    content (few and bounded), allows by their headers (one per caller, in a bounded map)."""
+
+    def __init__(self, allow_entries: int = 4096) -> None:
+        self._denials: dict[tuple[Any, ...], bytes] = {}
+        self._allows: dict[tuple[Any, ...], bytes] = {}
+        self._allow_entries = allow_entries
+
+    def wire(self, decision: Decision) -> bytes:
+        if decision.allowed:
+            key: tuple[Any, ...] = (decision.headers_to_set, decision.headers_to_remove)
+            answer = self._allows.get(key)
+            if answer is None:
+                if len(self._allows) >= self._allow_entries:
+                    self._allows.clear()  # the busy callers come back at once
+                answer = self._allows[key] = render_allow(decision)
+            return answer
+        key = (decision.status, decision.reason, decision.response_headers, decision.body)
+        answer = self._denials.get(key)
+        if answer is None:
+            answer = self._denials[key] = render_denial(decision)
+        return answer
+
+
+class _Rejected(Exception):  # noqa: N818 (carries a status, not an error of ours)
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# A parsed request waiting for its answer: (attributes, keep-alive), or a protocol error
+# answer that closes the connection.
+_Pending = tuple[RequestAttributes, bool] | bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One connection from Envoy: parses requests, answers them in order."""
+
+    def __init__(self, door: HttpDoor) -> None:
+        self.door = door
+        self.limits = door.spec
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[_Pending] = deque()
+        self.busy = False  # a Check of this connection is on the waiting pool
+        self.paused = False
+        self.closed = False
+        # Loop time the request being received began (0: between requests); a new
+        # connection must send its first request within requestTimeout too.
+        self.started = door.loop_time()
+        self.last_active = self.started
+        self._reset()
+
+    def _reset(self) -> None:
+        self.in_head = True  # the request line and headers are still arriving
+        self.head_bytes = 0
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.header_count = 0
+        self.header_bytes = 0
+        self.body_bytes = 0
+
+    # ------------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # NOTE: uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.door.connections) >= self.limits.max_connections:
+            self.door.refused += 1
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        self.door.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.door.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.started == 0.0:
+            self.started = self.door.loop_time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Envoy forwarded an Upgrade request's headers: answer it, then close (nothing
+            # after it on this connection is HTTP/1.1 we could parse).
+            last = self.pending[-1] if self.pending else None
+            if isinstance(last, tuple):
+                self.pending[-1] = (last[0], False)
+            else:
+                self._reject(_Rejected(400, "malformed request"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Rejected):
+                self._reject(cause)
+            else:
+                self._reject(_Rejected(400, "malformed request"))
+        else:
+            # NOTE: the parser buffers a header until its end: bound what a head that never
+            # ends can make it hold (whole chunks count: an over-estimate, never an under-).
+            if self.in_head:
+                self.head_bytes += len(data)
+                limits = self.limits
+                if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
+                    self._reject(_Rejected(431, "request head too large"))
+        self._answer_pending()
+
+    def _reject(self, rejected: _Rejected) -> None:
+        self.pending.append(_protocol_error(rejected.status, rejected.reason))
+        self.door.rejected += 1
+        if self.transport is not None:
+            self.transport.pause_reading()  # nothing after a bad request is read
+
+    # --------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.started == 0.0:
+            self.started = self.door.loop_time()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line_bytes:
+            raise _Rejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_count > self.limits.max_headers:
+            raise _Rejected(431, "too many headers")
+        if self.header_bytes > self.limits.max_header_bytes:
+            raise _Rejected(431, "headers too large")
+        key = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "replace")
+        headers = self.headers
+        if key in headers:
+            text = f"{headers[key]}{'; ' if key == 'cookie' else ','}{text}"
+        headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.limits.max_body_bytes:
+            raise _Rejected(413, "body too large")
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        path = self.url.decode("latin-1")
+        prefix = self.door.path_prefix
+        if prefix:
+            if not path.startswith(prefix) or path[len(prefix) : len(prefix) + 1] not in (
+                "",
+                "/",
+                "?",
+            ):
+                raise _Rejected(400, "path does not start with server.httpAuthz.pathPrefix")
+            path = path[len(prefix) :]
+            if not path.startswith("/"):
+                path = "/" + path
+        self.pending.append(
+            (
+                to_attributes(parser.get_method().decode("ascii"), path, self.headers),
+                parser.should_keep_alive(),
+            )
+        )
+        self._reset()
+        self.started = 0.0
+        if len(self.pending) > _MAX_PIPELINED and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # ------------------------------------------------------------------------ answers
+
+    def _answer_pending(self) -> None:
+        door = self.door
+        while self.pending and not self.busy:
+            item = self.pending.popleft()
+            if isinstance(item, bytes):  # a protocol error: answer it and close
+                self._send(item, keep_alive=False)
+                return
+            attrs, keep_alive = item
+            try:
+                decision = door.service.check(attrs, wait="defer")
+            except WouldWait:
+                if door.waiting >= door.waiting_threads:
+                    decision = door.service.check(attrs, wait="no")
+                    if not self._send(door.renderer.wire(decision), keep_alive):
+                        return
+                    continue
+                self.busy = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                future = door.decide_waiting(attrs)
+                future.add_done_callback(functools.partial(self._waited, keep_alive=keep_alive))
+                return
+            if not self._send(door.renderer.wire(decision), keep_alive):
+                return
+        if self.paused and not self.busy and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _waited(self, future: asyncio.Future[Decision], keep_alive: bool) -> None:
+        self.busy = False
+        self.door.waiting -= 1
+        if self.closed:
+            return
+        try:
+            decision = future.result()
+        except Exception:
+            log.exception("internal error in the HTTP door")
+            decision = responses.internal_error()
+        if self._send(self.door.renderer.wire(decision), keep_alive):
+            if self.transport is not None and not self.paused:
+                self.transport.resume_reading()
+            self._answer_pending()
+
+    def _send(self, answer: bytes, keep_alive: bool) -> bool:
+        """Write ``answer``; close after it when the request or the door says so. Returns
+        whether the connection stays open."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        self.last_active = self.door.loop_time()
+        if keep_alive and not self.door.draining:
+            transport.write(answer)
+            return True
+        transport.write(answer if _CLOSE in answer else _closing(answer))
+        transport.close()
+        return False
+
+    def idle(self) -> bool:
+        return self.started == 0.0 and not self.pending and not self.busy
+
+
+def to_attributes(method: str, path: str, headers: dict[str, str]) -> RequestAttributes:
+    """The request Envoy forwarded, as the decision sees it (``path`` already without the
+    door's prefix). Envoy's pseudo-headers are added as the gRPC door sees them."""
+    host = headers.get("host", "")
+    headers[":authority"] = host
+    headers[":method"] = method
+    headers[":path"] = path
+    return RequestAttributes(
+        method=method,
+        host=host,
+        path=path or "/",
+        headers=headers,
+        door="http",
+        unknown=HTTP_UNKNOWN,
+    )
+
+
+def _bind_address(listen: str) -> tuple[str, int]:
+    """(host, port) of a ``listen`` address, or (path, -1) of a ``unix:`` one."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"--http-authz-listen: empty Unix socket path in {listen!r}")
+        return path, -1
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--http-authz-listen: expected host:port or unix:/path, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+class HttpDoor:
+    """The HTTP door's server: its event loop thread, its listening socket, its connections.
+
+    ``service`` is anything with ``check(attributes, *, wait) -> Decision`` (the
+    ``AuthorizationService``)."""
+
+    def __init__(
+        self,
+        service: Any,
+        spec: HttpAuthzSpec,
+        *,
+        listen: str,
+        reuse_port: bool = False,
+        waiting_threads: int = 4,
+    ) -> None:
+        self.service = service
+        self.spec = spec
+        self.listen = listen
+        self.path_prefix = spec.path_prefix
+        self.reuse_port = reuse_port
+        self.renderer = HttpRenderer()
+        self.connections: set[_Connection] = set()
+        self.port = 0
+        self.draining = False
+        self.refused = 0  # connections closed at once: over maxConnections
+        self.rejected = 0  # requests answered 4xx without a decision
+        self.waiting_threads = waiting_threads
+        self.waiting = 0  # Checks on the pool now (changed on the loop only)
+        self._pool = ThreadPoolExecutor(max_workers=waiting_threads, thread_name_prefix="http-wait")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def decide_waiting(self, attrs: RequestAttributes) -> asyncio.Future[Decision]:
+        """Decide ``attrs`` on the pool, where waiting for a key refresh is allowed."""
+        assert self._loop is not None
+        self.waiting += 1
+        return self._loop.run_in_executor(self._pool, self._check_waiting, attrs)
+
+    def _check_waiting(self, attrs: RequestAttributes) -> Decision:
+        decision: Decision = self.service.check(attrs)
+        return decision
+
+    # ------------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Bind and serve on a thread of its own; returns once listening (raises OSError or
+        ValueError when the address cannot be bound)."""
+        host, port = _bind_address(self.listen)
+        loop = uvloop.new_event_loop()
+        self._loop = loop
+        try:
+            self._server = loop.run_until_complete(self._bind(host, port))
+        except BaseException:
+            loop.close()
+            self._loop = None
+            raise
+        if port >= 0:
+            sockets = getattr(self._server, "sockets", None) or ()
+            self.port = sockets[0].getsockname()[1] if sockets else 0
+        self._thread = threading.Thread(target=self._run, name="http-door", daemon=True)
+        self._thread.start()
+
+    async def _bind(self, host: str, port: int) -> asyncio.AbstractServer:
+        def factory() -> _Connection:
+            return _Connection(self)
+
+        loop = asyncio.get_running_loop()
+        if port < 0:  # host is a Unix socket path
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(host).st_mode):
+                    os.unlink(host)  # a socket left by a previous run
+            return await loop.create_unix_server(factory, host, backlog=1024)
+        return await loop.create_server(
+            factory, host, port, backlog=1024, reuse_port=self.reuse_port or None
+        )
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+            self._stopped.set()
+
+    def _sweep(self) -> None:
+        """Close connections whose request is overdue (408) or that idled too long."""
+        assert self._loop is not None
+        now = self._loop.time()
+        request_timeout = self.spec.request_timeout
+        idle_timeout = self.spec.idle_timeout
+        for connection in list(self.connections):
+            transport = connection.transport
+            if transport is None:
+                continue
+            if connection.started and now - connection.started > request_timeout:
+                if not connection.busy and not connection.pending:
+                    transport.write(_protocol_error(408, "request not received in time"))
+                    transport.close()
+                    self.rejected += 1
+            elif connection.idle() and now - connection.last_active > idle_timeout:
+                transport.close()
+        self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; let requests in progress finish within ``grace``; close the rest."""
+        loop = self._loop
+        if loop is None or self._thread is None:
+            return
+        done: Future[None] = asyncio.run_coroutine_threadsafe(self._drain(grace), loop)
+        with contextlib.suppress(Exception):
+            done.result(grace + 5)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(grace + 5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.listen.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.listen.removeprefix("unix:"))
+
+    async def _drain(self, grace: float) -> None:
+        self.draining = True  # every answer from now on closes its connection
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            for connection in list(self.connections):
+                if connection.idle() and connection.transport is not None:
+                    connection.transport.close()
+            if not self.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the door's loop and return its result (for tests and stats)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(_call(function), self._loop).result(5)
+
+
+async def _call(function: Callable[[], Any]) -> Any:
+    return function()
