@@ -1,6 +1,7 @@
-"""``serve --workers 2``: processes sharing the port, one side port, reloads, restarts, drain.
+"""``serve --workers 2``: processes sharing the ports, one side port, reloads, restarts, drain.
 
-The real CLI runs as a subprocess; Checks go over real gRPC connections to the shared port.
+The real CLI runs as a subprocess with both doors open; Checks go over real gRPC connections
+and real HTTP ext_authz requests to the shared ports.
 """
 
 from __future__ import annotations
@@ -84,12 +85,32 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Pa
 
 
 @pytest.fixture(scope="module")
-def server(config_path: Path) -> Iterator[AuthzServerProcess]:
+def http_door_port() -> int:
+    return free_port()
+
+
+def http_door_status(port: int, token: str, path: str) -> int:
+    """The HTTP door's answer to an ext_authz request for ``path``, on a new connection."""
+    status, _, _ = http_request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    return status
+
+
+@pytest.fixture(scope="module")
+def server(config_path: Path, http_door_port: int) -> Iterator[AuthzServerProcess]:
     process = AuthzServerProcess(
         config_path,
         free_port(),
         free_port(),
-        ["--workers", str(WORKERS), "--log-format", "text"],
+        [
+            "--workers",
+            str(WORKERS),
+            "--log-format",
+            "text",
+            "--http-authz-listen",
+            f"127.0.0.1:{http_door_port}",
+        ],
         ready_path="/readyz",
         ready_timeout=60,
     )
@@ -157,11 +178,34 @@ def test_checks_spread_over_the_workers_and_metrics_add_up(
     assert metric_sum(server, "authz_jwks_keys", provider=ISSUER) == 1
 
 
+def test_the_http_door_is_shared_by_every_worker(
+    server: AuthzServerProcess, http_door_port: int, token: str
+) -> None:
+    before = metric_sum(server, "authz_checks_total", door="http")
+    pids = worker_pids(server)
+    ticks = {pid: cpu_ticks(pid) for pid in pids.values()}
+    checks = 0
+    deadline = time.monotonic() + 60
+    while checks < 3000 and time.monotonic() < deadline:
+        for _ in range(50):
+            assert http_door_status(http_door_port, token, "/orders") == 200
+            checks += 1
+        if all(cpu_ticks(pid) - ticks[pid] >= 5 for pid in pids.values()):
+            break
+    busy = {pid: cpu_ticks(pid) - ticks[pid] for pid in pids.values()}
+    assert all(t >= 5 for t in busy.values()), f"CPU ticks per worker: {busy}"
+    wait_until(
+        lambda: metric_sum(server, "authz_checks_total", door="http") - before == checks,
+        what=f"/metrics to count {checks} HTTP-door Checks summed over the workers",
+    )
+
+
 def test_a_config_change_reaches_every_worker(
-    server: AuthzServerProcess, config_path: Path, token: str
+    server: AuthzServerProcess, config_path: Path, token: str, http_door_port: int
 ) -> None:
     before = metric_sum(server, "authz_config_reloads_total", result="success")
     assert grpc_check_code(server.grpc_address, token, "/admin") == 7  # PERMISSION_DENIED
+    assert http_door_status(http_door_port, token, "/admin") == 403
     partial = config_path.with_name(".config.yaml.tmp")
     partial.write_text(config_text(["/orders", "/admin"]))
     partial.replace(config_path)
@@ -172,8 +216,9 @@ def test_a_config_change_reaches_every_worker(
         timeout=20,
         what="every worker reloaded",
     )
-    # Whichever worker a new connection lands on, it decides with the new configuration.
+    # Whichever worker a new connection lands on, either door decides with the new configuration.
     assert all(grpc_check_code(server.grpc_address, token, "/admin") == 0 for _ in range(40))
+    assert all(http_door_status(http_door_port, token, "/admin") == 200 for _ in range(40))
 
 
 def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) -> None:
