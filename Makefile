@@ -30,8 +30,9 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy)
 	$(BIN)/pytest
 
-run: $(STAMP) ## Demo: Envoy in front of the server with examples/demo, prints curl commands
-	$(BIN)/python examples/demo/run.py
+DOOR ?= grpc
+run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)
+	$(BIN)/python examples/demo/run.py --door $(DOOR)
 
 bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~7 min (BENCH_QUICK=1: ~2): bench/results/latest.md
 	$(BIN)/python bench/envoy_bench.py

@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/demo/run.py             # start, print commands, wait for Ctrl-C
     .venv/bin/python examples/demo/run.py --selftest  # start, run the commands, exit 0/1
+    .venv/bin/python examples/demo/run.py --door http # Envoy asks through the HTTP door
 
 Starts an echo upstream (in this process), `python -m authz_server serve` with
 examples/demo/config.yaml, and Envoy with a bootstrap from `authz_server.envoy_config`;
@@ -38,8 +39,9 @@ REPO_ROOT = DEMO_DIR.parents[1]
 # the package importable without an install.
 sys.path.insert(0, str(REPO_ROOT))
 
+from authz_server import config  # noqa: E402
 from authz_server.devkeys import SigningKey, load_pem_key  # noqa: E402
-from authz_server.envoy_config import render_bootstrap  # noqa: E402
+from authz_server.envoy_config import output_headers, render_bootstrap  # noqa: E402
 
 ISSUER = "https://issuer.demo.authz-server.local"
 AUDIENCE = "demo-api"
@@ -340,6 +342,12 @@ def _run(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--selftest", action="store_true", help="run the commands, exit 0/1")
+    parser.add_argument(
+        "--door",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how Envoy asks: ext_authz over gRPC (default) or Envoy's HTTP protocol",
+    )
     args = parser.parse_args(argv)
 
     envoy = _binary("envoy")
@@ -351,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     listen_port = PREFERRED_LISTEN_PORT if _port_is_free(PREFERRED_LISTEN_PORT) else _free_port()
     grpc_port, http_port, admin_port = _free_port(), _free_port(), _free_port()
     grpc_address = f"127.0.0.1:{grpc_port}"
+    door_address = grpc_address if args.door == "grpc" else f"127.0.0.1:{_free_port()}"
+    door_args = [] if args.door == "grpc" else ["--http-authz-listen", door_address]
     base_url = f"http://127.0.0.1:{listen_port}"
 
     stop = threading.Event()
@@ -378,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 grpc_address,
                 "--http-listen",
                 f"127.0.0.1:{http_port}",
+                *door_args,
             ],
             workdir / "authz-server.log",
         )
@@ -389,8 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             render_bootstrap(
                 listen_port=listen_port,
                 admin_port=admin_port,
-                authz_address=grpc_address,
+                authz_address=door_address,
                 upstream_port=upstream.port,
+                door=args.door,
+                # The HTTP door's Envoy passes on only the identity headers it lists.
+                upstream_headers=output_headers([p.spec for p in config.load(CONFIG).providers]),
             )
         )
         proxy = _spawn(
@@ -412,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
 
         tokens = _mint(key)
         print(f"Envoy        {base_url}  (admin http://127.0.0.1:{admin_port})")
-        print(f"authz-server grpc {grpc_address}, http://127.0.0.1:{http_port}/metrics /readyz")
+        doors = f"grpc {grpc_address}"
+        if args.door == "http":
+            doors += f", HTTP ext_authz http://{door_address} (Envoy asks here)"
+        print(f"authz-server {doors}, http://127.0.0.1:{http_port}/metrics /readyz")
         print(f"upstream     http://127.0.0.1:{upstream.port}   logs in {workdir}")
         if args.selftest:
             ok = _selftest(base_url, grpc_address, tokens)

@@ -1,4 +1,5 @@
-"""`make run` keeps working: the demo's own self-test sends its printed requests through Envoy."""
+"""`make run` (and `make run DOOR=http`) keeps working: the demo's own self-test sends its
+printed requests through Envoy."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_answers_200_401_403_as_its_printed_commands_say() -> None:
+@pytest.mark.parametrize("door", ["grpc", "http"])
+def test_demo_answers_200_401_403_as_its_printed_commands_say(door: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples/demo/run.py"), "--selftest"],
+        [sys.executable, str(ROOT / "examples/demo/run.py"), "--selftest", "--door", door],
         capture_output=True,
         text=True,
         timeout=120,
