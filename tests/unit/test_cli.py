@@ -172,3 +172,35 @@ def test_check_with_an_unreadable_token_file_names_it_and_exits_2(
     captured = capsys.readouterr()
     assert f"--token-file {missing}: No such file or directory" in captured.err
     assert captured.out == ""
+
+
+HTTP_DOOR_WITH_A_PORT_RULE = """\
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server: {{httpAuthz: {{listen: "{listen}"}}}}
+policies:
+  - name: no-debug-port
+    action: DENY
+    rules: [{{to: [{{operation: {{ports: ["9901"]}}}}]}}]
+"""
+
+
+@pytest.mark.parametrize("open_door", [True, False])
+def test_validate_warns_when_the_http_door_cannot_see_what_a_rule_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], open_door: bool
+) -> None:
+    text = HTTP_DOOR_WITH_A_PORT_RULE.format(listen="127.0.0.1:9002")
+    if not open_door:
+        text = text.replace('server: {httpAuthz: {listen: "127.0.0.1:9002"}}\n', "")
+    path = write_config(tmp_path, text)
+
+    assert cli.main(["validate", "--config", str(path)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "HTTP door" in line]
+    if open_door:
+        assert warnings == [
+            "warning: policy 'no-debug-port' rule 1: to.operation.ports reads destination.port, "
+            "which the HTTP door does not receive: through that door the rule always matches "
+            "(denies)"
+        ]
+    else:
+        assert warnings == []

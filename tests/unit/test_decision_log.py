@@ -30,6 +30,7 @@ from authz_server import log as log_module
 from authz_server.attributes import RequestAttributes
 from authz_server.config import DecisionLogSpec
 from authz_server.devkeys import SigningKey
+from authz_server.doors.http import to_attributes as to_http_attributes
 from authz_server.log import DECISION_LOGGER, DecisionLog, JsonFormatter
 from authz_server.responses import Decision
 from authz_server.server import AuthzServer
@@ -120,6 +121,23 @@ def request(
     return RequestAttributes(
         method=method, host="api.test", path=path, headers=all_headers, source_ip="10.1.2.3"
     )
+
+
+def test_a_line_says_which_door_the_check_came_through(
+    engine: Engine, captured: Captured, make_token: Callable[..., str]
+) -> None:
+    service = service_with(engine, captured)
+    token = make_token()
+    service.check(request(token, x_request_id="by-grpc"))
+    service.check(
+        to_http_attributes(
+            "GET",
+            "/api/orders",
+            {"host": "api.test", "authorization": f"Bearer {token}", "x-request-id": "by-http"},
+        )
+    )
+    doors = {entry["request_id"]: entry["door"] for entry in captured.entries()}
+    assert doors == {"by-grpc": "grpc", "by-http": "http"}
 
 
 def test_a_line_has_every_documented_field(

@@ -1007,3 +1007,63 @@ def test_istio_yaml_from_the_mesh_decides(
     mesh: PolicySet, method: str, path: str, who: Identity | None, expected: PolicyResult
 ) -> None:
     assert mesh.evaluate(request(method=method, path=path), who) == expected
+
+
+# ------------------------------------------------ attributes a door could not tell (HTTP)
+
+UNKNOWN_TO_THE_HTTP_DOOR = frozenset(
+    {"source.ip", "source.principal", "destination.ip", "destination.port", "connection.sni",
+     "context_extensions"}
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        operation(ports=["8080"]),
+        operation(not_ports=["8080"]),
+        source(principals=[PEER.removeprefix("spiffe://")]),
+        source(not_namespaces=["foo"]),
+        source(ip_blocks=["10.0.0.0/8"]),
+        source(not_ip_blocks=["10.0.0.0/8"]),
+        when("destination.port", ["8080"]),
+        when("connection.sni", not_values=["api.example.com"]),
+        when("request.context_extensions[tenant]", ["a"]),
+        when("source.principal", ["*"]),
+    ],
+    ids=lambda rule: str(rule)[:60],
+)
+def test_a_clause_on_an_attribute_the_door_cannot_tell_fails_closed(
+    rule: dict[str, Any],
+) -> None:
+    unknowing = request(unknown=UNKNOWN_TO_THE_HTTP_DOOR, path="/x")
+    deny = policies({"name": "deny", "action": "DENY", "rules": [rule]})
+    allow = policies({"name": "allow", "rules": [rule]})
+    # Whether the clause is positive or negated, a DENY matches and an ALLOW does not.
+    assert deny.evaluate(unknowing, None).reason == "policy_denied"
+    assert deny.evaluate_linear(unknowing, None).reason == "policy_denied"
+    assert allow.evaluate(unknowing, None).reason == "no_allow_policy_matched"
+    assert allow.evaluate_linear(unknowing, None).reason == "no_allow_policy_matched"
+
+
+def test_remote_ip_blocks_still_work_through_a_door_that_has_x_forwarded_for() -> None:
+    rule = source(remote_ip_blocks=["203.0.113.0/24"])
+    allow = policies({"name": "allow", "rules": [rule]})
+    deny = policies({"name": "deny", "action": "DENY", "rules": [rule]})
+    forwarded = request(
+        unknown=UNKNOWN_TO_THE_HTTP_DOOR, headers={"x-forwarded-for": "203.0.113.9"}
+    )
+    elsewhere = request(unknown=UNKNOWN_TO_THE_HTTP_DOOR, headers={"x-forwarded-for": "192.0.2.1"})
+    without = request(unknown=UNKNOWN_TO_THE_HTTP_DOOR)
+    assert allow.evaluate(forwarded, None).allowed
+    assert not allow.evaluate(elsewhere, None).allowed
+    assert deny.evaluate(elsewhere, None).allowed  # known, and not in the block
+    # No X-Forwarded-For and no peer address: unknown, so closed either way.
+    assert not allow.evaluate(without, None).allowed
+    assert not deny.evaluate(without, None).allowed
+
+
+def test_the_same_clauses_on_known_attributes_behave_as_before() -> None:
+    known = request(destination_port=443, peer_principal=PEER, source_ip="192.0.2.1")
+    deny = policies({"name": "deny", "action": "DENY", "rules": [operation(ports=["8080"])]})
+    assert deny.evaluate(known, None).allowed  # port 443 is known, and not 8080
