@@ -331,13 +331,14 @@ def test_metrics_count_exactly_the_checks_envoy_made(observed: Stack) -> None:
 
     allow = {"decision": "allow", "reason": "allowed", "provider": "main", "policy": "api"}
     deny = {"decision": "deny", "reason": "policy_denied", "provider": "main", "policy": "no-admin"}
+    allow["door"] = deny["door"] = "grpc"
     assert moved("authz_checks_total", **allow) == allowed
     assert moved("authz_checks_total", **deny) == denied
     total_before = sum(v for _, v in before.samples.get("authz_checks_total", []))
     total_after = sum(v for _, v in after.samples.get("authz_checks_total", []))
     assert total_after - total_before == allowed + denied  # nothing else was counted
-    assert moved("authz_check_duration_seconds_count", decision="allow") == allowed
-    assert moved("authz_check_duration_seconds_count", decision="deny") == denied
+    assert moved("authz_check_duration_seconds_count", decision="allow", door="grpc") == allowed
+    assert moved("authz_check_duration_seconds_count", decision="deny", door="grpc") == denied
     # Sub-millisecond resolution: the 50 us .. 1 s buckets are all there.
     buckets = {
         labels["le"]
@@ -483,6 +484,7 @@ def test_dry_run_policies_count_and_log_but_do_not_deny(observed: Stack) -> None
     assert moved("shop/istio-dry-deny", "deny") == 1
     assert moved("shop/istio-dry-deny", "allow") == 1
     allow = {"decision": "allow", "reason": "allowed", "provider": "main", "policy": "api"}
+    allow["door"] = "grpc"
     moved_allow = after.value("authz_checks_total", **allow) - before.value(
         "authz_checks_total", **allow
     )
