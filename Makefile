@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run bench bench-variants bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lint format test run bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~7 min (BENCH_QUICK=1: ~
 
 bench-variants: $(STAMP) bench-tools ## gRPC door variants (threads, Unix socket, options), ~8 min (BENCH_QUICK=1: ~2): bench/results/variants.md
 	$(BIN)/python bench/variants.py
+
+bench-floors: $(STAMP) bench-tools ## HTTP ext_authz floors (uvloop+httptools, uvicorn, granian) via Envoy, ~5 min: bench/results/http_candidates.md
+	$(BIN)/pip install --quiet -e '.[dev,bench-candidates]'
+	$(BIN)/python bench/http_candidates.py
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py

@@ -165,17 +165,25 @@ def measure(scenario: Scenario, scratch: Path, seconds: int, *, record: bool = T
     return sample
 
 
-def run_rounds(scenarios: list[Scenario], scratch: Path, *, warm_up: bool) -> None:
-    """Optionally warm every scenario up; then ROUNDS rounds, each running every scenario."""
+def run_rounds(
+    scenarios: list[Scenario],
+    scratch: Path,
+    *,
+    warm_up: bool,
+    rounds: int = ROUNDS,
+    duration_s: int = DURATION_S,
+) -> None:
+    """Optionally warm every scenario up; then `rounds` rounds, each running every scenario
+    for `duration_s`."""
     if warm_up:
         for scenario in scenarios:
             measure(scenario, scratch, WARMUP_S, record=False)
-    for index in range(ROUNDS):
+    for index in range(rounds):
         for scenario in scenarios if index % 2 == 0 else scenarios[::-1]:
-            sample = measure(scenario, scratch, DURATION_S)
+            sample = measure(scenario, scratch, duration_s)
             cpu = f"server {sample.server_us:5.0f} µs/req" if sample.server_us is not None else ""
             log(
-                f"round {index + 1}/{ROUNDS} {scenario.key:<15} {sample.rps:8.0f} req/s  "
+                f"round {index + 1}/{rounds} {scenario.key:<15} {sample.rps:8.0f} req/s  "
                 f"p99 {sample.p99_ms:7.2f} ms  {cpu}  failures {sample.failures}"
             )
 
@@ -310,12 +318,14 @@ def grpc_allows(address: str, request: bytes) -> bool:
 # ------------------------------------------------------------------------------ the loads
 
 
-def wrk_load(url: str, headers: Sequence[str]) -> Load:
+def wrk_load(url: str, headers: Sequence[str], connections: int = WRK_CONNECTIONS) -> Load:
+    """wrk on `url` + the reference path, from the work CPU."""
+
     def run(_: Path, seconds: int) -> LoadResult:
         return loadgen.wrk(
             url + reference.PATH,
             duration_s=seconds,
-            connections=WRK_CONNECTIONS,
+            connections=connections,
             headers=headers,
             cpus=WORK_CPU,
         )

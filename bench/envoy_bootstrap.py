@@ -7,10 +7,14 @@ route to the upstream with a direct response, so no upstream server is measured:
   no_auth      the HTTP filters are the router alone (Envoy's own cost)
   jwt_rbac     Envoy's jwt_authn + rbac filters in place of ext_authz (the in-proxy baseline)
   ext_authz    ext_authz over gRPC to the given address (authz-server, or the floor)
+
+`http_ext_authz` keeps the route to the upstream and puts one listener per HTTP ext_authz
+server in one Envoy: the same connection manager, with ext_authz over HTTP (``http_service``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
@@ -24,8 +28,7 @@ DIRECT_RESPONSE = {
 }
 
 
-def _connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
-    listener = bootstrap["static_resources"]["listeners"][0]
+def _connection_manager(listener: dict[str, Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return hcm
 
@@ -50,7 +53,7 @@ def bootstrap(
             upstream_port=_UNUSED_PORT,
         )
     )
-    hcm = _connection_manager(shipped)
+    hcm = _connection_manager(shipped["static_resources"]["listeners"][0])
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [DIRECT_RESPONSE]
     filters = hcm["http_filters"]
     ext_authz, router = filters[0], filters[-1]
@@ -69,4 +72,54 @@ def bootstrap(
         raise ValueError(f"unknown bootstrap variant {variant!r}")
     resources = shipped["static_resources"]
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] in keep_clusters]
+    return yaml.safe_dump(shipped, sort_keys=False)
+
+
+def http_ext_authz(
+    servers: dict[str, tuple[int, int]], *, admin_port: int, upstream_port: int
+) -> str:
+    """Return the YAML of one Envoy with a listener per entry of `servers` on 127.0.0.1.
+
+    `servers` maps a name (``[a-z0-9_]``: the listener's stat prefix is ``ingress_<name>``) to
+    (listen port, port of the HTTP ext_authz server on 127.0.0.1). Each listener asks its
+    server with ``http_service`` (HTTP/1.1, the shipped timeout, fail closed) and routes
+    allowed requests to the upstream on `upstream_port`.
+    """
+    shipped = yaml.safe_load(
+        render_bootstrap(
+            listen_port=0,  # each listener gets its own below
+            admin_port=admin_port,
+            authz_address="127.0.0.1:9",  # replaced by one cluster per server
+            upstream_port=upstream_port,
+        )
+    )
+    resources = shipped["static_resources"]
+    template = resources["listeners"][0]
+    grpc_cluster = next(c for c in resources["clusters"] if c["name"] == "authz")
+    listeners, clusters = [], [c for c in resources["clusters"] if c is not grpc_cluster]
+    for name, (listen_port, authz_port) in servers.items():
+        cluster = copy.deepcopy(grpc_cluster)
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"authz_{name}"
+        options = cluster["typed_extension_protocol_options"]
+        next(iter(options.values()))["explicit_http_config"] = {"http_protocol_options": {}}
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"]["socket_address"]["port_value"] = authz_port
+        clusters.append(cluster)
+
+        listener = copy.deepcopy(template)
+        listener["name"] = f"ingress_{name}"
+        listener["address"]["socket_address"]["port_value"] = listen_port
+        hcm = _connection_manager(listener)
+        hcm["stat_prefix"] = f"ingress_{name}"
+        ext_authz = hcm["http_filters"][0]["typed_config"]
+        grpc_service = ext_authz.pop("grpc_service")
+        ext_authz["http_service"] = {
+            "server_uri": {
+                "uri": f"http://127.0.0.1:{authz_port}",
+                "cluster": cluster["name"],
+                "timeout": grpc_service["timeout"],
+            }
+        }
+        listeners.append(listener)
+    resources["listeners"], resources["clusters"] = listeners, clusters
     return yaml.safe_dump(shipped, sort_keys=False)

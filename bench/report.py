@@ -52,7 +52,7 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def _spread(values: Sequence[float], digits: int = 0) -> str:
+def spread(values: Sequence[float], digits: int = 0) -> str:
     """'median (min-max)' of `values`, thousands separated."""
     if not values:
         return "-"
@@ -70,16 +70,16 @@ def _field(samples: Sequence[Sample], name: str) -> list[float]:
 
 def _row(scenario: Scenario) -> str:
     s = scenario.samples
-    server = _spread(_field(s, "server_us")) if scenario.server else "-"
-    envoy = _spread(_field(s, "envoy_us")) if scenario.envoy else "-"
+    server = spread(_field(s, "server_us")) if scenario.server else "-"
+    envoy = spread(_field(s, "envoy_us")) if scenario.envoy else "-"
     failures = sum(x.failures for x in s)
     return (
-        f"| {scenario.label} | {_spread(_field(s, 'rps'))} | {median(_field(s, 'p50_ms')):.2f} "
+        f"| {scenario.label} | {spread(_field(s, 'rps'))} | {median(_field(s, 'p50_ms')):.2f} "
         f"| {median(_field(s, 'p99_ms')):.2f} | {server} | {envoy} | {failures} |"
     )
 
 
-def _pair(a: Scenario, b: Scenario, value: Callable[[Sample], float | None]) -> list[float]:
+def paired(a: Scenario, b: Scenario, value: Callable[[Sample], float | None]) -> list[float]:
     """Round-by-round value(a) / value(b): the interleaved pairs."""
     ratios = []
     for x, y in zip(a.samples, b.samples, strict=False):
@@ -89,7 +89,7 @@ def _pair(a: Scenario, b: Scenario, value: Callable[[Sample], float | None]) -> 
     return ratios
 
 
-def _ratio_text(ratios: Sequence[float]) -> str:
+def ratio_text(ratios: Sequence[float]) -> str:
     if not ratios:
         return "-"
     text = f"{median(ratios):.2f}x"
@@ -111,19 +111,19 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
 
     lines = ["| target | measured | verdict |", "|---|---|---|"]
     ours, floor = by_key["direct-ours"], by_key["direct-floor"]
-    p1 = _pair(ours, floor, cpu)
+    p1 = paired(ours, floor, cpu)
     lines.append(
         f"| P1 direct gRPC: server CPU per Check ≤ 1.5x the floor's | "
         f"{median(_field(ours.samples, 'server_us')):.0f} vs "
-        f"{median(_field(floor.samples, 'server_us')):.0f} µs: {_ratio_text(p1)} | "
+        f"{median(_field(floor.samples, 'server_us')):.0f} µs: {ratio_text(p1)} | "
         f"{_verdict(median(p1) <= 1.5 if p1 else None)} |"
     )
     ours, floor = by_key["envoy-ours"], by_key["envoy-floor"]
-    p2 = _pair(ours, floor, rps)
+    p2 = paired(ours, floor, rps)
     lines.append(
         f"| P2 through one Envoy core: req/s ≥ 0.9x Envoy → floor | "
         f"{median(_field(ours.samples, 'rps')):,.0f} vs {median(_field(floor.samples, 'rps')):,.0f}"
-        f" req/s: {_ratio_text(p2)} | {_verdict(median(p2) >= 0.9 if p2 else None)} |"
+        f" req/s: {ratio_text(p2)} | {_verdict(median(p2) >= 0.9 if p2 else None)} |"
     )
     half_floor, half_ours = run.half_load
     ours_p99 = median(_field(half_ours.samples, "p99_ms"))
@@ -140,11 +140,11 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
         f"{reached[0]:,.0f} req/s) | {verdict} |"
     )
     many, one = by_key["direct-1000p"], by_key["direct-1p"]
-    scale = _pair(many, one, cpu)
+    scale = paired(many, one, cpu)
     lines.append(
         f"| P-scale: a Check with 1,000 policies ≤ 2x the 1-policy Check (server CPU) | "
         f"{median(_field(many.samples, 'server_us')):.0f} vs "
-        f"{median(_field(one.samples, 'server_us')):.0f} µs: {_ratio_text(scale)} | "
+        f"{median(_field(one.samples, 'server_us')):.0f} µs: {ratio_text(scale)} | "
         f"{_verdict(median(scale) <= 2.0 if scale else None)} |"
     )
     if run.workers_supported:
@@ -152,7 +152,7 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
         lines.append(
             f"| --workers 2 vs 1, direct gRPC req/s (no target; 2 CPUs shared with h2load) | "
             f"{median(_field(two.samples, 'rps')):,.0f} vs "
-            f"{median(_field(single.samples, 'rps')):,.0f}: {_ratio_text(_pair(two, single, rps))}"
+            f"{median(_field(single.samples, 'rps')):,.0f}: {ratio_text(paired(two, single, rps))}"
             " | measured |"
         )
     else:
@@ -172,16 +172,16 @@ def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     looked_up = fresh.cache_hits + fresh.cache_misses
     return [
         f"- Through Envoy, authz-server ÷ Envoy's own jwt_authn + RBAC, req/s: "
-        f"{_ratio_text(_pair(ours, jwt, lambda s: s.rps))}; Envoy CPU per request with "
-        f"jwt_authn + RBAC ÷ no auth: {_ratio_text(_pair(jwt, no_auth, envoy_cpu))}.",
+        f"{ratio_text(paired(ours, jwt, lambda s: s.rps))}; Envoy CPU per request with "
+        f"jwt_authn + RBAC ÷ no auth: {ratio_text(paired(jwt, no_auth, envoy_cpu))}.",
         f"- New token per request ÷ cached token, server CPU per Check: "
-        f"{_ratio_text(_pair(fresh, ours, cpu))}. Token cache in the new-token runs: "
+        f"{ratio_text(paired(fresh, ours, cpu))}. Token cache in the new-token runs: "
         f"{fresh.cache_misses:,} misses, {fresh.cache_hits:,} hits"
         f" ({100 * fresh.cache_misses / max(looked_up, 1):.1f}% misses; "
         f"{run.new_tokens[0]:,} distinct tokens cycled through a cache of "
         f"{run.new_tokens[1]:,} entries).",
         f"- Envoy → authz-server ÷ Envoy → floor, server CPU per Check: "
-        f"{_ratio_text(_pair(ours, by_key['envoy-floor'], cpu))}.",
+        f"{ratio_text(paired(ours, by_key['envoy-floor'], cpu))}.",
     ]
 
 
@@ -193,7 +193,7 @@ def _command_output(argv: list[str]) -> str:
     return (done.stdout + done.stderr).strip()
 
 
-def _versions() -> list[str]:
+def versions() -> list[str]:
     envoy = _command_output([str(Path(sys.executable).parent / "envoy"), "--version"])
     envoy_match = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
     wrk = _command_output(["wrk", "-v"]).splitlines()
@@ -301,7 +301,7 @@ def render(run: Run) -> str:
         "## Machine and versions",
         "",
         *_machine(run),
-        *_versions(),
+        *versions(),
         "",
     ]
     return "\n".join(header + rows + body)
