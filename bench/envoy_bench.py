@@ -10,6 +10,9 @@ What runs (all on 127.0.0.1, ports picked at run time, every process stopped by 
   authz-server with 1 / 100 / 1,000 generated ALLOW policies (the request matches the last);
   ``serve --workers 1`` vs ``--workers 2`` with the server and h2load on both CPUs.
   Then p99 at half the floor's maximum rate through Envoy (``h2load --h1 --rps``).
+  The HTTP door (issue 10): Envoy → authz-server over ext_authz ``http_service`` (the same
+  server process, its HTTP door open, the same cached token), next to Envoy → the bare HTTP
+  floor (bench/http_floor.py: uvloop + httptools answering 200).
 
 Each round runs every scenario once (the order reversed on odd rounds), so a busy moment of
 the shared machine falls on all of them alike; the report gives medians with min-max and the
@@ -44,7 +47,8 @@ from loadgen import LoadResult
 from procs import Proc, Stack, free_port, http_get, http_status, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import devkeys
+from authz_server import config, devkeys
+from authz_server.envoy_config import output_headers
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "latest.md"
@@ -203,6 +207,7 @@ class Server:
     proc: Proc
     grpc_address: str
     http: str  # the side port: /readyz, /metrics
+    http_door: str = ""  # host:port of the HTTP door, when open
 
 
 class Bench:
@@ -228,17 +233,34 @@ class Bench:
         return path
 
     def authz_server(
-        self, name: str, config_text: str, *, cpus: str | None, workers: int | None = None
+        self,
+        name: str,
+        config_text: str,
+        *,
+        cpus: str | None,
+        workers: int | None = None,
+        http_door: bool = False,
     ) -> Server:
         config_path = self.file(f"{name}.yaml", config_text)
         grpc_port, http_port = free_port(), free_port()
         argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
         argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+        door = f"127.0.0.1:{free_port()}" if http_door else ""
+        if http_door:
+            argv += ["--http-authz-listen", door]
         if workers is not None:
             argv += ["--workers", str(workers)]
         proc = Proc(name, argv, self.tmp / f"{name}.log", cpus, pin_late=True)
         self.stack.start(proc)
-        return Server(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+        return Server(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", door)
+
+    def http_floor(self) -> tuple[Proc, Path]:
+        """bench/http_floor.py on a free port (written to the returned file once bound)."""
+        port_file = self.tmp / "http-floor.port"
+        argv = [sys.executable, str(BENCH / "http_floor.py"), "--listen", "127.0.0.1:0"]
+        argv += ["--port-file", str(port_file)]
+        proc = Proc("http-floor", argv, self.tmp / "http-floor.log", WORK_CPU, pin_late=True)
+        return self.stack.start(proc), port_file
 
     def floor(self) -> Proc:
         argv = [sys.executable, str(BENCH / "floor_server.py"), "--listen", "127.0.0.1:0"]
@@ -257,7 +279,13 @@ class Bench:
         found = wait_until(lambda: proc.alive() and port(), 30, "the floor server's port")
         return Server(proc, f"127.0.0.1:{found}", "")
 
-    def envoy(self, name: str, variant: str, authz_address: str = "127.0.0.1:9") -> Envoy:
+    def envoy(
+        self,
+        name: str,
+        variant: str,
+        authz_address: str = "127.0.0.1:9",
+        upstream_headers: Sequence[str] = (),
+    ) -> Envoy:
         listen_port, admin_port = free_port(), free_port()
         yaml_text = bootstrap(
             variant,
@@ -265,6 +293,7 @@ class Bench:
             admin_port=admin_port,
             authz_address=authz_address,
             jwt_rbac_filters=reference.envoy_jwt_rbac_filters(self.jwks_a, self.jwks_b),
+            upstream_headers=upstream_headers,
         )
         config_path = self.file(f"{name}.yaml", yaml_text)
         argv = [self.envoy_bin, "-c", str(config_path), "--concurrency", "1"]
@@ -383,7 +412,8 @@ def build(bench: Bench) -> Setup:
     help_process = serve_help()  # read once the other servers are starting
     istio = reference.istio_config(bench.jwks_a, bench.jwks_b)
     floor_proc = bench.floor()
-    ours = bench.authz_server("ours", istio, cpus=WORK_CPU)
+    http_floor_proc, http_floor_port_file = bench.http_floor()
+    ours = bench.authz_server("ours", istio, cpus=WORK_CPU, http_door=True)
     fresh = bench.authz_server("ours-new-tokens", istio + SMALL_CACHE, cpus=WORK_CPU)
     scaled = {
         n: bench.authz_server(
@@ -400,12 +430,22 @@ def build(bench: Bench) -> Setup:
     tokens = [bench.key_a.sign(reference.claims(i + 1)) for i in range(NEW_TOKENS)]
     tokens_file = bench.file("tokens.txt", "\n".join(tokens) + "\n")
     floor = bench.floor_server(floor_proc)
+    http_floor_port = wait_until(
+        lambda: http_floor_port_file.exists() and http_floor_port_file.read_text().strip(),
+        30,
+        "the HTTP floor's port",
+    )
+    http_floor = Server(http_floor_proc, "", "", f"127.0.0.1:{http_floor_port}")
+    # The headers the server sets on an allow: the HTTP door's Envoy passes these on.
+    output = output_headers([p.spec for p in config.load(bench.tmp / "ours.yaml").providers])
     envoys = {
         "no_auth": bench.envoy("envoy-no-auth", "no_auth"),
         "jwt_rbac": bench.envoy("envoy-jwt-rbac", "jwt_rbac"),
         "floor": bench.envoy("envoy-floor", "ext_authz", floor.grpc_address),
         "ours": bench.envoy("envoy-ours", "ext_authz", ours.grpc_address),
         "new_tokens": bench.envoy("envoy-ours-new-tokens", "ext_authz", fresh.grpc_address),
+        "http_floor": bench.envoy("envoy-http-floor", "ext_authz_http", http_floor.http_door),
+        "ours_http": bench.envoy("envoy-ours-http", "ext_authz_http", ours.http_door, output),
     }
 
     servers = [ours, fresh, *scaled.values(), *workers.values()]
@@ -422,7 +462,7 @@ def build(bench: Bench) -> Setup:
         status, body = http_get(envoy.url + reference.PATH, bearer)
         if status != 200:
             raise RuntimeError(f"Envoy {name}: the bench request answered {status}: {body[:300]!r}")
-    for name in ("jwt_rbac", "ours"):
+    for name in ("jwt_rbac", "ours", "ours_http"):
         url = envoys[name].url
         denied = http_get(url + "/internal/x", bearer)[0]
         bad = http_get(url + reference.PATH, {"Authorization": "Bearer a.b.c"})[0]
@@ -481,6 +521,12 @@ def build(bench: Bench) -> Setup:
         Scenario("envoy-ours-new", "Envoy → authz-server, new token per request",
                  new_tokens, fresh.proc, envoys["new_tokens"].proc, metrics(fresh),
                  after=advance),
+        Scenario("envoy-http-floor", "Envoy → HTTP floor (ext_authz HTTP)",
+                 wrk_load(envoys["http_floor"].url, auth), http_floor.proc,
+                 envoys["http_floor"].proc),
+        Scenario("envoy-ours-http", "Envoy → authz-server HTTP door, cached token",
+                 wrk_load(envoys["ours_http"].url, auth), ours.proc, envoys["ours_http"].proc,
+                 metrics(ours)),
         Scenario("envoy-no-auth", "Envoy, no auth",
                  wrk_load(envoys["no_auth"].url, auth), envoy=envoys["no_auth"].proc),
         Scenario("envoy-jwt-rbac", "Envoy jwt_authn + RBAC (in-proxy baseline)",

@@ -7,6 +7,8 @@ route to the upstream with a direct response, so no upstream server is measured:
   no_auth      the HTTP filters are the router alone (Envoy's own cost)
   jwt_rbac     Envoy's jwt_authn + rbac filters in place of ext_authz (the in-proxy baseline)
   ext_authz    ext_authz over gRPC to the given address (authz-server, or the floor)
+  ext_authz_http  ext_authz over HTTP (``http_service``) to the given address: authz-server's
+               HTTP door (passing `upstream_headers` on), or the HTTP floor
 
 `http_ext_authz` keeps the route to the upstream and puts one listener per HTTP ext_authz
 server in one Envoy: the same connection manager, with ext_authz over HTTP (``http_service``).
@@ -15,6 +17,7 @@ server in one Envoy: the same connection manager, with ext_authz over HTTP (``ht
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -40,8 +43,10 @@ def bootstrap(
     admin_port: int,
     authz_address: str = "127.0.0.1:9",
     jwt_rbac_filters: list[dict[str, Any]] | None = None,
+    upstream_headers: Sequence[str] = (),
 ) -> str:
-    """Return the YAML of `variant` (no_auth, jwt_rbac or ext_authz) listening on 127.0.0.1.
+    """Return the YAML of `variant` (no_auth, jwt_rbac, ext_authz or ext_authz_http) listening
+    on 127.0.0.1.
 
     Raises ValueError for an unknown variant or jwt_rbac without its filters.
     """
@@ -51,6 +56,8 @@ def bootstrap(
             admin_port=admin_port,
             authz_address=authz_address,
             upstream_port=_UNUSED_PORT,
+            door="http" if variant == "ext_authz_http" else "grpc",
+            upstream_headers=upstream_headers,
         )
     )
     hcm = _connection_manager(shipped["static_resources"]["listeners"][0])
@@ -66,7 +73,7 @@ def bootstrap(
         if not jwt_rbac_filters:
             raise ValueError("jwt_rbac needs jwt_rbac_filters")
         hcm["http_filters"] = [*jwt_rbac_filters, router]
-    elif variant == "ext_authz":
+    elif variant in ("ext_authz", "ext_authz_http"):
         keep_clusters.add("authz")
     else:
         raise ValueError(f"unknown bootstrap variant {variant!r}")
@@ -82,8 +89,9 @@ def http_ext_authz(
 
     `servers` maps a name (``[a-z0-9_]``: the listener's stat prefix is ``ingress_<name>``) to
     (listen port, port of the HTTP ext_authz server on 127.0.0.1). Each listener asks its
-    server with ``http_service`` (HTTP/1.1, the shipped timeout, fail closed) and routes
-    allowed requests to the upstream on `upstream_port`.
+    server as the shipped HTTP-door bootstrap does (``render_bootstrap(door="http")``:
+    ``http_service`` over HTTP/1.1, the shipped timeout, fail closed) and routes allowed
+    requests to the upstream on `upstream_port`.
     """
     shipped = yaml.safe_load(
         render_bootstrap(
@@ -91,17 +99,16 @@ def http_ext_authz(
             admin_port=admin_port,
             authz_address="127.0.0.1:9",  # replaced by one cluster per server
             upstream_port=upstream_port,
+            door="http",
         )
     )
     resources = shipped["static_resources"]
     template = resources["listeners"][0]
-    grpc_cluster = next(c for c in resources["clusters"] if c["name"] == "authz")
-    listeners, clusters = [], [c for c in resources["clusters"] if c is not grpc_cluster]
+    authz_cluster = next(c for c in resources["clusters"] if c["name"] == "authz")
+    listeners, clusters = [], [c for c in resources["clusters"] if c is not authz_cluster]
     for name, (listen_port, authz_port) in servers.items():
-        cluster = copy.deepcopy(grpc_cluster)
+        cluster = copy.deepcopy(authz_cluster)
         cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"authz_{name}"
-        options = cluster["typed_extension_protocol_options"]
-        next(iter(options.values()))["explicit_http_config"] = {"http_protocol_options": {}}
         endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = authz_port
         clusters.append(cluster)
@@ -111,15 +118,8 @@ def http_ext_authz(
         listener["address"]["socket_address"]["port_value"] = listen_port
         hcm = _connection_manager(listener)
         hcm["stat_prefix"] = f"ingress_{name}"
-        ext_authz = hcm["http_filters"][0]["typed_config"]
-        grpc_service = ext_authz.pop("grpc_service")
-        ext_authz["http_service"] = {
-            "server_uri": {
-                "uri": f"http://127.0.0.1:{authz_port}",
-                "cluster": cluster["name"],
-                "timeout": grpc_service["timeout"],
-            }
-        }
+        http_service = hcm["http_filters"][0]["typed_config"]["http_service"]
+        http_service["server_uri"]["cluster"] = cluster["name"]
         listeners.append(listener)
     resources["listeners"], resources["clusters"] = listeners, clusters
     return yaml.safe_dump(shipped, sort_keys=False)

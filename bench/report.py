@@ -1,4 +1,5 @@
-"""bench/results/latest.md: the table, the targets of issue 9, the machine and the versions."""
+"""bench/results/latest.md: the table, the targets of issues 9 and 10, the machine and the
+versions."""
 
 from __future__ import annotations
 
@@ -160,6 +161,36 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     return lines
 
 
+def _http_door_targets(by_key: dict[str, Scenario]) -> list[str]:
+    """Issue 10's targets: the HTTP door against the gRPC door and against the HTTP floor."""
+
+    def rps(sample: Sample) -> float:
+        return sample.rps
+
+    def cpu(sample: Sample) -> float | None:
+        return sample.server_us
+
+    http, grpc_door, floor = (
+        by_key["envoy-ours-http"],
+        by_key["envoy-ours"],
+        by_key["envoy-http-floor"],
+    )
+    faster = paired(http, grpc_door, rps)
+    cost = paired(http, floor, cpu)
+    return [
+        "| target | measured | verdict |",
+        "|---|---|---|",
+        f"| H1 through one Envoy core, cached token: HTTP door req/s ≥ 1.3x the gRPC door's | "
+        f"{median(_field(http.samples, 'rps')):,.0f} vs "
+        f"{median(_field(grpc_door.samples, 'rps')):,.0f} req/s: {ratio_text(faster)} | "
+        f"{_verdict(median(faster) >= 1.3 if faster else None)} |",
+        f"| H2 through Envoy: server CPU per request ≤ 2x the bare HTTP floor's | "
+        f"{median(_field(http.samples, 'server_us')):.0f} vs "
+        f"{median(_field(floor.samples, 'server_us')):.0f} µs: {ratio_text(cost)} | "
+        f"{_verdict(median(cost) <= 2.0 if cost else None)} |",
+    ]
+
+
 def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     def cpu(sample: Sample) -> float | None:
         return sample.server_us
@@ -170,6 +201,7 @@ def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     ours, jwt = by_key["envoy-ours"], by_key["envoy-jwt-rbac"]
     no_auth, fresh = by_key["envoy-no-auth"], by_key["envoy-ours-new"]
     looked_up = fresh.cache_hits + fresh.cache_misses
+    floors = paired(by_key["envoy-http-floor"], by_key["envoy-floor"], lambda s: s.rps)
     return [
         f"- Through Envoy, authz-server ÷ Envoy's own jwt_authn + RBAC, req/s: "
         f"{ratio_text(paired(ours, jwt, lambda s: s.rps))}; Envoy CPU per request with "
@@ -182,6 +214,10 @@ def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
         f"{run.new_tokens[1]:,} entries).",
         f"- Envoy → authz-server ÷ Envoy → floor, server CPU per Check: "
         f"{ratio_text(paired(ours, by_key['envoy-floor'], cpu))}.",
+        f"- HTTP door ÷ gRPC door, through Envoy: server CPU per Check "
+        f"{ratio_text(paired(by_key['envoy-ours-http'], ours, cpu))}; Envoy CPU per request "
+        f"{ratio_text(paired(by_key['envoy-ours-http'], ours, envoy_cpu))}. HTTP floor ÷ gRPC "
+        f"floor, Envoy req/s: {ratio_text(floors)}.",
     ]
 
 
@@ -266,6 +302,10 @@ def render(run: Run) -> str:
         "",
         *_targets(run, by_key),
         "",
+        "## Targets of the HTTP door (issue 10)",
+        "",
+        *_http_door_targets(by_key),
+        "",
         "## Other ratios",
         "",
         *_other_ratios(run, by_key),
@@ -290,6 +330,11 @@ def render(run: Run) -> str:
         "Envoy → floor.",
         "- The floor: bench/floor_server.py, grpcio with a generic handler, raw bytes in, one "
         "prebuilt OK CheckResponse out, the same thread count as authz-server.",
+        "- The HTTP door: the same authz-server process (`--http-authz-listen`), Envoy with "
+        '`render_bootstrap(door="http")` (`http_service`, the output headers in '
+        "`allowed_upstream_headers`). The HTTP floor: bench/http_floor.py, uvloop + httptools, "
+        "200 with no body to every request (the fastest of the candidates in "
+        "bench/results/http_candidates.md).",
         "- authz-server: default settings (decision log on, to the log file), but for the "
         "new-token server's smaller token cache (see above). Reference "
         "configuration (bench/reference.py): Istio RequestAuthentication with 2 issuers "
