@@ -2,7 +2,8 @@
 ``k8s/README.md``, ``k8s/istio/README.md`` and ``docs/walkthrough.md`` agree on how a
 configuration change reaches the pods, which image version runs, and how the Istio overlay
 protects the server. The alternatives the docs offer (a hashed ConfigMap name, an ``images:``
-override) are rendered with kubectl and do what the docs say.
+override, an overlay with the HTTP door) are rendered with kubectl and do what the docs say.
+The standalone Envoy examples (``examples/envoy/``) ask the doors the manifests open.
 """
 
 from __future__ import annotations
@@ -16,13 +17,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_manifests import K8S, MESH_CONFIG, Obj, _one, _render
+from authz_server import config
+from authz_server.envoy_config import output_headers
+from tests.test_manifests import (
+    HTTP_DOOR_PORT,
+    K8S,
+    MESH_CONFIG,
+    MESH_CONFIG_HTTP,
+    Obj,
+    _one,
+    _render,
+)
+from tests.unit.test_envoy_config import _clusters, _envoy_validate, _example_generator, _ext_authz
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 WALKTHROUGH = REPO / "docs" / "walkthrough.md"
 K8S_README = K8S / "README.md"
 ISTIO_README = K8S / "istio" / "README.md"
+EXAMPLES = REPO / "examples" / "envoy"
+EXAMPLES_README = EXAMPLES / "README.md"
+SERVER_CONFIG = K8S / "base" / "config.yaml"
 
 _YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
 _IMAGE_TAG = re.compile(r"\bauthz-server:(dev|latest|v?\d[\w.+-]*\w)")
@@ -213,3 +228,139 @@ def test_docs_say_checks_travel_over_strict_mtls(doc: str) -> None:
     assert peer["spec"]["mtls"]["mode"] in text
     assert "PeerAuthentication" in text
     assert "token" in text
+
+
+# ------------------------------------------------------------------------------ HTTP door
+
+
+def test_k8s_readme_says_how_to_open_the_http_door() -> None:
+    text = K8S_README.read_text()
+    for name in (
+        "`k8s/components/http-door`",
+        "`kubectl apply -k k8s/istio-http`",
+        "`k8s/istio/mesh-config-http.yaml`",
+        f"`--http-authz-listen 0.0.0.0:{HTTP_DOOR_PORT}`",
+        "`http-authz`",
+        "`server.httpAuthz`",
+    ):
+        assert name in text, name
+    assert f"port {HTTP_DOOR_PORT}" in text
+
+
+def test_the_documented_http_door_overlay_opens_the_door(tmp_path: Path) -> None:
+    block = _yaml_block(K8S_README, "components:")
+    header = re.match(r"# (k8s/\S+/kustomization\.yaml)", block)
+    assert header, "the overlay example names where it goes"
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    target = tmp_path / header.group(1)
+    target.parent.mkdir()
+    target.write_text(block)
+    objects = _render(target.parent)
+    base = _render(K8S / "base")
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == {
+        (o["kind"], o["metadata"]["name"]) for o in base
+    }
+    (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-2:] == ["--http-authz-listen", f"0.0.0.0:{HTTP_DOOR_PORT}"]
+    ports = {p["name"]: p["port"] for p in _one(objects, "Service")["spec"]["ports"]}
+    assert ports["http-authz"] == HTTP_DOOR_PORT
+
+
+def _http_provider() -> Obj:
+    (provider,) = yaml.safe_load(MESH_CONFIG_HTTP.read_text())["spec"]["meshConfig"][
+        "extensionProviders"
+    ]
+    return dict(provider["envoyExtAuthzHttp"])
+
+
+def test_istio_readme_explains_every_setting_of_the_http_provider() -> None:
+    text = _section(ISTIO_README.read_text(), "## The HTTP door instead of gRPC")
+    http = _http_provider()
+    for name in (
+        "`mesh-config-http.yaml`",
+        "`kubectl apply -k k8s/istio-http`",
+        "`envoyExtAuthzHttp`",
+    ):
+        assert name in text, name
+    for field in http:
+        if field not in ("service", "port"):
+            assert f"`{field}" in text, field
+    for header in (
+        *http["includeRequestHeadersInCheck"],
+        *http["headersToUpstreamOnAllow"],
+        *http["headersToDownstreamOnDeny"],
+    ):
+        assert f"`{header}`" in text, header
+    assert f'`statusOnError: "{http["statusOnError"]}"`' in text
+    assert f"`failOpen: {str(http['failOpen']).lower()}`" in text
+    # The gRPC variant stays the one the walkthrough and the rest of the README install.
+    assert "`mesh-config.yaml`" in text
+    assert "envoyExtAuthzGrpc" in MESH_CONFIG.read_text()
+
+
+# ---------------------------------------------------------------- standalone Envoy examples
+
+
+def _example(name: str) -> Obj:
+    return dict(yaml.safe_load((EXAMPLES / name).read_text()))
+
+
+def test_committed_http_example_is_what_the_generator_produces() -> None:
+    generator = _example_generator()
+    assert (EXAMPLES / "envoy-http.yaml").read_text() == generator.render_http(), (
+        "examples/envoy/envoy-http.yaml is stale: run .venv/bin/python examples/envoy/generate.py"
+    )
+    # --check covers both files.
+    assert generator.main(["--check"]) == 0
+
+
+def test_envoy_validates_the_committed_http_example() -> None:
+    _envoy_validate(EXAMPLES / "envoy-http.yaml")
+
+
+def test_the_examples_ask_the_doors_the_manifests_open() -> None:
+    service = _one(_render(K8S / "istio-http"), "Service")
+    meta = service["metadata"]
+    host = f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    for name, port_name in (("envoy.yaml", "grpc"), ("envoy-http.yaml", "http-authz")):
+        authz = _clusters(_example(name))["authz"]
+        endpoint = authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"] == {
+            "address": host,
+            "port_value": ports[port_name],
+        }, name
+
+
+def test_the_http_example_fails_closed_and_passes_on_the_configs_identity_headers() -> None:
+    bootstrap = _example("envoy-http.yaml")
+    ext_authz = _ext_authz(bootstrap)
+    assert ext_authz["failure_mode_allow"] is False
+    assert ext_authz["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert "with_request_body" not in ext_authz
+    assert "grpc_service" not in ext_authz
+    service = ext_authz["http_service"]
+    assert service["server_uri"]["cluster"] == "authz"
+    assert service["server_uri"]["timeout"] == "1.000s"
+    settings = config.load(SERVER_CONFIG)
+    # Envoy prepends path_prefix; the server removes its pathPrefix: the two agree.
+    assert service.get("path_prefix", "") == settings.server.http_authz.path_prefix
+    patterns = service["authorization_response"]["allowed_upstream_headers"]["patterns"]
+    assert [p["exact"] for p in patterns] == output_headers([p.spec for p in settings.providers])
+    assert [p["exact"] for p in patterns] == ["x-user-id"]
+    # HTTP/1.1 to the door, and Envoy, not the door, closes idle connections.
+    options = _clusters(bootstrap)["authz"]["typed_extension_protocol_options"]
+    (http_options,) = options.values()
+    assert "http_protocol_options" in http_options["explicit_http_config"]
+    idle = config.parse_duration(http_options["common_http_protocol_options"]["idle_timeout"])
+    assert idle < settings.server.http_authz.idle_timeout
+
+
+def test_examples_readme_names_both_files_and_their_doors() -> None:
+    text = EXAMPLES_README.read_text()
+    for name in ("`envoy.yaml`", "`envoy-http.yaml`", "gRPC door", "HTTP door"):
+        assert name in text, name
+    assert ":9001`" in text and f":{HTTP_DOOR_PORT}`" in text
+    assert "`k8s/components/http-door`" in text
+    assert "`x-user-id`" in text and "`x_user_id`" in text

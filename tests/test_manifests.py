@@ -1,19 +1,24 @@
 """The Kubernetes manifests, proven offline: they render, they validate, they agree.
 
-- ``kubectl kustomize`` renders ``k8s/base`` and ``k8s/istio``.
+- ``kubectl kustomize`` renders ``k8s/base``, ``k8s/istio`` and ``k8s/istio-http``, and
+  ``k8s/base`` with the ``k8s/components/http-door`` component.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
   (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
   strict the way the API server's pruning makes it: an unknown field is an error.
+- Istio's extension providers in the mesh configs validate against
+  ``tests/data/istio-ext-authz-providers.yaml``, a schema of the MeshConfig messages they use.
 - The ConfigMap's config passes ``authz-server validate``; the Deployment, Service,
-  NetworkPolicy, mesh config and CUSTOM policy agree with it and with each other.
-- ``tests/data/manifests_broken`` shows that each check catches what it should.
+  NetworkPolicy, mesh configs and CUSTOM policy agree with it and with each other.
+- ``tests/data/manifests_broken`` and ``tests/data/mesh_config_broken.yaml`` show that each
+  check catches what it should.
 
 ``make k8s-validate`` runs this file and ``tests/test_deploy_docs.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import json
@@ -30,14 +35,23 @@ import pytest
 import yaml
 
 from authz_server import cli, config
+from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-OVERLAYS = ("base", "istio")
+OVERLAYS = ("base", "istio", "istio-http")
+ISTIO_OVERLAYS = ("istio", "istio-http")
 BROKEN = REPO / "tests" / "data" / "manifests_broken"
 ISTIO_CRDS = REPO / "tests" / "data" / "istio-crd-schemas.yaml"
 MESH_CONFIG = K8S / "istio" / "mesh-config.yaml"
+MESH_CONFIG_HTTP = K8S / "istio" / "mesh-config-http.yaml"
+MESH_CONFIGS = (MESH_CONFIG, MESH_CONFIG_HTTP)
+PROVIDER_SCHEMA = REPO / "tests" / "data" / "istio-ext-authz-providers.yaml"
+MESH_CONFIG_BROKEN = REPO / "tests" / "data" / "mesh_config_broken.yaml"
+HTTP_DOOR = K8S / "components" / "http-door"
+# The HTTP door's conventional port (9001 is gRPC, 9090 the side port).
+HTTP_DOOR_PORT = 9002
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 KUBERNETES_VERSIONS = ("1.31", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
 
@@ -242,7 +256,7 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
     ]
     extra = (
         ["AuthorizationPolicy/authz-server-api", "PeerAuthentication/authz-server"]
-        if overlay == "istio"
+        if overlay in ISTIO_OVERLAYS
         else []
     )
     assert rendered == sorted(base + extra)
@@ -266,9 +280,10 @@ def test_every_object_validates_against_its_schema(overlay: str) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_the_istio_overlay_holds_istio_objects_and_the_base_none() -> None:
+@pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
+def test_the_istio_overlays_hold_istio_objects_and_the_base_none(overlay: str) -> None:
     assert not [o for o in _objects("base") if _is_istio(o)]
-    assert [_label(o) for o in _objects("istio") if _is_istio(o)] == [
+    assert [_label(o) for o in _objects(overlay) if _is_istio(o)] == [
         "AuthorizationPolicy/authz-server-api",
         "PeerAuthentication/authz-server",
     ]
@@ -586,9 +601,11 @@ def _extension_provider() -> Obj:
     return dict(provider)
 
 
-def test_mesh_config_is_not_applied_by_kustomize() -> None:
-    kustomization = yaml.safe_load((K8S / "istio" / "kustomization.yaml").read_text())
-    assert MESH_CONFIG.name not in kustomization["resources"]
+@pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
+def test_mesh_configs_are_not_applied_by_kustomize(overlay: str) -> None:
+    kustomization = yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())
+    resources = {Path(r).name for r in kustomization["resources"]}
+    assert not resources & {m.name for m in MESH_CONFIGS}
 
 
 def test_mesh_provider_reaches_the_service_and_fails_closed(settings: config.Settings) -> None:
@@ -684,3 +701,290 @@ def test_sidecar_in_a_restricted_namespace_comes_with_istio_cni() -> None:
     assert operator["components"]["cni"] == {"enabled": True}
     # Pod-level seccomp covers the injected containers too.
     assert _pod("istio")["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+# ------------------------------------------------------------------------------ HTTP door
+
+
+@pytest.fixture(scope="module")
+def base_with_http_door(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the http-door component, as an overlay of one's own lists it (kustomize
+    takes only relative paths, so the overlay sits in a copy of k8s/)."""
+    tree = tmp_path_factory.mktemp("k8s-copy") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-http-door"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/http-door]\n"
+    )
+    return _render(overlay)
+
+
+def _by_label(objects: tuple[Obj, ...]) -> dict[str, Obj]:
+    return {_label(obj): obj for obj in objects}
+
+
+def _ports_sorted(objects: dict[str, Obj]) -> dict[str, Obj]:
+    """``objects`` with their port lists in port order (a patch may append anywhere)."""
+    out = copy.deepcopy(objects)
+    for obj in out.values():
+        if obj["kind"] == "Deployment":
+            for container in obj["spec"]["template"]["spec"]["containers"]:
+                container["ports"].sort(key=lambda p: p["containerPort"])
+        elif obj["kind"] == "Service":
+            obj["spec"]["ports"].sort(key=lambda p: p["port"])
+        elif obj["kind"] == "NetworkPolicy":
+            for rule in obj["spec"]["ingress"]:
+                rule["ports"].sort(key=lambda p: p["port"])
+    return out
+
+
+def _with_the_door_added(objects: tuple[Obj, ...]) -> dict[str, Obj]:
+    """What the http-door component should make of ``objects``: the door's flag, its
+    container port, its Service port, and the Check rule of the NetworkPolicy opened to it."""
+    expected = copy.deepcopy(_by_label(objects))
+    deployment = expected["Deployment/authz-server"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container["args"] += ["--http-authz-listen", f"0.0.0.0:{HTTP_DOOR_PORT}"]
+    container["ports"].append(
+        {"name": "http-authz", "containerPort": HTTP_DOOR_PORT, "protocol": "TCP"}
+    )
+    expected["Service/authz-server"]["spec"]["ports"].append(
+        {
+            "name": "http-authz",
+            "port": HTTP_DOOR_PORT,
+            "targetPort": "http-authz",
+            "protocol": "TCP",
+            "appProtocol": "http",
+        }
+    )
+    check_rule = expected["NetworkPolicy/authz-server"]["spec"]["ingress"][0]
+    assert {"port": 9001, "protocol": "TCP"} in check_rule["ports"]
+    check_rule["ports"].append({"port": HTTP_DOOR_PORT, "protocol": "TCP"})
+    return _ports_sorted(expected)
+
+
+def test_http_door_component_opens_the_door_and_changes_nothing_else(
+    base_with_http_door: tuple[Obj, ...],
+) -> None:
+    assert _ports_sorted(_by_label(base_with_http_door)) == _with_the_door_added(_objects("base"))
+
+
+def test_istio_http_overlay_is_the_istio_overlay_with_the_door() -> None:
+    kustomization = yaml.safe_load((K8S / "istio-http" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../istio"]
+    assert kustomization["components"] == ["../components/http-door"]
+    assert _ports_sorted(_by_label(_objects("istio-http"))) == _with_the_door_added(
+        _objects("istio")
+    )
+
+
+def test_http_door_objects_validate_against_their_schemas(
+    base_with_http_door: tuple[Obj, ...],
+) -> None:
+    problems = all_problems(base_with_http_door)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_door_is_closed_unless_the_component_opens_it(settings: config.Settings) -> None:
+    # The configuration leaves it closed: the component opens it with the command-line flag.
+    assert settings.server.http_authz.listen is None
+    for overlay in ("base", "istio"):
+        objects = _objects(overlay)
+        (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert "--http-authz-listen" not in container["args"]
+        ports = [p["port"] for p in _one(objects, "Service")["spec"]["ports"]]
+        assert HTTP_DOOR_PORT not in ports
+
+
+def _http_door_container(objects: tuple[Obj, ...]) -> Obj:
+    (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_serve_accepts_the_door_flag_the_component_adds(
+    base_with_http_door: tuple[Obj, ...], settings: config.Settings
+) -> None:
+    container = _http_door_container(base_with_http_door)
+    args = cli._parser().parse_args(container["args"])
+    assert args.http_authz_listen == f"0.0.0.0:{HTTP_DOOR_PORT}"
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert _port(args.http_authz_listen) == named["http-authz"] == HTTP_DOOR_PORT
+    # Its own port: not the gRPC door's, nor the side port's.
+    assert HTTP_DOOR_PORT not in {
+        _port(settings.server.listen),
+        _port(settings.server.http_listen),
+    }
+
+
+def test_the_door_reaches_the_same_namespaces_as_the_grpc_port(
+    base_with_http_door: tuple[Obj, ...],
+) -> None:
+    policy = _one(base_with_http_door, "NetworkPolicy")["spec"]
+    allowed: dict[int, set[str]] = {}
+    for rule in policy["ingress"]:
+        namespaces = {
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for peer in rule["from"]
+        }
+        for port in rule["ports"]:
+            allowed.setdefault(port["port"], set()).update(namespaces)
+    assert allowed[HTTP_DOOR_PORT] == allowed[9001] == {"istio-system", "istio-ingress"}
+    service_ports = {p["name"]: p for p in _one(base_with_http_door, "Service")["spec"]["ports"]}
+    assert service_ports["http-authz"]["port"] == HTTP_DOOR_PORT
+    # Istio picks the protocol from appProtocol (or the name's http- prefix).
+    assert service_ports["http-authz"]["appProtocol"] == "http"
+
+
+def test_the_door_accepts_only_mesh_mtls_in_the_istio_overlay() -> None:
+    spec = _one(_objects("istio-http"), "PeerAuthentication")["spec"]
+    # The door carries every client's token, like the gRPC port: STRICT, no exception.
+    assert spec["mtls"] == {"mode": "STRICT"}
+    assert str(HTTP_DOOR_PORT) not in spec["portLevelMtls"]
+
+
+# --------------------------------------------------------------- Istio extension providers
+
+
+@functools.cache
+def _provider_validator() -> jsonschema.Draft202012Validator:
+    schema = yaml.safe_load(PROVIDER_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def provider_problems(mesh_config: Path) -> list[str]:
+    """Every way the extension providers of ``mesh_config`` break the schema, as messages."""
+    mesh = yaml.safe_load(mesh_config.read_text())["spec"]["meshConfig"]
+    return [
+        f"{provider.get('name', '?')}: {error.json_path}: {error.message}"
+        for provider in mesh["extensionProviders"]
+        for error in sorted(_provider_validator().iter_errors(provider), key=lambda e: e.json_path)
+    ]
+
+
+@pytest.mark.parametrize("mesh_config", MESH_CONFIGS, ids=lambda p: p.name)
+def test_mesh_config_providers_validate_against_the_schema(mesh_config: Path) -> None:
+    problems = provider_problems(mesh_config)
+    assert not problems, "\n".join(problems)
+
+
+def test_broken_providers_are_caught_by_the_schema() -> None:
+    problems = provider_problems(MESH_CONFIG_BROKEN)
+    text = "\n".join(problems)
+    assert any(
+        p.startswith("typo: $.envoyExtAuthzHttp: Additional properties are not allowed")
+        and "'includeRequestHeaderInCheck'" in p
+        for p in problems
+    ), text
+    assert any(
+        p.startswith("lone-wildcard: $.envoyExtAuthzHttp.headersToUpstreamOnAllow[0]: '*'")
+        for p in problems
+    ), text
+    assert "status-as-number: $.envoyExtAuthzHttp.statusOnError: 503 is not of type 'string'" in (
+        problems
+    ), text
+    assert any(
+        p.startswith("both-kinds: $: ") and "is valid under each of" in p for p in problems
+    ), text
+    assert len(problems) == 4, text
+
+
+def _mesh(path: Path) -> Obj:
+    return dict(yaml.safe_load(path.read_text()))
+
+
+def test_http_mesh_config_is_the_grpc_one_with_the_other_provider_kind() -> None:
+    grpc, http = _mesh(MESH_CONFIG), _mesh(MESH_CONFIG_HTTP)
+    (grpc_provider,) = grpc["spec"]["meshConfig"].pop("extensionProviders")
+    (http_provider,) = http["spec"]["meshConfig"].pop("extensionProviders")
+    # Path normalisation, the CNI agent: the same. The provider keeps its name, so the CUSTOM
+    # policy needs no change.
+    assert http == grpc
+    assert set(grpc_provider) == {"name", "envoyExtAuthzGrpc"}
+    assert set(http_provider) == {"name", "envoyExtAuthzHttp"}
+    assert http_provider["name"] == grpc_provider["name"] == _extension_provider()["name"]
+    # The same timeout and failure mode as the gRPC provider.
+    for field in ("service", "timeout", "failOpen"):
+        assert (
+            http_provider["envoyExtAuthzHttp"][field] == grpc_provider["envoyExtAuthzGrpc"][field]
+        )
+
+
+def _http_provider() -> Obj:
+    (provider,) = _mesh(MESH_CONFIG_HTTP)["spec"]["meshConfig"]["extensionProviders"]
+    return dict(provider["envoyExtAuthzHttp"])
+
+
+def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settings) -> None:
+    http = _http_provider()
+    service = _one(_objects("istio-http"), "Service")
+    meta = service["metadata"]
+    assert http["service"] == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    door_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http-authz")
+    assert http["port"] == door_port == HTTP_DOOR_PORT
+    # Envoy counts an HTTP server's 5xx (our 503 and 500) as a failure to reach it: failOpen
+    # would let those requests through.
+    assert http["failOpen"] is False
+    # ...and answers statusOnError for them: 503, as the gRPC door does for an issuer
+    # without keys.
+    assert http["statusOnError"] == "503"
+    timeout = config.parse_duration(http["timeout"])
+    assert settings.server.unknown_kid_wait < timeout <= 5.0
+    # Envoy's pathPrefix and the server's must agree: neither is set.
+    assert "pathPrefix" not in http
+    assert settings.server.http_authz.path_prefix == ""
+
+
+def _headers_the_server_reads(settings: config.Settings) -> set[str]:
+    """The request headers a decision of ``settings`` may read, lower case: each provider's
+    token headers (Authorization by default) and cookies, X-Forwarded-For (remoteIpBlocks,
+    remote.ip), X-Request-Id (the decision log), the headers policies test, and the headers the
+    server sets with their underscore twins (their client-sent copies must be seen to be
+    removed)."""
+    needed = {"x-forwarded-for", "x-request-id"}
+    for provider in settings.providers:
+        spec = provider.spec
+        if not (spec.from_headers or spec.from_params or spec.from_cookies):
+            needed.add("authorization")
+        needed.update(h.name.lower() for h in spec.from_headers)
+        if spec.from_cookies:
+            needed.add("cookie")
+    for policy in settings.policies:
+        for rule in policy.rules or ():
+            for condition in rule.when or ():
+                if condition.key.startswith("request.headers["):
+                    needed.add(condition.key[len("request.headers[") : -1].lower())
+    outputs = output_headers([p.spec for p in settings.providers])
+    needed.update(outputs)
+    needed.update(h.replace("-", "_") for h in outputs if "-" in h)
+    return needed
+
+
+def test_http_provider_sends_the_door_every_header_the_config_reads(
+    settings: config.Settings,
+) -> None:
+    included = [h.lower() for h in _http_provider()["includeRequestHeadersInCheck"]]
+    # Exact names only: a prefix or suffix pattern here would send more than is read.
+    assert all("*" not in h for h in included)
+    assert set(included) == _headers_the_server_reads(settings)
+    assert "x_user_id" in included  # the underscore twin of config.yaml's x-user-id
+
+
+def test_http_provider_passes_on_the_identity_headers_and_the_denials(
+    settings: config.Settings,
+) -> None:
+    http = _http_provider()
+    # Exactly the headers the server sets on an allow (outputClaimToHeaders and
+    # outputPayloadToHeader): Envoy copies only these onto the upstream request.
+    assert http["headersToUpstreamOnAllow"] == output_headers([p.spec for p in settings.providers])
+    assert http["headersToUpstreamOnAllow"] == ["x-user-id"]
+    # A denial keeps its WWW-Authenticate and the JSON body's content type.
+    assert {h.lower() for h in http["headersToDownstreamOnDeny"]} >= {
+        "www-authenticate",
+        "content-type",
+    }
+    assert "headersToDownstreamOnAllow" not in http
