@@ -25,6 +25,7 @@ from tests.test_manifests import (
     MESH_CONFIG,
     MESH_CONFIG_HTTP,
     Obj,
+    _headers_the_server_reads,
     _one,
     _render,
 )
@@ -364,3 +365,42 @@ def test_examples_readme_names_both_files_and_their_doors() -> None:
     assert ":9001`" in text and f":{HTTP_DOOR_PORT}`" in text
     assert "`k8s/components/http-door`" in text
     assert "`x-user-id`" in text and "`x_user_id`" in text
+
+
+# Envoy sends an HTTP authorization server these whatever allowed_headers says (its
+# ext_authz.proto); every other header only when allowed_headers matches it.
+_ENVOY_ALWAYS_SENDS = {"host", "content-length", "authorization"}
+
+
+def _string_matcher_matches(pattern: Obj, name: str) -> bool:
+    """Envoy's StringMatcher on a header name (names are lower case)."""
+    fold = (lambda v: v.lower()) if pattern.get("ignore_case") else (lambda v: v)
+    if "exact" in pattern:
+        return fold(name) == fold(pattern["exact"])
+    if "prefix" in pattern:
+        return fold(name).startswith(fold(pattern["prefix"]))
+    if "suffix" in pattern:
+        return fold(name).endswith(fold(pattern["suffix"]))
+    if "contains" in pattern:
+        return fold(pattern["contains"]) in fold(name)
+    if "safe_regex" in pattern:
+        return re.fullmatch(pattern["safe_regex"]["regex"], name) is not None
+    raise AssertionError(f"unknown StringMatcher {pattern}")
+
+
+def test_the_http_example_sends_the_door_every_header_the_config_reads() -> None:
+    # Envoy 1.40 sends an HTTP authorization server only Host, Content-Length and
+    # Authorization (with the method and path) unless allowed_headers lists more: without
+    # the rest, a client-sent x_user_id (the underscore twin of x-user-id) would reach the
+    # upstream, and X-Forwarded-For and X-Request-Id would never reach the server.
+    service = _ext_authz(_example("envoy-http.yaml"))["http_service"]
+    patterns = (
+        service.get("authorization_request", {}).get("allowed_headers", {}).get("patterns", [])
+    )
+    missing = sorted(
+        header
+        for header in _headers_the_server_reads(config.load(SERVER_CONFIG))
+        if header not in _ENVOY_ALWAYS_SENDS
+        and not any(_string_matcher_matches(p, header) for p in patterns)
+    )
+    assert not missing, f"Envoy would not send the HTTP door: {', '.join(missing)}"
