@@ -203,13 +203,18 @@ def render_bootstrap(
 def _http_service(
     timeout_s: float, upstream_headers: Sequence[str], path_prefix: str
 ) -> dict[str, Any]:
-    """The `http_service` of the HTTP door. Every request header goes to the server (no
-    `allowed_headers`): it must see the token and any client-sent copy of the headers it
-    sets, to remove them. On an allow, Envoy copies the listed response headers onto the
-    upstream request and removes those named in `x-envoy-auth-headers-to-remove`; on a denial
-    it sends the server's status, headers and body to the client."""
+    """The `http_service` of the HTTP door. Every request header goes to the server: without
+    `allowed_headers`, Envoy sends only Host, Content-Length and Authorization, and the server
+    would miss cookies, custom token headers, X-Forwarded-For, the headers its rules read, and
+    the client-sent twins (`x_user` for `x-user`) it must have removed. On an allow, Envoy
+    copies the listed response headers onto the upstream request and removes those named in
+    `x-envoy-auth-headers-to-remove`; on a denial it sends the server's status, headers and
+    body to the client."""
     service: dict[str, Any] = {
         "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": _duration(timeout_s)},
+        "authorization_request": {
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}
+        },
     }
     if path_prefix:
         service["path_prefix"] = path_prefix
