@@ -61,6 +61,21 @@ def _claim(claims: Mapping[str, Any], name: str, parts: tuple[str, ...]) -> Any:
     return value
 
 
+def underscore_twins(header: str, limit: int = 64) -> list[str]:
+    """Every spelling of ``header`` with one or more of its dashes as underscores (``x-user``:
+    ``x_user``), which CGI-style upstreams read as the header itself. At most ``limit``."""
+    parts = header.split("-")
+    twins: list[str] = []
+    for mask in range(1, 1 << (len(parts) - 1)):
+        if len(twins) >= limit:
+            break
+        name = parts[0]
+        for index, part in enumerate(parts[1:]):
+            name += ("_" if mask >> index & 1 else "-") + part
+        twins.append(name)
+    return twins
+
+
 class _ProviderOutputs:
     """Per provider: headers to fill from a verified token, precomputed."""
 
@@ -124,9 +139,9 @@ class Engine:
                 cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
-        # (id(identity), policy, stripped token headers, twins) -> (identity, allow decision)
+        # (id(identity), policy, stripped token headers) -> (identity, allow decision)
         self._allows: dict[
-            tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
+            tuple[int, str | None, tuple[str, ...]],
             tuple[Identity | None, Decision],
         ] = {}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
@@ -134,6 +149,12 @@ class Engine:
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
+        # NOTE: CGI-style upstreams read `x_user` (or `x_user-id`) as `x-user`: every such
+        # spelling is removed on every allow, sent or not, so that no door needs to see it
+        # (Envoy's HTTP ext_authz sends only the headers it is told to).
+        self.twin_headers = frozenset(
+            twin for header in self.protected_headers for twin in underscore_twins(header)
+        )
 
     @classmethod
     def build(
@@ -176,16 +197,15 @@ class Engine:
         identity: Identity | None,
         policy: str | None,
         strip: tuple[str, ...],
-        twins: tuple[str, ...],
     ) -> Decision:
         """The allow for this caller, built once and reused: a caller repeating a token gets
         the same headers, metadata and answer every time."""
-        key = (id(identity), policy, strip, twins)
+        key = (id(identity), policy, strip)
         cached = self._allows.get(key)
         # NOTE: the entry holds the identity itself, so an id reused after GC never matches.
         if cached is not None and cached[0] is identity:
             return cached[1]
-        decision = self.build_allow(identity, policy, strip, twins)
+        decision = self.build_allow(identity, policy, strip)
         if len(self._allows) >= _ALLOWS_KEPT:
             self._allows.clear()  # the busy callers come back at once
         self._allows[key] = (identity, decision)
@@ -196,20 +216,19 @@ class Engine:
         identity: Identity | None,
         policy: str | None,
         strip: tuple[str, ...],
-        twins: tuple[str, ...],
         *,
         audited: tuple[str, ...] = (),
         dry_run: tuple[tuple[str, str], ...] = (),
     ) -> Decision:
-        """An allow: the identity's headers set, their client-sent copies (and ``twins``) and
-        the token headers in ``strip`` removed."""
+        """An allow: the identity's headers set, their client-sent copies (and every
+        underscore spelling of them) and the token headers in ``strip`` removed."""
         to_set: list[tuple[str, str]] = []
         to_remove = set(self.protected_headers)
         if identity is not None:
             to_set = self.outputs[identity.provider].headers(identity)
             to_remove.difference_update(h for h, _ in to_set)
         to_remove.update(strip)
-        to_remove.update(twins)
+        to_remove.update(self.twin_headers)
         return responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),
@@ -357,22 +376,15 @@ class AuthorizationService:
             )
             return denial, identity
 
-        # NOTE: CGI-style upstreams read `x_user` as `x-user`: strip such twins too.
-        twins = tuple(
-            name
-            for name in request.headers
-            if "_" in name and name.replace("_", "-") in engine.protected_headers
-        )
         strip = tuple(token_headers_to_strip)
         if result.audited or result.dry_run:  # observed verdicts ride on this one decision
             decision = engine.build_allow(
                 identity,
                 result.policy,
                 strip,
-                twins,
                 audited=result.audited,
                 dry_run=result.dry_run,
             )
         else:
-            decision = engine.allow_for(identity, result.policy, strip, twins)
+            decision = engine.allow_for(identity, result.policy, strip)
         return decision, identity
