@@ -422,7 +422,7 @@ class DecisionLog:
             self._pending.set()
 
     def _run(self) -> None:
-        _name_os_thread(WRITER_THREAD)
+        name_os_thread(WRITER_THREAD)
         while True:
             self._pending.wait()
             # Gather a batch: one write for many lines, one wake-up per interval at most.
@@ -526,7 +526,7 @@ class DecisionLog:
         return record
 
 
-def _name_os_thread(name: str) -> None:
+def name_os_thread(name: str) -> None:
     """Show the calling thread as ``name`` in ``top -H`` and /proc (Linux), so its CPU can be
     told apart; elsewhere nothing."""
     try:

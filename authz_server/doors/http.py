@@ -51,6 +51,7 @@ from authz_server.attributes import (
 )
 from authz_server.config import HttpAuthzSpec
 from authz_server.errors import WouldWait
+from authz_server.log import name_os_thread
 from authz_server.responses import Decision
 
 log = logging.getLogger("authz_server.http")
@@ -187,9 +188,8 @@ class _Connection(asyncio.Protocol):
         self.in_head = True  # the request line and headers are still arriving
         self.head_bytes = 0
         self.url = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: dict[str, str] = {}
-        self.header_count = 0
-        self.header_bytes = 0
         self.body_bytes = 0
 
     # ------------------------------------------------------------------ transport events
@@ -254,21 +254,28 @@ class _Connection(asyncio.Protocol):
             raise _Rejected(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_count > self.limits.max_headers:
-            raise _Rejected(431, "too many headers")
-        if self.header_bytes > self.limits.max_header_bytes:
-            raise _Rejected(431, "headers too large")
-        key = name.decode("latin-1").lower()
-        text = value.decode("utf-8", "replace")
-        headers = self.headers
-        if key in headers:
-            text = f"{headers[key]}{'; ' if key == 'cookie' else ','}{text}"
-        headers[key] = text
+        # NOTE: one call per header: kept to an append; the head is checked and read whole
+        # in on_headers_complete (what a head that never ends can buffer is bounded in
+        # data_received).
+        self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        raw = self.raw_headers
+        limits = self.limits
+        if len(raw) > limits.max_headers:
+            raise _Rejected(431, "too many headers")
+        size = 0
+        headers = self.headers
+        for name, value in raw:
+            size += len(name) + len(value)
+            key = name.decode("latin-1").lower()
+            text = value.decode("utf-8", "replace")
+            if key in headers:
+                text = f"{headers[key]}{'; ' if key == 'cookie' else ','}{text}"
+            headers[key] = text
+        if size + 4 * len(raw) > limits.max_header_bytes:
+            raise _Rejected(431, "headers too large")
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -477,6 +484,7 @@ class HttpDoor:
         )
 
     def _run(self) -> None:
+        name_os_thread("http-door")  # its CPU, apart from the gRPC door's, in top -H and /proc
         loop = self._loop
         assert loop is not None
         asyncio.set_event_loop(loop)
