@@ -391,8 +391,8 @@ def _string_matcher_matches(pattern: Obj, name: str) -> bool:
 def test_the_http_example_sends_the_door_every_header_the_config_reads() -> None:
     # Envoy 1.40 sends an HTTP authorization server only Host, Content-Length and
     # Authorization (with the method and path) unless allowed_headers lists more: without
-    # the rest, a client-sent x_user_id (the underscore twin of x-user-id) would reach the
-    # upstream, and X-Forwarded-For and X-Request-Id would never reach the server.
+    # the rest, cookies, custom token headers, X-Forwarded-For and X-Request-Id would never
+    # reach the server.
     service = _ext_authz(_example("envoy-http.yaml"))["http_service"]
     patterns = (
         service.get("authorization_request", {}).get("allowed_headers", {}).get("patterns", [])
