@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier, WaitMo
 
 log = logging.getLogger("authz_server.service")
 
+_SEPARATORS = re.compile(r"[-_]")
 # Allow decisions kept per engine (one per caller and deciding policy); past this, start over.
 _ALLOWS_KEPT = 4096
 
@@ -61,18 +63,20 @@ def _claim(claims: Mapping[str, Any], name: str, parts: tuple[str, ...]) -> Any:
     return value
 
 
-def underscore_twins(header: str, limit: int = 64) -> list[str]:
-    """Every spelling of ``header`` with one or more of its dashes as underscores (``x-user``:
-    ``x_user``), which CGI-style upstreams read as the header itself. At most ``limit``."""
-    parts = header.split("-")
+def header_twins(header: str, limit: int = 64) -> list[str]:
+    """Every other spelling of ``header`` with ``-`` and ``_`` swapped in its separators
+    (``x-user``: ``x_user``; ``x_groups``: ``x-groups``), which CGI-style upstreams read as
+    the header itself. At most ``limit``."""
+    parts = _SEPARATORS.split(header)
     twins: list[str] = []
-    for mask in range(1, 1 << (len(parts) - 1)):
+    for mask in range(1 << (len(parts) - 1)):
         if len(twins) >= limit:
             break
         name = parts[0]
         for index, part in enumerate(parts[1:]):
             name += ("_" if mask >> index & 1 else "-") + part
-        twins.append(name)
+        if name != header:
+            twins.append(name)
     return twins
 
 
@@ -149,11 +153,13 @@ class Engine:
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
-        # NOTE: CGI-style upstreams read `x_user` (or `x_user-id`) as `x-user`: every such
-        # spelling is removed on every allow, sent or not, so that no door needs to see it
-        # (Envoy's HTTP ext_authz sends only the headers it is told to).
+        # NOTE: CGI-style upstreams read `x_user` as `x-user` (and `x-groups` as `x_groups`):
+        # every other spelling of an identity header or of a header a token is read from is
+        # removed on every allow, sent or not, so that no door needs to see it (Envoy's HTTP
+        # ext_authz sends only the headers it is told to). A spelling we read or set stays.
+        ours = self.protected_headers | self.extractor.token_headers
         self.twin_headers = frozenset(
-            twin for header in self.protected_headers for twin in underscore_twins(header)
+            twin for header in ours for twin in header_twins(header) if twin not in ours
         )
 
     @classmethod
@@ -220,15 +226,15 @@ class Engine:
         audited: tuple[str, ...] = (),
         dry_run: tuple[tuple[str, str], ...] = (),
     ) -> Decision:
-        """An allow: the identity's headers set, their client-sent copies (and every
-        underscore spelling of them) and the token headers in ``strip`` removed."""
+        """An allow: the identity's headers set; their client-sent copies, every other
+        spelling of them and of the token headers, and the token headers in ``strip``
+        removed."""
         to_set: list[tuple[str, str]] = []
-        to_remove = set(self.protected_headers)
+        to_remove = set(self.protected_headers) | self.twin_headers
+        to_remove.update(strip)
         if identity is not None:
             to_set = self.outputs[identity.provider].headers(identity)
             to_remove.difference_update(h for h, _ in to_set)
-        to_remove.update(strip)
-        to_remove.update(self.twin_headers)
         return responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),

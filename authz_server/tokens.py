@@ -96,10 +96,20 @@ class ProviderRuntime:
 _B64URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
 
 
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Bits of the last character that encode nothing, by the length mod 4 (RFC 4648 3.5).
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}
+
+
 def _b64decode(segment: str) -> bytes:
+    """Strict base64url: one spelling per value. The last character's unused bits must be
+    zero (else 15 of every 16 spellings of one signature would verify, each a cache entry)."""
     raw = segment.encode("ascii")  # UnicodeEncodeError is a ValueError
-    if len(raw) % 4 == 1:
+    rest = len(raw) % 4
+    if rest == 1:
         raise ValueError("impossible base64url length")
+    if rest and _B64URL_ALPHABET.find(raw[-1:]) & _UNUSED_BITS[rest]:
+        raise ValueError("non-canonical base64url")
     return binascii.a2b_base64(
         raw.translate(_B64URL_TO_STD) + b"=" * (-len(raw) % 4), strict_mode=True
     )
@@ -141,6 +151,9 @@ def decode_segments(token: str) -> tuple[dict[str, Any], dict[str, Any], list[st
     return header, payload, segments
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _numeric(payload: Mapping[str, Any], claim: str) -> float | None:
     value = payload.get(claim)
     if value is None:
@@ -153,6 +166,10 @@ def _numeric(payload: Mapping[str, Any], claim: str) -> float | None:
         raise _malformed(f"claim {claim!r} is out of range") from None
     if not math.isfinite(number):
         raise _malformed(f"claim {claim!r} must be finite")
+    # As Envoy's jwt_authn reads them: seconds in a signed 64-bit count. `exp: 1e308`, signed
+    # for real, would otherwise be a token that never expires.
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise _malformed(f"claim {claim!r} is out of range")
     return number
 
 

@@ -167,7 +167,9 @@ def test_denials_carry_the_same_status_challenge_and_body_as_the_grpc_door(
     assert headers["www-authenticate"] == 'Bearer realm="door-test"'
     assert json.loads(body) == {"error": "unauthorized", "reason": "missing_credentials"}
 
-    status, headers, body = ask(server, request("/orders", token + "x"))
+    head, _, signature = token.rpartition(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+    status, headers, body = ask(server, request("/orders", f"{head}.{flipped}"))
     assert status == 401
     assert 'error_description="invalid signature"' in headers["www-authenticate"]
     assert json.loads(body)["reason"] == "invalid_signature"

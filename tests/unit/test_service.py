@@ -13,7 +13,7 @@ from authz_server import config, devkeys, errors
 from authz_server.attributes import RequestAttributes
 from authz_server.devkeys import SigningKey
 from authz_server.responses import Decision
-from authz_server.service import AuthorizationService, Engine, underscore_twins
+from authz_server.service import AuthorizationService, Engine, header_twins
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 POLICIES = """
@@ -302,7 +302,7 @@ def test_the_same_token_in_two_headers_is_stripped_from_both(
     assert {"authorization", "x-jwt"} <= set(decision.headers_to_remove)
 
 
-def test_underscore_twins_of_identity_headers_are_removed(
+def test_header_twins_of_identity_headers_are_removed(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
     service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
@@ -313,14 +313,33 @@ def test_underscore_twins_of_identity_headers_are_removed(
     assert "x_other" not in decision.headers_to_remove
 
 
-def test_every_underscore_spelling_of_an_identity_header_is_removed_even_unsent() -> None:
-    assert sorted(underscore_twins("x-jwt-groups")) == [
+def test_every_other_spelling_of_a_header_is_its_twin() -> None:
+    assert sorted(header_twins("x-jwt-groups")) == [
         "x-jwt_groups",
         "x_jwt-groups",
         "x_jwt_groups",
     ]
-    assert underscore_twins("xuser") == []
-    assert len(underscore_twins("a-b-c-d-e-f-g-h-i", limit=64)) == 64
+    assert header_twins("x_groups") == ["x-groups"]  # the other direction too
+    assert header_twins("xuser") == []
+    assert len(header_twins("a-b-c-d-e-f-g-h-i", limit=64)) == 64
+
+
+def test_twins_of_underscored_output_headers_and_of_token_headers_are_removed_unsent(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    # An output header spelled with an underscore: a client-sent `x-groups: admins` would
+    # reach a CGI-style upstream as x_groups. A token read from `x-jwt`: a client-sent
+    # `x_jwt` would reach it as that header, never verified.
+    extra = """outputPayloadToHeader: x_claims
+    fromHeaders: [{name: x-jwt}]"""
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra), policies="policies: []")
+    token = rsa_key.sign(claims_for(clock.now))
+    decision = service.check(RequestAttributes(path="/", headers={"x-jwt": token}))
+    assert decision.allowed
+    removed = set(decision.headers_to_remove)
+    assert {"x-claims", "x_jwt", "x_user", "x_groups"} <= removed
+    assert "x_claims" not in removed and dict(decision.headers_to_set)["x_claims"]
+    assert "x-jwt" in removed  # the token itself (forwardOriginalToken is false)
 
 
 def test_token_in_a_query_parameter_with_an_escaped_name_is_still_found(

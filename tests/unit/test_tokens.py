@@ -253,9 +253,18 @@ def _with_payload(token: str, payload: str) -> str:
 
 @pytest.mark.parametrize(
     "payload",
-    ['{"exp": NaN}', '{"exp": Infinity}', '{"nbf": -Infinity}', '{"exp": 1e400}'],
+    [
+        '{"exp": NaN}',
+        '{"exp": Infinity}',
+        '{"nbf": -Infinity}',
+        '{"exp": 1e400}',
+        '{"exp": 1e308}',
+        '{"exp": 9223372036854775808}',
+        '{"iat": 1e19}',
+        '{"nbf": -9223372036854775809}',
+    ],
 )
-def test_non_finite_time_claims_are_malformed(
+def test_time_claims_past_a_signed_64_bit_seconds_count_are_malformed(
     verifier: TokenVerifier, rsa_key: SigningKey, clock: Clock, payload: str
 ) -> None:
     # Signed for real: an IdP bug must not mint a token that never expires.
@@ -313,3 +322,22 @@ def test_token_issued_in_the_future_is_not_yet_valid_beyond_the_skew(
     assert verifier.verify(soon, [provider]).subject == "alice"
     later = rsa_key.sign(claims_for(clock.now, iat=int(clock.now) + 120))
     assert reason_of(lambda: verifier.verify(later, [provider])) == errors.TOKEN_NOT_YET_VALID
+
+
+def test_a_signature_with_non_zero_padding_bits_is_malformed(
+    verifier: TokenVerifier, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    # An RS256 signature is 256 bytes: 342 base64url characters, the last one carrying 2 bits
+    # of data and 4 unused bits. Every other value of those bits spells the same signature.
+    token = make_token()
+    head, _, signature = token.rpartition(".")
+    assert len(signature) % 4 == 2
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    assert last & 0x0F == 0  # what we mint is canonical
+    assert verifier.verify(token, [runtime(rsa_key)]).subject == "alice"
+    for unused in range(1, 16):
+        spelling = f"{head}.{signature[:-1]}{alphabet[last | unused]}"
+        assert reason_of(lambda t=spelling: verifier.verify(t, [runtime(rsa_key)])) == (
+            errors.MALFORMED_TOKEN
+        )
