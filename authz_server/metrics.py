@@ -147,6 +147,14 @@ class Metrics:
             ["policy", "would"],
             registry=r,
         )
+        self.withheld = Counter(
+            "authz_identity_headers_withheld",
+            "Identity headers left out of allowed requests: the claim is there but its value "
+            "cannot be a header value (an object, control characters, a list element with a "
+            "comma).",
+            ["header"],
+            registry=r,
+        )
         self.reloads = Counter(
             "authz_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
@@ -211,6 +219,8 @@ class Metrics:
         self._child(
             (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
         ).inc()
+        for header in decision.withheld:
+            self.withheld.labels(header).inc()
         for policy, would in decision.dry_run:
             key = (policy, would)
             child = self._dry_children.get(key)

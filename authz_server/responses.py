@@ -62,6 +62,8 @@ class Decision:
     # Observed, never enforced: AUDIT policies that matched, dry-run verdicts (policy, would).
     audited: tuple[str, ...] = field(default=(), compare=False)
     dry_run: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # Identity headers left out: the claim is there, its value cannot be a header (counted).
+    withheld: tuple[str, ...] = field(default=(), compare=False)
 
 
 def allow(
@@ -74,6 +76,7 @@ def allow(
     policy: str | None,
     audited: tuple[str, ...] = (),
     dry_run: tuple[tuple[str, str], ...] = (),
+    withheld: tuple[str, ...] = (),
 ) -> Decision:
     return Decision(
         allowed=True,
@@ -87,6 +90,7 @@ def allow(
         policy=policy,
         audited=audited,
         dry_run=dry_run,
+        withheld=withheld,
     )
 
 

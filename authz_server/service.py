@@ -36,14 +36,22 @@ _SEPARATORS = re.compile(r"[-_]")
 _ALLOWS_KEPT = 4096
 
 
+def _list_element_ok(item: object) -> bool:
+    """A list element that survives the upstream splitting the header on commas and trimming
+    spaces: a non-empty string with no comma and no space at either end."""
+    return isinstance(item, str) and item != "" and "," not in item and item == item.strip()
+
+
 def _header_value(value: Any) -> str | None:
     """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
-    by commas. Objects, and anything with control characters, give no header."""
+    by commas. Objects, lists with an element that would split differently (``"x,admins"``
+    in ``["eng", "x,admins"]`` would read as two groups), and anything with control
+    characters give no header."""
     if isinstance(value, str):
         text = value
     elif isinstance(value, bool | int | float):
         text = json.dumps(value)
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+    elif isinstance(value, list) and all(_list_element_ok(v) for v in value):
         text = ",".join(value)
     else:
         return None
@@ -92,15 +100,23 @@ class _ProviderOutputs:
         self.payload_header = (spec.output_payload_to_header or "").lower() or None
         self.forward_token = spec.forward_original_token
 
-    def headers(self, identity: Identity) -> list[tuple[str, str]]:
+    def headers(self, identity: Identity) -> tuple[list[tuple[str, str]], list[str]]:
+        """(the headers to set, the headers withheld: their claim is there but cannot be a
+        header value)."""
         out: list[tuple[str, str]] = []
+        withheld: list[str] = []
         for header, claim, parts in self.claim_headers:
-            value = _header_value(_claim(identity.claims, claim, parts))
-            if value is not None:
+            raw = _claim(identity.claims, claim, parts)
+            if raw is None:
+                continue
+            value = _header_value(raw)
+            if value is None:
+                withheld.append(header)
+            else:
                 out.append((header, value))
         if self.payload_header:
             out.append((self.payload_header, identity.payload_segment))
-        return out
+        return out, withheld
 
 
 class Engine:
@@ -230,10 +246,11 @@ class Engine:
         spelling of them and of the token headers, and the token headers in ``strip``
         removed."""
         to_set: list[tuple[str, str]] = []
+        withheld: list[str] = []
         to_remove = set(self.protected_headers) | self.twin_headers
         to_remove.update(strip)
         if identity is not None:
-            to_set = self.outputs[identity.provider].headers(identity)
+            to_set, withheld = self.outputs[identity.provider].headers(identity)
             to_remove.difference_update(h for h, _ in to_set)
         return responses.allow(
             headers_to_set=tuple(to_set),
@@ -244,6 +261,7 @@ class Engine:
             policy=policy,
             audited=audited,
             dry_run=dry_run,
+            withheld=tuple(withheld),
         )
 
     def missing_or_denied(self, identity: Identity | None, error: AuthzError) -> Decision:

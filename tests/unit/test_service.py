@@ -436,3 +436,37 @@ def test_a_repeating_caller_gets_the_removals_its_own_request_needs(
     assert dict(again.headers_to_set)["x-user"] == "alice"
     other = service.check(request(make_token(sub="bob", groups=["dev"])))
     assert dict(other.headers_to_set)["x-user"] == "bob"
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [["eng", "x,admins"], ["eng", " admins"], ["eng", ""], ["eng", {"role": "admin"}]],
+    ids=["comma", "space", "empty", "object"],
+)
+def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counted(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, groups: list[object]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from authz_server.metrics import Metrics
+
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    registry = CollectorRegistry()
+    service.metrics = Metrics(registry)
+    token = rsa_key.sign(claims_for(clock.now, groups=groups))
+    for _ in range(2):
+        decision = service.check(request(token))
+        assert decision.allowed
+        assert "x-groups" not in dict(decision.headers_to_set)  # not "eng,x,admins"
+        assert "x-groups" in decision.headers_to_remove  # nor the client's copy
+    assert (
+        registry.get_sample_value("authz_identity_headers_withheld_total", {"header": "x-groups"})
+        == 2
+    )  # every request, though the allow is built once
+
+
+def test_a_list_claim_of_plain_strings_is_joined_with_commas(
+    service: AuthorizationService, make_token: Callable[..., str]
+) -> None:
+    decision = service.check(request(make_token(groups=["eng", "ops"])))
+    assert dict(decision.headers_to_set)["x-groups"] == "eng,ops"
