@@ -67,6 +67,20 @@ def normalize_path(raw: str) -> str:
     return path
 
 
+def split_authority(authority: str) -> tuple[str, str]:
+    """(host, port) of ``host:port``, ``[v6]:port``, ``host`` or ``[v6]``; port "" when none
+    (a bare IPv6 address has no port)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end > 0 and authority[end + 1 : end + 2] == ":" and authority[end + 2 :].isdigit():
+            return authority[: end + 1], authority[end + 2 :]
+        return authority, ""
+    name, sep, port = authority.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        return name, port
+    return authority, ""
+
+
 def _parse_ip(value: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(value.strip().strip("[]"))
@@ -140,6 +154,17 @@ class RequestAttributes:
     @_computed_once
     def host_lower(self) -> str:
         return self.host.lower()
+
+    @_computed_once
+    def host_forms(self) -> tuple[str, ...]:
+        """The host as ``hosts`` patterns match it: the authority in lower case without a
+        trailing dot on its name, and, when it has a port, also the name alone. So a rule on
+        ``admin.example.com`` matches ``Admin.Example.com.:80`` too (Istio matches the
+        authority as sent and tells users to add ``admin.example.com:*``)."""
+        name, port = split_authority(self.host_lower)
+        if name.endswith("."):
+            name = name[:-1]
+        return (f"{name}:{port}", name) if port else (name,)
 
     @_computed_once
     def query_string(self) -> str:

@@ -143,7 +143,10 @@ def render_bootstrap(
         # The client address comes from the connection, never from a client-sent
         # x-forwarded-for; Envoy appends it so `remoteIpBlocks` sees the real peer.
         "use_remote_address": True,
-        # Policies match on the path Envoy routes, so normalise it before ext_authz sees it.
+        # Policies match on the host and path Envoy routes, so normalise both before ext_authz
+        # sees them: `admin.example.com:80` and `admin.example.com.` are admin.example.com.
+        "strip_any_host_port": True,
+        "strip_trailing_host_dot": True,
         "normalize_path": True,
         "merge_slashes": True,
         # `/admin%2Fx` would otherwise slip past a rule on `/admin/*` to an upstream that

@@ -492,7 +492,13 @@ def _source(source: Source, when_unknown: bool) -> list[Predicate]:
 
 
 def _host(match: StringMatcher) -> Predicate:
-    return lambda request, _: match(request.host_lower)
+    def positive(request: RequestAttributes, _: Identity | None) -> bool:
+        for form in request.host_forms:  # noqa: SIM110 (see the NOTE at the top)
+            if match(form):
+                return True
+        return False
+
+    return positive
 
 
 def _method(match: StringMatcher) -> Predicate:

@@ -205,7 +205,8 @@ class RuleIndex:
         """The mask of rules that may match ``request``; every other rule cannot."""
         found = self.unplaced
         if self._host is not None:
-            found |= self._host.hits(request.host_lower)
+            for form in request.host_forms:
+                found |= self._host.hits(form)
         if self._path is not None:
             found |= self._path.hits(request.normalized_path)
         if self._method is not None:

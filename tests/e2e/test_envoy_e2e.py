@@ -58,6 +58,13 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {{name: no-admin-host, namespace: shop}}
+spec:
+  action: DENY
+  rules: [{{to: [{{operation: {{hosts: ["admin.example.com"]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {{name: api, namespace: shop}}
 spec:
   rules:
@@ -339,3 +346,13 @@ def test_envoy_fails_closed_with_503_when_the_server_is_unreachable(
             status, _, _ = http_request(f"http://127.0.0.1:{listen}/api/orders")
         assert status == 503
         assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", ["admin.example.com", "admin.example.com:80", "Admin.Example.com."]
+)
+def test_a_deny_on_a_host_holds_with_a_port_or_a_trailing_dot(stack: Stack, host: str) -> None:
+    status, _, body = stack.get("/public/info", token(stack), Host=host)
+    assert (status, reason(body)) == (403, "policy_denied")
+    assert stack.upstream.requests == []
+    assert stack.get("/public/info", token(stack), Host="www.example.com:80")[0] == 200

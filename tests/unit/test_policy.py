@@ -214,9 +214,17 @@ def test_not_paths(patterns: list[str], path: str, expected: bool) -> None:
         ("api.*", "API.internal", True),
         ("*", "anything", True),
         ("*", "", False),
-        # like Istio, the Host header is compared as sent, port included
-        ("api.example.com", "api.example.com:8443", False),
+        # Unlike Istio (which compares the authority as sent and tells users to add
+        # `host:*`), a name matches with any port and with a trailing dot: safer for DENY.
+        ("api.example.com", "api.example.com:8443", True),
+        ("api.example.com", "api.example.com.", True),
+        ("api.example.com", "API.example.com.:80", True),
         ("api.example.com:*", "api.example.com:8443", True),
+        ("api.example.com:*", "api.example.com", False),
+        ("api.example.com:8443", "api.example.com.:8443", True),
+        ("api.example.com", "api.example.com:x", False),  # not a port: the name as sent
+        ("[::1]", "[::1]:8080", True),
+        ("::1", "::1", True),
     ],
 )
 def test_hosts_compare_case_insensitively(pattern: str, host: str, expected: bool) -> None:
@@ -1067,3 +1075,18 @@ def test_the_same_clauses_on_known_attributes_behave_as_before() -> None:
     known = request(destination_port=443, peer_principal=PEER, source_ip="192.0.2.1")
     deny = policies({"name": "deny", "action": "DENY", "rules": [operation(ports=["8080"])]})
     assert deny.evaluate(known, None).allowed  # port 443 is known, and not 8080
+
+
+@pytest.mark.parametrize(
+    "host", ["admin.example.com:80", "admin.example.com.", "Admin.Example.com.:8443"]
+)
+def test_a_deny_on_a_host_cannot_be_sidestepped_with_a_port_or_a_trailing_dot(host: str) -> None:
+    specs = [
+        {"name": "no-admin", "action": "DENY", "rules": [operation(hosts=["admin.example.com"])]},
+        {"name": "not-api", "action": "DENY", "rules": [operation(not_hosts=["api.example.com"])]},
+    ]
+    for evaluate in (policies(*specs).evaluate, policies(*specs).evaluate_linear):
+        assert evaluate(request(host=host), None).policy == "no-admin"
+    # notHosts: the API host with a port is still the API host, so it is not denied.
+    api = request(host="api.example.com.:443")
+    assert policies(*specs[1:]).evaluate(api, None).allowed

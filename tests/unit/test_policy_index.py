@@ -38,9 +38,9 @@ class HostReadCountingRequest(RequestAttributes):
     host_reads = 0
 
     @property  # type: ignore[override]
-    def host_lower(self) -> str:
+    def host_forms(self) -> tuple[str, ...]:
         self.host_reads += 1
-        return self.host.lower()
+        return (self.host.lower(),)
 
 
 # ------------------------------------------------------------------------------ scenarios
