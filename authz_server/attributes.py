@@ -174,25 +174,26 @@ class RequestAttributes:
         return self.path.split("?", 1)[1].split("#", 1)[0]
 
     @_computed_once
-    def query_params(self) -> dict[str, str]:
-        """First value of each query parameter, URL-decoded."""
+    def query_params(self) -> dict[str, list[str]]:
+        """Every value of each query parameter, URL-decoded, in order (a token location
+        repeated with two values is ambiguous, not first-come)."""
         query = self.query_string
         if not query:
             return {}
-        params: dict[str, str] = {}
+        params: dict[str, list[str]] = {}
         for key, value in parse_qsl(query, keep_blank_values=True):
-            params.setdefault(key, value)
+            params.setdefault(key, []).append(value)
         return params
 
     @_computed_once
-    def cookies(self) -> dict[str, str]:
-        """First value of each cookie in the ``cookie`` header."""
+    def cookies(self) -> dict[str, list[str]]:
+        """Every value of each cookie in the ``cookie`` header, in order."""
         raw = self.headers.get("cookie", "")
-        jar: dict[str, str] = {}
+        jar: dict[str, list[str]] = {}
         for part in raw.split(";"):
             name, sep, value = part.strip().partition("=")
             if sep and name:
-                jar.setdefault(name, value.strip().strip('"'))
+                jar.setdefault(name, []).append(value.strip().strip('"'))
         return jar
 
     @_computed_once

@@ -9,7 +9,7 @@ Istio's defaults: ``Authorization: Bearer <token>`` and the ``access_token`` que
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,12 +101,14 @@ class CredentialExtractor:
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
-        """Return the tokens found, in configuration order, one per location that holds one
-        (the same token in two headers is found twice: both must be stripped)."""
+        """Return the tokens found, in configuration order, one per location and value (the
+        same token in two headers is found twice: both must be stripped; a parameter or a
+        cookie repeated with two values gives two)."""
         found: list[FoundToken] = []
         headers = request.headers
         for compiled in self._locations:
             location = compiled.location
+            values: Iterable[str]
             if location.kind == "header":
                 raw = headers.get(location.name)
                 if raw is None:
@@ -116,16 +118,18 @@ class CredentialExtractor:
                     if raw[: len(compiled.prefix_lower)].lower() != compiled.prefix_lower:
                         continue
                     raw = raw[len(compiled.prefix_lower) :]
-                token = raw.strip()
+                values = (raw,)
             elif location.kind == "param":
                 query = request.query_string
                 # NOTE: parsing a query costs ~9 us; skip it when the name cannot be there
                 # (an escaped name, like access%5Ftoken, contains "%").
                 if location.name not in query and "%" not in query:
                     continue
-                token = (request.query_params.get(location.name) or "").strip()
+                values = request.query_params.get(location.name, ())
             else:
-                token = (request.cookies.get(location.name) or "").strip()
-            if token:
-                found.append(FoundToken(location, token, compiled.providers, compiled.scope))
+                values = request.cookies.get(location.name, ())
+            for value in values:
+                token = value.strip()
+                if token:
+                    found.append(FoundToken(location, token, compiled.providers, compiled.scope))
         return found

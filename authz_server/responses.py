@@ -25,6 +25,7 @@ GRPC_UNAUTHENTICATED = 16
 # Short, fixed descriptions (never request data) for WWW-Authenticate error_description.
 _DESCRIPTIONS = {
     errors.MALFORMED_TOKEN: "malformed token",
+    errors.AMBIGUOUS_CREDENTIALS: "more than one token",
     errors.UNSUPPORTED_ALGORITHM: "algorithm not allowed",
     errors.UNKNOWN_KID: "signing key not found",
     errors.INVALID_SIGNATURE: "invalid signature",

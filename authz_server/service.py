@@ -137,6 +137,11 @@ class Engine:
         self.missing_credentials = responses.deny(
             AuthenticationError(errors.MISSING_CREDENTIALS), realm=self.realm, token_present=False
         )
+        self.ambiguous_credentials = responses.deny(
+            AuthenticationError(errors.AMBIGUOUS_CREDENTIALS),
+            realm=self.realm,
+            token_present=True,
+        )
         self.threads = threads or settings.server.threads
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
@@ -166,6 +171,10 @@ class Engine:
         ] = {}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
         # Every header any provider may set: a client-sent copy never reaches the upstream.
+        # Every header a token is read from, present in a request: removed before the upstream
+        # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
+        # unless it held a token its provider forwards.
+        self.token_header_names = tuple(sorted(self.extractor.token_headers))
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
@@ -357,8 +366,12 @@ class AuthorizationService:
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
         found = engine.extractor.extract(request)
+        if len(found) > 1 and len({token.token for token in found}) > 1:
+            # Two principals in one request: whichever the policies saw, the upstream may
+            # read the other. Refused rather than guessed.
+            return engine.ambiguous_credentials, None
         identity: Identity | None = None
-        token_headers_to_strip: list[str] = []
+        forwarded: set[str] = set()
         verified: dict[tuple[str, bytes], Identity] = {}
         for token in found:
             key = (token.token, token.scope)
@@ -378,11 +391,8 @@ class AuthorizationService:
                     return denial, None
                 verified[key] = current
             identity = identity or current
-            if (
-                token.location.kind == "header"
-                and not engine.outputs[current.provider].forward_token
-            ):
-                token_headers_to_strip.append(token.location.name)
+            if token.location.kind == "header" and engine.outputs[current.provider].forward_token:
+                forwarded.add(token.location.name)
         if identity is None and engine.token_required:
             return engine.missing_credentials, None
 
@@ -400,7 +410,12 @@ class AuthorizationService:
             )
             return denial, identity
 
-        strip = tuple(token_headers_to_strip)
+        headers = request.headers
+        strip = tuple(
+            name
+            for name in engine.token_header_names
+            if name not in forwarded and headers.get(name) is not None
+        )
         if result.audited or result.dry_run:  # observed verdicts ride on this one decision
             decision = engine.build_allow(
                 identity,

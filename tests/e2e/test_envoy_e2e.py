@@ -356,3 +356,19 @@ def test_a_deny_on_a_host_holds_with_a_port_or_a_trailing_dot(stack: Stack, host
     assert (status, reason(body)) == (403, "policy_denied")
     assert stack.upstream.requests == []
     assert stack.get("/public/info", token(stack), Host="www.example.com:80")[0] == 200
+
+
+def test_a_header_token_and_a_query_token_for_two_principals_are_refused(stack: Stack) -> None:
+    alice, mallory = token(stack), token(stack, sub="mallory")
+    status, headers, body = stack.get(f"/public/info?access_token={mallory}", alice)
+    assert (status, reason(body)) == (401, "ambiguous_credentials")
+    assert headers["www-authenticate"] == (
+        'Bearer realm="e2e", error="invalid_token", error_description="more than one token"'
+    )
+    assert stack.upstream.requests == []
+
+
+def test_a_token_header_under_another_scheme_never_reaches_the_upstream(stack: Stack) -> None:
+    status, _, _ = stack.get_raw("/public/info", {"Authorization": "Token abc"})
+    assert status == 200
+    assert "authorization" not in stack.upstream.last_request().headers

@@ -470,3 +470,68 @@ def test_a_list_claim_of_plain_strings_is_joined_with_commas(
 ) -> None:
     decision = service.check(request(make_token(groups=["eng", "ops"])))
     assert dict(decision.headers_to_set)["x-groups"] == "eng,ops"
+
+
+# ------------------------------------------------- more than one token, foreign schemes
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["header and query", "two query values", "two cookie values", "header and cookie"],
+)
+def test_two_distinct_tokens_in_one_request_are_refused_as_ambiguous(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, where: str
+) -> None:
+    extra = "fromHeaders: [{name: authorization, prefix: 'Bearer '}]\n"
+    extra += "    fromParams: [access_token]\n    fromCookies: [session]"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra))
+    alice = rsa_key.sign(claims_for(clock.now, sub="alice"))
+    mallory = rsa_key.sign(claims_for(clock.now, sub="mallory"))
+    headers: dict[str, str] = {}
+    path = "/api/orders"
+    if where == "header and query":
+        headers["authorization"] = f"Bearer {alice}"
+        path += f"?access_token={mallory}"
+    elif where == "two query values":
+        path += f"?access_token={alice}&access_token={mallory}"
+    elif where == "two cookie values":
+        headers["cookie"] = f"session={alice}; session={mallory}"
+    else:
+        headers["authorization"] = f"Bearer {alice}"
+        headers["cookie"] = f"session={mallory}"
+    decision = service.check(RequestAttributes(method="GET", path=path, headers=headers))
+    assert (decision.status, decision.reason) == (401, "ambiguous_credentials")
+    assert (
+        'error_description="more than one token"'
+        in dict(decision.response_headers)["www-authenticate"]
+    )
+    # The same token in two places is one principal: allowed.
+    same = RequestAttributes(
+        method="GET",
+        path=f"/api/orders?access_token={alice}",
+        headers={"authorization": f"Bearer {alice}"},
+    )
+    assert service.check(same).allowed
+
+
+@pytest.mark.parametrize("value", ["Token abc", "Bearer\tabc", "Basic YWxpY2U6cHc="])
+def test_a_token_header_under_another_scheme_is_stripped_before_the_upstream(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, value: str
+) -> None:
+    policies = "policies: [{name: public, rules: [{to: [{operation: {paths: ['/public/*']}}]}]}]"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=policies)
+    decision = service.check(
+        RequestAttributes(path="/public/info", headers={"authorization": value})
+    )
+    assert decision.allowed and decision.principal is None  # anonymous: not our token
+    assert "authorization" in decision.headers_to_remove  # and not passed on either
+
+
+def test_forward_original_token_keeps_only_the_header_that_held_the_token(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    extra = "forwardOriginalToken: true"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra))
+    token = rsa_key.sign(claims_for(clock.now))
+    kept = service.check(request(token))
+    assert kept.allowed and "authorization" not in kept.headers_to_remove
