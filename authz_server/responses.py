@@ -54,6 +54,9 @@ class Decision:
     grpc_code: int = GRPC_OK
     headers_to_set: tuple[tuple[str, str], ...] = ()
     headers_to_remove: tuple[str, ...] = ()
+    # Query parameters that held a token: removed before the upstream (the gRPC door only;
+    # Envoy's HTTP ext_authz protocol has no way to say it).
+    query_params_to_remove: tuple[str, ...] = ()
     response_headers: tuple[tuple[str, str], ...] = ()  # on the denial sent to the client
     body: str = ""
     metadata: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
@@ -71,6 +74,7 @@ def allow(
     *,
     headers_to_set: tuple[tuple[str, str], ...],
     headers_to_remove: tuple[str, ...],
+    query_params_to_remove: tuple[str, ...] = (),
     metadata: Mapping[str, Any] | None,
     provider: str | None,
     principal: str | None,
@@ -85,6 +89,7 @@ def allow(
         reason="allowed",
         headers_to_set=headers_to_set,
         headers_to_remove=headers_to_remove,
+        query_params_to_remove=query_params_to_remove,
         metadata=metadata,
         provider=provider,
         principal=principal,

@@ -164,9 +164,9 @@ class Engine:
                 cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
-        # (id(identity), policy, stripped token headers) -> (identity, allow decision)
+        # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
         self._allows: dict[
-            tuple[int, str | None, tuple[str, ...]],
+            tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
             tuple[Identity | None, Decision],
         ] = {}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
@@ -228,15 +228,16 @@ class Engine:
         identity: Identity | None,
         policy: str | None,
         strip: tuple[str, ...],
+        query_strip: tuple[str, ...] = (),
     ) -> Decision:
         """The allow for this caller, built once and reused: a caller repeating a token gets
         the same headers, metadata and answer every time."""
-        key = (id(identity), policy, strip)
+        key = (id(identity), policy, strip, query_strip)
         cached = self._allows.get(key)
         # NOTE: the entry holds the identity itself, so an id reused after GC never matches.
         if cached is not None and cached[0] is identity:
             return cached[1]
-        decision = self.build_allow(identity, policy, strip)
+        decision = self.build_allow(identity, policy, strip, query_strip)
         if len(self._allows) >= _ALLOWS_KEPT:
             self._allows.clear()  # the busy callers come back at once
         self._allows[key] = (identity, decision)
@@ -247,13 +248,14 @@ class Engine:
         identity: Identity | None,
         policy: str | None,
         strip: tuple[str, ...],
+        query_strip: tuple[str, ...] = (),
         *,
         audited: tuple[str, ...] = (),
         dry_run: tuple[tuple[str, str], ...] = (),
     ) -> Decision:
         """An allow: the identity's headers set; their client-sent copies, every other
-        spelling of them and of the token headers, and the token headers in ``strip``
-        removed."""
+        spelling of them and of the token headers, the token headers in ``strip`` and the
+        query parameters in ``query_strip`` removed."""
         to_set: list[tuple[str, str]] = []
         withheld: list[str] = []
         to_remove = set(self.protected_headers) | self.twin_headers
@@ -264,6 +266,7 @@ class Engine:
         return responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),
+            query_params_to_remove=query_strip,
             metadata=identity.metadata if identity is not None else None,
             provider=identity.provider if identity is not None else None,
             principal=identity.principal if identity is not None else None,
@@ -372,6 +375,7 @@ class AuthorizationService:
             return engine.ambiguous_credentials, None
         identity: Identity | None = None
         forwarded: set[str] = set()
+        query_strip: list[str] = []
         verified: dict[tuple[str, bytes], Identity] = {}
         for token in found:
             key = (token.token, token.scope)
@@ -391,8 +395,11 @@ class AuthorizationService:
                     return denial, None
                 verified[key] = current
             identity = identity or current
-            if token.location.kind == "header" and engine.outputs[current.provider].forward_token:
-                forwarded.add(token.location.name)
+            if engine.outputs[current.provider].forward_token:
+                if token.location.kind == "header":
+                    forwarded.add(token.location.name)
+            elif token.location.kind == "param" and token.location.name not in query_strip:
+                query_strip.append(token.location.name)
         if identity is None and engine.token_required:
             return engine.missing_credentials, None
 
@@ -421,9 +428,10 @@ class AuthorizationService:
                 identity,
                 result.policy,
                 strip,
+                tuple(query_strip),
                 audited=result.audited,
                 dry_run=result.dry_run,
             )
         else:
-            decision = engine.allow_for(identity, result.policy, strip)
+            decision = engine.allow_for(identity, result.policy, strip, tuple(query_strip))
         return decision, identity

@@ -92,13 +92,14 @@ def _render_denial(decision: Decision) -> Any:
 _DenialKey = tuple[int, int, str, tuple[tuple[str, str], ...], str]
 
 
-_AllowKey = tuple[tuple[tuple[str, str], ...], tuple[str, ...], int]
+_AllowKey = tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...], int]
 
 
 def _render_allow(decision: Decision) -> Any:
     ok = external_auth_pb2.OkHttpResponse(
         headers=_header_options(decision.headers_to_set),
         headers_to_remove=decision.headers_to_remove,
+        query_parameters_to_remove=decision.query_params_to_remove,
     )
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=responses.GRPC_OK), ok_response=ok
@@ -122,7 +123,12 @@ class Renderer:
 
     def _allow(self, decision: Decision) -> bytes:
         metadata = decision.metadata
-        key = (decision.headers_to_set, decision.headers_to_remove, id(metadata))
+        key = (
+            decision.headers_to_set,
+            decision.headers_to_remove,
+            decision.query_params_to_remove,
+            id(metadata),
+        )
         with self._lock:
             cached = self._allows.get(key)
         # NOTE: the entry holds the metadata itself, so an id reused after GC never matches.

@@ -535,3 +535,19 @@ def test_forward_original_token_keeps_only_the_header_that_held_the_token(
     token = rsa_key.sign(claims_for(clock.now))
     kept = service.check(request(token))
     assert kept.allowed and "authorization" not in kept.headers_to_remove
+
+
+def test_a_query_parameter_that_held_the_token_is_removed_unless_forwarded(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    token = rsa_key.sign(claims_for(clock.now))
+    query = RequestAttributes(method="GET", path=f"/api/orders?page=2&access_token={token}")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key))
+    decision = service.check(query)
+    assert decision.allowed and decision.query_params_to_remove == ("access_token",)
+    assert service.check(request(token)).query_params_to_remove == ()  # a header token
+    (tmp_path / "f").mkdir()
+    forwarding = make_service(
+        tmp_path / "f", clock, provider_yaml(rsa_key, "forwardOriginalToken: true")
+    )
+    assert forwarding.check(query).query_params_to_remove == ()
