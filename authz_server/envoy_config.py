@@ -238,4 +238,6 @@ def output_headers(providers: Sequence[Any]) -> list[str]:
         names.update(h.header.lower() for h in spec.output_claim_to_headers)
         if spec.output_payload_to_header:
             names.add(spec.output_payload_to_header.lower())
+        if spec.from_cookies:
+            names.add("cookie")  # sent on without the token cookie
     return sorted(names)

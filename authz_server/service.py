@@ -88,6 +88,16 @@ def header_twins(header: str, limit: int = 64) -> list[str]:
     return twins
 
 
+def _without_cookies(header: str, names: set[str]) -> str:
+    """The Cookie header ``header`` without the cookies named in ``names``."""
+    kept = [
+        part.strip()
+        for part in header.split(";")
+        if part.strip() and part.strip().partition("=")[0] not in names
+    ]
+    return "; ".join(kept)
+
+
 class _ProviderOutputs:
     """Per provider: headers to fill from a verified token, precomputed."""
 
@@ -252,17 +262,24 @@ class Engine:
         *,
         audited: tuple[str, ...] = (),
         dry_run: tuple[tuple[str, str], ...] = (),
+        cookie: str | None = None,
     ) -> Decision:
         """An allow: the identity's headers set; their client-sent copies, every other
         spelling of them and of the token headers, the token headers in ``strip`` and the
-        query parameters in ``query_strip`` removed."""
+        query parameters in ``query_strip`` removed. ``cookie``: the Cookie header to send on
+        in place of the client's (its token cookies taken out; "" removes it)."""
         to_set: list[tuple[str, str]] = []
         withheld: list[str] = []
         to_remove = set(self.protected_headers) | self.twin_headers
         to_remove.update(strip)
         if identity is not None:
             to_set, withheld = self.outputs[identity.provider].headers(identity)
-            to_remove.difference_update(h for h, _ in to_set)
+        if cookie is not None:
+            if cookie:
+                to_set = [*to_set, ("cookie", cookie)]
+            else:
+                to_remove.add("cookie")
+        to_remove.difference_update(h for h, _ in to_set)
         return responses.allow(
             headers_to_set=tuple(to_set),
             headers_to_remove=tuple(sorted(to_remove)),
@@ -376,6 +393,7 @@ class AuthorizationService:
         identity: Identity | None = None
         forwarded: set[str] = set()
         query_strip: list[str] = []
+        cookie_strip: set[str] = set()
         verified: dict[tuple[str, bytes], Identity] = {}
         for token in found:
             key = (token.token, token.scope)
@@ -400,6 +418,8 @@ class AuthorizationService:
                     forwarded.add(token.location.name)
             elif token.location.kind == "param" and token.location.name not in query_strip:
                 query_strip.append(token.location.name)
+            elif token.location.kind == "cookie":
+                cookie_strip.add(token.location.name)
         if identity is None and engine.token_required:
             return engine.missing_credentials, None
 
@@ -423,7 +443,9 @@ class AuthorizationService:
             for name in engine.token_header_names
             if name not in forwarded and headers.get(name) is not None
         )
-        if result.audited or result.dry_run:  # observed verdicts ride on this one decision
+        if result.audited or result.dry_run or cookie_strip:
+            # Observed verdicts, or a Cookie header rewritten without the token: this
+            # request's own answer.
             decision = engine.build_allow(
                 identity,
                 result.policy,
@@ -431,6 +453,9 @@ class AuthorizationService:
                 tuple(query_strip),
                 audited=result.audited,
                 dry_run=result.dry_run,
+                cookie=_without_cookies(headers.get("cookie", ""), cookie_strip)
+                if cookie_strip
+                else None,
             )
         else:
             decision = engine.allow_for(identity, result.policy, strip, tuple(query_strip))

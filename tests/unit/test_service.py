@@ -551,3 +551,23 @@ def test_a_query_parameter_that_held_the_token_is_removed_unless_forwarded(
         tmp_path / "f", clock, provider_yaml(rsa_key, "forwardOriginalToken: true")
     )
     assert forwarding.check(query).query_params_to_remove == ()
+
+
+def test_a_token_cookie_is_taken_out_of_the_cookie_header_before_the_upstream(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, "fromCookies: [session]"))
+    token = rsa_key.sign(claims_for(clock.now))
+
+    def check(cookie: str) -> Decision:
+        return service.check(
+            RequestAttributes(method="GET", path="/api/orders", headers={"cookie": cookie})
+        )
+
+    mixed = check(f"theme=dark; session={token}; lang=en")
+    assert mixed.allowed and mixed.principal == f"{ISSUER}/alice"
+    assert dict(mixed.headers_to_set)["cookie"] == "theme=dark; lang=en"
+    assert "cookie" not in mixed.headers_to_remove
+    alone = check(f"session={token}")
+    assert alone.allowed and "cookie" in alone.headers_to_remove
+    assert "cookie" not in dict(alone.headers_to_set)
