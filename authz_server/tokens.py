@@ -119,8 +119,16 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which of two "sub" keys wins: a signed token must mean one thing.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return obj
+
+
 # NOTE: built once; json.loads(..., parse_constant=) would build a decoder per call (~2 us).
-_JSON = json.JSONDecoder(parse_constant=_no_constants)
+_JSON = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_object_without_duplicates)
 
 
 def _json_object(segment: str) -> Any:
