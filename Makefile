@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lint format test run fuzz bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check authz_server tests examples bench
-	$(BIN)/ruff format --check authz_server tests examples bench
+	$(BIN)/ruff check authz_server tests examples bench fuzz
+	$(BIN)/ruff format --check authz_server tests examples bench fuzz
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff check --fix authz_server tests examples bench
-	$(BIN)/ruff format authz_server tests examples bench
+	$(BIN)/ruff check --fix authz_server tests examples bench fuzz
+	$(BIN)/ruff format authz_server tests examples bench fuzz
 
 test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy)
 	$(BIN)/pytest
@@ -43,6 +43,12 @@ bench-variants: $(STAMP) bench-tools ## gRPC door variants (threads, Unix socket
 bench-floors: $(STAMP) bench-tools ## HTTP ext_authz floors (uvloop+httptools, uvicorn, granian) via Envoy, ~5 min: bench/results/http_candidates.md
 	$(BIN)/pip install --quiet -e '.[dev,bench-candidates]'
 	$(BIN)/python bench/http_candidates.py
+
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP) ## Coverage-guided fuzzing (atheris) for FUZZ_SECONDS (120), then the properties with a 20,000-example budget
+	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
+	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py

@@ -57,3 +57,21 @@ def test_the_server_logged_no_traceback_and_is_ready_after_the_attacks(
     status, _, body = http_request(f"{stack.server.http_url}/readyz")
     assert status == 200 and json.loads(body)["ready"] is True
     assert stack.get("/api/orders", token(stack))[0] == 200
+
+
+def test_no_token_sent_appears_in_the_server_output(
+    stack: Stack,  # noqa: F811 (the imported fixture)
+) -> None:
+    # Valid, invalid, anonymous-scheme and query tokens, allowed and denied, through Envoy;
+    # then not even a token's signature segment may be in anything the server wrote.
+    sent = [token(stack), token(stack, groups=["admin"]), *(make(stack) for _, make, _ in SAMPLE)]
+    for value in sent:
+        stack.get("/api/orders", value)
+        stack.get(f"/public/info?access_token={value}")
+        stack.get_raw("/public/info", {"Authorization": f"Token {value}"})
+    log = stack.server.log_text()
+    assert '"decision"' in log  # the decision log did write lines for these requests
+    for value in sent:
+        for piece in value.split("."):
+            if len(piece) >= 16:
+                assert piece not in log, f"a token piece of {len(piece)} chars is in the log"
