@@ -1,0 +1,189 @@
+"""Faults through a real Envoy, to both doors: the server killed under load (Envoy fails
+closed, then recovers when a new server takes the port, without an Envoy restart), and a
+storm of configuration rewrites while traffic flows (no failed request, the last one in
+force)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from authz_server import devkeys
+from authz_server.devkeys import SigningKey
+from authz_server.envoy_config import render_bootstrap
+from tests.e2e.harness import (
+    DOORS,
+    AuthzServerProcess,
+    EchoUpstream,
+    EnvoyProcess,
+    door_setup,
+    free_port,
+    http_request,
+    wait_until,
+)
+from tests.helpers import AUDIENCE, ISSUER, claims_for
+
+pytestmark = pytest.mark.e2e
+
+
+def config_text(paths: list[str]) -> str:
+    return f"""apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksFile: jwks.json
+policies:
+  - name: users
+    rules:
+      - from: [{{source: {{requestPrincipals: ["*"]}}}}]
+        to: [{{operation: {{paths: {json.dumps(paths)}}}}}]
+"""
+
+
+@dataclass
+class Setup:
+    door: str
+    workdir: Path
+    key: SigningKey
+    ports: tuple[int, int, int]  # gRPC, side port, the door's
+    server_args: list[str]
+    envoy_url: str
+
+    def server(self) -> AuthzServerProcess:
+        grpc, side, _ = self.ports
+        return AuthzServerProcess(
+            self.workdir / "config.yaml", grpc, side, self.server_args, ready_path="/readyz"
+        )
+
+    def status(self, path: str, token: str) -> int:
+        try:
+            status, _, _ = http_request(
+                self.envoy_url + path, headers={"Authorization": f"Bearer {token}"}, timeout=5
+            )
+        except OSError:
+            return 0
+        return int(status)
+
+
+@pytest.fixture(params=DOORS)
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    door = str(request.param)
+    key = devkeys.generate_key("EC-P256", kid="faults")
+    (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
+    (tmp_path / "config.yaml").write_text(config_text(["/orders"]))
+    grpc = free_port()
+    door_port = grpc if door == "grpc" else free_port()
+    server_args, envoy_args = door_setup(door, door_port)
+    with EchoUpstream() as upstream:
+        listen, admin = free_port(), free_port()
+        bootstrap = render_bootstrap(
+            listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
+        )
+        with EnvoyProcess(bootstrap, admin, tmp_path / "envoy.log"):
+            yield Setup(
+                door,
+                tmp_path,
+                key,
+                (grpc, free_port(), door_port),
+                server_args,
+                f"http://127.0.0.1:{listen}",
+            )
+
+
+def test_a_killed_server_fails_closed_and_a_new_one_is_used_without_restarting_envoy(
+    setup: Setup,
+) -> None:
+    token = setup.key.sign(claims_for(time.time()))
+    first = setup.server().start()
+    try:
+        assert setup.status("/orders", token) == 200
+        results: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            # Bounded: at most 3,000 requests or until told to stop.
+            for _ in range(3000):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                results.append((started, setup.status("/orders", token)))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        wait_until(lambda: len(results) >= 20, timeout=10, what="load flowing")
+        os.kill(first.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(
+            lambda: any(t > killed + 0.2 and s != 200 for t, s in results),
+            timeout=10,
+            what="Envoy answering without the server",
+        )
+        second = setup.server().start()
+        try:
+            wait_until(
+                lambda: setup.status("/orders", token) == 200,
+                timeout=20,
+                what="the same Envoy using the new server",
+            )
+            restarted = time.monotonic()
+        finally:
+            stop.set()
+            worker.join(30)
+        # While no server ran, nothing was allowed: every request started after the kill
+        # (and done before the new server was up) got Envoy's denial.
+        during = [s for t, s in results if killed + 0.05 < t < restarted - 5]
+        assert all(s != 200 for s in during), sorted(set(during))
+        assert {s for t, s in results if killed + 0.05 < t} - {200} <= {503}
+        assert second.stop() == 0
+    finally:
+        first.stop()
+
+
+def test_a_storm_of_configuration_rewrites_fails_no_request_and_the_last_one_wins(
+    setup: Setup,
+) -> None:
+    token = setup.key.sign(claims_for(time.time()))
+    server = setup.server().start()
+    try:
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            for _ in range(5000):  # bounded
+                if stop.is_set():
+                    return
+                statuses.append(setup.status("/orders", token))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        path = setup.workdir / "config.yaml"
+        for index in range(100):
+            # Every version allows /orders; each also allows its own /v<index>.
+            partial = path.with_name(".config.yaml.tmp")
+            partial.write_text(config_text(["/orders", f"/v{index}"]))
+            partial.replace(path)
+            server.signal(signal.SIGHUP)  # reload now, not at the next poll
+        wait_until(lambda: setup.status("/v99", token) == 200, timeout=20, what="the last config")
+        stop.set()
+        worker.join(30)
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        assert setup.status("/v98", token) == 403
+        assert "Traceback" not in server.log_text()
+        _, _, metrics = http_request(f"{server.http_url}/metrics")
+        reloads = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.decode().splitlines()
+            if line.startswith('authz_config_reloads_total{result="success"}')
+        ]
+        assert reloads and reloads[0] >= 5, reloads  # a storm, not one coalesced reload
+    finally:
+        assert server.stop() == 0
