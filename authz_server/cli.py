@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -245,6 +246,8 @@ def _load(path: str) -> config.Settings | None:
 
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
+    # Before any thread exists (grpc starts some when imported): see server.serve.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     setup_logging(args.log_level, args.log_format)
     try:
         settings = config.load(args.config)

@@ -31,6 +31,8 @@ from authz_server.service import AuthorizationService, Engine
 log = logging.getLogger("authz_server.server")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Stop (TERM, INT) and reload (HUP): taken synchronously with sigwait, see `serve`.
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # The gRPC health "service" a liveness probe asks about: SERVING while the process runs.
 LIVENESS_SERVICE = "liveness"
 
@@ -370,25 +372,24 @@ def serve(
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain; SIGHUP reloads. Returns the exit code.
     ``options`` go to AuthzServer (a worker's metrics, port sharing, readiness)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: draining", signal.Signals(signum).name)
-        stop.set()
-
+    # NOTE: signals are taken one at a time by this thread (sigwait), never by a handler. A
+    # handler that sets an Event deadlocks when a second signal lands while the first holds
+    # the Event's lock: a burst of SIGHUPs did, and then SIGTERM could not stop the server.
+    # Every thread must have them blocked, or the kernel may hand one a SIGTERM whose default
+    # action kills the process: `authz-server serve` blocks them before it imports anything
+    # that starts threads (grpc does), and here again for other callers.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     server = AuthzServer(
         settings, listen=listen, http_listen=http_listen, config_path=config_path, **options
     )
-
-    def on_hangup(_signum: int, _frame: object) -> None:
+    server.start()
+    while True:
+        signum = signal.sigwait(CONTROL_SIGNALS)
+        if signum != signal.SIGHUP:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            break
         if server.reloader is not None:
             server.reloader.request()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
-    server.start()
-    stop.wait()
     server.stop(drain_delay=server.settings.server.drain_delay)
     log.info("stopped")
     return 0

@@ -39,6 +39,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _HEALTHY_RUN = 5.0
 _MAX_RESTART_DELAY = 30.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def worker_count(value: str) -> int:
@@ -208,6 +209,10 @@ class Supervisor:
             ),
         )
         slot.process.start()
+        # NOTE: starting multiprocessing's resource tracker unblocks SIGINT and SIGTERM in
+        # this thread (it blocks them around its spawn, then unblocks them): block them
+        # again, or the next thread we start could take a SIGTERM and die of it, undrained.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
         slot.started = time.monotonic()
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 
@@ -234,7 +239,19 @@ class Supervisor:
         slot.process = None
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.2):
+        """Restart workers that die, forward SIGHUP, until SIGTERM or SIGINT."""
+        while not self._stop.is_set():
+            received = signal.sigtimedwait(_CONTROL_SIGNALS, 0.2)
+            if received is not None:
+                if received.si_signo == signal.SIGHUP:
+                    self._forward(signal.SIGHUP)
+                else:
+                    log.info(
+                        "received %s: draining %d workers",
+                        signal.Signals(received.si_signo).name,
+                        self.workers,
+                    )
+                    return
             for slot in self.slots:
                 if slot.process is not None and not slot.process.is_alive():
                     self._reap(slot)
@@ -271,6 +288,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and the side port; return the exit code after a drain."""
+        # NOTE: taken by _watch with sigtimedwait, never by handlers (see server.serve).
+        # Blocked first: a thread that starts unblocked (grpc's, when server.py is imported)
+        # would take a SIGTERM with its default action and kill us without a drain.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
         from authz_server.server import SidePort, split_host_port  # noqa: PLC0415
 
         self.metrics_dir = tempfile.mkdtemp(prefix="authz-server-metrics-")
@@ -285,15 +306,6 @@ class Supervisor:
                     self.http_authz_listen, "--http-authz-listen"
                 )
 
-            def on_stop(signum: int, _frame: object) -> None:
-                log.info(
-                    "received %s: draining %d workers", signal.Signals(signum).name, self.workers
-                )
-                self._stop.set()
-
-            signal.signal(signal.SIGTERM, on_stop)
-            signal.signal(signal.SIGINT, on_stop)
-            signal.signal(signal.SIGHUP, lambda _s, _f: self._forward(signal.SIGHUP))
             for slot in self.slots:
                 self._start_worker(slot)
             host, port = split_host_port(self.http_listen, "--http-listen")
