@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -150,24 +150,34 @@ def test_every_worker_is_ready_and_health_says_so(server: AuthzServerProcess) ->
     )
 
 
-def test_checks_spread_over_the_workers_and_metrics_add_up(
-    server: AuthzServerProcess, token: str
-) -> None:
-    before = metric_sum(server, "authz_checks_total")
+def check_until_every_worker_worked(server: AuthzServerProcess, check: Callable[[], None]) -> int:
+    """Call ``check`` (one Check on a new connection) until every worker has clearly worked;
+    return how many were made. Connections land on workers by a hash of their ports, so keep
+    connecting (bounded in count and time)."""
     pids = worker_pids(server)
     ticks = {pid: cpu_ticks(pid) for pid in pids.values()}
     checks = 0
     deadline = time.monotonic() + 60
-    # Connections land on workers by a hash of their ports: keep connecting until every
-    # worker has clearly worked (bounded in count and time).
     while checks < 3000 and time.monotonic() < deadline:
         for _ in range(50):
-            assert grpc_check_code(server.grpc_address, token, "/orders") == 0
+            check()
             checks += 1
         if all(cpu_ticks(pid) - ticks[pid] >= 5 for pid in pids.values()):
             break
     busy = {pid: cpu_ticks(pid) - ticks[pid] for pid in pids.values()}
     assert all(t >= 5 for t in busy.values()), f"CPU ticks per worker: {busy}"
+    return checks
+
+
+def test_checks_spread_over_the_workers_and_metrics_add_up(
+    server: AuthzServerProcess, token: str
+) -> None:
+    before = metric_sum(server, "authz_checks_total")
+
+    def check() -> None:
+        assert grpc_check_code(server.grpc_address, token, "/orders") == 0
+
+    checks = check_until_every_worker_worked(server, check)
     wait_until(
         lambda: metric_sum(server, "authz_checks_total") - before == checks,
         what=f"/metrics to count {checks} Checks summed over the workers",
@@ -182,18 +192,11 @@ def test_the_http_door_is_shared_by_every_worker(
     server: AuthzServerProcess, http_door_port: int, token: str
 ) -> None:
     before = metric_sum(server, "authz_checks_total", door="http")
-    pids = worker_pids(server)
-    ticks = {pid: cpu_ticks(pid) for pid in pids.values()}
-    checks = 0
-    deadline = time.monotonic() + 60
-    while checks < 3000 and time.monotonic() < deadline:
-        for _ in range(50):
-            assert http_door_status(http_door_port, token, "/orders") == 200
-            checks += 1
-        if all(cpu_ticks(pid) - ticks[pid] >= 5 for pid in pids.values()):
-            break
-    busy = {pid: cpu_ticks(pid) - ticks[pid] for pid in pids.values()}
-    assert all(t >= 5 for t in busy.values()), f"CPU ticks per worker: {busy}"
+
+    def check() -> None:
+        assert http_door_status(http_door_port, token, "/orders") == 200
+
+    checks = check_until_every_worker_worked(server, check)
     wait_until(
         lambda: metric_sum(server, "authz_checks_total", door="http") - before == checks,
         what=f"/metrics to count {checks} HTTP-door Checks summed over the workers",

@@ -29,24 +29,10 @@ from tests.e2e.harness import (
     http_request,
     wait_until,
 )
-from tests.helpers import AUDIENCE, ISSUER, claims_for
+from tests.e2e.test_workers import config_text
+from tests.helpers import claims_for
 
 pytestmark = pytest.mark.e2e
-
-
-def config_text(paths: list[str]) -> str:
-    return f"""apiVersion: authz-server/v1
-kind: AuthzConfig
-providers:
-  - issuer: {ISSUER}
-    audiences: [{AUDIENCE}]
-    jwksFile: jwks.json
-policies:
-  - name: users
-    rules:
-      - from: [{{source: {{requestPrincipals: ["*"]}}}}]
-        to: [{{operation: {{paths: {json.dumps(paths)}}}}}]
-"""
 
 
 @dataclass
