@@ -173,3 +173,50 @@ def test_a_storm_of_configuration_rewrites_fails_no_request_and_the_last_one_win
         assert reloads and reloads[0] >= 2, reloads  # several reloads, under traffic
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_under_load_keeps_answering_through_the_drain_delay_and_exits_0(
+    setup: Setup,
+) -> None:
+    # drainDelay: after SIGTERM the server says NOT_SERVING (so a load balancer stops sending)
+    # and keeps answering for that long; only then does it stop taking new Checks.
+    path = setup.workdir / "config.yaml"
+    path.write_text(
+        config_text(["/orders"]).replace(
+            "kind: AuthzConfig\n",
+            "kind: AuthzConfig\nserver: {drainDelay: 2s, shutdownGrace: 2s}\n",
+        )
+    )
+    token = setup.key.sign(claims_for(time.time()))
+    server = setup.server().start()
+    results: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(5000):  # bounded
+            if stop.is_set():
+                return
+            started = time.monotonic()
+            results.append((started, setup.status("/orders", token)))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        wait_until(lambda: len(results) >= 20, timeout=10, what="load flowing")
+        server.signal(signal.SIGTERM)
+        term = time.monotonic()
+        wait_until(
+            lambda: http_request(f"{server.http_url}/readyz")[0] == 503,
+            timeout=1.5,
+            what="/readyz 503 at once",
+        )
+        code = server.stop(timeout=20)  # waits for the exit
+    finally:
+        stop.set()
+        worker.join(30)
+    assert code == 0, server.log_text()[-2000:]
+    in_drain = [s for t, s in results if term <= t < term + 1.5]
+    assert in_drain, "requests were sent during the drain delay"
+    assert set(in_drain) == {200}, sorted(set(in_drain))
+    assert {s for t, s in results if t < term} == {200}
+    assert "draining" in server.log_text()
