@@ -180,11 +180,11 @@ class Engine:
             tuple[Identity | None, Decision],
         ] = {}
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
-        # Every header any provider may set: a client-sent copy never reaches the upstream.
         # Every header a token is read from, present in a request: removed before the upstream
         # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
         # unless it held a token its provider forwards.
         self.token_header_names = tuple(sorted(self.extractor.token_headers))
+        # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
         ) | frozenset(o.payload_header for o in self.outputs.values() if o.payload_header)
