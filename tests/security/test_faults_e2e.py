@@ -60,6 +60,28 @@ class Setup:
         return int(status)
 
 
+class Load:
+    """GET /orders with ``token`` through Envoy, one request after another on a thread, each
+    recorded as (when it started, status); at most ``limit`` requests, until stopped."""
+
+    def __init__(self, setup: Setup, token: str, limit: int = 5000) -> None:
+        self.results: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(setup, token, limit))
+        self._thread.start()
+
+    def _run(self, setup: Setup, token: str, limit: int) -> None:
+        for _ in range(limit):
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            self.results.append((started, setup.status("/orders", token)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 @pytest.fixture(params=DOORS)
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
     door = str(request.param)
@@ -92,19 +114,8 @@ def test_a_killed_server_fails_closed_and_a_new_one_is_used_without_restarting_e
     first = setup.server().start()
     try:
         assert setup.status("/orders", token) == 200
-        results: list[tuple[float, int]] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            # Bounded: at most 3,000 requests or until told to stop.
-            for _ in range(3000):
-                if stop.is_set():
-                    return
-                started = time.monotonic()
-                results.append((started, setup.status("/orders", token)))
-
-        worker = threading.Thread(target=load)
-        worker.start()
+        load = Load(setup, token, limit=3000)
+        results = load.results
         wait_until(lambda: len(results) >= 20, timeout=10, what="load flowing")
         os.kill(first.pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -122,8 +133,7 @@ def test_a_killed_server_fails_closed_and_a_new_one_is_used_without_restarting_e
             )
             restarted = time.monotonic()
         finally:
-            stop.set()
-            worker.join(30)
+            load.stop()
         # While no server ran, nothing was allowed: every request started after the kill
         # (and done before the new server was up) got Envoy's denial.
         during = [s for t, s in results if killed + 0.05 < t < restarted - 5]
@@ -140,17 +150,7 @@ def test_a_storm_of_configuration_rewrites_fails_no_request_and_the_last_one_win
     token = setup.key.sign(claims_for(time.time()))
     server = setup.server().start()
     try:
-        statuses: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            for _ in range(5000):  # bounded
-                if stop.is_set():
-                    return
-                statuses.append(setup.status("/orders", token))
-
-        worker = threading.Thread(target=load)
-        worker.start()
+        load = Load(setup, token)
         path = setup.workdir / "config.yaml"
         for index in range(100):
             # Every version allows /orders; each also allows its own /v<index>.
@@ -159,8 +159,8 @@ def test_a_storm_of_configuration_rewrites_fails_no_request_and_the_last_one_win
             partial.replace(path)
             server.signal(signal.SIGHUP)  # reload now, not at the next poll
         wait_until(lambda: setup.status("/v99", token) == 200, timeout=20, what="the last config")
-        stop.set()
-        worker.join(30)
+        load.stop()
+        statuses = [status for _, status in load.results]
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
         assert setup.status("/v98", token) == 403
         assert "Traceback" not in server.log_text()
@@ -189,18 +189,8 @@ def test_sigterm_under_load_keeps_answering_through_the_drain_delay_and_exits_0(
     )
     token = setup.key.sign(claims_for(time.time()))
     server = setup.server().start()
-    results: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        for _ in range(5000):  # bounded
-            if stop.is_set():
-                return
-            started = time.monotonic()
-            results.append((started, setup.status("/orders", token)))
-
-    worker = threading.Thread(target=load)
-    worker.start()
+    load = Load(setup, token)
+    results = load.results
     try:
         wait_until(lambda: len(results) >= 20, timeout=10, what="load flowing")
         server.signal(signal.SIGTERM)
@@ -212,8 +202,7 @@ def test_sigterm_under_load_keeps_answering_through_the_drain_delay_and_exits_0(
         )
         code = server.stop(timeout=20)  # waits for the exit
     finally:
-        stop.set()
-        worker.join(30)
+        load.stop()
     assert code == 0, server.log_text()[-2000:]
     in_drain = [s for t, s in results if term <= t < term + 1.5]
     assert in_drain, "requests were sent during the drain delay"
