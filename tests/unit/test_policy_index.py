@@ -438,7 +438,8 @@ _requests = st.builds(
 
 
 @settings(
-    max_examples=300,
+    # 150 keeps the suite quick; `make fuzz` runs this property with 2,000.
+    max_examples=2000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 150,
     deadline=None,
     # NOTE: CI replays the same examples every run; locally each run explores new ones.
     derandomize=bool(os.environ.get("CI")),
