@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from authz_server import attributes as attr
 from authz_server.attributes import IPAddress, RequestAttributes
 from authz_server.config import Condition, Operation, PolicySpec, Rule, Source
@@ -196,11 +198,11 @@ def unknown_attribute_uses(specs: Sequence[PolicySpec], unknown: frozenset[str])
             for source in rule.from_ or ():
                 for name, needs in _SOURCE_NEEDS.items():
                     if getattr(source.source, name):
-                        fields.append((f"from.source.{_camel(name)}", needs))
+                        fields.append((f"from.source.{to_camel(name)}", needs))
             for operation in rule.to or ():
                 for name, needs in _OPERATION_NEEDS.items():
                     if getattr(operation.operation, name):
-                        fields.append((f"to.operation.{_camel(name)}", needs))
+                        fields.append((f"to.operation.{to_camel(name)}", needs))
             for condition in rule.when or ():
                 condition_need = condition_needs(condition.key)
                 if condition_need is not None:
@@ -212,11 +214,6 @@ def unknown_attribute_uses(specs: Sequence[PolicySpec], unknown: frozenset[str])
                         f"HTTP door does not receive: through that door the rule {effect}"
                     )
     return lines
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
 
 
 def _field(getter: Getter, matcher: StringMatcher, *, negate: bool) -> Predicate:

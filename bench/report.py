@@ -99,17 +99,24 @@ def ratio_text(ratios: Sequence[float]) -> str:
     return text
 
 
+def rps(sample: Sample) -> float:
+    return sample.rps
+
+
+def cpu(sample: Sample) -> float | None:
+    """The server's CPU per request."""
+    return sample.server_us
+
+
+def envoy_cpu(sample: Sample) -> float | None:
+    return sample.envoy_us
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
 def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
-    def cpu(sample: Sample) -> float | None:
-        return sample.server_us
-
-    def rps(sample: Sample) -> float:
-        return sample.rps
-
     lines = ["| target | measured | verdict |", "|---|---|---|"]
     ours, floor = by_key["direct-ours"], by_key["direct-floor"]
     p1 = paired(ours, floor, cpu)
@@ -164,12 +171,6 @@ def _targets(run: Run, by_key: dict[str, Scenario]) -> list[str]:
 def _http_door_targets(by_key: dict[str, Scenario]) -> list[str]:
     """Issue 10's targets: the HTTP door against the gRPC door and against the HTTP floor."""
 
-    def rps(sample: Sample) -> float:
-        return sample.rps
-
-    def cpu(sample: Sample) -> float | None:
-        return sample.server_us
-
     http, grpc_door, floor = (
         by_key["envoy-ours-http"],
         by_key["envoy-ours"],
@@ -192,19 +193,13 @@ def _http_door_targets(by_key: dict[str, Scenario]) -> list[str]:
 
 
 def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
-    def cpu(sample: Sample) -> float | None:
-        return sample.server_us
-
-    def envoy_cpu(sample: Sample) -> float | None:
-        return sample.envoy_us
-
     ours, jwt = by_key["envoy-ours"], by_key["envoy-jwt-rbac"]
     no_auth, fresh = by_key["envoy-no-auth"], by_key["envoy-ours-new"]
     looked_up = fresh.cache_hits + fresh.cache_misses
-    floors = paired(by_key["envoy-http-floor"], by_key["envoy-floor"], lambda s: s.rps)
+    floors = paired(by_key["envoy-http-floor"], by_key["envoy-floor"], rps)
     return [
         f"- Through Envoy, authz-server ÷ Envoy's own jwt_authn + RBAC, req/s: "
-        f"{ratio_text(paired(ours, jwt, lambda s: s.rps))}; Envoy CPU per request with "
+        f"{ratio_text(paired(ours, jwt, rps))}; Envoy CPU per request with "
         f"jwt_authn + RBAC ÷ no auth: {ratio_text(paired(jwt, no_auth, envoy_cpu))}.",
         f"- New token per request ÷ cached token, server CPU per Check: "
         f"{ratio_text(paired(fresh, ours, cpu))}. Token cache in the new-token runs: "

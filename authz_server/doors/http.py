@@ -198,7 +198,6 @@ class _Connection(asyncio.Protocol):
         # NOTE: uvloop's transports are not asyncio.Transport subclasses; they have its methods.
         self.transport = transport  # type: ignore[assignment]
         if len(self.door.connections) >= self.limits.max_connections:
-            self.door.refused += 1
             self.transport.abort()  # type: ignore[union-attr]
             return
         self.door.connections.add(self)
@@ -238,7 +237,6 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, rejected: _Rejected) -> None:
         self.pending.append(_protocol_error(rejected.status, rejected.reason))
-        self.door.rejected += 1
         if self.transport is not None:
             self.transport.pause_reading()  # nothing after a bad request is read
 
@@ -425,8 +423,6 @@ class HttpDoor:
         self.connections: set[_Connection] = set()
         self.port = 0
         self.draining = False
-        self.refused = 0  # connections closed at once: over maxConnections
-        self.rejected = 0  # requests answered 4xx without a decision
         self.waiting_threads = waiting_threads
         self.waiting = 0  # Checks on the pool now (changed on the loop only)
         self._pool = ThreadPoolExecutor(max_workers=waiting_threads, thread_name_prefix="http-wait")
@@ -509,7 +505,6 @@ class HttpDoor:
                 if not connection.busy and not connection.pending:
                     transport.write(_protocol_error(408, "request not received in time"))
                     transport.close()
-                    self.rejected += 1
             elif connection.idle() and now - connection.last_active > idle_timeout:
                 transport.close()
         self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
