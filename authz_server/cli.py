@@ -59,10 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        help="decide one request offline and explain why (exit 0 allowed, 1 denied)",
-        description="Load the configuration and its keys (fetching JWKS URLs), decide one "
-        "request as the server would, and print the decision with the policies that matched. "
-        "The token is never printed.",
+        help="decide one request offline and explain why, rule by rule (exit 0 allowed, "
+        "1 denied, 2 usage or configuration error)",
+        description="Load the configuration and its keys (fetching JWKS URLs, or --jwks-file), "
+        "decide one request as the server would, and print the decision: each token found and "
+        "what verifying it gave, then each policy, whether it matched and, for each rule, the "
+        "first clause that did not. The token is never printed.",
     )
     check.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
     check.add_argument("--method", default="GET")
@@ -77,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a file holding a JWT, sent as 'Authorization: Bearer' (not on the command line)",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
+    check.add_argument(
+        "--context-extension",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ext_authz context extension, as Envoy's route would send (repeatable)",
+    )
+    check.add_argument(
+        "--jwks-file",
+        type=Path,
+        help="decide offline: verify tokens with the keys in this JWKS file, for every provider",
+    )
+    check.add_argument("--json", action="store_true", help="the full trace as JSON")
+    check.add_argument(
+        "--show-claims", action="store_true", help="include claim values in the trace"
+    )
 
     _token_parser(sub)
     sub.add_parser("version", help="print the version")
@@ -189,8 +207,12 @@ def _token(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     import json  # noqa: PLC0415
 
-    from authz_server.attributes import RequestAttributes  # noqa: PLC0415
-    from authz_server.explain import explain  # noqa: PLC0415
+    from authz_server.explain import (  # noqa: PLC0415
+        explain,
+        render_text,
+        request_attributes,
+        substitute_keys,
+    )
     from authz_server.service import Engine  # noqa: PLC0415
 
     headers: dict[str, str] = {}
@@ -200,6 +222,13 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"--header {raw!r}: expected 'NAME: VALUE'", file=sys.stderr)
             return 2
         headers[name.strip().lower()] = value.strip()
+    extensions: dict[str, str] = {}
+    for raw in args.context_extension:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            print(f"--context-extension {raw!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        extensions[key] = value
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()
@@ -208,19 +237,33 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             return 2
         headers["authorization"] = f"Bearer {token}"
     engine = Engine.build(settings)
-    for cache in engine.caches.values():
-        if not cache.refresh():
-            print(f"warning: provider {cache.provider}: {cache.last_error}", file=sys.stderr)
-    request = RequestAttributes(
-        method=args.method.upper(),
-        host=args.host,
-        path=args.path,
-        headers=headers,
-        source_ip=args.source_ip,
-    )
-    result = explain(engine, request)
-    engine.close()
-    print(json.dumps(result, indent=2))
+    try:
+        if args.jwks_file is not None:
+            try:
+                document = args.jwks_file.read_text()
+                json.loads(document)
+            except OSError as exc:
+                print(f"--jwks-file {args.jwks_file}: {exc.strerror}", file=sys.stderr)
+                return 2
+            except ValueError as exc:
+                print(f"--jwks-file {args.jwks_file}: not JSON: {exc}", file=sys.stderr)
+                return 2
+            substitute_keys(engine, document, f"--jwks-file {args.jwks_file}")
+        for cache in engine.caches.values():
+            if not cache.refresh():
+                print(f"warning: provider {cache.provider}: {cache.last_error}", file=sys.stderr)
+        request = request_attributes(
+            method=args.method,
+            host=args.host,
+            path=args.path,
+            headers=headers,
+            source_ip=args.source_ip,
+            context_extensions=extensions,
+        )
+        result = explain(engine, request, show_claims=args.show_claims)
+    finally:
+        engine.close()
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
     return 0 if result["decision"] == "allow" else 1
 
 

@@ -1,56 +1,168 @@
-"""Explain one decision offline: what ``authz-server check`` prints.
+"""Explain one decision: what ``authz-server check`` and ``authz-server test`` print.
 
-The decision comes from the same ``AuthorizationService`` the server runs; the explanation
-adds what a reader needs to understand it: where a token was found, who it names, and which
-policies matched. It never contains the token.
+The decision is the one ``AuthorizationService.check`` makes, with a ``CheckTrace`` recording
+its way there: the tokens found, what verifying each gave, and the identity the policies saw.
+Each policy is then walked clause by clause with the very compiled clauses that decided
+(``CompiledRule.misses``), so the explanation cannot tell another story than the decision.
+Nothing here runs on the serving path.
+
+The explanation never contains a token: a value the request had that holds one is redacted,
+and claim values appear only when asked for (``show_claims``).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from authz_server.attributes import RequestAttributes
 from authz_server.errors import AuthzError
-from authz_server.service import AuthorizationService, Engine
+from authz_server.keysources import InlineSource
+from authz_server.policy import Clause, CompiledPolicy
+from authz_server.service import AuthorizationService, CheckTrace, Engine
 from authz_server.tokens import Identity
 
+REDACTED = "(redacted: holds a token)"
+# What the reasons that end a decision before the policies mean, for the text form.
+_EARLY = "no policy was evaluated: the credentials decided"
 
-def _identity(
-    engine: Engine, request: RequestAttributes
-) -> tuple[Identity | None, list[dict[str, Any]]]:
-    tokens: list[dict[str, Any]] = []
-    identity: Identity | None = None
-    for found in engine.extractor.extract(request):
+
+def request_attributes(
+    *,
+    method: str = "GET",
+    host: str = "",
+    path: str = "/",
+    headers: Mapping[str, str] | None = None,
+    source_ip: str = "",
+    context_extensions: Mapping[str, str] | None = None,
+) -> RequestAttributes:
+    """A request as ``check``, ``test`` and the Explain API describe one."""
+    return RequestAttributes(
+        method=method.upper(),
+        host=host,
+        path=path,
+        headers={name.lower(): value for name, value in (headers or {}).items()},
+        source_ip=source_ip,
+        context_extensions=dict(context_extensions or {}),
+    )
+
+
+def substitute_keys(
+    engine: Engine, jwks: str, description: str, providers: Collection[str] | None = None
+) -> None:
+    """Verify tokens with the keys of the JWKS document ``jwks`` instead of each provider's
+    own key source (every provider's, or those named), to decide without the IdP. Takes
+    effect at the next refresh of each key cache."""
+    for cache in engine.caches.values():
+        if providers is None or cache.provider in providers:
+            cache.source = InlineSource(jwks, description=description)
+
+
+def _redact(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return REDACTED if any(secret in value for secret in secrets) else value
+    if isinstance(value, list):
+        return [_redact(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {key: _redact(item, secrets) for key, item in value.items()}
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """A claim or attribute as JSON would carry it (tuples as lists, the rest as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _miss(
+    clause: Clause,
+    request: RequestAttributes,
+    identity: Identity | None,
+    *,
+    show_claims: bool,
+    secrets: Sequence[str],
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"field": clause.field, "wanted": list(clause.wanted)}
+    if clause.needs is not None and clause.needs in request.unknown:
+        entry["unknown"] = clause.needs  # the door never received it: the clause failed closed
+    elif clause.claim and not show_claims:
+        entry["hidden"] = True
+    else:
+        entry["had"] = _redact(_jsonable(clause.observe(request, identity)), secrets)
+    return entry
+
+
+def _policy(
+    policy: CompiledPolicy,
+    request: RequestAttributes,
+    identity: Identity | None,
+    *,
+    show_claims: bool,
+    secrets: Sequence[str],
+) -> dict[str, Any]:
+    rules: list[dict[str, Any]] = []
+    for number, rule in enumerate(policy.rules, start=1):
+        misses = rule.misses(request, identity)
+        entry: dict[str, Any] = {"rule": number, "matched": not misses}
+        if misses:
+            entry["failed"] = [
+                _miss(m, request, identity, show_claims=show_claims, secrets=secrets)
+                for m in misses
+            ]
+        rules.append(entry)
+    return {
+        "name": policy.name,
+        "action": policy.action,
+        "dry_run": policy.dry_run,
+        "matched": any(r["matched"] for r in rules),
+        "rules": rules,
+    }
+
+
+def _tokens(trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
+    outcomes = {id(found): outcome for found, outcome in trace.tokens}
+    entries: list[dict[str, Any]] = []
+    for found in trace.found:
         entry: dict[str, Any] = {
             "location": found.location.describe(),
             "providers": [p.name for p in found.providers],
         }
-        try:
-            verified = engine.verifier.verify(found.token, found.providers, found.scope)
-        except AuthzError as exc:
-            entry["error"] = exc.reason
+        outcome = outcomes.get(id(found))
+        if outcome is None:
+            entry["result"] = "not tried"
+        elif isinstance(outcome, AuthzError):
+            entry["result"] = "rejected"
+            entry["error"] = outcome.reason
+            if outcome.description:
+                entry["description"] = outcome.description
         else:
-            entry["principal"] = verified.principal
-            entry["provider"] = verified.provider
-            identity = identity or verified
-        tokens.append(entry)
-    return identity, tokens
+            entry["result"] = "verified"
+            entry["provider"] = outcome.provider
+            entry["principal"] = outcome.principal
+            if show_claims:
+                entry["claims"] = _jsonable(dict(outcome.claims))
+        entries.append(entry)
+    return entries
 
 
-def explain(engine: Engine, request: RequestAttributes) -> dict[str, Any]:
-    """The decision for ``request`` under ``engine``, with the reasons behind it."""
-    decision = AuthorizationService(engine).check(request)
-    identity, tokens = _identity(engine, request)
+def explain(
+    engine: Engine, request: RequestAttributes, *, show_claims: bool = False
+) -> dict[str, Any]:
+    """The decision for ``request`` under ``engine``, with the way it was reached."""
+    trace = CheckTrace()
+    decision = AuthorizationService(engine).check(request, trace=trace)
+    secrets = [found.token for found in trace.found]
+    identity = trace.identity
     policies = engine.policies
-    matched = {
-        kind: [p.name for p in group if p.matches(request, identity)]
-        for kind, group in (
-            ("deny", policies.deny),
-            ("allow", policies.allow),
-            ("audit", policies.audit),
-            ("dry_run", policies.dry_run),
-        )
-    }
+    traced: list[dict[str, Any]] = []
+    if trace.policies_evaluated:
+        for group in (policies.deny, policies.allow, policies.audit, policies.dry_run):
+            for policy in group:
+                entry = _policy(policy, request, identity, show_claims=show_claims, secrets=secrets)
+                entry["decided"] = policy.name == decision.policy and not (
+                    policy.dry_run or policy.action == "AUDIT"
+                )
+                traced.append(entry)
     return {
         "decision": "allow" if decision.allowed else "deny",
         "status": decision.status,
@@ -63,11 +175,82 @@ def explain(engine: Engine, request: RequestAttributes) -> dict[str, Any]:
             "host": request.host,
             "path": request.normalized_path,
         },
-        "tokens": tokens,
-        "policies_matched": matched,
+        "tokens": _tokens(trace, show_claims=show_claims),
+        "policies_evaluated": trace.policies_evaluated,
         "enforced_allow_policies": len(policies.allow),
+        "policies": traced,
+        "audited": list(decision.audited),
         "dry_run": dict(decision.dry_run),
-        "headers_to_set": dict(decision.headers_to_set),
+        "headers_to_set": _redact(dict(decision.headers_to_set), secrets),
         "headers_to_remove": list(decision.headers_to_remove),
+        "query_params_to_remove": list(decision.query_params_to_remove),
         "response_headers": dict(decision.response_headers),
     }
+
+
+# ------------------------------------------------------------------------------ text form
+
+
+def _value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def describe_miss(miss: Mapping[str, Any]) -> str:
+    """One failing clause as a line: the field, what it wanted, what the request had."""
+    wanted = ", ".join(_value(v) for v in miss["wanted"])
+    if "unknown" in miss:
+        had = f"unknown ({miss['unknown']} is not sent to the HTTP door: fails closed)"
+    elif miss.get("hidden"):
+        had = "(a claim: --show-claims to see it)"
+    elif miss.get("had") is None:
+        had = "nothing"
+    else:
+        had = _value(miss["had"])
+    verb = "wants none of" if ".not" in miss["field"] else "wants"
+    return f"{miss['field']} {verb} [{wanted}], request had {had}"
+
+
+def render_text(result: Mapping[str, Any]) -> str:
+    """The compact form: the decision, each token, one line per policy with the failing
+    clause of each rule beneath."""
+    lines = [
+        f"{result['decision'].upper()} {result['status']} {result['reason']}"
+        + (f" (policy {result['policy']})" if result["policy"] else "")
+    ]
+    request = result["request"]
+    lines.append(f"request: {request['method']} {request['host'] or '-'} {request['path']}")
+    if not result["tokens"]:
+        lines.append("token: none found")
+    for token in result["tokens"]:
+        providers = ", ".join(token["providers"])
+        outcome = token["result"]
+        if outcome == "verified":
+            outcome = f"verified by {token['provider']}: {token['principal']}"
+        elif outcome == "rejected":
+            outcome = f"rejected: {token['error']}"
+        lines.append(f"token: {token['location']} (providers {providers}): {outcome}")
+        for name, value in (token.get("claims") or {}).items():
+            lines.append(f"    claim {name} = {_value(value)}")
+    if not result["policies_evaluated"]:
+        lines.append(_EARLY)
+    for policy in result["policies"]:
+        kind = policy["action"] + (" dry-run" if policy["dry_run"] else "")
+        state = "matched" if policy["matched"] else "not matched"
+        if policy["decided"]:
+            state += " -> decided"
+        lines.append(f"  {kind:<7} {policy['name']}: {state}")
+        for rule in policy["rules"]:
+            if rule["matched"]:
+                lines.append(f"      rule {rule['rule']}: matched")
+                continue
+            failed = rule["failed"]
+            first, *others = failed
+            lines.append(f"      rule {rule['rule']}: {describe_miss(first)}")
+            lines.extend(f"          or {describe_miss(m)}" for m in others)
+        if not policy["rules"]:
+            lines.append("      (no rules: matches nothing)")
+    if result["policies_evaluated"] and not result["policies"]:
+        lines.append("no policies: every request with valid credentials is allowed")
+    for name, value in result["headers_to_set"].items():
+        lines.append(f"upstream header {name}: {value}")
+    return "\n".join(lines)

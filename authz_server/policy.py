@@ -44,12 +44,67 @@ StringMatcher = Callable[[str], bool]
 Getter = Callable[[RequestAttributes, Identity | None], str | None]
 # The values a field is matched against (any may match), or None when absent.
 ListGetter = Callable[[RequestAttributes, Identity | None], Iterable[str] | None]
+# What the request had for a field, as the trace shows it (never called to decide).
+Observer = Callable[[RequestAttributes, Identity | None], Any]
 
 _CLAIM_PATH = re.compile(r"\[([^\[\]]+)\]")
 
 # NOTE: predicates run on every Check for every candidate rule: they are flat closures over
 # precomputed tuples and sets, with loops instead of generator expressions (a generator per
 # condition cost ~15% of the server's time under load).
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One set field of a rule, compiled: the predicate that decides it and, for the trace,
+    the field's name as written, the values it wants and how to read what the request had."""
+
+    field: (
+        str  # "to.operation.paths", "from[1].source.ipBlocks", "when[request.auth.claims[groups]]"
+    )
+    wanted: tuple[str, ...]
+    predicate: Predicate
+    observe: Observer
+    needs: str | None = None  # the door-unknowable attribute it reads, if any
+    claim: bool = False  # observe() gives a claim value (shown only when asked for)
+
+
+# A rule part (its `to`, its `from`, one `when` clause) matches when one of its alternatives
+# does; an alternative (one operation, one source) when all of its clauses do.
+Alternatives = tuple[tuple[Clause, ...], ...]
+
+
+def _first_miss(
+    clauses: tuple[Clause, ...], request: RequestAttributes, identity: Identity | None
+) -> Clause | None:
+    for clause in clauses:
+        if not clause.predicate(request, identity):
+            return clause
+    return None
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """A rule: ``predicate`` (what decides) is the conjunction of ``parts``, built from the
+    very clause predicates ``misses`` walks, so the trace cannot disagree with the decision."""
+
+    parts: tuple[Alternatives, ...]
+    predicate: Predicate
+
+    def misses(self, request: RequestAttributes, identity: Identity | None) -> tuple[Clause, ...]:
+        """Why the rule does not match, for the trace: the first part none of whose
+        alternatives matches, as the first failing clause of each alternative. Empty when the
+        rule matches."""
+        for part in self.parts:
+            failed: list[Clause] = []
+            for alternative in part:
+                miss = _first_miss(alternative, request, identity)
+                if miss is None:
+                    break
+                failed.append(miss)
+            else:
+                return tuple(failed)
+        return ()
 
 
 def _template_regex(pattern: str) -> str:
@@ -413,79 +468,147 @@ def _audiences(_: RequestAttributes, identity: Identity | None) -> Iterable[str]
     return None if identity is None else identity.audiences
 
 
-def _condition(condition: Condition, when_unknown: bool) -> list[Predicate]:
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _ip_text(getter: Callable[[RequestAttributes], IPAddress | None]) -> Observer:
+    return lambda request, _: _text(getter(request))
+
+
+def _principal(_: RequestAttributes, identity: Identity | None) -> str | None:
+    return None if identity is None else identity.principal
+
+
+def _claim_value(path: Sequence[str]) -> Observer:
+    keys = tuple(path)
+
+    def observe(_: RequestAttributes, identity: Identity | None) -> Any:
+        value: Any = None if identity is None else identity.claims
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return value
+
+    return observe
+
+
+def _single_getter(key: str) -> Getter:
+    if key in _SIMPLE_GETTERS:
+        return _SIMPLE_GETTERS[key]
+    if key.startswith("request.headers["):
+        return _header(_CLAIM_PATH.findall(key)[0].lower())
+    # request.context_extensions[...] (config validated the key)
+    return _context_extension(_CLAIM_PATH.findall(key)[0])
+
+
+def _condition_predicate(key: str, values: Sequence[str], *, negate: bool) -> Predicate:
+    if key in _IP_GETTERS:
+        return _ip_field(_IP_GETTERS[key], values, negate=negate)
+    if key == "request.auth.principal":
+        return _request_principals(values, negate=negate)
+    if key == "request.auth.audiences":
+        return _list_field(_audiences, _any_string(values), negate=negate)
+    if key.startswith("request.auth.claims["):
+        getter = _claim(_CLAIM_PATH.findall(key))
+        return _list_field(getter, _any_string(values), negate=negate)
+    return _field(_single_getter(key), _any_string(values), negate=negate)
+
+
+def _condition_observer(key: str) -> Observer:
+    if key in _IP_GETTERS:
+        return _ip_text(_IP_GETTERS[key])
+    if key == "request.auth.principal":
+        return _principal
+    if key == "request.auth.audiences":
+        return lambda _, identity: None if identity is None else list(identity.audiences)
+    if key.startswith("request.auth.claims["):
+        return _claim_value(_CLAIM_PATH.findall(key))
+    return _single_getter(key)
+
+
+def _condition(condition: Condition, when_unknown: bool) -> list[Clause]:
     key = condition.key
-    predicates = _condition_predicates(condition)
     needs = condition_needs(key)
-    if needs is None:
-        return predicates
-    is_unknown = _remote_unknown if key == "remote.ip" else _unknown(needs)
-    return [_guard(is_unknown, p, when_unknown) for p in predicates]
-
-
-def _condition_predicates(condition: Condition) -> list[Predicate]:
-    key = condition.key
-    predicates: list[Predicate] = []
-    for values, negate in ((condition.values, False), (condition.not_values, True)):
+    is_unknown: UnknownTest | None = None
+    if needs is not None:
+        is_unknown = _remote_unknown if key == "remote.ip" else _unknown(needs)
+    observe = _condition_observer(key)
+    claim = key.startswith("request.auth.claims[")
+    clauses: list[Clause] = []
+    for values, negate, field in (
+        (condition.values, False, f"when[{key}]"),
+        (condition.not_values, True, f"when[{key}].notValues"),
+    ):
         if not values:
             continue
-        if key in _IP_GETTERS:
-            predicates.append(_ip_field(_IP_GETTERS[key], values, negate=negate))
-        elif key == "request.auth.principal":
-            predicates.append(_request_principals(values, negate=negate))
-        elif key == "request.auth.audiences":
-            predicates.append(_list_field(_audiences, _any_string(values), negate=negate))
-        elif key.startswith("request.auth.claims["):
-            getter = _claim(_CLAIM_PATH.findall(key))
-            predicates.append(_list_field(getter, _any_string(values), negate=negate))
-        else:
-            if key in _SIMPLE_GETTERS:
-                single = _SIMPLE_GETTERS[key]
-            elif key.startswith("request.headers["):
-                single = _header(_CLAIM_PATH.findall(key)[0].lower())
-            else:  # request.context_extensions[...] (config validated the key)
-                single = _context_extension(_CLAIM_PATH.findall(key)[0])
-            predicates.append(_field(single, _any_string(values), negate=negate))
-    return predicates
+        predicate = _condition_predicate(key, values, negate=negate)
+        if is_unknown is not None:
+            predicate = _guard(is_unknown, predicate, when_unknown)
+        clauses.append(Clause(field, tuple(values), predicate, observe, needs, claim))
+    return clauses
 
 
 # --------------------------------------------------------------------- sources/operations
 
 
-def _source(source: Source, when_unknown: bool) -> list[Predicate]:
-    predicates: list[Predicate] = []
+def _source(source: Source, when_unknown: bool, place: str) -> list[Clause]:
+    clauses: list[Clause] = []
     peer_unknown = _unknown(attr.SOURCE_PRINCIPAL)
-    string_fields: list[tuple[list[str] | None, Getter, bool]] = [
-        (source.principals, _peer(0), False),
-        (source.not_principals, _peer(0), True),
-        (source.namespaces, _peer(2), False),
-        (source.not_namespaces, _peer(2), True),
-        (source.service_accounts, _service_account, False),
-        (source.not_service_accounts, _service_account, True),
-        (source.trust_domains, _peer(1), False),
-        (source.not_trust_domains, _peer(1), True),
+    string_fields: list[tuple[str, Getter, bool]] = [
+        ("principals", _peer(0), False),
+        ("not_principals", _peer(0), True),
+        ("namespaces", _peer(2), False),
+        ("not_namespaces", _peer(2), True),
+        ("service_accounts", _service_account, False),
+        ("not_service_accounts", _service_account, True),
+        ("trust_domains", _peer(1), False),
+        ("not_trust_domains", _peer(1), True),
     ]
-    for values, getter, negate in string_fields:
+    for name, getter, negate in string_fields:
+        values: list[str] | None = getattr(source, name)
         if values:
             field = _field(getter, _any_string(values), negate=negate)
-            predicates.append(_guard(peer_unknown, field, when_unknown))
-    for values, negate in (
-        (source.request_principals, False),
-        (source.not_request_principals, True),
-    ):
+            predicate = _guard(peer_unknown, field, when_unknown)
+            clauses.append(
+                Clause(
+                    f"{place}.{to_camel(name)}",
+                    tuple(values),
+                    predicate,
+                    getter,
+                    attr.SOURCE_PRINCIPAL,
+                )
+            )
+    for name, negate in (("request_principals", False), ("not_request_principals", True)):
+        values = getattr(source, name)
         if values:
-            predicates.append(_request_principals(values, negate=negate))
+            predicate = _request_principals(values, negate=negate)
+            clauses.append(
+                Clause(f"{place}.{to_camel(name)}", tuple(values), predicate, _principal)
+            )
     ip_fields = [
-        (source.ip_blocks, "source.ip", _unknown(attr.SOURCE_IP), False),
-        (source.not_ip_blocks, "source.ip", _unknown(attr.SOURCE_IP), True),
-        (source.remote_ip_blocks, "remote.ip", _remote_unknown, False),
-        (source.not_remote_ip_blocks, "remote.ip", _remote_unknown, True),
+        ("ip_blocks", "source.ip", _unknown(attr.SOURCE_IP), False),
+        ("not_ip_blocks", "source.ip", _unknown(attr.SOURCE_IP), True),
+        ("remote_ip_blocks", "remote.ip", _remote_unknown, False),
+        ("not_remote_ip_blocks", "remote.ip", _remote_unknown, True),
     ]
-    for blocks, key, is_unknown, negate in ip_fields:
+    for name, key, is_unknown, negate in ip_fields:
+        blocks: list[str] | None = getattr(source, name)
         if blocks:
             field = _ip_field(_IP_GETTERS[key], blocks, negate=negate)
-            predicates.append(_guard(is_unknown, field, when_unknown))
-    return predicates
+            predicate = _guard(is_unknown, field, when_unknown)
+            observe = _ip_text(_IP_GETTERS[key])
+            clauses.append(
+                Clause(
+                    f"{place}.{to_camel(name)}",
+                    tuple(blocks),
+                    predicate,
+                    observe,
+                    attr.SOURCE_IP,
+                )
+            )
+    return clauses
 
 
 def _host(match: StringMatcher) -> Predicate:
@@ -511,28 +634,41 @@ def _port(match: StringMatcher) -> Predicate:
     return lambda request, _: request.destination_port != 0 and match(str(request.destination_port))
 
 
-def _operation(operation: Operation, when_unknown: bool) -> list[Predicate]:
-    predicates: list[Predicate] = []
-    fields: list[
-        tuple[list[str] | None, Callable[[StringMatcher], Predicate], dict[str, bool], bool]
-    ] = [
-        (operation.hosts, _host, {"ignore_case": True}, False),
-        (operation.not_hosts, _host, {"ignore_case": True}, True),
-        (operation.methods, _method, {}, False),
-        (operation.not_methods, _method, {}, True),
-        (operation.paths, _path, {"template": True}, False),
-        (operation.not_paths, _path, {"template": True}, True),
-        (operation.ports, _port, {}, False),
-        (operation.not_ports, _port, {}, True),
-    ]
-    for values, on_attribute, options, negate in fields:
+def _observe_port(request: RequestAttributes, _: Identity | None) -> str | None:
+    return str(request.destination_port) if request.destination_port else None
+
+
+# Each operation field: the attribute predicate, the matching options, negated or not, and
+# what the trace shows the request had.
+_OPERATION_FIELDS: tuple[
+    tuple[str, Callable[[StringMatcher], Predicate], dict[str, bool], bool, Observer], ...
+] = (
+    ("hosts", _host, {"ignore_case": True}, False, lambda r, _: r.host),
+    ("not_hosts", _host, {"ignore_case": True}, True, lambda r, _: r.host),
+    ("methods", _method, {}, False, lambda r, _: r.method),
+    ("not_methods", _method, {}, True, lambda r, _: r.method),
+    ("paths", _path, {"template": True}, False, lambda r, _: r.normalized_path),
+    ("not_paths", _path, {"template": True}, True, lambda r, _: r.normalized_path),
+    ("ports", _port, {}, False, _observe_port),
+    ("not_ports", _port, {}, True, _observe_port),
+)
+
+
+def _operation(operation: Operation, when_unknown: bool, place: str) -> list[Clause]:
+    clauses: list[Clause] = []
+    for name, on_attribute, options, negate, observe in _OPERATION_FIELDS:
+        values: list[str] | None = getattr(operation, name)
         if values:
             match = _any_string(values, **options)
             predicate = _negate(on_attribute(match), negate)
+            needs = None
             if on_attribute is _port:
-                predicate = _guard(_unknown(attr.DESTINATION_PORT), predicate, when_unknown)
-            predicates.append(predicate)
-    return predicates
+                needs = attr.DESTINATION_PORT
+                predicate = _guard(_unknown(needs), predicate, when_unknown)
+            clauses.append(
+                Clause(f"{place}.{to_camel(name)}", tuple(values), predicate, observe, needs)
+            )
+    return clauses
 
 
 def _always(request: RequestAttributes, identity: Identity | None) -> bool:
@@ -575,19 +711,36 @@ def _any(predicates: Sequence[Predicate]) -> Predicate:
     return any_of
 
 
-def compile_rule(rule: Rule, *, when_unknown: bool = False) -> Predicate:
-    """Return a predicate that is true when ``rule`` matches the request. A clause on an
-    attribute the door could not tell counts as ``when_unknown`` (True for DENY rules, False
+def _place(section: str, number: int, count: int) -> str:
+    return section if count == 1 else f"{section}[{number}]"
+
+
+def compile_rule(rule: Rule, *, when_unknown: bool = False) -> CompiledRule:
+    """Compile ``rule``; its predicate is true when the rule matches the request. A clause on
+    an attribute the door could not tell counts as ``when_unknown`` (True for DENY rules, False
     for the others: either way, fail closed)."""
     # `to` first: host, method and path are the cheapest fields and the most selective.
-    parts: list[Predicate] = []
+    parts: list[Alternatives] = []
     if rule.to:
-        parts.append(_any([_all(_operation(t.operation, when_unknown)) for t in rule.to]))
+        count = len(rule.to)
+        parts.append(
+            tuple(
+                tuple(_operation(t.operation, when_unknown, f"{_place('to', n, count)}.operation"))
+                for n, t in enumerate(rule.to)
+            )
+        )
     if rule.from_:
-        parts.append(_any([_all(_source(f.source, when_unknown)) for f in rule.from_]))
+        count = len(rule.from_)
+        parts.append(
+            tuple(
+                tuple(_source(f.source, when_unknown, f"{_place('from', n, count)}.source"))
+                for n, f in enumerate(rule.from_)
+            )
+        )
     for condition in rule.when or []:
-        parts.extend(_condition(condition, when_unknown))
-    return _all(parts)
+        parts.extend(((clause,),) for clause in _condition(condition, when_unknown))
+    predicate = _all([_any([_all([c.predicate for c in alt]) for alt in part]) for part in parts])
+    return CompiledRule(tuple(parts), predicate)
 
 
 # ------------------------------------------------------------------------------ policies
@@ -598,7 +751,7 @@ class CompiledPolicy:
     name: str
     action: str
     dry_run: bool
-    rules: tuple[Predicate, ...]
+    rules: tuple[CompiledRule, ...]
 
     @classmethod
     def compile(cls, spec: PolicySpec) -> CompiledPolicy:
@@ -613,7 +766,7 @@ class CompiledPolicy:
 
     def matches(self, request: RequestAttributes, identity: Identity | None) -> bool:
         for rule in self.rules:  # noqa: SIM110 (see the NOTE at the top)
-            if rule(request, identity):
+            if rule.predicate(request, identity):
                 return True
         return False
 
@@ -683,7 +836,7 @@ class PolicySet:
                     others = ~(((1 << len(rules)) - 1) ^ ((1 << first) - 1))
                     verdict = "deny" if policy.action == "DENY" else "allow"
                     entries.extend(
-                        _Entry(rule, group, policy.name, slot, others, verdict)
+                        _Entry(rule.predicate, group, policy.name, slot, others, verdict)
                         for rule in policy.rules
                     )
             self._index = RuleIndex(rules)

@@ -13,12 +13,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
-from authz_server.credentials import CredentialExtractor
+from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
 from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
@@ -342,6 +343,18 @@ def make_cache(provider: Provider) -> JWKSCache:
     )
 
 
+@dataclass
+class CheckTrace:
+    """What ``check`` went through, recorded only when a caller asks (``explain``): the
+    tokens it found, each it tried with the identity or the error that came of it, and whether
+    the decision reached the policies (and with which identity)."""
+
+    found: tuple[FoundToken, ...] = ()
+    tokens: list[tuple[FoundToken, Identity | AuthzError]] = field(default_factory=list)
+    policies_evaluated: bool = False
+    identity: Identity | None = None
+
+
 class AuthorizationService:
     """Decides Checks with the current engine, then records them. Fails closed on any
     unexpected error."""
@@ -357,16 +370,22 @@ class AuthorizationService:
         self.metrics = metrics
         self.decision_log = decision_log
 
-    def check(self, request: RequestAttributes, *, wait: WaitMode = "yes") -> Decision:
+    def check(
+        self,
+        request: RequestAttributes,
+        *,
+        wait: WaitMode = "yes",
+        trace: CheckTrace | None = None,
+    ) -> Decision:
         """Decide ``request``. With ``wait="defer"`` (an event loop's thread), raises
         WouldWait, before counting or logging anything, when deciding needs to wait for a
         key-set refresh: the caller decides again where it may wait (``"yes"``), or without
-        waiting (``"no"``)."""
+        waiting (``"no"``). ``trace``, when given, records the way to the decision."""
         started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
         identity: Identity | None = None
         try:
-            decision, identity = self._decide(engine, request, wait)
+            decision, identity = self._decide(engine, request, wait, trace)
         except WouldWait:
             raise
         except Exception:
@@ -382,10 +401,16 @@ class AuthorizationService:
         return decision
 
     def _decide(
-        self, engine: Engine, request: RequestAttributes, wait: WaitMode
+        self,
+        engine: Engine,
+        request: RequestAttributes,
+        wait: WaitMode,
+        trace: CheckTrace | None = None,
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
         found = engine.extractor.extract(request)
+        if trace is not None:
+            trace.found = tuple(found)
         if len(found) > 1 and len({token.token for token in found}) > 1:
             # Two principals in one request: whichever the policies saw, the upstream may
             # read the other. Refused rather than guessed.
@@ -404,6 +429,8 @@ class AuthorizationService:
                         token.token, token.providers, token.scope, wait=wait
                     )
                 except AuthzError as exc:
+                    if trace is not None:
+                        trace.tokens.append((token, exc))
                     denial = responses.with_context(
                         responses.deny(exc, realm=engine.realm, token_present=True),
                         provider=token.providers[0].name if len(token.providers) == 1 else None,
@@ -412,6 +439,8 @@ class AuthorizationService:
                     )
                     return denial, None
                 verified[key] = current
+            if trace is not None:
+                trace.tokens.append((token, current))
             identity = identity or current
             if engine.outputs[current.provider].forward_token:
                 if token.location.kind == "header":
@@ -423,6 +452,8 @@ class AuthorizationService:
         if identity is None and engine.token_required:
             return engine.missing_credentials, None
 
+        if trace is not None:
+            trace.policies_evaluated, trace.identity = True, identity
         result = engine.policies.evaluate(request, identity)
         provider = identity.provider if identity else None
         principal = identity.principal if identity else None

@@ -151,7 +151,7 @@ def test_check_prints_the_same_warnings_as_validate(
 
     assert cli.main(["validate", "--config", str(path)]) == 0
     validate_err = capsys.readouterr().err.splitlines()
-    assert cli.main(["check", "--config", str(path), "--method", "GET"]) == 0
+    assert cli.main(["check", "--json", "--config", str(path), "--method", "GET"]) == 0
     captured = capsys.readouterr()
 
     assert len(validate_err) == 1

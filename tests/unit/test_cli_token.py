@@ -71,6 +71,7 @@ def _check(
     code, out, _ = _cli(
         capsys,
         "check",
+        "--json",
         "--config",
         str(config_dir),
         "--method",
@@ -286,7 +287,7 @@ def test_the_whole_story_through_the_installed_command(tmp_path: Path) -> None:
     (tmp_path / "jwt.txt").write_text(minted.stdout)
 
     check = run(
-        "check", "--config", str(config_dir), "--method", "POST", "--path", "/api/orders",
+        "check", "--json", "--config", str(config_dir), "--method", "POST", "--path", "/api/orders",
         "--token-file", str(tmp_path / "jwt.txt"),
     )  # fmt: skip
 

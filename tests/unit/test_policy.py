@@ -35,7 +35,12 @@ def matches(
     req: RequestAttributes | None = None,
     who: Identity | None = None,
 ) -> bool:
-    return compile_rule(Rule.model_validate(rule))(req or RequestAttributes(), who)
+    compiled = compile_rule(Rule.model_validate(rule))
+    req = req or RequestAttributes()
+    matched = compiled.predicate(req, who)
+    # The trace walks the same clauses: it finds a failing clause exactly when the rule fails.
+    assert (compiled.misses(req, who) == ()) == matched
+    return matched
 
 
 def operation(**fields: Any) -> dict[str, Any]:

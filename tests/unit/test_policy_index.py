@@ -450,9 +450,14 @@ _requests = st.builds(
     specs=_configs(),
     cases=st.lists(st.tuples(_requests, _identities), min_size=1, max_size=8),
 )
-def test_indexed_evaluation_equals_linear_evaluation(
+def test_indexed_evaluation_equals_linear_evaluation_and_the_trace(
     specs: list[dict[str, Any]], cases: list[tuple[RequestAttributes, Identity | None]]
 ) -> None:
     indexed, linear = policy_set(specs), policy_set(specs, indexed=False)
+    every = (*linear.deny, *linear.allow, *linear.audit, *linear.dry_run)
     for request, who in cases:
         assert indexed.evaluate(request, who) == linear.evaluate(request, who)
+        # The trace (explain) names a failing clause for exactly the rules that do not match.
+        for policy in every:
+            for rule in policy.rules:
+                assert (rule.misses(request, who) == ()) == rule.predicate(request, who)

@@ -368,17 +368,29 @@ def test_check_command_explains_a_decision_without_printing_the_token(
     token_file = tmp_path / "token"
     token = make_token(groups=["dev"])
     token_file.write_text(token)
-    argv = ["check", "--config", str(path), "--path", "/api/orders?page=2"]
+    argv = ["check", "--json", "--config", str(path), "--path", "/api/orders?page=2"]
     assert cli.main([*argv, "--token-file", str(token_file)]) == 0
     out = capsys.readouterr().out
     result = json.loads(out)
     assert (result["decision"], result["policy"]) == ("allow", "read")
-    assert result["policies_matched"]["allow"] == ["read"]
+    verdicts = {p["name"]: (p["action"], p["matched"], p["decided"]) for p in result["policies"]}
+    assert verdicts == {
+        "no-internal": ("DENY", False, False),
+        "read": ("ALLOW", True, True),
+        "admins-write": ("ALLOW", False, False),
+    }
     assert result["tokens"][0]["principal"] == f"{ISSUER}/alice"
     assert token not in out and token.split(".")[2] not in out
 
     assert cli.main([*argv, "--method", "POST", "--token-file", str(token_file)]) == 1
-    assert json.loads(capsys.readouterr().out)["reason"] == errors.NO_ALLOW_POLICY_MATCHED
+    result = json.loads(capsys.readouterr().out)
+    assert result["reason"] == errors.NO_ALLOW_POLICY_MATCHED
+    why = {p["name"]: p["rules"][0]["failed"] for p in result["policies"]}
+    assert why["read"] == [{"field": "to.operation.methods", "wanted": ["GET"], "had": "POST"}]
+    # A claim's value stays out of the trace unless asked for.
+    assert why["admins-write"] == [
+        {"field": "when[request.auth.claims[groups]]", "wanted": ["admin"], "hidden": True}
+    ]
     assert cli.main(argv) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == errors.MISSING_CREDENTIALS
 
