@@ -126,6 +126,7 @@ class RequestAttributes:
         peer_principal: str = "",
         destination_ip: str = "",
         destination_port: int = 0,
+        destination_principal: str = "",
         sni: str = "",
         context_extensions: Mapping[str, str] | None = None,
         trusted_proxy_hops: int = 0,
@@ -141,6 +142,8 @@ class RequestAttributes:
         self.peer_principal = peer_principal
         self.destination_ip = destination_ip
         self.destination_port = destination_port
+        # The mTLS identity of the workload the request is for (a sidecar's SPIFFE ID).
+        self.destination_principal = destination_principal
         self.sni = sni
         self.context_extensions: Mapping[str, str] = context_extensions or {}
         self.trusted_proxy_hops = trusted_proxy_hops

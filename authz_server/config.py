@@ -1,6 +1,7 @@
 """Configuration: one YAML stream (a file, or a directory of ``*.yaml``) mixing three kinds.
 
-- ``kind: AuthzConfig`` (``apiVersion: authz-server/v1``): ``server``, ``providers``, ``policies``.
+- ``kind: AuthzConfig`` (``apiVersion: authz-server/v1``): ``server``, ``providers``, ``policies``,
+  and ``workloads`` with ``scoping`` and ``istio`` (see ``workloads``: which policies apply where).
 - ``kind: RequestAuthentication`` (``security.istio.io/v1`` or ``v1beta1``): each ``jwtRules``
   entry becomes a provider.
 - ``kind: AuthorizationPolicy`` (``security.istio.io/v1`` or ``v1beta1``): becomes a policy.
@@ -37,6 +38,16 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigError, ConfigProblem
+from authz_server.workloads import (
+    DEFAULT_ROOT_NAMESPACE,
+    IstioScope,
+    NativeScope,
+    TargetRef,
+    Workload,
+    istio_selection,
+    native_selection,
+    workload_problems,
+)
 
 Algorithm = Literal[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
@@ -439,6 +450,26 @@ CUSTOM_REFUSED = (
 )
 
 
+class AppliesToSpec(_Model):
+    """Where a native policy applies once workloads are declared: the workloads named, those
+    of the namespaces listed, those recognised by one of the hosts, those whose context
+    extensions include these."""
+
+    workloads: list[Annotated[str, Field(min_length=1)]] = []
+    namespaces: list[Annotated[str, Field(min_length=1)]] = []
+    hosts: list[Annotated[str, Field(min_length=1)]] = []
+    context_extensions: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> AppliesToSpec:
+        if not (self.workloads or self.namespaces or self.hosts or self.context_extensions):
+            raise ValueError(
+                "selects nothing: list workloads, namespaces, hosts or contextExtensions "
+                "(leave appliesTo out to apply everywhere)"
+            )
+        return self
+
+
 class PolicySpec(_Model):
     """One policy; ``rules`` is exactly Istio's ``AuthorizationPolicy.spec.rules``."""
 
@@ -446,6 +477,7 @@ class PolicySpec(_Model):
     action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
     dry_run: bool = False
     rules: list[Rule] | None = None
+    applies_to: AppliesToSpec | None = None
 
     @field_validator("action", mode="before")
     @classmethod
@@ -541,6 +573,48 @@ class ServerSpec(_Model):
         return value
 
 
+# ------------------------------------------------------------------------------ scoping
+
+
+class WorkloadSpec(_Model):
+    """A workload this server guards, and how its requests are recognised."""
+
+    name: str = Field(min_length=1)
+    namespace: str = Field(default="default", min_length=1)
+    labels: dict[str, str] = {}
+    # A request is this workload's when any one of these recognises it: every listed
+    # key/value among the request's context extensions, its destination principal, its host.
+    context_extensions: dict[str, str] = {}
+    destination_principals: list[Annotated[str, Field(min_length=1)]] = []
+    hosts: list[Annotated[str, Field(min_length=1)]] = []
+    # The Gateway and Service names an Istio policy's targetRefs can point at.
+    gateway_refs: list[Annotated[str, Field(min_length=1)]] = []
+    service_refs: list[Annotated[str, Field(min_length=1)]] = []
+
+    def workload(self) -> Workload:
+        return Workload(
+            name=self.name,
+            namespace=self.namespace,
+            labels=dict(self.labels),
+            context_extensions=dict(self.context_extensions),
+            destination_principals=tuple(self.destination_principals),
+            hosts=tuple(self.hosts),
+            gateway_refs=tuple(self.gateway_refs),
+            service_refs=tuple(self.service_refs),
+        )
+
+
+class ScopingSpec(_Model):
+    # A request no declared workload recognises: 403 `unknown_workload` (fail closed), or
+    # decided with every policy and provider, as without workloads.
+    unknown_workload: Literal["deny", "allPolicies"] = "deny"
+
+
+class IstioSpec(_Model):
+    # Istio's root namespace: a policy there applies to every namespace.
+    root_namespace: str = Field(default=DEFAULT_ROOT_NAMESPACE, min_length=1)
+
+
 class AuthzConfigDoc(_Model):
     api_version: Literal["authz-server/v1"]
     kind: Literal["AuthzConfig"]
@@ -548,6 +622,9 @@ class AuthzConfigDoc(_Model):
     server: ServerSpec | None = None
     providers: list[ProviderSpec] = []
     policies: list[PolicySpec] = []
+    workloads: list[WorkloadSpec] = []
+    scoping: ScopingSpec | None = None
+    istio: IstioSpec | None = None
 
 
 # ------------------------------------------------------------------------------ results
@@ -575,6 +652,12 @@ class Settings:
     warnings: tuple[str, ...] = ()
     digest: str = ""
     sources: tuple[str, ...] = field(default_factory=tuple)
+    # Scoping (on when workloads are declared): the workloads, and for each policy and
+    # provider that does not apply everywhere, the names of the workloads it applies to.
+    workloads: tuple[Workload, ...] = ()
+    unknown_workload: Literal["deny", "allPolicies"] = "deny"
+    policy_scopes: dict[str, frozenset[str]] = field(default_factory=dict)
+    provider_scopes: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -707,12 +790,6 @@ def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -
     if not isinstance(spec, dict):
         problems.append(ConfigProblem(doc.label, "spec", "must be a mapping"))
         return None
-    for ignored in ("selector", "targetRef", "targetRefs"):
-        if ignored in spec:
-            warnings.append(
-                f"{doc.label}: spec.{ignored} is ignored: authz-server applies every policy "
-                "to every request it is asked about"
-            )
     extra = set(body) - {"apiVersion", "kind", "metadata", "spec", "status"}
     for key in sorted(extra):
         problems.append(ConfigProblem(doc.label, key, "unknown field"))
@@ -721,6 +798,51 @@ def _istio_meta(doc: _Doc, problems: list[ConfigProblem], warnings: list[str]) -
 
 # A provider found in a document: (spec, document label, field path of the spec, base dir).
 _FoundProvider = tuple[ProviderSpec, str, str, Path]
+_SCOPE_FIELDS = ("selector", "targetRef", "targetRefs")
+
+
+def _istio_scope(doc: _Doc, problems: list[ConfigProblem]) -> IstioScope:
+    """Where an Istio object applies: its namespace, ``selector.matchLabels``, target refs."""
+    meta, spec = doc.body["metadata"], doc.body["spec"]
+    namespace = meta.get("namespace")
+    match_labels: dict[str, str] | None = None
+    selector = spec.get("selector")
+    if selector is not None:
+        labels = selector.get("matchLabels") if isinstance(selector, dict) else None
+        if (
+            not isinstance(selector, dict)
+            or set(selector) - {"matchLabels"}
+            or not isinstance(labels, dict | None)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in (labels or {}).items())
+        ):
+            problems.append(
+                ConfigProblem(doc.label, "spec.selector", "expected {matchLabels: {label: value}}")
+            )
+        elif labels:
+            match_labels = dict(labels)
+    raw_refs: list[tuple[str, object]] = []
+    if "targetRef" in spec:
+        raw_refs.append(("spec.targetRef", spec["targetRef"]))
+    if "targetRefs" in spec:
+        listed = spec["targetRefs"]
+        if isinstance(listed, list):
+            raw_refs.extend((f"spec.targetRefs[{i}]", ref) for i, ref in enumerate(listed))
+        else:
+            problems.append(ConfigProblem(doc.label, "spec.targetRefs", "must be a list"))
+    refs: list[TargetRef] = []
+    for path, ref in raw_refs:
+        if (
+            not isinstance(ref, dict)
+            or not isinstance(ref.get("kind"), str)
+            or not isinstance(ref.get("name"), str)
+            or not isinstance(ref.get("namespace", ""), str)
+        ):
+            problems.append(ConfigProblem(doc.label, path, "expected {kind, name[, namespace]}"))
+            continue
+        refs.append(TargetRef(ref["kind"], ref["name"], ref.get("namespace") or None))
+    return IstioScope(
+        namespace if isinstance(namespace, str) and namespace else None, match_labels, tuple(refs)
+    )
 
 
 def _request_authentication(
@@ -773,10 +895,11 @@ def _authorization_policy(
     if spec.get("action") == "CUSTOM" or "provider" in spec:
         problems.append(ConfigProblem(doc.label, "spec.action", CUSTOM_REFUSED))
         return None
-    for ignored in ("selector", "targetRef", "targetRefs"):
-        spec.pop(ignored, None)
-    # NOTE: name and dry run come from metadata; PolicySpec would also take them from spec.
-    for key in sorted(set(spec) & {"name", "dryRun", "dry_run"}):
+    for scope_field in _SCOPE_FIELDS:
+        spec.pop(scope_field, None)
+    # NOTE: name and dry run come from metadata, the scope from namespace and selector;
+    # PolicySpec would also take them from spec.
+    for key in sorted(set(spec) & {"name", "dryRun", "dry_run", "appliesTo", "applies_to"}):
         problems.append(ConfigProblem(doc.label, f"spec.{key}", "unknown field"))
         spec.pop(key)
     meta = doc.body["metadata"]
@@ -927,6 +1050,15 @@ def load(path: str | Path) -> Settings:
     # (name, document label, field path of the name) of every policy, valid or not, so that a
     # duplicate name is reported together with the other problems.
     policy_names: list[tuple[str, str, str]] = []
+    # Scoping: the declared workloads (spec, document, field path), where each Istio policy
+    # and provider says it applies, each native policy's appliesTo.
+    workload_specs: list[tuple[WorkloadSpec, str, str]] = []
+    scoping_spec: ScopingSpec | None = None
+    istio_spec: IstioSpec | None = None
+    istio_policy_scopes: dict[str, tuple[IstioScope, str]] = {}
+    istio_provider_scopes: dict[int, tuple[IstioScope, str]] = {}
+    native_scopes: dict[str, tuple[NativeScope, str, str]] = {}
+    scoped_documents: list[tuple[str, str]] = []  # (document, the scope field it sets)
     digest = hashlib.sha256()
     # NOTE: keyed by id() but holding the bytes, so a freed file's id is never reused.
     seen_raw: dict[int, bytes] = {}
@@ -965,6 +1097,31 @@ def load(path: str | Path) -> Settings:
                         ConfigProblem(doc.label, "server", "set in more than one document")
                     )
                 server = native.server
+            for key, value in (("scoping", native.scoping), ("istio", native.istio)):
+                if value is None:
+                    continue
+                if (scoping_spec if key == "scoping" else istio_spec) is not None:
+                    problems.append(ConfigProblem(doc.label, key, "set in more than one document"))
+                if isinstance(value, ScopingSpec):
+                    scoping_spec = value
+                elif isinstance(value, IstioSpec):
+                    istio_spec = value
+            workload_specs.extend(
+                (w, doc.label, f"workloads[{i}]") for i, w in enumerate(native.workloads)
+            )
+            for i, scoped in enumerate(native.policies):
+                if scoped.applies_to is not None:
+                    to = scoped.applies_to
+                    native_scopes[scoped.name] = (
+                        NativeScope(
+                            tuple(to.workloads),
+                            tuple(to.namespaces),
+                            tuple(to.hosts),
+                            dict(to.context_extensions),
+                        ),
+                        doc.label,
+                        f"policies[{i}]",
+                    )
             providers.extend(
                 (p, doc.label, f"providers[{i}]", doc.base_dir)
                 for i, p in enumerate(native.providers)
@@ -984,14 +1141,25 @@ def load(path: str | Path) -> Settings:
                     )
                 )
             elif kind == "RequestAuthentication":
+                first = len(providers)
                 providers.extend(_request_authentication(doc, problems, warnings))
+                if len(providers) > first:
+                    scope = _istio_scope(doc, problems)
+                    for index in range(first, len(providers)):
+                        istio_provider_scopes[index] = (scope, doc.label)
             else:
                 policy = _authorization_policy(doc, problems, warnings)
                 if policy is not None:
                     policies.append(policy)
+                    istio_policy_scopes[policy.name] = (_istio_scope(doc, problems), doc.label)
                 name = _istio_name(doc.body)
                 if name is not None:
                     policy_names.append((name, doc.label, "metadata.name"))
+            spec_body = doc.body.get("spec")
+            if isinstance(spec_body, dict):
+                scoped_documents.extend(
+                    (doc.label, key) for key in _SCOPE_FIELDS if key in spec_body
+                )
         elif not isinstance(api_version, str) or not isinstance(kind, str):
             problems.append(
                 ConfigProblem(
@@ -1018,7 +1186,8 @@ def load(path: str | Path) -> Settings:
 
     resolved: list[Provider] = []
     names: dict[str, int] = {}
-    for spec, document, prefix, base_dir in providers:
+    provider_names: dict[int, str] = {}
+    for index, (spec, document, prefix, base_dir) in enumerate(providers):
         paths, ok = _resolve_provider(spec, document, prefix, base_dir, problems)
         name = spec.name or spec.issuer
         if name in names:
@@ -1031,6 +1200,7 @@ def load(path: str | Path) -> Settings:
             name = f"{name}#{names[name]}"
         else:
             names[name] = 1
+        provider_names[index] = name
         if ok:
             origin = f"{document}: {prefix}"
             resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
@@ -1066,6 +1236,60 @@ def load(path: str | Path) -> Settings:
                 f"{root}: server.allowEmpty is set and there are no providers and no "
                 "policies: every request is allowed"
             )
+    workloads = tuple(spec.workload() for spec, _, _ in workload_specs)
+    policy_scopes: dict[str, frozenset[str]] = {}
+    provider_scopes: dict[str, frozenset[str]] = {}
+    if workloads:
+        for index, field_name, message in workload_problems(workloads):
+            _, document, path = workload_specs[index]
+            where = f"{path}.{field_name}" if field_name else path
+            problems.append(ConfigProblem(document, where, message))
+        root_namespace = (istio_spec or IstioSpec()).root_namespace
+        istio_scopes: list[tuple[str, IstioScope, str, dict[str, frozenset[str]]]] = [
+            (name, scope, document, policy_scopes)
+            for name, (scope, document) in istio_policy_scopes.items()
+        ]
+        istio_scopes += [
+            (provider_names[index], scope, document, provider_scopes)
+            for index, (scope, document) in istio_provider_scopes.items()
+            if index in provider_names
+        ]
+        for name, scope, document, into in istio_scopes:
+            selected, found = istio_selection(scope, workloads, root_namespace)
+            problems.extend(ConfigProblem(document, where, message) for where, message in found)
+            if not found and not selected:
+                warnings.append(
+                    f"{document}: applies to no declared workload (namespace "
+                    f"{scope.namespace!r}, selector {dict(scope.match_labels or {})}): inert"
+                )
+            into[name] = selected
+        for name, (native_scope, document, path) in native_scopes.items():
+            selected, found = native_selection(native_scope, workloads)
+            problems.extend(
+                ConfigProblem(document, f"{path}.{where}", message) for where, message in found
+            )
+            if not found and not selected:
+                warnings.append(
+                    f"{document}: {path}.appliesTo selects no declared workload: the policy "
+                    "applies nowhere"
+                )
+            policy_scopes[name] = selected
+    else:
+        for document, key in scoped_documents:
+            warnings.append(
+                f"{document}: spec.{key} is ignored: no workloads are declared, so every "
+                "policy applies to every request (declare workloads to scope policies)"
+            )
+        for _, document, path in native_scopes.values():
+            problems.append(
+                ConfigProblem(
+                    document,
+                    f"{path}.appliesTo",
+                    "needs workloads: declare the workloads it selects among (without them "
+                    "every policy applies everywhere)",
+                )
+            )
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -1075,4 +1299,8 @@ def load(path: str | Path) -> Settings:
         warnings=tuple(warnings),
         digest=digest.hexdigest()[:16],
         sources=tuple(str(p) for p in _config_files(root)),
+        workloads=workloads,
+        unknown_workload=(scoping_spec or ScopingSpec()).unknown_workload,
+        policy_scopes=policy_scopes,
+        provider_scopes=provider_scopes,
     )

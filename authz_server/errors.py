@@ -69,6 +69,7 @@ INVALID_AUDIENCE = "invalid_audience"
 MISSING_CLAIM = "missing_claim"
 POLICY_DENIED = "policy_denied"
 NO_ALLOW_POLICY_MATCHED = "no_allow_policy_matched"
+UNKNOWN_WORKLOAD = "unknown_workload"
 JWKS_UNAVAILABLE = "jwks_unavailable"
 INTERNAL_ERROR = "internal_error"
 

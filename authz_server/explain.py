@@ -145,6 +145,25 @@ def _tokens(trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
     return entries
 
 
+def _workload(engine: Engine, trace: CheckTrace) -> dict[str, Any] | None:
+    """Which workload the request was scoped to (None when no workloads are declared)."""
+    if engine.workload_index is None:
+        return None
+    scope = trace.scope
+    if scope is None:
+        return {"name": None, "unknown": "deny", "policies_in_scope": []}
+    groups = (scope.policies.deny, scope.policies.allow, scope.policies.audit)
+    names = [p.name for group in (*groups, scope.policies.dry_run) for p in group]
+    return {
+        "name": scope.workload,
+        "unknown": None if scope.workload is not None else "allPolicies",
+        "policies_in_scope": names,
+        "providers_in_scope": sorted(scope.providers)
+        if scope.providers is not None
+        else [p.name for p in engine.providers],
+    }
+
+
 def explain(
     engine: Engine, request: RequestAttributes, *, show_claims: bool = False
 ) -> dict[str, Any]:
@@ -153,7 +172,8 @@ def explain(
     decision = AuthorizationService(engine).check(request, trace=trace)
     secrets = [found.token for found in trace.found]
     identity = trace.identity
-    policies = engine.policies
+    # The policies in the request's scope (every policy when no workloads are declared).
+    policies = trace.scope.policies if trace.scope is not None else engine.policies
     traced: list[dict[str, Any]] = []
     if trace.policies_evaluated:
         for group in (policies.deny, policies.allow, policies.audit, policies.dry_run):
@@ -175,6 +195,7 @@ def explain(
             "host": request.host,
             "path": request.normalized_path,
         },
+        "workload": _workload(engine, trace),
         "tokens": _tokens(trace, show_claims=show_claims),
         "policies_evaluated": trace.policies_evaluated,
         "enforced_allow_policies": len(policies.allow),
@@ -219,6 +240,15 @@ def render_text(result: Mapping[str, Any]) -> str:
     ]
     request = result["request"]
     lines.append(f"request: {request['method']} {request['host'] or '-'} {request['path']}")
+    workload = result.get("workload")
+    if workload is not None:
+        if workload["name"] is not None:
+            in_scope = ", ".join(workload["policies_in_scope"]) or "none"
+            lines.append(f"workload: {workload['name']} (policies in scope: {in_scope})")
+        else:
+            lines.append(
+                f"workload: not recognised (scoping.unknownWorkload: {workload['unknown']})"
+            )
     if not result["tokens"]:
         lines.append("token: none found")
     for token in result["tokens"]:

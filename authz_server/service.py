@@ -29,6 +29,7 @@ from authz_server.policy import PolicySet
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier, WaitMode
+from authz_server.workloads import WorkloadIndex
 
 log = logging.getLogger("authz_server.service")
 
@@ -130,6 +131,18 @@ class _ProviderOutputs:
         return out, withheld
 
 
+@dataclass(frozen=True)
+class WorkloadScope:
+    """What decides the requests of one workload: the policies and providers in its scope.
+    ``workload`` None: every policy and provider (no workloads declared, or an unknown
+    workload under ``scoping.unknownWorkload: allPolicies``)."""
+
+    workload: str | None
+    policies: PolicySet
+    providers: frozenset[str] | None  # None: every provider
+    token_required: bool
+
+
 class Engine:
     """Everything derived from one Settings, ready for the hot path."""
 
@@ -174,13 +187,22 @@ class Engine:
             if self.token_cache.purge not in cache.listeners:
                 cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
+        self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
+        self.everywhere = WorkloadScope(None, self.policies, None, self.token_required)
+        self.workload_index: WorkloadIndex | None = None
+        self.scopes: dict[str, WorkloadScope] = {}
+        if settings.workloads:
+            self.workload_index = WorkloadIndex(settings.workloads)
+            self.scopes = {w.name: self._scope(settings, w.name) for w in settings.workloads}
+        self.unknown_workload = responses.deny(
+            AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
+        )
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
         # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
         self._allows: dict[
             tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
             tuple[Identity | None, Decision],
         ] = {}
-        self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
         # Every header a token is read from, present in a request: removed before the upstream
         # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
         # unless it held a token its provider forwards.
@@ -197,6 +219,34 @@ class Engine:
         self.twin_headers = frozenset(
             twin for header in ours for twin in header_twins(header) if twin not in ours
         )
+
+    def _scope(self, settings: Settings, workload: str) -> WorkloadScope:
+        def applies(scopes: dict[str, frozenset[str]], name: str) -> bool:
+            return name not in scopes or workload in scopes[name]
+
+        providers = frozenset(
+            p.name for p in settings.providers if applies(settings.provider_scopes, p.name)
+        )
+        return WorkloadScope(
+            workload,
+            PolicySet([p for p in settings.policies if applies(settings.policy_scopes, p.name)]),
+            providers,
+            any(
+                p.provider.spec.presence == "REQUIRED"
+                for p in self.providers
+                if p.provider.name in providers
+            ),
+        )
+
+    def scope_for(self, request: RequestAttributes) -> WorkloadScope | None:
+        """The scope ``request`` is decided in; None when workloads are declared, none
+        recognises the request and unknown workloads are denied."""
+        if self.workload_index is None:
+            return self.everywhere
+        workload = self.workload_index.identify(request)
+        if workload is not None:
+            return self.scopes[workload.name]
+        return self.everywhere if self.settings.unknown_workload == "allPolicies" else None
 
     @classmethod
     def build(
@@ -353,6 +403,7 @@ class CheckTrace:
     tokens: list[tuple[FoundToken, Identity | AuthzError]] = field(default_factory=list)
     policies_evaluated: bool = False
     identity: Identity | None = None
+    scope: WorkloadScope | None = None  # None: an unknown workload, denied
 
 
 class AuthorizationService:
@@ -408,6 +459,11 @@ class AuthorizationService:
         trace: CheckTrace | None = None,
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
+        scope = engine.everywhere if engine.workload_index is None else engine.scope_for(request)
+        if trace is not None:
+            trace.scope = scope
+        if scope is None:
+            return engine.unknown_workload, None
         found = engine.extractor.extract(request)
         if trace is not None:
             trace.found = tuple(found)
@@ -439,6 +495,18 @@ class AuthorizationService:
                     )
                     return denial, None
                 verified[key] = current
+            if scope.providers is not None and current.provider not in scope.providers:
+                # A provider this workload's RequestAuthentications do not name: its issuer
+                # is unknown here, as in Istio.
+                error = AuthenticationError(
+                    errors.INVALID_ISSUER, description="the token's issuer is not accepted here"
+                )
+                if trace is not None:
+                    trace.tokens.append((token, error))
+                denial = responses.deny(error, realm=engine.realm, token_present=True)
+                return responses.with_context(
+                    denial, provider=current.provider, principal=None, policy=None
+                ), None
             if trace is not None:
                 trace.tokens.append((token, current))
             identity = identity or current
@@ -449,12 +517,12 @@ class AuthorizationService:
                 query_strip.append(token.location.name)
             elif token.location.kind == "cookie":
                 cookie_strip.add(token.location.name)
-        if identity is None and engine.token_required:
+        if identity is None and scope.token_required:
             return engine.missing_credentials, None
 
         if trace is not None:
             trace.policies_evaluated, trace.identity = True, identity
-        result = engine.policies.evaluate(request, identity)
+        result = scope.policies.evaluate(request, identity)
         provider = identity.provider if identity else None
         principal = identity.principal if identity else None
         if not result.allowed:

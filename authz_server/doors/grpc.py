@@ -64,6 +64,7 @@ def to_attributes(request: Any) -> RequestAttributes:
         peer_principal=attrs.source.principal,
         destination_ip=destination.address,
         destination_port=destination.port_value,
+        destination_principal=attrs.destination.principal,
         sni=attrs.tls_session.sni,
         context_extensions=attrs.context_extensions,
     )

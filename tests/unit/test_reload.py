@@ -630,5 +630,11 @@ def test_an_empty_config_that_says_allow_empty_is_applied(
     replace_text(
         path, "apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {allowEmpty: true}\n"
     )
-    wait_until(lambda: server.service.check(anonymous_delete).allowed, what="allow-all")
-    assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
+    # The engine is swapped a moment before the reload is counted: wait for both.
+    wait_until(
+        lambda: (
+            server.service.check(anonymous_delete).allowed
+            and registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) == 1
+        ),
+        what="allow-all, counted",
+    )
