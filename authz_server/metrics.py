@@ -10,14 +10,19 @@ Multi-process (``--workers``): with ``multiprocess_mode=True`` (and ``PROMETHEUS
 set before prometheus-client is imported) every worker writes its samples to that directory and
 the supervisor's ``/metrics`` aggregates them. A scrape reaches the supervisor, not the workers,
 so each worker copies its token cache and key set state into multi-process metrics now and
-then (``publish_engine``): counters summed over workers, gauges as named per metric.
+then (``publish_engine``): counters summed over workers, gauges as named per metric. The
+supervisor adds what only it knows (``SupervisorCollector``): worker restarts, and CPU and
+memory of every process of the server.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -90,6 +95,11 @@ class _EngineCollector(Collector):
             "Seconds the provider has served keys since refreshes started failing (0 = fresh).",
             labels=["provider"],
         )
+        max_stale = GaugeMetricFamily(
+            "authz_jwks_max_stale_seconds",
+            "The provider's maxStale: stale keys are dropped (its tokens get 503) past it.",
+            labels=["provider"],
+        )
         for name, jwks in engine.caches.items():
             for result, count in jwks.fetches.items():
                 fetches.add_metric([name, result], count)
@@ -98,7 +108,8 @@ class _EngineCollector(Collector):
             if jwks.last_success_wall is not None:
                 last.add_metric([name], jwks.last_success_wall)
             stale.add_metric([name], jwks.stale_for())
-        yield from (fetches, keys, last, stale)
+            max_stale.add_metric([name], jwks.max_stale)
+        yield from (fetches, keys, last, stale, max_stale)
 
 
 class _DroppedLinesCollector(Collector):
@@ -158,6 +169,10 @@ class Metrics:
         self.reloads = Counter(
             "authz_config_reloads", "Configuration reloads by result.", ["result"], registry=r
         )
+        # NOTE: both series exist from the start, at 0: increase() cannot see the first failure
+        # of a series that is born at 1, and the reload alert must.
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
         self.last_reload = Gauge(
             "authz_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load.",
@@ -247,11 +262,69 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def aggregated_exposition() -> bytes:
-    """``/metrics`` over every worker's files in ``PROMETHEUS_MULTIPROC_DIR``."""
+def aggregated_exposition(*extra: Collector) -> bytes:
+    """``/metrics`` over every worker's files in ``PROMETHEUS_MULTIPROC_DIR``, and ``extra``."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    for collector in extra:
+        registry.register(collector)
     return generate_latest(registry)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_and_memory(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of process ``pid`` from /proc; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text()
+    except OSError:
+        return None
+    # After the ")" that ends the command name: state is field 3 of proc(5), utime 14, stime 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(statm.split()[1]) * _PAGE_SIZE
+
+
+class SupervisorCollector(Collector):
+    """What only the ``--workers`` supervisor knows, read at each scrape: worker restarts, and
+    CPU and memory of the whole server (the workers' process collectors are off in
+    multi-process mode). CPU and memory keep the single-process names, so one dashboard reads
+    both; the CPU of exited workers stays counted (the supervisor reaped them), so a restart
+    does not look like a counter reset."""
+
+    def __init__(
+        self, restarts: Callable[[], int], worker_pids: Callable[[], Iterable[int]]
+    ) -> None:
+        self._restarts = restarts
+        self._worker_pids = worker_pids
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "authz_worker_restarts",
+            "Worker processes that exited while the server ran and were restarted.",
+            value=self._restarts(),
+        )
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+        memory = (_cpu_and_memory(os.getpid()) or (0.0, 0))[1]
+        for pid in self._worker_pids():
+            usage = _cpu_and_memory(pid)
+            if usage is not None:
+                cpu += usage[0]
+                memory += usage[1]
+        yield CounterMetricFamily(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds (the supervisor and its workers).",
+            value=cpu,
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes (the supervisor and its live workers).",
+            value=memory,
+        )
 
 
 # How each scrape-time gauge combines across live workers.
@@ -260,6 +333,7 @@ _GAUGE_MODES = {
     "authz_jwks_keys": "livemin",  # the worker with the fewest usable keys
     "authz_jwks_last_success_timestamp_seconds": "livemin",  # the stalest worker
     "authz_jwks_stale_seconds": "livemax",
+    "authz_jwks_max_stale_seconds": "livemin",
 }
 
 

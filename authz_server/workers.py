@@ -159,6 +159,7 @@ class Supervisor:
         self.grpc_port = 0
         self.http_port = 0
         self.http_authz_port = 0
+        self.restarts = 0  # workers that exited outside a shutdown (authz_worker_restarts_total)
 
     # ---------------------------------------------------------------- side port owner
 
@@ -168,9 +169,12 @@ class Supervisor:
         return ready, {"ready": ready, "workers": states}
 
     def exposition(self) -> bytes:
-        from authz_server.metrics import aggregated_exposition  # noqa: PLC0415
+        from authz_server.metrics import SupervisorCollector, aggregated_exposition  # noqa: PLC0415
 
-        return aggregated_exposition()
+        return aggregated_exposition(SupervisorCollector(lambda: self.restarts, self._worker_pids))
+
+    def _worker_pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process is not None and s.process.pid]
 
     # ---------------------------------------------------------------------- running
 
@@ -222,6 +226,7 @@ class Supervisor:
 
         process = slot.process
         self.board[slot.index] = 0
+        self.restarts += 1
         multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         ran = time.monotonic() - slot.started
         slot.restart_delay = (

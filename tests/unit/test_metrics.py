@@ -4,6 +4,10 @@ the exposition text. Every test reads values back from its own fresh CollectorRe
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +20,10 @@ from authz_server.attributes import RequestAttributes
 from authz_server.devkeys import SigningKey
 from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
-from authz_server.metrics import CHECK_BUCKETS, Metrics
+from authz_server.metrics import CHECK_BUCKETS, Metrics, SupervisorCollector
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine
+from tests.e2e.harness import wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, write_config
 
 POLICIES = """
@@ -210,7 +215,9 @@ def test_config_loaded_sets_the_info_gauge_for_the_current_hash_only(
 ) -> None:
     metrics.config_loaded("aaaa", reload=False)
     assert registry.get_sample_value("authz_config_info", {"hash": "aaaa"}) == 1
-    assert registry.get_sample_value("authz_config_reloads_total", {"result": "success"}) is None
+    # Both results exist from the start, at 0, so that the first failure is an increase.
+    for result in ("success", "failure"):
+        assert registry.get_sample_value("authz_config_reloads_total", {"result": result}) == 0
     first = registry.get_sample_value("authz_config_last_reload_success_timestamp_seconds")
     assert first is not None and first > 1e9
 
@@ -305,6 +312,8 @@ def test_scrape_time_collector_reads_token_cache_and_key_sets_of_a_real_engine(
     assert sample("authz_jwks_stale_seconds", "main") == 0
     assert sample("authz_jwks_stale_seconds", "partner") == 42
     assert sample("authz_jwks_stale_seconds", "down") == 0
+    # maxStale beside the staleness, so an alert can say "80% of the way to 503s".
+    assert sample("authz_jwks_max_stale_seconds", "partner") == 86400
     last = sample("authz_jwks_last_success_timestamp_seconds", "main")
     assert last is not None and last > 1e9
     assert sample("authz_jwks_last_success_timestamp_seconds", "down") is None
@@ -355,3 +364,37 @@ def test_standard_process_and_python_collectors_are_registered(
     gc = registry.get_sample_value("python_gc_objects_collected_total", {"generation": "0"})
     assert gc is not None
     assert any(f.name == "python_info" for f in registry.collect())
+
+
+def test_supervisor_reports_restarts_and_the_cpu_and_memory_of_its_workers() -> None:
+    """Under --workers the process collectors are off: the supervisor's collector counts the
+    workers' CPU and memory, and keeps an exited worker's CPU (no counter reset on a restart)."""
+    burn = "import sys; sum(range(3 * 10**6)); sys.stdin.read()"
+    worker = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
+    restarts = [0]
+    pids = [worker.pid]
+    registry = CollectorRegistry()
+    registry.register(SupervisorCollector(lambda: restarts[0], lambda: pids))
+
+    def worker_cpu() -> float:
+        fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        wait_until(lambda: worker_cpu() >= 0.05, timeout=20, what="the worker's CPU")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        with_worker = registry.get_sample_value("process_cpu_seconds_total")
+        assert with_worker is not None
+        assert with_worker >= own.ru_utime + own.ru_stime + worker_cpu() - 0.01
+        memory = registry.get_sample_value("process_resident_memory_bytes")
+        worker_rss = int(Path(f"/proc/{worker.pid}/statm").read_text().split()[1])
+        assert memory is not None and memory > worker_rss * os.sysconf("SC_PAGE_SIZE")
+    finally:
+        assert worker.stdin is not None
+        worker.stdin.close()
+        worker.wait(10)
+    # The supervisor reaped it and restarted another: its CPU stays in the total.
+    pids.clear()
+    restarts[0] = 1
+    assert (registry.get_sample_value("process_cpu_seconds_total") or 0) >= with_worker
+    assert registry.get_sample_value("authz_worker_restarts_total") == 1
