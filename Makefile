@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: help install lint format test run fuzz bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: monitoring-tools monitoring dashboard-preview
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -19,15 +20,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check authz_server tests examples bench fuzz
-	$(BIN)/ruff format --check authz_server tests examples bench fuzz
+	$(BIN)/ruff check authz_server tests examples bench fuzz k8s/monitoring
+	$(BIN)/ruff format --check authz_server tests examples bench fuzz k8s/monitoring
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff check --fix authz_server tests examples bench fuzz
-	$(BIN)/ruff format authz_server tests examples bench fuzz
+	$(BIN)/ruff check --fix authz_server tests examples bench fuzz k8s/monitoring
+	$(BIN)/ruff format authz_server tests examples bench fuzz k8s/monitoring
 
-test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy)
+test: $(STAMP) monitoring-tools ## Run the whole test suite (unit + end-to-end through a real Envoy)
 	$(BIN)/pytest
 
 DOOR ?= grpc
@@ -84,6 +85,28 @@ image-check: $(STAMP) ## Lint the Dockerfile (hadolint) and test its shape; no e
 
 k8s-validate: $(STAMP) ## Render k8s/ with kubectl and validate it offline (schemas, config, docs)
 	$(BIN)/pytest -q tests/test_manifests.py tests/test_deploy_docs.py
+
+# NOTE: policy-rc.d (exit 101) for the install, when none exists: the tests start their own
+# Prometheus on 127.0.0.1, never Debian's service.
+monitoring-tools: ## Install Prometheus and promtool (Debian's prometheus) when missing, service not started
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		apt-get update || exit 1; made=""; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; \
+		fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; status=$$?; \
+		if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+		exit $$status; \
+	fi
+
+monitoring: $(STAMP) monitoring-tools ## Regenerate k8s/monitoring/ (dashboard, rules) from its source and check the rules
+	$(BIN)/python k8s/monitoring/generate.py
+	promtool check rules k8s/monitoring/rules.yaml
+	promtool test rules tests/monitoring/rules_test.yaml
+
+dashboard-preview: $(STAMP) monitoring-tools ## Render the dashboard's main panels from a real Prometheus run (~1 min): docs/dashboard-preview.png
+	$(BIN)/pip install --quiet -e '.[dev,monitoring]'
+	$(BIN)/python -m tests.monitoring.preview docs/dashboard-preview.png
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

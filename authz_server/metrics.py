@@ -179,12 +179,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.last_rejected = Gauge(
+            "authz_config_last_reload_failure_timestamp_seconds",
+            "Unix time of the last configuration reload that was refused (0: none yet).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        # livemax: a worker that died (and was restarted) no longer speaks for the pod.
         self.config_info = Gauge(
             "authz_config_info",
             "The configuration in force (1), by content hash.",
             ["hash"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self._duration_children = {
             (d, door): self.check_duration.labels(d, door)
@@ -247,7 +254,12 @@ class Metrics:
         # NOTE: set the new hash before removing the old, so no scrape sees neither.
         self.config_info.labels(digest).set(1)
         if self._config_digest not in (None, digest):
-            self.config_info.remove(self._config_digest)
+            if self.multiprocess_mode:
+                # prometheus-client cannot remove a series from the workers' files: 0 says
+                # "no longer in force" (the query is `authz_config_info == 1`).
+                self.config_info.labels(self._config_digest).set(0)
+            else:
+                self.config_info.remove(self._config_digest)
         self._config_digest = digest
         self.last_reload.set(time.time())
         if reload:
@@ -255,6 +267,7 @@ class Metrics:
 
     def config_rejected(self) -> None:
         self.reloads.labels("failure").inc()
+        self.last_rejected.set(time.time())
 
     def exposition(self) -> bytes:
         """The text format for ``/metrics`` (of this process; workers are read by

@@ -232,8 +232,16 @@ def test_config_loaded_sets_the_info_gauge_for_the_current_hash_only(
 def test_reload_failures_are_counted_apart_from_successes(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
+    def last(result: str) -> float:
+        value = registry.get_sample_value(f"authz_config_last_reload_{result}_timestamp_seconds")
+        assert value is not None
+        return value
+
     metrics.config_loaded("aaaa", reload=False)
+    assert last("failure") == 0
     metrics.config_rejected()
+    # The last attempt was refused: the reload alert compares these two.
+    assert last("failure") >= last("success") > 0
     metrics.config_rejected()
     metrics.config_loaded("bbbb", reload=True)
     assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 2
