@@ -120,3 +120,12 @@ def test_the_401_reasons_of_the_alert_are_the_references_401_reasons() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \| 401\b", table, flags=re.MULTILINE))
     assert documented
     assert set(generator().UNAUTHENTICATED_REASONS) == documented
+
+
+def test_the_readme_lists_every_panel_and_every_alert() -> None:
+    readme = (MONITORING / "README.md").read_text()
+    for row in generator().ROWS:
+        for panel in row.panels:
+            assert f"| {panel.title} |" in readme, panel.title
+    for alert in generator().ALERTS:
+        assert f"| `{alert.name}` | {alert.severity} |" in readme, alert.name
