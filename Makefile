@@ -103,7 +103,7 @@ monitoring: $(STAMP) monitoring-tools ## Regenerate k8s/monitoring/ from generat
 	$(BIN)/python k8s/monitoring/generate.py
 	$(BIN)/pytest -q tests/monitoring
 
-dashboard-preview: $(STAMP) monitoring-tools ## Render the dashboard's main panels from a real Prometheus run (~1 min): docs/dashboard-preview.png
+dashboard-preview: $(STAMP) monitoring-tools ## Draw the dashboard's main panels from a real Prometheus run (~2 min): docs/dashboard-preview.png
 	$(BIN)/pip install --quiet -e '.[dev,monitoring]'
 	$(BIN)/python -m tests.monitoring.preview docs/dashboard-preview.png
 

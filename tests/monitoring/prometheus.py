@@ -64,6 +64,14 @@ def dashboard_exprs(dashboard: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def for_grafana(expr: str, variables: Mapping[str, str]) -> str:
+    """``expr`` with the dashboard's variables (``$name``) replaced as Grafana would."""
+    # Longest first: `$__rate_interval` is not `$__rate` followed by text, say.
+    for name in sorted(variables, key=len, reverse=True):
+        expr = expr.replace(name, variables[name])
+    return expr
+
+
 def rule_exprs(rules: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(alert or record name, expr) of every rule of a rules file."""
     return [

@@ -40,6 +40,10 @@ PROVIDER = "corp"
 NAMESPACE = "authz-system"
 JOB = "authz-server"
 WORKERS = 2
+# A configuration every worker refuses (an unknown policy action).
+REFUSED = (
+    "apiVersion: authz-server/v1\nkind: AuthzConfig\npolicies:\n  - name: x\n    action: BOGUS\n"
+)
 
 
 def config_text(jwks_url: str, dry_run_paths: list[str], max_stale: str = "10m") -> str:
@@ -121,11 +125,13 @@ class MonitoredStack:
     def reload_and_wait(self, text: str) -> str:
         """Reload a configuration the server accepts; wait until every worker runs it."""
         digest = digest_of(text)
+        before = sample(self.server, "authz_config_reloads_total", result="success")
         self.reload(text)
         wait_until(
             lambda: (
                 sample(self.server, "authz_config_info", hash=digest) == 1
-                and sample(self.server, "authz_config_reloads_total", result="success") >= WORKERS
+                and sample(self.server, "authz_config_reloads_total", result="success")
+                >= before + WORKERS
             ),
             timeout=20,
             what=f"every worker on configuration {digest}",

@@ -24,11 +24,12 @@ import yaml
 from authz_server import devkeys
 from tests.e2e.harness import wait_until
 from tests.helpers import claims_for
-from tests.monitoring.prometheus import MONITORING, dashboard_exprs, rule_exprs
+from tests.monitoring.prometheus import MONITORING, dashboard_exprs, for_grafana, rule_exprs
 from tests.monitoring.stack import (
     JOB,
     NAMESPACE,
     PROVIDER,
+    REFUSED,
     MonitoredStack,
     config_text,
     monitored_stack,
@@ -41,16 +42,6 @@ RULES = yaml.safe_load((MONITORING / "rules.yaml").read_text())
 # What Grafana puts in place of the dashboard's variables; 5m spans the whole story.
 VARIABLES = {"$__rate_interval": "5m", "$namespace": NAMESPACE, "$job": JOB}
 _COMPARISON = re.compile(r" (==|!=|>=|<=|>|<) (?!bool )")
-REFUSED = (
-    "apiVersion: authz-server/v1\nkind: AuthzConfig\npolicies:\n  - name: x\n    action: BOGUS\n"
-)
-
-
-def for_grafana(expr: str) -> str:
-    """``expr`` with the dashboard's variables replaced as Grafana would."""
-    for name, value in VARIABLES.items():
-        expr = expr.replace(name, value)
-    return expr
 
 
 def probe(expr: str) -> str:
@@ -61,7 +52,9 @@ def probe(expr: str) -> str:
 
 def panel(title: str) -> list[str]:
     """The queries of the dashboard panel ``title``, variables replaced."""
-    exprs = [for_grafana(expr) for name, expr in dashboard_exprs(DASHBOARD) if name == title]
+    exprs = [
+        for_grafana(expr, VARIABLES) for name, expr in dashboard_exprs(DASHBOARD) if name == title
+    ]
     assert exprs, f"no panel {title!r}"
     return exprs
 
@@ -139,7 +132,7 @@ def test_the_story_happened_as_told(story: Story) -> None:
 
 
 def test_every_dashboard_query_parses_and_returns_data(story: Story) -> None:
-    queries = [(title, for_grafana(expr)) for title, expr in dashboard_exprs(DASHBOARD)]
+    queries = [(title, for_grafana(expr, VARIABLES)) for title, expr in dashboard_exprs(DASHBOARD)]
     assert len(queries) >= 20
     for title, expr in queries:
         answer = story.stack.prometheus.query(expr)
