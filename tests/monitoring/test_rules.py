@@ -334,3 +334,11 @@ def test_annotations_use_labels_only_and_every_alert_says_what_to_do() -> None:
             assert all(re.fullmatch(r"\{\{\s*\$labels\.\w+\s*\}\}", t) for t in templates), text
         assert alert.severity in ("warning", "critical")
         assert len(alert.description) > 150, f"{alert.name}: say what to do"
+
+
+def test_a_missing_promtool_fails_the_tests_saying_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(AssertionError, match=r"`promtool` not found.*make monitoring-tools"):
+        tool("promtool")
