@@ -234,6 +234,8 @@ def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) 
         timeout=60,
         what="ready again",
     )
+    # Counted for the dashboard and the AuthzWorkerRestarting alert.
+    assert metric_sum(server, "authz_worker_restarts_total") == 1
 
 
 def test_sigterm_drains_every_worker_and_exits_0(server: AuthzServerProcess, token: str) -> None:

@@ -1,12 +1,12 @@
 """End to end: the dashboard and the alert rules against a real Prometheus scraping the server.
 
-One story, run once for the module: the server under ``--workers 2`` behind a real Envoy; a
-worker is killed and restarted; Envoy traffic with valid, forged, malformed and missing
-tokens, allowed, denied and dry-run-denied; a configuration reload; a key set outage (the JWKS
-endpoint answers 500); a refused reload. Prometheus scrapes every second with the rules file
-loaded. Then every query of the dashboard and every alert expression goes through Prometheus'
-HTTP query API: each must parse and return data, so a query that names a metric or a label the
-server does not export fails here.
+One story, run once for the module: the server under ``--workers 2`` behind a real Envoy;
+Envoy traffic with valid, forged, malformed and missing tokens, allowed, denied and
+dry-run-denied; a configuration reload; a key set outage (the JWKS endpoint answers 500); a
+refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
+of the dashboard and every alert expression goes through Prometheus' HTTP query API: each must
+parse and return data, so a query that names a metric or a label the server does not export
+fails here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import yaml
@@ -84,10 +83,6 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     workdir = tmp_path_factory.mktemp("monitoring-e2e")
     with monitored_stack(workdir) as stack:
         prometheus = stack.prometheus
-        # Scraped once before the kill, so the restart is an increase of a known series.
-        prometheus.wait_for(f'authz_worker_restarts_total{{job="{JOB}"}} == 0')
-        stack.kill_worker(0)
-
         valid = stack.token()
         forged = devkeys.generate_key("RSA", kid="monitoring").sign(claims_for(time.time()))
         traffic: dict[str, tuple[str, str | None, int]] = {
@@ -234,14 +229,14 @@ def test_the_key_set_panels_show_the_outage(story: Story) -> None:
     assert age[PROVIDER] > 0
 
 
-def test_the_configuration_and_process_panels_show_the_reload_and_the_restart(
+def test_the_configuration_and_process_panels_show_the_reload_and_the_processes(
     story: Story,
 ) -> None:
     assert story.by("hash", panel("Configuration in force")[0]) == {story.digest: 1}
     reloads = story.by("result", panel("Configuration reloads")[0])
     assert reloads["success"] > 0 and reloads["failure"] > 0
-    restarts: dict[str, Any] = story.by("instance", panel("Worker restarts")[0])
-    assert list(restarts.values()) and all(v > 0 for v in restarts.values())
+    # No worker died here (tests/e2e/test_workers.py kills one): the panel shows a 0.
+    assert list(story.by("instance", panel("Worker restarts")[0]).values()) == [0]
     (cpu,) = story.by("instance", panel("CPU per pod")[0]).values()
     assert cpu > 0
     (memory,) = story.by("instance", panel("Memory per pod")[0]).values()
