@@ -5,6 +5,7 @@ engine and compared with what it expects; a failure says what differed and shows
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,6 +23,7 @@ from tests.helpers import claims_for, write_config
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "examples" / "demo" / "config.yaml"
 DEMO_CASES = ROOT / "examples" / "demo" / "policy-tests.yaml"
+README = ROOT / "README.md"
 
 
 def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -60,6 +62,16 @@ def test_the_demo_cases_pass_through_the_real_cli(tmp_path: Path) -> None:
     assert (root.tag, root.get("tests"), root.get("failures")) == ("testsuites", str(count), "0")
     assert [s.get("name") for s in root.iter("testsuite")] == [g["name"] for g in groups]
     assert root.find(".//failure") is None
+    # The README shows this very run, and cases of this very file.
+    assert f"{proc.stdout}```" in README.read_text()
+    shown = [
+        b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.DOTALL) if "expect:" in b
+    ]
+    assert shown
+    for block in shown:
+        for group in yaml.safe_load(block)["groups"]:
+            (demo,) = [g for g in groups if g["name"] == group["name"]]
+            assert all(case in demo["cases"] for case in group["cases"])
 
 
 # A cases file for the demo with one expectation right and one wrong.
