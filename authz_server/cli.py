@@ -1,8 +1,8 @@
-"""Command line: ``authz-server serve | validate | check | token | version``.
+"""Command line: ``authz-server serve | validate | check | test | token | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
-that a log pipeline sees every line of a pod; ``validate``, ``check`` and ``token`` are for a
-person at a terminal and print plain text.
+that a log pipeline sees every line of a pod; ``validate``, ``check``, ``test`` and ``token`` are
+for a person at a terminal (or a CI job) and print plain text.
 """
 
 from __future__ import annotations
@@ -94,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="the full trace as JSON")
     check.add_argument(
         "--show-claims", action="store_true", help="include claim values in the trace"
+    )
+
+    test = sub.add_parser(
+        "test",
+        help="run policy tests: decide each case of a cases file offline and compare (exit 0 "
+        "all passed, 1 some failed, 2 usage, configuration or cases file error)",
+        description="Decide every case of CASES (YAML: groups of named cases, each a request, "
+        "an identity and what to expect) as the server would, and print PASS or FAIL per case, "
+        "with what differed and the trace of each failure, then 'N passed, M failed'. Tokens "
+        "for `claims` cases are signed with throwaway keys the providers of their issuer trust "
+        "instead of their key source: nothing is fetched for them.",
+    )
+    test.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
+    test.add_argument("cases", type=Path, metavar="CASES.yaml", help="the cases file")
+    test.add_argument(
+        "--junit-xml",
+        type=Path,
+        metavar="FILE",
+        help="also write the results as JUnit XML (a testsuite per group) for CI systems",
     )
 
     _token_parser(sub)
@@ -267,8 +286,34 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0 if result["decision"] == "allow" else 1
 
 
+def _test(args: argparse.Namespace, settings: config.Settings) -> int:
+    from authz_server import policy_tests  # noqa: PLC0415
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    try:
+        cases = policy_tests.load_cases(args.cases)
+        outcomes = policy_tests.run(settings, cases, warn=warn)
+    except policy_tests.CasesError as exc:
+        print(f"invalid cases file {args.cases} ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    for outcome in outcomes:
+        print("\n".join(policy_tests.render_outcome(outcome)))
+    print(policy_tests.summary(outcomes))
+    if args.junit_xml is not None:
+        try:
+            args.junit_xml.write_bytes(policy_tests.junit_xml(outcomes, suite=args.cases.stem))
+        except OSError as exc:
+            print(f"--junit-xml {args.junit_xml}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
 def _load(path: str) -> config.Settings | None:
-    """For validate and check: every problem as a line of text on stderr."""
+    """For validate, check and test: every problem as a line of text on stderr."""
     try:
         settings = config.load(path)
     except ConfigError as exc:
@@ -373,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)
+    if args.command == "test":
+        settings = _load(args.config)
+        return 2 if settings is None else _test(args, settings)
     if args.command == "validate":
         settings = _load(args.config)
         if settings is None:
