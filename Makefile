@@ -27,8 +27,12 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 	$(BIN)/ruff check --fix authz_server tests examples bench fuzz
 	$(BIN)/ruff format authz_server tests examples bench fuzz
 
-test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy)
-	$(BIN)/pytest
+# Two pytest processes: most of the suite waits (Envoy starting, IdPs answering, polls), so
+# two overlap well even on two cores. A test file stays in one process (--dist loadfile), so a
+# module's shared Envoy and server start once.
+TEST_WORKERS ?= 2
+test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy; TEST_WORKERS=2)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 DOOR ?= grpc
 run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)

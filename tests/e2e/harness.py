@@ -568,7 +568,7 @@ class EnvoyProcess(_Process):
         log_path: Path | str | None = None,
         *,
         extra_args: Sequence[str] = ("--concurrency", "2"),
-        ready_timeout: float = 20.0,
+        ready_timeout: float = 60.0,  # generous: a busy shared machine starts slowly
     ) -> None:
         super().__init__(log_path)
         self.bootstrap_yaml = bootstrap_yaml
@@ -623,7 +623,7 @@ class AuthzServerProcess(_Process):
         *,
         log_path: Path | str | None = None,
         ready_path: str = "/healthz",
-        ready_timeout: float = 20.0,
+        ready_timeout: float = 60.0,  # generous: a busy shared machine starts slowly
     ) -> None:
         super().__init__(log_path)
         self.config_path = Path(config_path)
