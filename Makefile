@@ -19,16 +19,20 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check authz_server tests examples bench fuzz
-	$(BIN)/ruff format --check authz_server tests examples bench fuzz
+	$(BIN)/ruff check authz_server tests examples bench fuzz proto
+	$(BIN)/ruff format --check authz_server tests examples bench fuzz proto
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff check --fix authz_server tests examples bench fuzz
-	$(BIN)/ruff format authz_server tests examples bench fuzz
+	$(BIN)/ruff check --fix authz_server tests examples bench fuzz proto
+	$(BIN)/ruff format authz_server tests examples bench fuzz proto
 
 test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy)
 	$(BIN)/pytest
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate authz_server/v1/ from proto/*.proto (grpcio-tools); commit the result
+	$(BIN)/python proto/generate.py
 
 DOOR ?= grpc
 run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)
