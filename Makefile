@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check authz_server tests examples bench fuzz
-	$(BIN)/ruff format --check authz_server tests examples bench fuzz
+	$(BIN)/ruff check authz_server tests examples bench fuzz proto
+	$(BIN)/ruff format --check authz_server tests examples bench fuzz proto
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff check --fix authz_server tests examples bench fuzz
-	$(BIN)/ruff format authz_server tests examples bench fuzz
+	$(BIN)/ruff check --fix authz_server tests examples bench fuzz proto
+	$(BIN)/ruff format authz_server tests examples bench fuzz proto
 
 # Two pytest processes: most of the suite waits (Envoy starting, IdPs answering, polls), so
 # two overlap well even on two cores. A test file stays in one process (--dist loadfile), so a
@@ -33,6 +33,10 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 TEST_WORKERS ?= 2
 test: $(STAMP) ## Run the whole test suite (unit + end-to-end through a real Envoy; TEST_WORKERS=2)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate authz_server/v1/ from proto/*.proto (grpcio-tools); commit the result
+	$(BIN)/python proto/generate.py
 
 DOOR ?= grpc
 run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)

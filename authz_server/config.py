@@ -536,6 +536,15 @@ class HttpAuthzSpec(_Model):
         return value
 
 
+class ExplainSpec(_Model):
+    """The Explain API (``authz_server.v1.Explain``): why a request would be allowed or denied,
+    rule by rule. Off by default: its answers reveal the structure of the policies."""
+
+    enabled: bool = False
+    # host:port or unix:/path: its own gRPC server there; absent = on the gRPC port (`listen`).
+    listen: str | None = None
+
+
 class ServerSpec(_Model):
     listen: str = "0.0.0.0:9001"
     http_listen: str = "0.0.0.0:9090"
@@ -564,6 +573,7 @@ class ServerSpec(_Model):
     # truncated file or an empty ConfigMap looks like, so it is refused unless this says the
     # emptiness is meant.
     allow_empty: bool = False
+    explain: ExplainSpec = Field(default_factory=ExplainSpec)
 
     @field_validator("unknown_kid_wait")
     @classmethod

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
+from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
 from authz_server.jwks import JWKSCache
@@ -167,11 +168,13 @@ class AuthzServer:
             self.reloader.digest = settings.digest
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None
+        self.explain_server: grpc.Server | None = None  # the Explain API on its own port
         self.side_port: SidePort | None = None
         self.http_door: HttpDoor | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.http_authz_port = 0
+        self.explain_port = 0
         self._stopping = False
         self._stop_following = threading.Event()
 
@@ -200,7 +203,7 @@ class AuthzServer:
         self._watch_caches(engine)
         ignored = [
             f"server.{name}"
-            for name in ("listen", "http_listen", "threads", "http_authz")
+            for name in ("listen", "http_listen", "threads", "http_authz", "explain")
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.decision_log.configure(settings.server.decision_log)
@@ -277,9 +280,12 @@ class AuthzServer:
         )
         server.add_generic_rpc_handlers((AuthorizationServicer(self.service).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        services = [AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        explain = self.settings.server.explain
+        if explain.enabled and explain.listen is None:
+            ExplainServicer(lambda: self.service.engine).register(server)
+            services.append(EXPLAIN_SERVICE)
+        reflection.enable_server_reflection(services, server)
         self.grpc_port = server.add_insecure_port(self.listen)
         if self.grpc_port == 0 and not self.listen.startswith("unix:"):
             raise OSError(f"cannot listen on {self.listen}")
@@ -287,6 +293,14 @@ class AuthzServer:
         self.grpc_server = server
 
         doors = f"gRPC on {self.listen}"
+        if explain.enabled:
+            if explain.listen is not None:
+                try:
+                    self._start_explain_server(explain.listen)
+                except BaseException:
+                    server.stop(0)
+                    raise
+            doors += f", Explain API on {explain.listen or self.listen}"
         if self.http_authz_listen is not None:
             self.http_door = HttpDoor(
                 self.service,
@@ -299,6 +313,8 @@ class AuthzServer:
                 self.http_door.start()
             except BaseException:
                 server.stop(0)  # the gRPC door is up already: do not leave it serving alone
+                if self.explain_server is not None:
+                    self.explain_server.stop(0)
                 raise
             self.http_authz_port = self.http_door.port
             doors += f", HTTP ext_authz on {self.http_authz_listen}"
@@ -330,6 +346,20 @@ class AuthzServer:
             "" if ready else providers,
         )
 
+    def _start_explain_server(self, listen: str) -> None:
+        """The Explain API on its own gRPC server (with reflection), apart from Envoy's Checks."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="explain"),
+            options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
+        )
+        ExplainServicer(lambda: self.service.engine).register(server)
+        reflection.enable_server_reflection((EXPLAIN_SERVICE, reflection.SERVICE_NAME), server)
+        self.explain_port = server.add_insecure_port(listen)
+        if self.explain_port == 0 and not listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {listen} (server.explain.listen)")
+        server.start()
+        self.explain_server = server
+
     def _follow_peers(self, interval: float = 0.25) -> None:
         while not self._stop_following.wait(interval):
             self._update_health()
@@ -350,6 +380,8 @@ class AuthzServer:
         if grace is None:
             grace = self.settings.server.shutdown_grace
         grpc_stopped = self.grpc_server.stop(grace) if self.grpc_server is not None else None
+        if self.explain_server is not None:
+            self.explain_server.stop(0)  # nothing to drain: no Envoy waits on an explanation
         if self.http_door is not None:
             self.http_door.stop(grace)  # side by side with gRPC's drain
         if grpc_stopped is not None:
