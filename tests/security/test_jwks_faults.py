@@ -37,6 +37,9 @@ from authz_server.service import AuthorizationService, Engine
 from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 HUGE = 100 * 1024 * 1024
+# A fetch with a 1s timeout ends well within this, however busy the machine; unbounded, the
+# slow IdPs here (drip, trickle) would hold it for 40 s or more.
+BOUND = 5.0
 
 
 class _Hostile(BaseHTTPRequestHandler):
@@ -153,7 +156,7 @@ policies:
     finally:
         tracemalloc.stop()
     assert refreshed is False
-    assert took < 3.0, f"{mode}: the fetch took {took:.1f}s past its 1s timeout"
+    assert took < BOUND, f"{mode}: the fetch took {took:.1f}s past its 1s timeout"
     assert peak < 16 * 1024 * 1024, f"{mode}: {peak / 1e6:.0f} MB held for one fetch"
     assert cache.keyset is not None and cache.last_error  # kept, and the failure recorded
     decision = service.check(
@@ -357,7 +360,7 @@ policies:
             refreshed = cache.refresh()
             took = time.monotonic() - started
         assert refreshed is False
-        assert took < 3.0, f"{tls}: the fetch took {took:.1f}s past its 1s timeout"
+        assert took < BOUND, f"{tls}: the fetch took {took:.1f}s past its 1s timeout"
         (warning,) = [r.getMessage() for r in caplog.records if r.name == "authz_server.jwks"]
         assert re.search(TLS_FAULTS[tls], warning), warning
         assert f"provider {ISSUER}:" in warning and "serving the last good keys" in warning
