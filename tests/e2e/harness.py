@@ -8,6 +8,7 @@ looks for them in every server's output (the e2e conftest fails the run if one i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -532,17 +533,27 @@ def envoy_binary() -> str:
     return found
 
 
+# Logs made for processes given no log path: removed when the test run ends.
+_TEMPORARY_LOGS: list[Path] = []
+
+
+@atexit.register
+def _remove_temporary_logs() -> None:
+    for path in _TEMPORARY_LOGS:
+        path.unlink(missing_ok=True)
+
+
 class _Process:
     """A child process with its output in a log file, stopped by PID with SIGTERM/SIGKILL."""
 
     name = "process"
 
     def __init__(self, log_path: Path | str | None) -> None:
-        self._own_log = log_path is None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
             os.close(fd)
             log_path = name
+            _TEMPORARY_LOGS.append(Path(name))
         self.log_path = Path(log_path)
         self._proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
