@@ -21,6 +21,7 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,6 +97,7 @@ class _Deadline:
         self.seconds = seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
+        self._duplicates: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -106,6 +108,15 @@ class _Deadline:
             expired = self.expired
         if expired:
             self._shut(sock)
+
+    def track_connection(self, sock: socket.socket) -> None:
+        """Track the connection under ``sock`` rather than the object: a TLS wrapper takes
+        the descriptor over (the object is detached before the handshake), but shutting a
+        duplicate of it down ends the connection, handshake included."""
+        duplicate = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+        with self._lock:
+            self._duplicates.append(duplicate)
+        self.track(duplicate)
 
     @staticmethod
     def _shut(sock: socket.socket) -> None:
@@ -125,13 +136,24 @@ class _Deadline:
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        with self._lock:
+            duplicates, self._duplicates = self._duplicates, []
+        for duplicate in duplicates:
+            duplicate.close()
 
 
 def _tracked(base: type[http.client.HTTPConnection], deadline: _Deadline) -> Any:
     class Tracked(base):  # type: ignore[valid-type,misc]
-        def connect(self) -> None:
-            super().connect()
-            deadline.track(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            create: Callable[..., socket.socket] = self._create_connection  # type: ignore[has-type]
+
+            def create_tracked(*create_args: Any, **create_kwargs: Any) -> socket.socket:
+                sock = create(*create_args, **create_kwargs)
+                deadline.track_connection(sock)  # from before the TLS handshake
+                return sock
+
+            self._create_connection = create_tracked
 
     return Tracked
 
