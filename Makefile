@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run fuzz bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -58,6 +58,11 @@ fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the pro
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py \
 		tests/unit/test_policy_index.py
+
+SOAK_MINUTES ?= 5
+SOAK_DOOR ?= grpc
+soak: $(STAMP) ## Real Envoy under load for SOAK_MINUTES (5), key rotation + config reload midway, exit 1 on a miss: bench/results/soak.md, .png (SOAK_DOOR=http)
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --door $(SOAK_DOOR)
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
