@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an ext_authz context extension, as Envoy's route would send (repeatable)",
     )
     check.add_argument(
+        "--destination-principal",
+        default="",
+        metavar="SPIFFE_ID",
+        help="the destination's mTLS identity, as an Istio sidecar sends it "
+        "(spiffe://cluster.local/ns/NS/sa/SA)",
+    )
+    check.add_argument(
         "--jwks-file",
         type=Path,
         help="decide offline: verify tokens with the keys in this JWKS file, for every provider",
@@ -279,6 +286,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             headers=headers,
             source_ip=args.source_ip,
             context_extensions=extensions,
+            destination_principal=args.destination_principal,
         )
         result = explain(engine, request, show_claims=args.show_claims)
     finally:

@@ -36,6 +36,7 @@ def request_attributes(
     headers: Mapping[str, str] | None = None,
     source_ip: str = "",
     context_extensions: Mapping[str, str] | None = None,
+    destination_principal: str = "",
 ) -> RequestAttributes:
     """A request as ``check``, ``test`` and the Explain API describe one."""
     return RequestAttributes(
@@ -45,6 +46,7 @@ def request_attributes(
         headers={name.lower(): value for name, value in (headers or {}).items()},
         source_ip=source_ip,
         context_extensions=dict(context_extensions or {}),
+        destination_principal=destination_principal,
     )
 
 
