@@ -153,7 +153,12 @@ def _workload(engine: Engine, trace: CheckTrace) -> dict[str, Any] | None:
         return None
     scope = trace.scope
     if scope is None:
-        return {"name": None, "unknown": "deny", "policies_in_scope": []}
+        return {
+            "name": None,
+            "unknown": "deny",
+            "policies_in_scope": [],
+            "providers_in_scope": [],
+        }
     groups = (scope.policies.deny, scope.policies.allow, scope.policies.audit)
     names = [p.name for group in (*groups, scope.policies.dry_run) for p in group]
     return {
