@@ -3,6 +3,7 @@ it in tests/e2e/test_tls_e2e.py; here, the shape, checked against Envoy's own pr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,19 @@ def test_tls_to_the_http_door_is_refused() -> None:
 def test_a_client_certificate_needs_its_key() -> None:
     with pytest.raises(ValueError, match="cert_file and key_file go together"):
         AuthzTls(ca_file="/ca.crt", server_name="authz", cert_file="/tls.crt")
+
+
+def test_the_reference_shows_what_render_bootstrap_writes() -> None:
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "reference.md").read_text()
+    section = reference[reference.index("**What Envoy needs.**") :]
+    block = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n"))]
+    (shown,) = yaml.safe_load(block)["clusters"]
+    tls = AuthzTls(
+        ca_file="/etc/envoy/authz-client/ca.crt",
+        server_name="authz-server.authz-system.svc",
+        cert_file="/etc/envoy/authz-client/tls.crt",
+        key_file="/etc/envoy/authz-client/tls.key",
+    )
+    rendered = _authz_cluster(tls)
+    assert shown["transport_socket"] == rendered["transport_socket"]
+    assert shown["typed_extension_protocol_options"] == rendered["typed_extension_protocol_options"]

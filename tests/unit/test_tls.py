@@ -18,6 +18,7 @@ from authz_server.tls import CertificateReloader, TlsFileError, TlsFiles, read_m
 from tests.certs import CertificateAuthority, Leaf
 from tests.helpers import write_config
 
+DATA = Path(__file__).resolve().parent.parent / "data"
 POLICY = """
 policies:
   - name: anyone
@@ -79,6 +80,15 @@ def test_tls_paths_are_read_relative_to_the_config_file(
     assert files == TlsFiles(certs / "tls.crt", certs / "tls.key", certs / "ca.crt")
     assert files.mutual
     assert read_material(files).serial == leaf.serial
+
+
+def test_the_reference_example_finds_its_files_beside_it() -> None:
+    tls = config.load(DATA / "config_tls.yaml").server.tls
+
+    assert tls is not None
+    assert tls.files() == TlsFiles(
+        DATA / "tls" / "tls.crt", DATA / "tls" / "tls.key", DATA / "tls" / "ca.crt"
+    )
 
 
 def test_without_tls_the_listener_is_plaintext_and_limits_keep_grpcio_defaults(
