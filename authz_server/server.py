@@ -313,7 +313,7 @@ class AuthzServer:
         else:
             self.grpc_port = server.add_secure_port(self.listen, self.certificates.credentials())
             doors = (
-                f"gRPC with {'mTLS' if self.tls and self.tls.mutual else 'TLS'} on "
+                f"gRPC with {'mTLS' if self.certificates.files.mutual else 'TLS'} on "
                 f"{self.listen} ({self.certificates.material.describe()})"
             )
         if self.grpc_port == 0 and not self.listen.startswith("unix:"):

@@ -7,13 +7,16 @@ import logging
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from authz_server import cli, config
 from authz_server.errors import ConfigError
-from authz_server.server import grpc_options
+from authz_server.server import AuthzServer, grpc_options
 from authz_server.tls import CertificateReloader, TlsFileError, TlsFiles, read_material
 from tests.certs import CertificateAuthority, Leaf
 from tests.helpers import write_config
@@ -231,6 +234,34 @@ def test_tls_flags_replace_the_configuration_and_go_in_pairs(
     ) == files  # fmt: skip
     with pytest.raises(ValueError, match="--tls-cert-file and --tls-key-file go together"):
         _flags("--tls-client-ca-file", str(files.client_ca_file))
+
+
+# ---------------------------------------------------------------------- the listener
+
+
+def test_tls_without_a_client_ca_serves_any_client_that_trusts_the_server(
+    tmp_path: Path, ca: CertificateAuthority, leaf: Leaf
+) -> None:
+    leaf.write(tmp_path, "tls")
+    settings = config.load(_config(tmp_path, "{certFile: tls.crt, keyFile: tls.key}"))
+    server = AuthzServer(settings, listen="127.0.0.1:0", http_listen=None)
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.grpc_port}"
+
+        def health(channel: grpc.Channel) -> grpc.StatusCode:
+            with channel:
+                try:
+                    HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
+                except grpc.RpcError as error:
+                    return error.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        trusting = grpc.ssl_channel_credentials(ca.cert_pem)
+        assert health(grpc.secure_channel(address, trusting)) == grpc.StatusCode.OK
+        assert health(grpc.insecure_channel(address)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=1)
 
 
 # ------------------------------------------------------------------------------ rotation
