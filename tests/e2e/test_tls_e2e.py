@@ -15,7 +15,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_server import devkeys
+from authz_server import config, devkeys
 from authz_server.envoy_config import AuthzTls, render_bootstrap
+from authz_server.server import AuthzServer
 from tests.certs import SERVER_NAME, CertificateAuthority, Leaf
 from tests.e2e.harness import (
-    AuthzServerProcess,
     EchoUpstream,
     EnvoyProcess,
     free_port,
@@ -75,8 +74,9 @@ def publish(volume: Path, generation: str, ca: CertificateAuthority, leaf: Leaf)
 class Deployment:
     directory: Path
     ca: CertificateAuthority
-    server: AuthzServerProcess
+    server: AuthzServer
     envoy: EnvoyProcess
+    envoy_port: int
     client: tuple[Path, Path]  # a client certificate from the server's CA, and its key
     token: str
 
@@ -84,7 +84,9 @@ class Deployment:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.envoy_port}"
 
-    envoy_port: int = 0
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
 
 
 @pytest.fixture(scope="module")
@@ -100,41 +102,39 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     (directory / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
     (directory / "config.yaml").write_text(CONFIG)
 
-    server = AuthzServerProcess(
-        directory / "config.yaml", free_port(), free_port(), ["--log-format", "text"]
+    # In this process (a second interpreter would cost more than the rest of the module);
+    # tests/e2e/test_workers.py and the CLI tests cover `serve` itself.
+    server = AuthzServer(
+        config.load(directory / "config.yaml"), listen="127.0.0.1:0", http_listen=None
     )
+    server.start()
     envoy_port, admin_port = free_port(), free_port()
-    with EchoUpstream() as upstream:
-        bootstrap = render_bootstrap(
-            listen_port=envoy_port,
-            admin_port=admin_port,
-            authz_address=server.grpc_address,
-            upstream_port=upstream.port,
-            authz_tls=AuthzTls(
-                ca_file=str(directory / "ca.crt"),
-                server_name=SERVER_NAME,
-                cert_file=str(envoy_cert),
-                key_file=str(envoy_key),
-            ),
-        )
-        envoy = EnvoyProcess(bootstrap, admin_port, extra_args=("--concurrency", "1"))
-        try:
-            # Side by side: neither waits for the other to be up.
-            with ThreadPoolExecutor(2) as pool:
-                for started in [pool.submit(server.start), pool.submit(envoy.start)]:
-                    started.result()
-            yield Deployment(
-                directory,
-                ca,
-                server,
-                envoy,
-                ca.issue("test-client", server=False).write(directory, "client"),
-                key.sign(claims_for(time.time())),
-                envoy_port,
+    try:
+        with EchoUpstream() as upstream:
+            bootstrap = render_bootstrap(
+                listen_port=envoy_port,
+                admin_port=admin_port,
+                authz_address=f"127.0.0.1:{server.grpc_port}",
+                upstream_port=upstream.port,
+                authz_tls=AuthzTls(
+                    ca_file=str(directory / "ca.crt"),
+                    server_name=SERVER_NAME,
+                    cert_file=str(envoy_cert),
+                    key_file=str(envoy_key),
+                ),
             )
-        finally:
-            envoy.stop()
-            server.stop()
+            with EnvoyProcess(bootstrap, admin_port, extra_args=("--concurrency", "1")) as envoy:
+                yield Deployment(
+                    directory,
+                    ca,
+                    server,
+                    envoy,
+                    envoy_port,
+                    ca.issue("test-client", server=False).write(directory, "client"),
+                    key.sign(claims_for(time.time())),
+                )
+    finally:
+        server.stop(grace=1)
 
 
 def status(deployment: Deployment, path: str, token: str | None) -> int:
@@ -171,7 +171,7 @@ def _health(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.S
 def test_only_a_client_with_a_certificate_from_the_clients_ca_gets_in(
     deployment: Deployment,
 ) -> None:
-    address = deployment.server.grpc_address
+    address = deployment.grpc_address
     ca_pem = deployment.ca.cert_pem
     cert, key = deployment.client
     stranger = CertificateAuthority("another CA").issue("intruder", server=False)
@@ -192,7 +192,7 @@ def presented_serial(deployment: Deployment) -> int:
     context.load_cert_chain(*deployment.client)
     context.set_alpn_protocols(["h2"])
     with (
-        socket.create_connection(("127.0.0.1", deployment.server.grpc_port), timeout=5) as raw,
+        socket.create_connection(("127.0.0.1", deployment.server.grpc_port), 5) as raw,
         context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
@@ -222,4 +222,6 @@ def test_a_rotated_certificate_is_served_to_new_connections_while_envoys_stays_u
     after = deployment.envoy.stats("cluster.authz.")
     for kept in ("upstream_cx_total", "ssl.handshake", "upstream_cx_destroy"):
         assert after[f"cluster.authz.{kept}"] == before[f"cluster.authz.{kept}"], kept
-    assert "TLS files reloaded: now serving certificate serial" in deployment.server.log_text()
+    certificates = deployment.server.certificates
+    assert certificates is not None
+    assert (certificates.reloads, certificates.failures) == (1, 0)
