@@ -18,6 +18,7 @@ from pathlib import Path
 from authz_server import __version__, config, devtoken
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
+from authz_server.tls import TlsFileError, TlsFiles, read_material
 from authz_server.workers import Supervisor, worker_count
 
 log = logging.getLogger("authz_server.cli")
@@ -43,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         "--http-authz-listen",
         help="open the HTTP door (Envoy's HTTP ext_authz protocol) on host:port or unix:/path "
         "(default: server.httpAuthz.listen; neither: closed)",
+    )
+    serve.add_argument(
+        "--tls-cert-file",
+        help="serve gRPC over TLS with this PEM certificate chain (with --tls-key-file; "
+        "default: server.tls.certFile)",
+    )
+    serve.add_argument("--tls-key-file", help="the PEM private key of --tls-cert-file")
+    serve.add_argument(
+        "--tls-client-ca-file",
+        help="require client certificates signed by a CA in this PEM bundle (mTLS)",
     )
     serve.add_argument(
         "--workers",
@@ -341,6 +352,35 @@ def _load(path: str) -> config.Settings | None:
     return settings
 
 
+_TLS_FLAGS = {
+    "cert_file": "--tls-cert-file",
+    "key_file": "--tls-key-file",
+    "client_ca_file": "--tls-client-ca-file",
+}
+
+
+def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS files the flags name (they replace server.tls), or None without flags.
+    Raises ValueError naming the flag that is missing or whose file cannot be used."""
+    given = {attr: getattr(args, f"tls_{attr}") for attr in _TLS_FLAGS}
+    if not any(given.values()):
+        return None
+    if not given["cert_file"] or not given["key_file"]:
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    files = TlsFiles(
+        Path(given["cert_file"]).absolute(),
+        Path(given["key_file"]).absolute(),
+        Path(given["client_ca_file"]).absolute() if given["client_ca_file"] else None,
+    )
+    try:
+        read_material(files)
+    except TlsFileError as exc:
+        raise ValueError(
+            "; ".join(f"{_TLS_FLAGS[attr]}: {message}" for attr, message in exc.problems)
+        ) from None
+    return files
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
     # Before any thread exists (grpc starts some when imported): see server.serve.
@@ -376,6 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
     http_listen = args.http_listen or settings.server.http_listen
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
             return Supervisor(
@@ -384,6 +425,7 @@ def _serve(args: argparse.Namespace) -> int:
                 listen=listen,
                 http_listen=http_listen,
                 http_authz_listen=http_authz_listen,
+                tls=tls,
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
@@ -394,6 +436,7 @@ def _serve(args: argparse.Namespace) -> int:
             http_listen=http_listen,
             config_path=Path(args.config),
             http_authz_listen=http_authz_listen,
+            tls=tls,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.

@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigError, ConfigProblem
+from authz_server.tls import TlsFileError, TlsFiles, read_material
 from authz_server.workloads import (
     DEFAULT_ROOT_NAMESPACE,
     IstioScope,
@@ -545,10 +546,48 @@ class ExplainSpec(_Model):
     listen: str | None = None
 
 
+class TlsSpec(_Model):
+    """TLS on the gRPC listener. Paths are relative to the configuration file; the files are
+    read again when they change (certificate rotation), so no restart is needed."""
+
+    # PEM: the server's certificate (then any intermediates), and its private key.
+    cert_file: str = Field(min_length=1)
+    key_file: str = Field(min_length=1)
+    # PEM bundle of CAs; set = mTLS: a client certificate signed by one of them is required.
+    client_ca_file: str | None = Field(default=None, min_length=1)
+
+    def files(self) -> TlsFiles:
+        """The paths as given (``load`` makes them absolute)."""
+        return TlsFiles(
+            Path(self.cert_file),
+            Path(self.key_file),
+            Path(self.client_ca_file) if self.client_ca_file is not None else None,
+        )
+
+
+class GrpcLimitsSpec(_Model):
+    """Limits of the gRPC listener; a request past one gets a gRPC error, never a crash."""
+
+    # A CheckRequest larger than this is refused with RESOURCE_EXHAUSTED (grpcio's own default,
+    # 4 MiB). At least 64 KiB: a request carrying Envoy's largest header block (60 KiB by
+    # default) must fit, and more where Envoy forwards request bodies.
+    max_receive_message_bytes: int = Field(default=4 << 20, ge=64 << 10, le=1 << 30)
+    # HTTP/2 streams (Checks in flight) one connection may open; a client that opens more has
+    # them refused (REFUSED_STREAM), Envoy waits or opens another connection. None: no limit.
+    max_concurrent_streams: int | None = Field(default=None, ge=1, le=(1 << 31) - 1)
+    # Request metadata (the gRPC call's own HTTP/2 headers, not the HTTP headers inside the
+    # CheckRequest) larger than this is refused with RESOURCE_EXHAUSTED, always. grpcio's
+    # default refuses at random between 8 and 16 KiB; Envoy sends a few hundred bytes.
+    max_metadata_bytes: int = Field(default=8 << 10, ge=1 << 10, le=1 << 24)
+
+
 class ServerSpec(_Model):
     listen: str = "0.0.0.0:9001"
     http_listen: str = "0.0.0.0:9090"
     http_authz: HttpAuthzSpec = Field(default_factory=HttpAuthzSpec)
+    # Absent: the gRPC listener is plaintext (behind a mesh sidecar, or on a Unix socket).
+    tls: TlsSpec | None = None
+    grpc: GrpcLimitsSpec = Field(default_factory=GrpcLimitsSpec)
     # Measured (bench/grpc_edge.py): more threads buy nothing under the GIL; 8 leaves room
     # for Checks that wait on I/O (a JWKS refresh) without queueing the rest.
     threads: int = Field(default=8, ge=1, le=1024)
@@ -1034,6 +1073,32 @@ def _resolve_provider(
     return paths, ok
 
 
+# TlsFiles attribute -> the field's name in the configuration.
+_TLS_FIELDS = {"cert_file": "certFile", "key_file": "keyFile", "client_ca_file": "clientCaFile"}
+
+
+def _resolve_server_tls(server: ServerSpec, doc: _Doc, problems: list[ConfigProblem]) -> ServerSpec:
+    """``server`` with its TLS file paths made absolute (relative ones are read from the
+    document's directory), after checking that the files hold a usable certificate, key and CA
+    bundle; each problem names its field."""
+    if server.tls is None:
+        return server
+    absolute = {
+        attr: str((doc.base_dir / value).absolute())
+        for attr in _TLS_FIELDS
+        if (value := getattr(server.tls, attr)) is not None
+    }
+    tls = server.tls.model_copy(update=absolute)
+    try:
+        read_material(tls.files())
+    except TlsFileError as exc:
+        problems.extend(
+            ConfigProblem(doc.label, f"server.tls.{_TLS_FIELDS[attr]}", message)
+            for attr, message in exc.problems
+        )
+    return server.model_copy(update={"tls": tls})
+
+
 _Item = TypeVar("_Item", bound=BaseModel)
 
 
@@ -1106,7 +1171,7 @@ def load(path: str | Path) -> Settings:
                     problems.append(
                         ConfigProblem(doc.label, "server", "set in more than one document")
                     )
-                server = native.server
+                server = _resolve_server_tls(native.server, doc, problems)
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authz_server.config import Settings
+from authz_server.config import GrpcLimitsSpec, Settings
 from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
@@ -28,6 +28,7 @@ from authz_server.metrics import CONTENT_TYPE, Metrics
 from authz_server.policy import unknown_attribute_uses
 from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tls import CertificateReloader, TlsFiles
 
 log = logging.getLogger("authz_server.server")
 
@@ -43,6 +44,19 @@ def _load_in_parallel(caches: list[JWKSCache]) -> None:
     if caches:
         with futures.ThreadPoolExecutor(max_workers=min(8, len(caches))) as pool:
             list(pool.map(lambda cache: cache.refresh(), caches))
+
+
+def grpc_options(limits: GrpcLimitsSpec) -> list[tuple[str, int]]:
+    """The grpc server options for ``server.grpc``."""
+    options = [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        # Soft and hard limit alike: grpcio refuses at random between the two otherwise.
+        ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+    ]
+    if limits.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -134,16 +148,23 @@ class AuthzServer:
         reuse_port: bool = False,
         share_readiness: Callable[[bool], bool] | None = None,
         http_authz_listen: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         """``http_listen`` None: no side port (a worker's supervisor serves it).
         ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
         neither: the door stays closed).
+        ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
+        plaintext).
         ``share_readiness``: publishes this server's readiness and returns whether every
         server sharing the port is ready (workers), which is what health then reports."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
         self.http_authz_listen = http_authz_listen or settings.server.http_authz.listen
+        if tls is None and settings.server.tls is not None:
+            tls = settings.server.tls.files()
+        self.tls = tls
+        self.certificates: CertificateReloader | None = None
         self.reuse_port = reuse_port
         self.share_readiness = share_readiness
         self.metrics = metrics or Metrics()
@@ -203,7 +224,7 @@ class AuthzServer:
         self._watch_caches(engine)
         ignored = [
             f"server.{name}"
-            for name in ("listen", "http_listen", "threads", "http_authz", "explain")
+            for name in ("listen", "http_listen", "threads", "http_authz", "explain", "tls", "grpc")
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.decision_log.configure(settings.server.decision_log)
@@ -274,9 +295,15 @@ class AuthzServer:
         self._update_health()
 
         threads = self.settings.server.threads
+        if self.tls is not None:
+            # Before listening: files gone since the configuration was read stop the start.
+            self.certificates = CertificateReloader(self.tls)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="check"),
-            options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
+            options=[
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                *grpc_options(self.settings.server.grpc),
+            ],
         )
         server.add_generic_rpc_handlers((AuthorizationServicer(self.service).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -286,13 +313,20 @@ class AuthzServer:
             ExplainServicer(lambda: self.service.engine).register(server)
             services.append(EXPLAIN_SERVICE)
         reflection.enable_server_reflection(services, server)
-        self.grpc_port = server.add_insecure_port(self.listen)
+        if self.certificates is None:
+            self.grpc_port = server.add_insecure_port(self.listen)
+            doors = f"gRPC on {self.listen}"
+        else:
+            self.grpc_port = server.add_secure_port(self.listen, self.certificates.credentials())
+            doors = (
+                f"gRPC with {'mTLS' if self.certificates.files.mutual else 'TLS'} on "
+                f"{self.listen} ({self.certificates.material.describe()})"
+            )
         if self.grpc_port == 0 and not self.listen.startswith("unix:"):
             raise OSError(f"cannot listen on {self.listen}")
         server.start()
         self.grpc_server = server
 
-        doors = f"gRPC on {self.listen}"
         if explain.enabled:
             if explain.listen is not None:
                 try:
