@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken
+from authz_server import __version__, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _duration(text: str) -> float:
     try:
-        return config.parse_duration(float(text) if text.isdecimal() else text)
+        return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

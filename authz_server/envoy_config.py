@@ -304,8 +304,8 @@ def _http_service(
 
 
 def output_headers(providers: Sequence[Any]) -> list[str]:
-    """The headers the server may set on an allowed request for these providers (config
-    ``ProviderSpec`` objects): what the HTTP door's `allowed_upstream_headers` must list."""
+    """The headers the server may set on an allowed request for these providers
+    (``specs.ProviderSpec`` objects): what the HTTP door's `allowed_upstream_headers` must list."""
     names: set[str] = set()
     for spec in providers:
         names.update(h.header.lower() for h in spec.output_claim_to_headers)

@@ -30,8 +30,9 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from authz_server.config import HMAC_ALGORITHMS, Provider
+from authz_server.config import Provider
 from authz_server.jwks import KeySet, VerificationKey, VerifyFn
+from authz_server.specs import HMAC_ALGORITHMS
 
 MAX_DOCUMENT_BYTES = 1 << 20
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)

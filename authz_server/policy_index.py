@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Operation, Rule
+from authz_server.specs import Operation, Rule
 from authz_server.tokens import Identity
 
 PatternKind = Literal["exact", "prefix", "suffix", "present", "template"]

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authz_server.config import GrpcLimitsSpec, Settings
+from authz_server.config import Settings
 from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
@@ -28,6 +28,7 @@ from authz_server.metrics import CONTENT_TYPE, Metrics
 from authz_server.policy import unknown_attribute_uses
 from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
+from authz_server.specs import GrpcLimitsSpec
 from authz_server.tls import CertificateReloader, TlsFiles
 
 log = logging.getLogger("authz_server.server")

@@ -191,7 +191,7 @@ class CertificateReloader:
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials for ``add_secure_port``; with a client CA, a client certificate
         signed by it is required."""
-        import grpc  # noqa: PLC0415 (config imports this module; `validate` needs no grpc)
+        import grpc  # noqa: PLC0415 (specs imports this module; `validate` needs no grpc)
 
         return grpc.dynamic_ssl_server_credentials(
             self._configuration(self.material),

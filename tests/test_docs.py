@@ -19,7 +19,7 @@ from google.protobuf import any_pb2, json_format
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from authz_server import cli, config, errors
+from authz_server import cli, config, errors, specs
 from authz_server.attributes import RequestAttributes
 from authz_server.workloads import WorkloadIndex
 
@@ -108,9 +108,9 @@ def _config_models() -> list[type[BaseModel]]:
     added tomorrow is checked too."""
     return [
         model
-        for name, model in inspect.getmembers(config, inspect.isclass)
+        for name, model in inspect.getmembers(specs, inspect.isclass)
         if issubclass(model, BaseModel)
-        and model.__module__ == config.__name__
+        and model.__module__ == specs.__name__
         and not name.startswith("_")
     ]
 
@@ -146,9 +146,9 @@ def test_the_reference_documents_the_durations_and_the_files_read() -> None:
     reference = REFERENCE.read_text()
     for example in ("`2s`", "`500ms`", "`1h30m`", "A bare number", "`*.yml`"):
         assert example in reference
-    assert config.parse_duration("1h30m") == 5400.0
-    assert config.parse_duration("500ms") == 0.5
-    assert config.parse_duration(2) == 2.0
+    assert specs.parse_duration("1h30m") == 5400.0
+    assert specs.parse_duration("500ms") == 0.5
+    assert specs.parse_duration(2) == 2.0
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:

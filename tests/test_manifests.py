@@ -35,7 +35,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_server import cli, config
+from authz_server import cli, config, specs
 from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
 
@@ -632,7 +632,7 @@ def test_mesh_provider_reaches_the_service_and_fails_closed(settings: config.Set
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert grpc["port"] == grpc_port
     assert grpc["failOpen"] is False
-    timeout = config.parse_duration(grpc["timeout"])
+    timeout = specs.parse_duration(grpc["timeout"])
     # Explicit (Istio's default is 600s), and longer than the server's own wait for a new key.
     assert settings.server.unknown_kid_wait < timeout <= 5.0
 
@@ -937,7 +937,7 @@ def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settin
     # ...and answers statusOnError for them: 503, as the gRPC door does for an issuer
     # without keys.
     assert http["statusOnError"] == "503"
-    timeout = config.parse_duration(http["timeout"])
+    timeout = specs.parse_duration(http["timeout"])
     assert settings.server.unknown_kid_wait < timeout <= 5.0
     # Envoy's pathPrefix and the server's must agree: neither is set.
     assert "pathPrefix" not in http
