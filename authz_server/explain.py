@@ -18,10 +18,10 @@ from typing import Any
 
 from authz_server.attributes import RequestAttributes
 from authz_server.errors import AuthzError
+from authz_server.identity import Identity
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
-from authz_server.tokens import Identity
 
 REDACTED = "(redacted: holds a token)"
 # What the reasons that end a decision before the policies mean, for the text form.

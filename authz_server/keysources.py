@@ -24,28 +24,18 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from authz_server.config import Provider
-from authz_server.jwks import KeySet, VerificationKey, VerifyFn
+from authz_server.jwks import KeySet, KeySource, VerificationKey, VerifyFn
 from authz_server.specs import HMAC_ALGORITHMS
 
 MAX_DOCUMENT_BYTES = 1 << 20
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
-
-
-class KeySource(Protocol):
-    description: str
-    remote: bool  # False for inline keys, which never change
-    watched: bool  # a local file, polled for changes
-
-    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]: ...
-
-    def changed(self) -> bool: ...
 
 
 def _is_loopback(host: str | None) -> bool:

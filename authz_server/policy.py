@@ -34,9 +34,9 @@ from pydantic.alias_generators import to_camel
 
 from authz_server import attributes as attr
 from authz_server.attributes import IPAddress, RequestAttributes
+from authz_server.identity import Identity
 from authz_server.policy_index import TEMPLATE_OPERATOR, RuleIndex, pattern_kind
 from authz_server.specs import Condition, Operation, PolicySpec, Rule, Source
-from authz_server.tokens import Identity
 
 Predicate = Callable[[RequestAttributes, Identity | None], bool]
 StringMatcher = Callable[[str], bool]

@@ -10,6 +10,7 @@ import pytest
 
 from authz_server import config
 from authz_server.attributes import RequestAttributes
+from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
 from authz_server.policy import (
     PolicyResult,
     PolicySet,
@@ -18,7 +19,6 @@ from authz_server.policy import (
     string_matcher,
 )
 from authz_server.specs import PolicySpec, Rule
-from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
 from tests.helpers import identity
 
 DATA = Path(__file__).resolve().parent.parent / "data"
