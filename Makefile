@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run fuzz bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview
 
 help: ## List the targets
@@ -20,16 +20,24 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check authz_server tests examples bench fuzz k8s/monitoring
-	$(BIN)/ruff format --check authz_server tests examples bench fuzz k8s/monitoring
+	$(BIN)/ruff check authz_server tests examples bench fuzz proto k8s/monitoring
+	$(BIN)/ruff format --check authz_server tests examples bench fuzz proto k8s/monitoring
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff check --fix authz_server tests examples bench fuzz k8s/monitoring
-	$(BIN)/ruff format authz_server tests examples bench fuzz k8s/monitoring
+	$(BIN)/ruff check --fix authz_server tests examples bench fuzz proto k8s/monitoring
+	$(BIN)/ruff format authz_server tests examples bench fuzz proto k8s/monitoring
 
-test: $(STAMP) monitoring-tools ## Run the whole test suite (unit + end-to-end through a real Envoy)
-	$(BIN)/pytest
+# Two pytest processes: most of the suite waits (Envoy starting, IdPs answering, polls), so
+# two overlap well even on two cores. A test file stays in one process (--dist loadfile), so a
+# module's shared Envoy and server start once.
+TEST_WORKERS ?= 2
+test: $(STAMP) monitoring-tools ## Run the whole test suite (unit + end-to-end through a real Envoy; TEST_WORKERS=2)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate authz_server/v1/ from proto/*.proto (grpcio-tools); commit the result
+	$(BIN)/python proto/generate.py
 
 DOOR ?= grpc
 run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)
@@ -51,6 +59,11 @@ fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the pro
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py \
 		tests/unit/test_policy_index.py
+
+SOAK_MINUTES ?= 5
+SOAK_DOOR ?= grpc
+soak: $(STAMP) ## Real Envoy under load for SOAK_MINUTES (5), key rotation + config reload midway, exit 1 on a miss: bench/results/soak.md, .png (SOAK_DOOR=http)
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --door $(SOAK_DOOR)
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
@@ -104,7 +117,6 @@ monitoring: $(STAMP) monitoring-tools ## Regenerate k8s/monitoring/ from generat
 	$(BIN)/pytest -q tests/monitoring
 
 dashboard-preview: $(STAMP) monitoring-tools ## Draw the dashboard's main panels from a real Prometheus run (~2 min): docs/dashboard-preview.png
-	$(BIN)/pip install --quiet -e '.[dev,monitoring]'
 	$(BIN)/python -m tests.monitoring.preview docs/dashboard-preview.png
 
 clean: ## Remove the virtualenv and caches

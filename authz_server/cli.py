@@ -1,22 +1,24 @@
-"""Command line: ``authz-server serve | validate | check | token | version``.
+"""Command line: ``authz-server serve | validate | check | test | token | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
-that a log pipeline sees every line of a pod; ``validate``, ``check`` and ``token`` are for a
-person at a terminal and print plain text.
+that a log pipeline sees every line of a pod; ``validate``, ``check``, ``test`` and ``token`` are
+for a person at a terminal (or a CI job) and print plain text.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken
+from authz_server import __version__, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
+from authz_server.tls import TlsFileError, TlsFiles, read_material
 from authz_server.workers import Supervisor, worker_count
 
 log = logging.getLogger("authz_server.cli")
@@ -42,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         "--http-authz-listen",
         help="open the HTTP door (Envoy's HTTP ext_authz protocol) on host:port or unix:/path "
         "(default: server.httpAuthz.listen; neither: closed)",
+    )
+    serve.add_argument(
+        "--tls-cert-file",
+        help="serve gRPC over TLS with this PEM certificate chain (with --tls-key-file; "
+        "default: server.tls.certFile)",
+    )
+    serve.add_argument("--tls-key-file", help="the PEM private key of --tls-cert-file")
+    serve.add_argument(
+        "--tls-client-ca-file",
+        help="require client certificates signed by a CA in this PEM bundle (mTLS)",
     )
     serve.add_argument(
         "--workers",
@@ -87,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an ext_authz context extension, as Envoy's route would send (repeatable)",
     )
     check.add_argument(
+        "--destination-principal",
+        default="",
+        metavar="SPIFFE_ID",
+        help="the destination's mTLS identity, as an Istio sidecar sends it "
+        "(spiffe://cluster.local/ns/NS/sa/SA)",
+    )
+    check.add_argument(
         "--jwks-file",
         type=Path,
         help="decide offline: verify tokens with the keys in this JWKS file, for every provider",
@@ -96,6 +115,25 @@ def _parser() -> argparse.ArgumentParser:
         "--show-claims", action="store_true", help="include claim values in the trace"
     )
 
+    test = sub.add_parser(
+        "test",
+        help="run policy tests: decide each case of a cases file offline and compare (exit 0 "
+        "all passed, 1 some failed, 2 usage, configuration or cases file error)",
+        description="Decide every case of CASES (YAML: groups of named cases, each a request, "
+        "an identity and what to expect) as the server would, and print PASS or FAIL per case, "
+        "with what differed and the trace of each failure, then 'N passed, M failed'. Tokens "
+        "for `claims` cases are signed with throwaway keys the providers of their issuer trust "
+        "instead of their key source: nothing is fetched for them.",
+    )
+    test.add_argument("--config", required=True, help="YAML file or directory of *.yaml")
+    test.add_argument("cases", type=Path, metavar="CASES.yaml", help="the cases file")
+    test.add_argument(
+        "--junit-xml",
+        type=Path,
+        metavar="FILE",
+        help="also write the results as JUnit XML (a testsuite per group) for CI systems",
+    )
+
     _token_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
@@ -103,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _duration(text: str) -> float:
     try:
-        return config.parse_duration(float(text) if text.isdecimal() else text)
+        return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -259,6 +297,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             headers=headers,
             source_ip=args.source_ip,
             context_extensions=extensions,
+            destination_principal=args.destination_principal,
         )
         result = explain(engine, request, show_claims=args.show_claims)
     finally:
@@ -267,8 +306,34 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0 if result["decision"] == "allow" else 1
 
 
+def _test(args: argparse.Namespace, settings: config.Settings) -> int:
+    from authz_server import policy_tests  # noqa: PLC0415
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    try:
+        cases = policy_tests.load_cases(args.cases)
+        outcomes = policy_tests.run(settings, cases, warn=warn)
+    except policy_tests.CasesError as exc:
+        print(f"invalid cases file {args.cases} ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    for outcome in outcomes:
+        print("\n".join(policy_tests.render_outcome(outcome)))
+    print(policy_tests.summary(outcomes))
+    if args.junit_xml is not None:
+        try:
+            args.junit_xml.write_bytes(policy_tests.junit_xml(outcomes, suite=args.cases.stem))
+        except OSError as exc:
+            print(f"--junit-xml {args.junit_xml}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
 def _load(path: str) -> config.Settings | None:
-    """For validate and check: every problem as a line of text on stderr."""
+    """For validate, check and test: every problem as a line of text on stderr."""
     try:
         settings = config.load(path)
     except ConfigError as exc:
@@ -285,6 +350,35 @@ def _load(path: str) -> config.Settings | None:
         for line in unknown_attribute_uses(settings.policies, HTTP_UNKNOWN):
             print(f"warning: {line}", file=sys.stderr)
     return settings
+
+
+_TLS_FLAGS = {
+    "cert_file": "--tls-cert-file",
+    "key_file": "--tls-key-file",
+    "client_ca_file": "--tls-client-ca-file",
+}
+
+
+def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS files the flags name (they replace server.tls), or None without flags.
+    Raises ValueError naming the flag that is missing or whose file cannot be used."""
+    given = {attr: getattr(args, f"tls_{attr}") for attr in _TLS_FLAGS}
+    if not any(given.values()):
+        return None
+    if not given["cert_file"] or not given["key_file"]:
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    files = TlsFiles(
+        Path(given["cert_file"]).absolute(),
+        Path(given["key_file"]).absolute(),
+        Path(given["client_ca_file"]).absolute() if given["client_ca_file"] else None,
+    )
+    try:
+        read_material(files)
+    except TlsFileError as exc:
+        raise ValueError(
+            "; ".join(f"{_TLS_FLAGS[attr]}: {message}" for attr, message in exc.problems)
+        ) from None
+    return files
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -322,6 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
     http_listen = args.http_listen or settings.server.http_listen
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
             return Supervisor(
@@ -330,6 +425,7 @@ def _serve(args: argparse.Namespace) -> int:
                 listen=listen,
                 http_listen=http_listen,
                 http_authz_listen=http_authz_listen,
+                tls=tls,
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
@@ -340,6 +436,7 @@ def _serve(args: argparse.Namespace) -> int:
             http_listen=http_listen,
             config_path=Path(args.config),
             http_authz_listen=http_authz_listen,
+            tls=tls,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
@@ -364,6 +461,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `authz-server check … | head`: the reader left; no traceback for that.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"authz-server {__version__}")
@@ -373,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)
+    if args.command == "test":
+        settings = _load(args.config)
+        return 2 if settings is None else _test(args, settings)
     if args.command == "validate":
         settings = _load(args.config)
         if settings is None:

@@ -18,10 +18,10 @@ from typing import Any
 
 from authz_server.attributes import RequestAttributes
 from authz_server.errors import AuthzError
+from authz_server.identity import Identity
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
-from authz_server.tokens import Identity
 
 REDACTED = "(redacted: holds a token)"
 # What the reasons that end a decision before the policies mean, for the text form.
@@ -36,6 +36,7 @@ def request_attributes(
     headers: Mapping[str, str] | None = None,
     source_ip: str = "",
     context_extensions: Mapping[str, str] | None = None,
+    destination_principal: str = "",
 ) -> RequestAttributes:
     """A request as ``check``, ``test`` and the Explain API describe one."""
     return RequestAttributes(
@@ -45,6 +46,7 @@ def request_attributes(
         headers={name.lower(): value for name, value in (headers or {}).items()},
         source_ip=source_ip,
         context_extensions=dict(context_extensions or {}),
+        destination_principal=destination_principal,
     )
 
 
@@ -151,7 +153,12 @@ def _workload(engine: Engine, trace: CheckTrace) -> dict[str, Any] | None:
         return None
     scope = trace.scope
     if scope is None:
-        return {"name": None, "unknown": "deny", "policies_in_scope": []}
+        return {
+            "name": None,
+            "unknown": "deny",
+            "policies_in_scope": [],
+            "providers_in_scope": [],
+        }
     groups = (scope.policies.deny, scope.policies.allow, scope.policies.audit)
     names = [p.name for group in (*groups, scope.policies.dry_run) for p in group]
     return {

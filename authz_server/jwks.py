@@ -17,15 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, padding, rsa
 from jose import jwk as jose_jwk
-
-if TYPE_CHECKING:
-    from authz_server.keysources import KeySource
 
 log = logging.getLogger("authz_server.jwks")
 
@@ -244,6 +241,19 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.ok = False
+
+
+class KeySource(Protocol):
+    """Where a provider's keys come from (``keysources`` has the kinds: a URL, OIDC discovery,
+    a file, inline keys, a shared secret)."""
+
+    description: str
+    remote: bool  # False for inline keys, which never change
+    watched: bool  # a local file, polled for changes
+
+    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]: ...
+
+    def changed(self) -> bool: ...
 
 
 class JWKSCache:

@@ -21,29 +21,21 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from authz_server.config import HMAC_ALGORITHMS, Provider
-from authz_server.jwks import KeySet, VerificationKey, VerifyFn
+from authz_server.config import Provider
+from authz_server.jwks import KeySet, KeySource, VerificationKey, VerifyFn
+from authz_server.specs import HMAC_ALGORITHMS
 
 MAX_DOCUMENT_BYTES = 1 << 20
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
-
-
-class KeySource(Protocol):
-    description: str
-    remote: bool  # False for inline keys, which never change
-    watched: bool  # a local file, polled for changes
-
-    def load(self, allowed_algs: frozenset[str], origin: str) -> tuple[KeySet, float | None]: ...
-
-    def changed(self) -> bool: ...
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -96,6 +88,7 @@ class _Deadline:
         self.seconds = seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
+        self._duplicates: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -106,6 +99,15 @@ class _Deadline:
             expired = self.expired
         if expired:
             self._shut(sock)
+
+    def track_connection(self, sock: socket.socket) -> None:
+        """Track the connection under ``sock`` rather than the object: a TLS wrapper takes
+        the descriptor over (the object is detached before the handshake), but shutting a
+        duplicate of it down ends the connection, handshake included."""
+        duplicate = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+        with self._lock:
+            self._duplicates.append(duplicate)
+        self.track(duplicate)
 
     @staticmethod
     def _shut(sock: socket.socket) -> None:
@@ -125,13 +127,24 @@ class _Deadline:
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        with self._lock:
+            duplicates, self._duplicates = self._duplicates, []
+        for duplicate in duplicates:
+            duplicate.close()
 
 
 def _tracked(base: type[http.client.HTTPConnection], deadline: _Deadline) -> Any:
     class Tracked(base):  # type: ignore[valid-type,misc]
-        def connect(self) -> None:
-            super().connect()
-            deadline.track(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            create: Callable[..., socket.socket] = self._create_connection  # type: ignore[has-type]
+
+            def create_tracked(*create_args: Any, **create_kwargs: Any) -> socket.socket:
+                sock = create(*create_args, **create_kwargs)
+                deadline.track_connection(sock)  # from before the TLS handshake
+                return sock
+
+            self._create_connection = create_tracked
 
     return Tracked
 

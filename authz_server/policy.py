@@ -34,9 +34,9 @@ from pydantic.alias_generators import to_camel
 
 from authz_server import attributes as attr
 from authz_server.attributes import IPAddress, RequestAttributes
-from authz_server.config import Condition, Operation, PolicySpec, Rule, Source
+from authz_server.identity import Identity
 from authz_server.policy_index import TEMPLATE_OPERATOR, RuleIndex, pattern_kind
-from authz_server.tokens import Identity
+from authz_server.specs import Condition, Operation, PolicySpec, Rule, Source
 
 Predicate = Callable[[RequestAttributes, Identity | None], bool]
 StringMatcher = Callable[[str], bool]
@@ -499,7 +499,7 @@ def _single_getter(key: str) -> Getter:
         return _SIMPLE_GETTERS[key]
     if key.startswith("request.headers["):
         return _header(_CLAIM_PATH.findall(key)[0].lower())
-    # request.context_extensions[...] (config validated the key)
+    # request.context_extensions[...] (specs.Condition validated the key)
     return _context_extension(_CLAIM_PATH.findall(key)[0])
 
 

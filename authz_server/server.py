@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.config import Settings
+from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
 from authz_server.jwks import JWKSCache
@@ -27,6 +28,8 @@ from authz_server.metrics import CONTENT_TYPE, Metrics
 from authz_server.policy import unknown_attribute_uses
 from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
+from authz_server.specs import GrpcLimitsSpec
+from authz_server.tls import CertificateReloader, TlsFiles
 
 log = logging.getLogger("authz_server.server")
 
@@ -42,6 +45,19 @@ def _load_in_parallel(caches: list[JWKSCache]) -> None:
     if caches:
         with futures.ThreadPoolExecutor(max_workers=min(8, len(caches))) as pool:
             list(pool.map(lambda cache: cache.refresh(), caches))
+
+
+def grpc_options(limits: GrpcLimitsSpec) -> list[tuple[str, int]]:
+    """The grpc server options for ``server.grpc``."""
+    options = [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        # Soft and hard limit alike: grpcio refuses at random between the two otherwise.
+        ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+    ]
+    if limits.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -133,16 +149,23 @@ class AuthzServer:
         reuse_port: bool = False,
         share_readiness: Callable[[bool], bool] | None = None,
         http_authz_listen: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         """``http_listen`` None: no side port (a worker's supervisor serves it).
         ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
         neither: the door stays closed).
+        ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
+        plaintext).
         ``share_readiness``: publishes this server's readiness and returns whether every
         server sharing the port is ready (workers), which is what health then reports."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
         self.http_authz_listen = http_authz_listen or settings.server.http_authz.listen
+        if tls is None and settings.server.tls is not None:
+            tls = settings.server.tls.files()
+        self.tls = tls
+        self.certificates: CertificateReloader | None = None
         self.reuse_port = reuse_port
         self.share_readiness = share_readiness
         self.metrics = metrics or Metrics()
@@ -167,11 +190,13 @@ class AuthzServer:
             self.reloader.digest = settings.digest
         self.health = health.HealthServicer()
         self.grpc_server: grpc.Server | None = None
+        self.explain_server: grpc.Server | None = None  # the Explain API on its own port
         self.side_port: SidePort | None = None
         self.http_door: HttpDoor | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.http_authz_port = 0
+        self.explain_port = 0
         self._stopping = False
         self._stop_following = threading.Event()
 
@@ -200,7 +225,7 @@ class AuthzServer:
         self._watch_caches(engine)
         ignored = [
             f"server.{name}"
-            for name in ("listen", "http_listen", "threads", "http_authz")
+            for name in ("listen", "http_listen", "threads", "http_authz", "explain", "tls", "grpc")
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.decision_log.configure(settings.server.decision_log)
@@ -271,22 +296,46 @@ class AuthzServer:
         self._update_health()
 
         threads = self.settings.server.threads
+        if self.tls is not None:
+            # Before listening: files gone since the configuration was read stop the start.
+            self.certificates = CertificateReloader(self.tls)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="check"),
-            options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
+            options=[
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                *grpc_options(self.settings.server.grpc),
+            ],
         )
         server.add_generic_rpc_handlers((AuthorizationServicer(self.service).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
-        self.grpc_port = server.add_insecure_port(self.listen)
+        services = [AUTHORIZATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        explain = self.settings.server.explain
+        if explain.enabled and explain.listen is None:
+            ExplainServicer(lambda: self.service.engine).register(server)
+            services.append(EXPLAIN_SERVICE)
+        reflection.enable_server_reflection(services, server)
+        if self.certificates is None:
+            self.grpc_port = server.add_insecure_port(self.listen)
+            doors = f"gRPC on {self.listen}"
+        else:
+            self.grpc_port = server.add_secure_port(self.listen, self.certificates.credentials())
+            doors = (
+                f"gRPC with {'mTLS' if self.certificates.files.mutual else 'TLS'} on "
+                f"{self.listen} ({self.certificates.material.describe()})"
+            )
         if self.grpc_port == 0 and not self.listen.startswith("unix:"):
             raise OSError(f"cannot listen on {self.listen}")
         server.start()
         self.grpc_server = server
 
-        doors = f"gRPC on {self.listen}"
+        if explain.enabled:
+            if explain.listen is not None:
+                try:
+                    self._start_explain_server(explain.listen)
+                except BaseException:
+                    server.stop(0)
+                    raise
+            doors += f", Explain API on {explain.listen or self.listen}"
         if self.http_authz_listen is not None:
             self.http_door = HttpDoor(
                 self.service,
@@ -299,6 +348,8 @@ class AuthzServer:
                 self.http_door.start()
             except BaseException:
                 server.stop(0)  # the gRPC door is up already: do not leave it serving alone
+                if self.explain_server is not None:
+                    self.explain_server.stop(0)
                 raise
             self.http_authz_port = self.http_door.port
             doors += f", HTTP ext_authz on {self.http_authz_listen}"
@@ -330,6 +381,20 @@ class AuthzServer:
             "" if ready else providers,
         )
 
+    def _start_explain_server(self, listen: str) -> None:
+        """The Explain API on its own gRPC server (with reflection), apart from Envoy's Checks."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="explain"),
+            options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
+        )
+        ExplainServicer(lambda: self.service.engine).register(server)
+        reflection.enable_server_reflection((EXPLAIN_SERVICE, reflection.SERVICE_NAME), server)
+        self.explain_port = server.add_insecure_port(listen)
+        if self.explain_port == 0 and not listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {listen} (server.explain.listen)")
+        server.start()
+        self.explain_server = server
+
     def _follow_peers(self, interval: float = 0.25) -> None:
         while not self._stop_following.wait(interval):
             self._update_health()
@@ -350,6 +415,8 @@ class AuthzServer:
         if grace is None:
             grace = self.settings.server.shutdown_grace
         grpc_stopped = self.grpc_server.stop(grace) if self.grpc_server is not None else None
+        if self.explain_server is not None:
+            self.explain_server.stop(0)  # nothing to drain: no Envoy waits on an explanation
         if self.http_door is not None:
             self.http_door.stop(grace)  # side by side with gRPC's drain
         if grpc_stopped is not None:

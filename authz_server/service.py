@@ -21,6 +21,7 @@ from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
+from authz_server.identity import Identity
 from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
 from authz_server.log import DecisionLog
@@ -28,7 +29,7 @@ from authz_server.metrics import Metrics
 from authz_server.policy import PolicySet
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
-from authz_server.tokens import Identity, ProviderRuntime, TokenVerifier, WaitMode
+from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
 from authz_server.workloads import WorkloadIndex
 
 log = logging.getLogger("authz_server.service")

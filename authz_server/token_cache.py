@@ -14,12 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from authz_server.identity import Identity
 from authz_server.jwks import JWKSCache, VerificationKey
-
-if TYPE_CHECKING:
-    from authz_server.tokens import Identity
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,43 +13,17 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from authz_server import errors
 from authz_server.config import Provider
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
+from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
 from authz_server.jwks import JWKSCache, VerificationKey
 from authz_server.token_cache import CachedToken, TokenCache
 
 MAX_TOKEN_BYTES = 8192
-DEFAULT_SPACE_DELIMITED = frozenset({"scope", "permission"})
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a verified token says the caller is. Lives in the token cache, hence the slots."""
-
-    provider: str
-    issuer: str
-    subject: str
-    claims: Mapping[str, Any]
-    audiences: tuple[str, ...]
-    presenter: str | None
-    # The base64url payload as it came, kept only for a provider with outputPayloadToHeader
-    # (a cached token would carry it for nothing otherwise).
-    payload_segment: str
-    space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED
-    principal: str = field(init=False)  # Istio's request principal: ``iss/sub``
-    # What Envoy's dynamic metadata carries: built once per verified token, and its identity
-    # keys the rendered answer.
-    metadata: Mapping[str, Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        principal = f"{self.issuer}/{self.subject}"
-        object.__setattr__(self, "principal", principal)
-        metadata = {"principal": principal, "provider": self.provider, "claims": self.claims}
-        object.__setattr__(self, "metadata", metadata)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from authz_server.tls import TlsFiles
 
 log = logging.getLogger("authz_server.workers")
 
@@ -73,6 +76,7 @@ class _WorkerPlan:
     log_format: str
     supervisor_pid: int
     http_authz_listen: str | None = None
+    tls: TlsFiles | None = None  # from the command line; None: the configuration's
 
 
 def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
@@ -106,6 +110,7 @@ def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
             reuse_port=True,
             share_readiness=share_readiness,
             http_authz_listen=plan.http_authz_listen,
+            tls=plan.tls,
         )
     )
 
@@ -131,6 +136,7 @@ class Supervisor:
         listen: str,
         http_listen: str,
         http_authz_listen: str | None = None,
+        tls: TlsFiles | None = None,
         log_level: str = "INFO",
         log_format: str = "json",
         drain_seconds: float = 10.0,
@@ -146,6 +152,7 @@ class Supervisor:
         self.listen = listen
         self.http_listen = http_listen
         self.http_authz_listen = http_authz_listen
+        self.tls = tls
         self.log_level = log_level
         self.log_format = log_format
         self.drain_seconds = drain_seconds
@@ -209,6 +216,7 @@ class Supervisor:
                     self.log_format,
                     os.getpid(),
                     self.http_authz_listen,
+                    self.tls,
                 ),
             ),
         )

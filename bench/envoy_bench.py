@@ -13,6 +13,9 @@ What runs (all on 127.0.0.1, ports picked at run time, every process stopped by 
   The HTTP door (issue 10): Envoy → authz-server over ext_authz ``http_service`` (the same
   server process, its HTTP door open, the same cached token), next to Envoy → the bare HTTP
   floor (bench/http_floor.py: uvloop + httptools answering 200).
+  Last, with every other process stopped, scoping (issue 13, bench/scoping_cost.py): the
+  per-Check CPU with 50 workloads x 20 policies against 1 workload with 20, in process and in
+  two servers of its own.
 
 Each round runs every scenario once (the order reversed on odd rounds), so a busy moment of
 the shared machine falls on all of them alike; the report gives medians with min-max and the
@@ -41,6 +44,7 @@ import grpc
 import loadgen
 import reference
 import report
+import scoping_cost
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy_bootstrap import bootstrap
 from loadgen import LoadResult
@@ -588,6 +592,15 @@ def main() -> int:
         half = half_load(setup, floor_max / 2)
         log(f"half load: {floor_max / 2:.0f} req/s through Envoy, floor then authz-server")
         run_rounds(half, scratch, warm_up=False)
+    # In process and two servers of its own, once every other process has stopped.
+    log("scoping: 50 workloads x 20 policies against 1 workload (bench/scoping_cost.py)")
+    scoping = scoping_cost.run(
+        rounds=5 if QUICK else 15,
+        budget=0.05 if QUICK else 0.1,
+        server_calls=300 if QUICK else 1000,
+        cpus=WORK_CPU,
+        command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
+    )
     text = report.render(
         report.Run(
             scenarios=setup.scenarios,
@@ -603,6 +616,7 @@ def main() -> int:
             new_tokens=(NEW_TOKENS, NEW_TOKEN_CACHE),
             placement=(ENVOY_CPU, WORK_CPU, ALL_CPUS),
             loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
+            scoping=scoping,
         )
     )
     report.write(text, args.output, log)

@@ -39,11 +39,12 @@ from prometheus_client import CollectorRegistry
 
 from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.config import DecisionLogSpec, Settings
+from authz_server.config import Settings
 from authz_server.log import DecisionLog, JsonFormatter
 from authz_server.metrics import Metrics
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
+from authz_server.specs import DecisionLogSpec
 
 PARTNER = "https://partner.bench"
 PARTNER_PROVIDER = """

@@ -39,6 +39,7 @@ class Run:
     new_tokens: tuple[int, int]  # distinct tokens cycled, that server's token cache size
     placement: tuple[str, str, str]  # Envoy's CPU, the servers' and load's CPU, both
     loads: tuple[int, int, int, int]  # wrk connections, h2load clients, streams, half-load clients
+    scoping: Sequence[str] = ()  # bench/scoping_cost.py's section, when it ran
 
 
 def write(text: str, output: Path, log: Callable[[str], None]) -> None:
@@ -305,6 +306,7 @@ def render(run: Run) -> str:
         "",
         *_other_ratios(run, by_key),
         "",
+        *run.scoping,
         "## How it ran",
         "",
         f"- Envoy `--concurrency 1` pinned to CPU {envoy_cpu} (taskset), one Envoy per HTTP "

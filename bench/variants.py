@@ -61,7 +61,7 @@ from envoy_bench import (
 )
 from procs import Proc, Stack, free_port, http_get, wait_until
 
-from authz_server.config import ServerSpec
+from authz_server.specs import ServerSpec
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "variants.md"

@@ -39,8 +39,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Provider, ProviderSpec
+from authz_server.config import Provider
 from authz_server.service import AuthorizationService, Engine, make_cache
+from authz_server.specs import ProviderSpec
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, decode_segments
 

@@ -19,9 +19,9 @@ import atheris
 with atheris.instrument_imports():
     from authz_server import config, devkeys
     from authz_server.attributes import RequestAttributes, normalize_path
-    from authz_server.config import HttpAuthzSpec
     from authz_server.doors.http import HttpDoor, _Connection
     from authz_server.service import AuthorizationService, Engine
+    from authz_server.specs import HttpAuthzSpec
 
 ISSUER = "https://idp.fuzz"
 CONFIG = """

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
+from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "orders-api"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz_server import config
+from authz_server import config, specs
 from authz_server.envoy_config import output_headers
 from tests.test_manifests import (
     HTTP_DOOR_PORT,
@@ -354,7 +354,7 @@ def test_the_http_example_fails_closed_and_passes_on_the_configs_identity_header
     options = _clusters(bootstrap)["authz"]["typed_extension_protocol_options"]
     (http_options,) = options.values()
     assert "http_protocol_options" in http_options["explicit_http_config"]
-    idle = config.parse_duration(http_options["common_http_protocol_options"]["idle_timeout"])
+    idle = specs.parse_duration(http_options["common_http_protocol_options"]["idle_timeout"])
     assert idle < settings.server.http_authz.idle_timeout
 
 

@@ -9,22 +9,29 @@ import inspect
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from google.protobuf import any_pb2, json_format
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from authz_server import cli, config, errors
+from authz_server import cli, config, errors, specs
+from authz_server.attributes import RequestAttributes
+from authz_server.workloads import WorkloadIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
+SCOPING = ROOT / "docs" / "scoping.md"
 README = ROOT / "README.md"
 CHANGELOG = ROOT / "CHANGELOG.md"
 # Docs that show configurations (each must show at least one), and every doc a user reads.
-CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE]
+CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE, SCOPING]
 DOCS = [*CONFIG_DOCS, TROUBLESHOOTING, CHANGELOG]
 _BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
 _JSON_BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
@@ -101,9 +108,9 @@ def _config_models() -> list[type[BaseModel]]:
     added tomorrow is checked too."""
     return [
         model
-        for name, model in inspect.getmembers(config, inspect.isclass)
+        for name, model in inspect.getmembers(specs, inspect.isclass)
         if issubclass(model, BaseModel)
-        and model.__module__ == config.__name__
+        and model.__module__ == specs.__name__
         and not name.startswith("_")
     ]
 
@@ -139,9 +146,9 @@ def test_the_reference_documents_the_durations_and_the_files_read() -> None:
     reference = REFERENCE.read_text()
     for example in ("`2s`", "`500ms`", "`1h30m`", "A bare number", "`*.yml`"):
         assert example in reference
-    assert config.parse_duration("1h30m") == 5400.0
-    assert config.parse_duration("500ms") == 0.5
-    assert config.parse_duration(2) == 2.0
+    assert specs.parse_duration("1h30m") == 5400.0
+    assert specs.parse_duration("500ms") == 0.5
+    assert specs.parse_duration(2) == 2.0
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
@@ -200,3 +207,111 @@ def test_every_link_between_the_docs_resolves(doc: Path) -> None:
         assert path.exists(), f"{doc.name}: broken link {target}"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"{doc.name}: no heading for {target}"
+
+
+# ------------------------------------------------------------------------- docs/scoping.md
+
+_PER_ROUTE = "envoy.filters.http.ext_authz"
+
+
+def _scoping_configs(tmp_path: Path) -> list[config.Settings]:
+    blocks = [b for b in yaml_blocks(SCOPING) if _is_server_config(b)]
+    return [_load_block(b, tmp_path / f"scoping{i}.yaml") for i, b in enumerate(blocks)]
+
+
+def _envoy_documents(kind: str) -> list[dict[str, Any]]:
+    """The Envoy YAML of docs/scoping.md: ``route_config`` blocks, or EnvoyFilter documents."""
+    found = []
+    for block in yaml_blocks(SCOPING):
+        for document in yaml.safe_load_all(block):
+            if kind == "route_config" and isinstance(document, dict) and "route_config" in document:
+                found.append(document["route_config"])
+            elif isinstance(document, dict) and document.get("kind") == kind:
+                found.append(document)
+    return found
+
+
+def _context_extensions(typed_per_filter_config: dict[str, Any] | None) -> dict[str, str]:
+    """The context extensions an ext_authz ``typed_per_filter_config`` sets, read through
+    Envoy's own message (a misspelled field is an error)."""
+    if not typed_per_filter_config or _PER_ROUTE not in typed_per_filter_config:
+        return {}
+    message = json_format.ParseDict(typed_per_filter_config[_PER_ROUTE], any_pb2.Any())
+    per_route = ext_authz_pb2.ExtAuthzPerRoute()
+    assert message.Unpack(per_route), message.type_url
+    return dict(per_route.check_settings.context_extensions)
+
+
+def test_the_scoping_doc_shows_each_way_to_recognise_a_workload(tmp_path: Path) -> None:
+    configs = _scoping_configs(tmp_path)
+    workloads = [w for settings in configs for w in settings.workloads]
+
+    assert len(configs) >= 3
+    assert all(settings.workloads for settings in configs)
+    assert any(w.destination_principals for w in workloads)
+    assert any(w.context_extensions for w in workloads)
+    assert any(w.hosts for w in workloads)
+
+
+def test_the_envoy_routes_of_the_scoping_doc_are_envoy_configuration(tmp_path: Path) -> None:
+    """Each route's context extensions (its virtual host's merged with its own, as Envoy
+    merges them) recognise, in one of the doc's configurations, the workload the route
+    leads to."""
+    routes = _envoy_documents("route_config")
+    assert routes, "docs/scoping.md shows no Envoy route_config"
+    indexes = [WorkloadIndex(settings.workloads) for settings in _scoping_configs(tmp_path)]
+    checked = 0
+    for route_config in routes:
+        json_format.ParseDict(route_config, route_pb2.RouteConfiguration())  # field names
+        for host in route_config["virtual_hosts"]:
+            shared = _context_extensions(host.get("typed_per_filter_config"))
+            for route in host["routes"]:
+                extensions = shared | _context_extensions(route.get("typed_per_filter_config"))
+                request = RequestAttributes(context_extensions=extensions)
+                found = {w.name for i in indexes if (w := i.identify(request)) is not None}
+                assert found == {route["route"]["cluster"]}, (route["match"], found)
+                checked += 1
+    assert checked >= 2
+
+
+def test_the_envoy_filter_of_the_scoping_doc_sets_what_a_workload_lists(tmp_path: Path) -> None:
+    filters = _envoy_documents("EnvoyFilter")
+    assert filters, "docs/scoping.md shows no EnvoyFilter"
+    configs = _scoping_configs(tmp_path)
+    for document in filters:
+        assert document["apiVersion"] == "networking.istio.io/v1alpha3"
+        spec = document["spec"]
+        assert set(spec) <= {"workloadSelector", "configPatches", "targetRefs", "priority"}
+        labels = spec["workloadSelector"]["labels"]
+        for patch in spec["configPatches"]:
+            assert set(patch) == {"applyTo", "match", "patch"}
+            assert patch["applyTo"] == "VIRTUAL_HOST"
+            assert patch["match"]["context"] in {"SIDECAR_INBOUND", "GATEWAY", "ANY"}
+            assert patch["patch"]["operation"] == "MERGE"
+            value = patch["patch"]["value"]
+            json_format.ParseDict(value, route_components_pb2.VirtualHost())  # field names
+            request = RequestAttributes(
+                context_extensions=_context_extensions(value["typed_per_filter_config"])
+            )
+            recognised = [
+                w
+                for settings in configs
+                if settings.workloads
+                and (w := WorkloadIndex(settings.workloads).identify(request)) is not None
+            ]
+            # The workload the filter's sidecars belong to, by the labels it selects.
+            assert recognised, f"no workload of the doc lists {request.context_extensions}"
+            assert all(labels.items() <= dict(w.labels).items() for w in recognised)
+
+
+def test_the_custom_policy_of_the_scoping_doc_names_the_mesh_provider() -> None:
+    mesh = yaml.safe_load((ROOT / "k8s" / "istio" / "mesh-config.yaml").read_text())
+    providers = {p["name"] for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
+    custom = [
+        document
+        for block in yaml_blocks(SCOPING)
+        for document in yaml.safe_load_all(block)
+        if isinstance(document, dict) and (document.get("spec") or {}).get("action") == "CUSTOM"
+    ]
+    assert custom
+    assert all(d["spec"]["provider"]["name"] in providers for d in custom)

@@ -1,7 +1,8 @@
 """The Kubernetes manifests, proven offline: they render, they validate, they agree.
 
 - ``kubectl kustomize`` renders ``k8s/base``, ``k8s/istio`` and ``k8s/istio-http``, and
-  ``k8s/base`` with the ``k8s/components/http-door`` component.
+  ``k8s/base`` with the ``k8s/components/http-door`` component, and with
+  ``k8s/components/grpc-tls``.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
   (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
@@ -34,7 +35,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_server import cli, config
+from authz_server import cli, config, specs
 from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
 
@@ -52,6 +53,10 @@ MESH_CONFIG_BROKEN = REPO / "tests" / "data" / "mesh_config_broken.yaml"
 HTTP_DOOR = K8S / "components" / "http-door"
 # The HTTP door's conventional port (9001 is gRPC, 9090 the side port).
 HTTP_DOOR_PORT = 9002
+GRPC_TLS = K8S / "components" / "grpc-tls"
+# Where the grpc-tls component mounts the Secret, which holds cert-manager's keys.
+TLS_MOUNT = "/etc/authz-server-tls"
+TLS_SECRET = "authz-server-tls"
 # The oldest Kubernetes the manifests promise to work on, and the newest schema shipped.
 KUBERNETES_VERSIONS = ("1.31", ".".join(kubernetes_validate.latest_version().split(".")[:2]))
 
@@ -627,7 +632,7 @@ def test_mesh_provider_reaches_the_service_and_fails_closed(settings: config.Set
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert grpc["port"] == grpc_port
     assert grpc["failOpen"] is False
-    timeout = config.parse_duration(grpc["timeout"])
+    timeout = specs.parse_duration(grpc["timeout"])
     # Explicit (Istio's default is 600s), and longer than the server's own wait for a new key.
     assert settings.server.unknown_kid_wait < timeout <= 5.0
 
@@ -932,7 +937,7 @@ def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settin
     # ...and answers statusOnError for them: 503, as the gRPC door does for an issuer
     # without keys.
     assert http["statusOnError"] == "503"
-    timeout = config.parse_duration(http["timeout"])
+    timeout = specs.parse_duration(http["timeout"])
     assert settings.server.unknown_kid_wait < timeout <= 5.0
     # Envoy's pathPrefix and the server's must agree: neither is set.
     assert "pathPrefix" not in http
@@ -984,3 +989,97 @@ def test_http_provider_passes_on_the_identity_headers_and_the_denials(
         "content-type",
     }
     assert "headersToDownstreamOnAllow" not in http
+
+
+# ------------------------------------------------------------------------------ gRPC TLS
+
+
+@pytest.fixture(scope="module")
+def base_with_grpc_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the grpc-tls component, in an overlay of one's own (in a copy of k8s/,
+    as kustomize takes only relative paths)."""
+    tree = tmp_path_factory.mktemp("k8s-copy-tls") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-grpc-tls"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/grpc-tls]\n"
+    )
+    return _render(overlay)
+
+
+def _with_tls_added(objects: tuple[Obj, ...]) -> dict[str, Obj]:
+    """What the grpc-tls component should make of ``objects``: the Secret mounted read-only,
+    the --tls-* flags naming its files, the probes moved from gRPC to the side port."""
+    expected = copy.deepcopy(_by_label(objects))
+    pod = expected["Deployment/authz-server"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["args"] += [
+        f"--tls-cert-file={TLS_MOUNT}/tls.crt",
+        f"--tls-key-file={TLS_MOUNT}/tls.key",
+        f"--tls-client-ca-file={TLS_MOUNT}/ca.crt",
+    ]
+    container["volumeMounts"].insert(0, {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+    pod["volumes"].insert(
+        0, {"name": "tls", "secret": {"secretName": TLS_SECRET, "defaultMode": 0o440}}
+    )
+    for probe, path in (
+        ("startupProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+    ):
+        del container[probe]["grpc"]
+        container[probe]["httpGet"] = {"path": path, "port": "http-metrics"}
+    return expected
+
+
+def test_grpc_tls_component_mounts_the_secret_and_changes_nothing_else(
+    base_with_grpc_tls: tuple[Obj, ...],
+) -> None:
+    assert _by_label(base_with_grpc_tls) == _with_tls_added(_objects("base"))
+
+
+def test_grpc_tls_deployment_validates_against_its_schema(
+    base_with_grpc_tls: tuple[Obj, ...],
+) -> None:
+    # The only object the component changes (the test above); the rest are k8s/base's own.
+    problems = all_problems((_one(base_with_grpc_tls, "Deployment"),))
+    assert not problems, "\n".join(problems)
+
+
+def test_serve_accepts_the_tls_flags_and_they_name_the_secrets_files(
+    base_with_grpc_tls: tuple[Obj, ...],
+) -> None:
+    container = _http_door_container(base_with_grpc_tls)
+    args = cli._parser().parse_args(container["args"])
+    # The keys a cert-manager Certificate writes into its Secret.
+    assert (args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file) == (
+        f"{TLS_MOUNT}/tls.crt",
+        f"{TLS_MOUNT}/tls.key",
+        f"{TLS_MOUNT}/ca.crt",
+    )
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TLS_MOUNT]
+    pod = _one(base_with_grpc_tls, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == TLS_SECRET
+    # The key is readable by the server's group, which owns the files (fsGroup), and no other.
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def test_tls_probes_ask_the_side_port_what_the_grpc_probes_asked(
+    base_with_grpc_tls: tuple[Obj, ...], settings: config.Settings
+) -> None:
+    # The kubelet's gRPC probe speaks plaintext only. /healthz answers like the "liveness"
+    # service (up while the process runs, whatever the IdP does), /readyz like "".
+    container = _http_door_container(base_with_grpc_tls)
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named["http-metrics"] == _port(settings.server.http_listen)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in container[probe]

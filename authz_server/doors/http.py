@@ -49,10 +49,10 @@ from authz_server.attributes import (
     SOURCE_PRINCIPAL,
     RequestAttributes,
 )
-from authz_server.config import HttpAuthzSpec
 from authz_server.errors import WouldWait
 from authz_server.log import name_os_thread
 from authz_server.responses import Decision
+from authz_server.specs import HttpAuthzSpec
 
 log = logging.getLogger("authz_server.http")
 

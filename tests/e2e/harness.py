@@ -2,14 +2,17 @@
 
 Plain classes with `start()`/`stop()` that are also context managers; the pytest fixtures
 that assemble them live in the tests (or a conftest). Nothing here sleeps to pass time:
-waiting is `wait_until` polling with a deadline.
+waiting is `wait_until` polling with a deadline. `TOKEN_LEDGER` remembers the tokens sent and
+looks for them in every server's output (the e2e conftest fails the run if one is found).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +67,71 @@ def wait_until(
         time.sleep(interval)
 
 
+# A compact JWS in a URL, a header or a cookie; and a base64url run in a server's output.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+_BASE64URL_RUN = re.compile(r"[A-Za-z0-9_-]{16,}")
+
+
+class TokenLedger:
+    """Every token the e2e tests signed or sent, checked against everything the servers wrote.
+
+    A token is known by the first and last 16 characters of its payload and of its signature:
+    none of them may appear in a server's output, so neither a whole token nor its signature
+    nor header.payload, nor a cut-off piece of one, goes unseen. Ends that look like padding
+    (fewer than 8 distinct characters, as in a forged all-zero signature) are not known: they
+    could match innocent text. A server's output is examined when it stops, as a restart with
+    the same log file overwrites it; what is found is kept in ``leaks`` for the end of the run.
+    """
+
+    _ANCHOR = 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._anchors: dict[str, str] = {}  # 16 characters -> which piece they come from
+        self.outputs = 0  # server outputs examined
+        self.leaks: list[str] = []
+
+    def saw_token(self, token: str) -> None:
+        """Remember ``token`` (a compact JWS) as sent."""
+        _, payload, signature = [*token.split("."), "", ""][:3]
+        found: dict[str, str] = {}
+        for name, piece in (("payload", payload), ("signature", signature)):
+            if len(piece) >= self._ANCHOR:
+                for anchor in (piece[: self._ANCHOR], piece[-self._ANCHOR :]):
+                    if len(set(anchor)) >= 8:
+                        found[anchor] = name
+        with self._lock:
+            self._anchors.update(found)
+
+    def saw_request(self, url: str, headers: Mapping[str, str]) -> None:
+        """Remember the tokens in a request's query string, Authorization and Cookie headers."""
+        places = [url.partition("?")[2]]
+        places += [v for k, v in headers.items() if k.lower() in ("authorization", "cookie")]
+        for place in places:
+            for token in _TOKEN_SHAPE.findall(place):
+                self.saw_token(token)
+
+    def examine(self, name: str, output: str) -> None:
+        """Record in ``leaks`` each known token piece found in ``output`` (named ``name``)."""
+        with self._lock:
+            anchors = dict(self._anchors)
+        width = self._ANCHOR
+        found = {
+            anchors[run[i : i + width]]
+            for run in set(_BASE64URL_RUN.findall(output))
+            for i in range(len(run) - width + 1)
+            if run[i : i + width] in anchors
+        }
+        with self._lock:
+            self.outputs += 1
+            self.leaks += [f"{name} holds a piece of a token's {piece}" for piece in sorted(found)]
+
+
+# One per test session: filled by http_request and by the e2e conftest (tokens signed), read
+# when an AuthzServerProcess stops, checked at the end of the session.
+TOKEN_LEDGER = TokenLedger()
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # a 3xx comes back to the caller as it is
@@ -85,6 +153,7 @@ def http_request(
     4xx/5xx (and 3xx, never followed) are returned, not raised. Connection errors raise
     `urllib.error.URLError` / `OSError`.
     """
+    TOKEN_LEDGER.saw_request(url, headers or {})
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     try:
         response = _OPENER.open(request, timeout=timeout)
@@ -464,17 +533,27 @@ def envoy_binary() -> str:
     return found
 
 
+# Logs made for processes given no log path: removed when the test run ends.
+_TEMPORARY_LOGS: list[Path] = []
+
+
+@atexit.register
+def _remove_temporary_logs() -> None:
+    for path in _TEMPORARY_LOGS:
+        path.unlink(missing_ok=True)
+
+
 class _Process:
     """A child process with its output in a log file, stopped by PID with SIGTERM/SIGKILL."""
 
     name = "process"
 
     def __init__(self, log_path: Path | str | None) -> None:
-        self._own_log = log_path is None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
             os.close(fd)
             log_path = name
+            _TEMPORARY_LOGS.append(Path(name))
         self.log_path = Path(log_path)
         self._proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -568,7 +647,7 @@ class EnvoyProcess(_Process):
         log_path: Path | str | None = None,
         *,
         extra_args: Sequence[str] = ("--concurrency", "2"),
-        ready_timeout: float = 20.0,
+        ready_timeout: float = 60.0,  # generous: a busy shared machine starts slowly
     ) -> None:
         super().__init__(log_path)
         self.bootstrap_yaml = bootstrap_yaml
@@ -623,7 +702,7 @@ class AuthzServerProcess(_Process):
         *,
         log_path: Path | str | None = None,
         ready_path: str = "/healthz",
-        ready_timeout: float = 20.0,
+        ready_timeout: float = 60.0,  # generous: a busy shared machine starts slowly
     ) -> None:
         super().__init__(log_path)
         self.config_path = Path(config_path)
@@ -656,6 +735,14 @@ class AuthzServerProcess(_Process):
     def signal(self, signum: int) -> None:
         """Send `signum` (e.g. SIGHUP) to the server process."""
         os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """As `_Process.stop`; then what the server wrote goes to `TOKEN_LEDGER.examine`."""
+        running = self._proc is not None
+        code = super().stop(timeout)
+        if running:
+            TOKEN_LEDGER.examine(f"the output of {self.name} ({self.log_path})", self.log_text())
+        return code
 
 
 # The two doors Envoy can reach the server through: ext_authz `grpc_service` or `http_service`.

@@ -29,7 +29,7 @@ from tests.e2e.harness import (
     http_request,
     wait_until,
 )
-from tests.e2e.test_workers import config_text
+from tests.e2e.test_workers import config_text, worker_pids
 from tests.helpers import claims_for
 
 pytestmark = pytest.mark.e2e
@@ -175,18 +175,21 @@ def test_a_storm_of_configuration_rewrites_fails_no_request_and_the_last_one_win
         assert server.stop() == 0
 
 
+def _draining_config(setup: Setup, seconds: float) -> None:
+    # drainDelay: after SIGTERM the server says NOT_SERVING (so a load balancer stops sending)
+    # and keeps answering for that long; only then does it stop taking new Checks.
+    (setup.workdir / "config.yaml").write_text(
+        config_text(["/orders"]).replace(
+            "kind: AuthzConfig\n",
+            f"kind: AuthzConfig\nserver: {{drainDelay: {seconds:g}s, shutdownGrace: {seconds:g}s}}\n",
+        )
+    )
+
+
 def test_sigterm_under_load_keeps_answering_through_the_drain_delay_and_exits_0(
     setup: Setup,
 ) -> None:
-    # drainDelay: after SIGTERM the server says NOT_SERVING (so a load balancer stops sending)
-    # and keeps answering for that long; only then does it stop taking new Checks.
-    path = setup.workdir / "config.yaml"
-    path.write_text(
-        config_text(["/orders"]).replace(
-            "kind: AuthzConfig\n",
-            "kind: AuthzConfig\nserver: {drainDelay: 2s, shutdownGrace: 2s}\n",
-        )
-    )
+    _draining_config(setup, 2)
     token = setup.key.sign(claims_for(time.time()))
     server = setup.server().start()
     load = Load(setup, token)
@@ -209,3 +212,56 @@ def test_sigterm_under_load_keeps_answering_through_the_drain_delay_and_exits_0(
     assert set(in_drain) == {200}, sorted(set(in_drain))
     assert {s for t, s in results if t < term} == {200}
     assert "draining" in server.log_text()
+
+
+def _log_lines(server: AuthzServerProcess) -> list[dict[str, object]]:
+    return [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("setup", ["grpc"], indirect=True)
+def test_sigterm_under_load_drains_two_workers_fails_no_request_and_leaves_no_process(
+    setup: Setup,
+) -> None:
+    _draining_config(setup, 1.5)
+    grpc, side, _ = setup.ports
+    server = AuthzServerProcess(
+        setup.workdir / "config.yaml",
+        grpc,
+        side,
+        [*setup.server_args, "--workers", "2"],
+        ready_path="/readyz",
+        ready_timeout=60,
+    ).start()
+    try:
+        pids = set(worker_pids(server).values())
+        assert len(pids) == 2, server.log_text()
+        load = Load(setup, setup.key.sign(claims_for(time.time())))
+        results = load.results
+        try:
+            wait_until(lambda: len(results) >= 20, timeout=10, what="load flowing")
+            server.signal(signal.SIGTERM)  # to the supervisor, which passes it on
+            term = time.monotonic()
+            wait_until(
+                lambda: http_request(f"{server.http_url}/readyz")[0] == 503,
+                timeout=1.5,
+                what="/readyz 503 at once",
+            )
+            code = server.stop(timeout=30)  # waits for the supervisor's exit
+        finally:
+            load.stop()
+    finally:
+        server.stop()
+    assert code == 0, server.log_text()[-2000:]
+    # In flight at SIGTERM or sent while the workers drained: every request answered 200.
+    assert {s for t, s in results if t < term} == {200}
+    in_drain = [s for t, s in results if term <= t < term + 0.75]
+    assert in_drain, "requests were sent during the drain delay"
+    assert set(in_drain) == {200}, sorted(set(in_drain))
+    stopped = [
+        line
+        for line in _log_lines(server)
+        if (line["logger"], line["message"]) == ("authz_server.server", "stopped")
+    ]
+    assert len(stopped) == 2, "each worker drained and stopped"
+    assert "Traceback" not in server.log_text()
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []

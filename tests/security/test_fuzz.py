@@ -202,7 +202,7 @@ def test_grpc_checks_of_random_requests_never_raise_and_never_allow_without_a_to
 
 @pytest.fixture(scope="module")
 def door(service: AuthorizationService) -> HttpDoor:
-    from authz_server.config import HttpAuthzSpec
+    from authz_server.specs import HttpAuthzSpec
 
     door = HttpDoor(
         service, HttpAuthzSpec(maxHeaders=16, maxHeaderBytes=4096), listen="127.0.0.1:0"

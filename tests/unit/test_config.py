@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import cli, config, devkeys
-from authz_server.config import Settings, parse_duration
+from authz_server import cli, config, devkeys, specs
+from authz_server.config import Settings
 from authz_server.errors import ConfigError, ConfigProblem
+from authz_server.specs import parse_duration
 from tests.helpers import write_config
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -145,11 +146,11 @@ def test_istio_mesh_yaml_loads_unchanged() -> None:
 
 def test_defaults_without_a_server_section(tmp_path: Path) -> None:
     settings = load(tmp_path, native(providers=[provider()]))
-    assert settings.server == config.ServerSpec()
+    assert settings.server == specs.ServerSpec()
     assert settings.server.listen == "0.0.0.0:9001"
     assert settings.server.missing_token_status == 401
     (only,) = settings.providers
-    assert only.spec.algorithms == list(config.ASYMMETRIC_ALGORITHMS)
+    assert only.spec.algorithms == list(specs.ASYMMETRIC_ALGORITHMS)
     assert only.spec.presence == "OPTIONAL"
     assert only.origin.endswith("(AuthzConfig): providers[0]")
 

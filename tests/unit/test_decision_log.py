@@ -28,14 +28,14 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from authz_server import config, devkeys, errors
 from authz_server import log as log_module
 from authz_server.attributes import RequestAttributes
-from authz_server.config import DecisionLogSpec
 from authz_server.devkeys import SigningKey
 from authz_server.doors.http import to_attributes as to_http_attributes
+from authz_server.identity import Identity
 from authz_server.log import DECISION_LOGGER, DecisionLog, JsonFormatter
 from authz_server.responses import Decision
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
-from authz_server.tokens import Identity
+from authz_server.specs import DecisionLogSpec
 from tests.e2e.harness import wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 

@@ -289,3 +289,33 @@ def test_without_the_jwks_file_the_unreachable_idp_is_reported(
     assert code == 1
     assert "warning: provider main:" in err
     assert out.splitlines()[0] == f"DENY 503 {errors.JWKS_UNAVAILABLE}"
+
+
+def test_the_readme_shows_what_check_prints_for_the_demos_refused_post(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## Why was a request denied?", 1)[1]
+    commands, shown = section.split("```sh\n", 1)[1].split("```text\n", 1)
+    mint, check = _commands(commands.split("```", 1)[0])
+    token_file = tmp_path / "alice.jwt"
+
+    assert cli.main(_in(root, mint[1 : mint.index(">")])) == 0
+    token_file.write_text(capsys.readouterr().out)
+    argv = _in(root, check[1:])
+    argv[argv.index("alice.jwt")] = str(token_file)
+    assert cli.main(argv) == 1
+
+    assert capsys.readouterr().out == shown.split("```", 1)[0]
+
+
+def _commands(block: str) -> list[list[str]]:
+    """The shell commands of a README block, each as its words (continuations joined)."""
+    return [line.split() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _in(root: Path, words: list[str]) -> list[str]:
+    """The words with repository paths made absolute and quoting removed."""
+    bare = [word.strip("'") for word in words]
+    return [str(root / word) if word.startswith("examples/") else word for word in bare]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from authz_server import devkeys
-from authz_server.config import ASYMMETRIC_ALGORITHMS
 from authz_server.devkeys import SigningKey
 from authz_server.jwks import JWKSCache, KeySet
 from authz_server.keysources import FileSource, InlineSource, UrlSource
+from authz_server.specs import ASYMMETRIC_ALGORITHMS
 from tests.e2e.harness import JWKSServer
 
 ALL = frozenset(ASYMMETRIC_ALGORITHMS)

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from authz_server import devkeys, errors
-from authz_server.config import ASYMMETRIC_ALGORITHMS, Provider, ProviderSpec
+from authz_server.config import Provider
 from authz_server.devkeys import SigningKey
 from authz_server.errors import AuthenticationError, DependencyError
 from authz_server.jwks import JWKSCache, KeySet
 from authz_server.keysources import InlineSource, UrlSource
+from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
 from authz_server.tokens import ProviderRuntime, TokenVerifier
 from tests.e2e.harness import JWKSServer, wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authz_server import devkeys, errors
-from authz_server.config import ASYMMETRIC_ALGORITHMS, Provider, ProviderSpec
+from authz_server.config import Provider
 from authz_server.devkeys import SigningKey
 from authz_server.errors import AuthenticationError
 from authz_server.jwks import JWKSCache
@@ -45,6 +45,7 @@ from authz_server.keysources import (
     source_for,
 )
 from authz_server.service import make_cache
+from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
 from authz_server.tokens import ProviderRuntime, TokenVerifier
 from tests.e2e.harness import JWKSServer
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for

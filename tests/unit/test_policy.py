@@ -10,7 +10,7 @@ import pytest
 
 from authz_server import config
 from authz_server.attributes import RequestAttributes
-from authz_server.config import PolicySpec, Rule
+from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
 from authz_server.policy import (
     PolicyResult,
     PolicySet,
@@ -18,7 +18,7 @@ from authz_server.policy import (
     request_principal_matcher,
     string_matcher,
 )
-from authz_server.tokens import DEFAULT_SPACE_DELIMITED, Identity
+from authz_server.specs import PolicySpec, Rule
 from tests.helpers import identity
 
 DATA = Path(__file__).resolve().parent.parent / "data"

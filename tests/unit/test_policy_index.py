@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_server.attributes import RequestAttributes
-from authz_server.config import PolicySpec
+from authz_server.identity import Identity
 from authz_server.policy import PolicyResult, PolicySet
 from authz_server.policy_index import StringIndex, pattern_kind
-from authz_server.tokens import Identity
+from authz_server.specs import PolicySpec
 from tests.helpers import identity
 
 ISS = "https://idp.example.com"

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from authz_server import config, devkeys, errors
-from authz_server.config import ASYMMETRIC_ALGORITHMS, Provider, ProviderSpec
+from authz_server.config import Provider
 from authz_server.devkeys import SigningKey
 from authz_server.errors import AuthenticationError
 from authz_server.jwks import JWKSCache, KeySet, VerificationKey, VerifyFn
 from authz_server.keysources import UrlSource
 from authz_server.service import Engine
+from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier
 from tests.e2e.harness import JWKSServer

@@ -14,6 +14,7 @@ import yaml
 from authz_server import config, errors
 from authz_server.attributes import RequestAttributes
 from authz_server.devkeys import SigningKey, jwks
+from authz_server.doors.explain_api import to_response
 from authz_server.errors import ConfigError
 from authz_server.explain import explain
 from authz_server.service import AuthorizationService, Engine
@@ -292,6 +293,11 @@ def test_explain_names_the_workload_and_the_policies_in_scope(
     assert result["workload"]["policies_in_scope"] == ["shop/orders-admins"]
     assert [p["name"] for p in result["policies"]] == ["shop/orders-admins"]
     assert result["workload"]["providers_in_scope"] == [ISSUER]
+    # The Explain API carries it too.
+    assert to_response(result).workload.policies_in_scope == ["shop/orders-admins"]
+    unknown = explain(mesh.engine, RequestAttributes(context_extensions={"workload": "x"}))
+    assert (unknown["reason"], unknown["workload"]["unknown"]) == (errors.UNKNOWN_WORKLOAD, "deny")
+    assert to_response(unknown).workload.unknown == "deny"
 
 
 def _problems(tmp_path: Path, *documents: dict[str, Any]) -> list[str]:
