@@ -21,9 +21,9 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,9 +39,20 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from authz_server.responses import Decision
-    from authz_server.service import Engine
+from authz_server.jwks import JWKSCache
+from authz_server.responses import Decision
+from authz_server.token_cache import TokenCache
+
+
+class EngineView(Protocol):
+    """What a scrape reads of the engine in force (``service.Engine`` is one)."""
+
+    @property
+    def token_cache(self) -> TokenCache: ...
+
+    @property
+    def caches(self) -> Mapping[str, JWKSCache]: ...
+
 
 # 50 us to 1 s, dense below a millisecond where a Check usually lands.
 CHECK_BUCKETS = (
@@ -57,7 +68,7 @@ DOORS = ("grpc", "http")
 class _EngineCollector(Collector):
     """Scrape-time view of the current engine: token cache and key sets."""
 
-    def __init__(self, current: Callable[[], Engine | None]) -> None:
+    def __init__(self, current: Callable[[], EngineView | None]) -> None:
         self._current = current
 
     def collect(self) -> Iterator[Any]:
@@ -206,7 +217,7 @@ class Metrics:
         self._published = _Published(self.registry) if multiprocess_mode else None
         self._config_digest: str | None = None
 
-    def watch_engine(self, current: Callable[[], Engine | None]) -> None:
+    def watch_engine(self, current: Callable[[], EngineView | None]) -> None:
         """Expose the token cache and key sets of whatever engine ``current`` returns."""
         self._engine_collector = _EngineCollector(current)
         self._watch(self._engine_collector)
