@@ -346,8 +346,11 @@ def _load(path: str) -> config.Settings | None:
     if settings.server.http_authz.listen is not None:
         from authz_server.doors.http import HTTP_UNKNOWN  # noqa: PLC0415
         from authz_server.policy import unknown_attribute_uses  # noqa: PLC0415
+        from authz_server.workloads import http_door_gaps  # noqa: PLC0415
 
         for line in unknown_attribute_uses(settings.policies, HTTP_UNKNOWN):
+            print(f"warning: {line}", file=sys.stderr)
+        for line in http_door_gaps(settings.workloads):
             print(f"warning: {line}", file=sys.stderr)
     return settings
 

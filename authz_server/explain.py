@@ -24,6 +24,8 @@ from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
 
 REDACTED = "(redacted: holds a token)"
+# An identity header's value (claims, the payload) without show_claims.
+HIDDEN = "(hidden: claims are shown only when asked for)"
 # What the reasons that end a decision before the policies mean, for the text form.
 _EARLY = "no policy was evaluated: the credentials decided"
 
@@ -205,11 +207,15 @@ def explain(
         "workload": _workload(engine, trace),
         "tokens": _tokens(trace, show_claims=show_claims),
         "policies_evaluated": trace.policies_evaluated,
-        "enforced_allow_policies": len(policies.allow),
+        # None in scope when an unknown workload was denied before any policy.
+        "enforced_allow_policies": len(policies.allow) if trace.scope is not None else 0,
         "policies": traced,
         "audited": list(decision.audited),
         "dry_run": dict(decision.dry_run),
-        "headers_to_set": _redact(dict(decision.headers_to_set), secrets),
+        # Identity headers carry claims (outputClaimToHeaders, the whole payload).
+        "headers_to_set": _redact(dict(decision.headers_to_set), secrets)
+        if show_claims
+        else dict.fromkeys(dict(decision.headers_to_set), HIDDEN),
         "headers_to_remove": list(decision.headers_to_remove),
         "query_params_to_remove": list(decision.query_params_to_remove),
         "response_headers": dict(decision.response_headers),

@@ -30,6 +30,7 @@ from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
 from authz_server.specs import GrpcLimitsSpec
 from authz_server.tls import CertificateReloader, TlsFiles
+from authz_server.workloads import http_door_gaps
 
 log = logging.getLogger("authz_server.server")
 
@@ -254,6 +255,8 @@ class AuthzServer:
             return
         for line in unknown_attribute_uses(self.settings.policies, HTTP_UNKNOWN):
             log.warning("%s", line)
+        for line in http_door_gaps(self.settings.workloads):
+            log.warning("%s", line)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """(ready, {provider: "ready" | "no keys: <last error>"}); never ready while stopping."""
@@ -382,14 +385,19 @@ class AuthzServer:
         )
 
     def _start_explain_server(self, listen: str) -> None:
-        """The Explain API on its own gRPC server (with reflection), apart from Envoy's Checks."""
+        """The Explain API on its own gRPC server (with reflection), apart from Envoy's Checks,
+        over TLS when the gRPC port has it."""
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="explain"),
             options=[("grpc.so_reuseport", 1 if self.reuse_port else 0)],
         )
         ExplainServicer(lambda: self.service.engine).register(server)
         reflection.enable_server_reflection((EXPLAIN_SERVICE, reflection.SERVICE_NAME), server)
-        self.explain_port = server.add_insecure_port(listen)
+        # The same transport as the gRPC port: with server.tls, its certificates (and client CA).
+        if self.certificates is None:
+            self.explain_port = server.add_insecure_port(listen)
+        else:
+            self.explain_port = server.add_secure_port(listen, self.certificates.credentials())
         if self.explain_port == 0 and not listen.startswith("unix:"):
             raise OSError(f"cannot listen on {listen} (server.explain.listen)")
         server.start()

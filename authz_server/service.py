@@ -136,12 +136,16 @@ class _ProviderOutputs:
 class WorkloadScope:
     """What decides the requests of one workload: the policies and providers in its scope.
     ``workload`` None: every policy and provider (no workloads declared, or an unknown
-    workload under ``scoping.unknownWorkload: allPolicies``)."""
+    workload under ``scoping.unknownWorkload: allPolicies``). Its extractor reads only the
+    token locations of its providers and hands tokens only to them, so a token is verified
+    by a provider in scope (two RequestAuthentications of one issuer in two namespaces are
+    two providers: each workload's token goes to its own)."""
 
     workload: str | None
     policies: PolicySet
     providers: frozenset[str] | None  # None: every provider
     token_required: bool
+    extractor: CredentialExtractor
 
 
 class Engine:
@@ -189,12 +193,18 @@ class Engine:
                 cache.listeners.append(self.token_cache.purge)
         self.policies = PolicySet(settings.policies)
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
-        self.everywhere = WorkloadScope(None, self.policies, None, self.token_required)
+        self.everywhere = WorkloadScope(
+            None, self.policies, None, self.token_required, self.extractor
+        )
         self.workload_index: WorkloadIndex | None = None
         self.scopes: dict[str, WorkloadScope] = {}
+        # The scope of a request no workload recognises: None denies it (unknown_workload).
+        self.unknown_scope: WorkloadScope | None = self.everywhere
         if settings.workloads:
             self.workload_index = WorkloadIndex(settings.workloads)
             self.scopes = {w.name: self._scope(settings, w.name) for w in settings.workloads}
+            if settings.unknown_workload == "deny":
+                self.unknown_scope = None
         self.unknown_workload = responses.deny(
             AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
         )
@@ -225,18 +235,13 @@ class Engine:
         def applies(scopes: dict[str, frozenset[str]], name: str) -> bool:
             return name not in scopes or workload in scopes[name]
 
-        providers = frozenset(
-            p.name for p in settings.providers if applies(settings.provider_scopes, p.name)
-        )
+        runtimes = [p for p in self.providers if applies(settings.provider_scopes, p.provider.name)]
         return WorkloadScope(
             workload,
             PolicySet([p for p in settings.policies if applies(settings.policy_scopes, p.name)]),
-            providers,
-            any(
-                p.provider.spec.presence == "REQUIRED"
-                for p in self.providers
-                if p.provider.name in providers
-            ),
+            frozenset(p.provider.name for p in runtimes),
+            any(p.provider.spec.presence == "REQUIRED" for p in runtimes),
+            CredentialExtractor(runtimes),
         )
 
     def scope_for(self, request: RequestAttributes) -> WorkloadScope | None:
@@ -245,9 +250,7 @@ class Engine:
         if self.workload_index is None:
             return self.everywhere
         workload = self.workload_index.identify(request)
-        if workload is not None:
-            return self.scopes[workload.name]
-        return self.everywhere if self.settings.unknown_workload == "allPolicies" else None
+        return self.scopes[workload.name] if workload is not None else self.unknown_scope
 
     @classmethod
     def build(
@@ -460,12 +463,12 @@ class AuthorizationService:
         trace: CheckTrace | None = None,
     ) -> tuple[Decision, Identity | None]:
         request.trusted_proxy_hops = engine.trusted_proxy_hops
-        scope = engine.everywhere if engine.workload_index is None else engine.scope_for(request)
+        scope = engine.scope_for(request)
         if trace is not None:
             trace.scope = scope
         if scope is None:
             return engine.unknown_workload, None
-        found = engine.extractor.extract(request)
+        found = scope.extractor.extract(request)
         if trace is not None:
             trace.found = tuple(found)
         if len(found) > 1 and len({token.token for token in found}) > 1:
@@ -496,18 +499,6 @@ class AuthorizationService:
                     )
                     return denial, None
                 verified[key] = current
-            if scope.providers is not None and current.provider not in scope.providers:
-                # A provider this workload's RequestAuthentications do not name: its issuer
-                # is unknown here, as in Istio.
-                error = AuthenticationError(
-                    errors.INVALID_ISSUER, description="the token's issuer is not accepted here"
-                )
-                if trace is not None:
-                    trace.tokens.append((token, error))
-                denial = responses.deny(error, realm=engine.realm, token_present=True)
-                return responses.with_context(
-                    denial, provider=current.provider, principal=None, policy=None
-                ), None
             if trace is not None:
                 trace.tokens.append((token, current))
             identity = identity or current

@@ -613,6 +613,11 @@ class ServerSpec(_Model):
 # ------------------------------------------------------------------------------ scoping
 
 
+# A workload's host: a name (or `*.` and a suffix), then optionally `:port` or `:*`. Anything
+# else (`api.*`, `*`, `foo*`) could never be matched as written: refused rather than inert.
+WORKLOAD_HOST = r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?(:([0-9]{1,5}|\*))?"
+
+
 class WorkloadSpec(_Model):
     """A workload this server guards, and how its requests are recognised."""
 
@@ -623,10 +628,22 @@ class WorkloadSpec(_Model):
     # key/value among the request's context extensions, its destination principal, its host.
     context_extensions: dict[str, str] = {}
     destination_principals: list[Annotated[str, Field(min_length=1)]] = []
+    # `host`, `host:port`, `host:*` (any port), or `*.suffix` (with or without a port).
     hosts: list[Annotated[str, Field(min_length=1)]] = []
     # The Gateway and Service names an Istio policy's targetRefs can point at.
     gateway_refs: list[Annotated[str, Field(min_length=1)]] = []
     service_refs: list[Annotated[str, Field(min_length=1)]] = []
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_that_can_match(cls, hosts: list[str]) -> list[str]:
+        wrong = [h for h in hosts if not re.fullmatch(WORKLOAD_HOST, h)]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(repr(h) for h in wrong)}: a host is a name, `*.` and a suffix, "
+                "or either with `:port` or `:*` (any port)"
+            )
+        return hosts
 
     def workload(self) -> Workload:
         return Workload(

@@ -216,6 +216,18 @@ def workload_problems(workloads: Sequence[Workload]) -> list[tuple[int, str, str
     return problems
 
 
+def http_door_gaps(workloads: Sequence[Workload]) -> list[str]:
+    """One line per workload the HTTP door could never recognise: the door receives no
+    context extensions and no destination principal, only the host."""
+    return [
+        f"workload {w.name!r} lists no hosts: the HTTP door receives no context extensions "
+        "and no destination principal, so its requests through that door are an unknown "
+        "workload (scoping.unknownWorkload)"
+        for w in workloads
+        if not w.hosts
+    ]
+
+
 def _principal_key(principal: str) -> str:
     return principal.removeprefix("spiffe://")
 
@@ -228,10 +240,14 @@ class WorkloadIndex:
         self._by_principal: dict[str, Workload] = {}
         self._by_host: dict[str, Workload] = {}
         self._by_host_suffix: list[tuple[str, Workload]] = []
+        # Declaration order breaks ties: two workloads listing as many context extensions,
+        # both present in a request, go to the first declared (never to the request's map
+        # order, which Envoy does not fix).
+        self._order: dict[str, int] = {}
         for workload in workloads:
+            self._order[workload.name] = len(self._order)
             if workload.context_extensions:
-                # Indexed under one of its pairs; the others are checked on a hit. The most
-                # specific first, so that it wins over a workload listing fewer pairs.
+                # Indexed under one of its pairs; the others are checked on a hit.
                 pair = min(workload.context_extensions.items())
                 self._by_extension.setdefault(pair, []).append(workload)
             for principal in workload.destination_principals:
@@ -243,7 +259,13 @@ class WorkloadIndex:
                 else:
                     self._by_host[key] = workload
         for candidates in self._by_extension.values():
-            candidates.sort(key=lambda w: -len(w.context_extensions))
+            candidates.sort(key=self._rank)  # the most specific first
+        # The longest suffix first, as Envoy picks the most specific wildcard domain.
+        self._by_host_suffix.sort(key=lambda entry: -len(entry[0]))
+
+    def _rank(self, workload: Workload) -> tuple[int, int]:
+        """Lower is preferred: more context extensions, then declared earlier."""
+        return (-len(workload.context_extensions), self._order[workload.name])
 
     def identify(self, request: RequestAttributes) -> Workload | None:
         extensions = request.context_extensions
@@ -251,12 +273,10 @@ class WorkloadIndex:
             best: Workload | None = None
             for pair in extensions.items():
                 for workload in self._by_extension.get(pair, ()):
-                    if _labels_match(extensions, workload.context_extensions) and (
-                        best is None
-                        or len(workload.context_extensions) > len(best.context_extensions)
-                    ):
-                        best = workload
-                        break
+                    if _labels_match(extensions, workload.context_extensions):
+                        if best is None or self._rank(workload) < self._rank(best):
+                            best = workload
+                        break  # the rest of this list ranks lower
             if best is not None:
                 return best
         if self._by_principal and request.destination_principal:

@@ -210,7 +210,8 @@ def test_explain_names_the_deciding_policy_and_envoy_lets_the_request_through(
         True,
         [{"rule": 1, "matched": True}],
     )
-    assert answer["headers_to_set"] == {"x-user": "alice"}
+    # The identity header is named; its value is a claim, shown only with show_claims.
+    assert answer["headers_to_set"] == {"x-user": "(hidden: claims are shown only when asked for)"}
     assert token.split(".")[2] not in json.dumps(answer)  # not the token, nor its signature
     stack.assert_envoy_agrees(answer, "/api/orders/1", token)
 

@@ -373,3 +373,40 @@ def test_read_material_lists_every_problem(tmp_path: Path) -> None:
         "key_file",
         "client_ca_file",
     ]
+
+
+def test_the_explain_api_on_its_own_port_speaks_tls_too(
+    tmp_path: Path, ca: CertificateAuthority, leaf: Leaf
+) -> None:
+    from authz_server.v1 import explain_pb2, explain_pb2_grpc
+
+    leaf.write(tmp_path, "tls")
+    text = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server:
+  tls: {{certFile: tls.crt, keyFile: tls.key}}
+  explain: {{enabled: true, listen: "127.0.0.1:0"}}
+{POLICY}"""
+    server = AuthzServer(
+        config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen=None
+    )
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.explain_port}"
+
+        def explain(channel: grpc.Channel) -> grpc.StatusCode:
+            with channel:
+                try:
+                    stub = explain_pb2_grpc.ExplainStub(channel)
+                    stub.Explain(explain_pb2.ExplainRequest(), timeout=5)
+                except grpc.RpcError as error:
+                    return error.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        # Over TLS the call arrives (and is refused for its empty request); in clear it never does.
+        trusting = grpc.ssl_channel_credentials(ca.cert_pem)
+        assert explain(grpc.secure_channel(address, trusting)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert explain(grpc.insecure_channel(address)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=1)

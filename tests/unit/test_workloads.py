@@ -365,3 +365,92 @@ def test_a_selector_that_selects_no_workload_is_reported(tmp_path: Path) -> None
 
     assert settings.policy_scopes == {"shop/p": frozenset()}
     assert any("applies to no declared workload" in w for w in settings.warnings)
+
+
+def test_the_most_specific_wildcard_host_wins_and_ties_go_to_the_first_declared() -> None:
+    index = WorkloadIndex(
+        [
+            Workload("any-api", "web", hosts=("*.example.com",)),
+            Workload("inner-api", "web", hosts=("*.api.example.com",)),
+            Workload("a-c", "web", context_extensions={"a": "1", "c": "3"}),
+            Workload("b-d", "web", context_extensions={"b": "2", "d": "4"}),
+        ]
+    )
+
+    def find(**fields: Any) -> str | None:
+        found = index.identify(RequestAttributes(**fields))
+        return None if found is None else found.name
+
+    # Declared after the broader wildcard, still chosen: its suffix is longer.
+    assert find(host="x.api.example.com") == "inner-api"
+    assert find(host="x.example.com") == "any-api"
+    # Both sets present: the first declared, whatever order Envoy sends the map in.
+    both = [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]
+    assert find(context_extensions=dict(both)) == "a-c"
+    assert find(context_extensions=dict(reversed(both))) == "a-c"
+
+
+def test_one_issuer_trusted_in_two_namespaces_is_verified_for_each_workload(
+    tmp_path: Path, rsa_key: SigningKey, make_token: Callable[..., str]
+) -> None:
+    # Istio's common layout: each namespace has its own RequestAuthentication for the same
+    # IdP; they become two providers, `ISSUER` and `ISSUER#2`, each in one workload's scope.
+    rule = {"issuer": ISSUER, "audiences": [AUDIENCE], "jwks": json.dumps(jwks(rsa_key))}
+    documents = [
+        _native(
+            workloads=[
+                {"name": "a", "namespace": "ns-a", "hosts": ["a.example.com"]},
+                {"name": "b", "namespace": "ns-b", "hosts": ["b.example.com"]},
+            ]
+        ),
+        _istio("RequestAuthentication", "idp", "ns-a", {"jwtRules": [rule]}),
+        _istio("RequestAuthentication", "idp", "ns-b", {"jwtRules": [rule]}),
+        _istio(
+            "AuthorizationPolicy",
+            "signed-in",
+            "istio-system",
+            {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]},
+        ),
+    ]
+    engine = Engine.build(config.load(_config(tmp_path, *documents)))
+    for cache in engine.caches.values():
+        assert cache.refresh()
+    service = AuthorizationService(engine)
+    token = make_token()
+
+    for host in ("a.example.com", "b.example.com", "a.example.com"):
+        decision = service.check(RequestAttributes(host=host, headers=_bearer(token)))
+        assert (host, decision.status) == (host, 200)
+
+
+@pytest.mark.parametrize("host", ["api.*", "*", "foo*", "a b"])
+def test_a_workload_host_that_could_never_match_is_refused(tmp_path: Path, host: str) -> None:
+    problems = _problems(tmp_path, _native(workloads=[{"name": "w", "hosts": [host]}]))
+
+    assert len(problems) == 1
+    assert problems[0].startswith("workloads[0].hosts: ")
+    assert f"{host!r}: a host is a name, `*.` and a suffix" in problems[0]
+
+
+def test_validate_warns_of_workloads_the_http_door_could_never_recognise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from authz_server import cli
+
+    document = _native(
+        server={"httpAuthz": {"listen": "127.0.0.1:0"}},
+        workloads=[
+            {"name": "routed", "contextExtensions": {"workload": "routed"}},
+            {"name": "hosted", "hosts": ["api.example.com"]},
+        ],
+        policies=[{"name": "p", "rules": [{}]}],
+    )
+
+    assert cli.main(["validate", "--config", str(_config(tmp_path, document))]) == 0
+
+    warnings = capsys.readouterr().err.splitlines()
+    assert [w for w in warnings if "HTTP door" in w] == [
+        "warning: workload 'routed' lists no hosts: the HTTP door receives no context "
+        "extensions and no destination principal, so its requests through that door are an "
+        "unknown workload (scoping.unknownWorkload)"
+    ]
