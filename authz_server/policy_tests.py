@@ -108,6 +108,8 @@ class CaseRequest(_Model):
     headers: dict[str, str] = {}
     source_ip: str = ""
     context_extensions: dict[str, str] = {}
+    # Which workload the request is for, when workloads are recognised by it (an mTLS sidecar).
+    destination_principal: str = ""
 
     @_field_validator("path")
     @classmethod
@@ -578,6 +580,7 @@ def run(
                 headers=request.headers,
                 source_ip=request.source_ip,
                 context_extensions=request.context_extensions,
+                destination_principal=request.destination_principal,
             )
             engine = engines.minted() if item.minted else engines.configured(attributes)
             result = explain(

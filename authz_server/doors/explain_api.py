@@ -49,6 +49,7 @@ def to_attributes(request: explain_pb2.ExplainRequest) -> RequestAttributes:
             headers=fields.headers,
             source_ip=fields.source_ip,
             context_extensions=fields.context_extensions,
+            destination_principal=fields.destination_principal,
         )
     raise NoSubjectError(NO_SUBJECT)
 

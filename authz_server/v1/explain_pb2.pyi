@@ -19,7 +19,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[HttpRequest, _Mapping]] = ..., check_request: _Optional[_Union[_external_auth_pb2.CheckRequest, _Mapping]] = ..., show_claims: _Optional[bool] = ...) -> None: ...
 
 class HttpRequest(_message.Message):
-    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions")
+    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions", "destination_principal")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,13 +40,15 @@ class HttpRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     method: str
     host: str
     path: str
     headers: _containers.ScalarMap[str, str]
     source_ip: str
     context_extensions: _containers.ScalarMap[str, str]
-    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    destination_principal: str
+    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., destination_principal: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("decision", "status", "reason", "policy", "provider", "principal", "request", "tokens", "policies_evaluated", "enforced_allow_policies", "policies", "audited", "dry_run", "headers_to_set", "headers_to_remove", "query_params_to_remove", "response_headers", "workload")

@@ -155,6 +155,7 @@ MESH = [
                 "namespace": "shop",
                 "labels": {"app": "orders"},
                 "contextExtensions": {"workload": "orders"},
+                "destinationPrincipals": ["spiffe://cluster.local/ns/shop/sa/orders"],
             },
             {
                 "name": "reports",
@@ -454,3 +455,21 @@ def test_validate_warns_of_workloads_the_http_door_could_never_recognise(
         "extensions and no destination principal, so its requests through that door are an "
         "unknown workload (scoping.unknownWorkload)"
     ]
+
+
+def test_a_workload_recognised_by_its_principal_can_be_explained_over_grpc(
+    mesh: AuthorizationService,
+) -> None:
+    from authz_server.doors.explain_api import to_attributes
+    from authz_server.v1 import explain_pb2
+
+    over_grpc = explain_pb2.ExplainRequest(
+        request=explain_pb2.HttpRequest(
+            destination_principal="spiffe://cluster.local/ns/shop/sa/orders"
+        )
+    )
+
+    result = explain(mesh.engine, to_attributes(over_grpc))
+
+    assert result["workload"]["name"] == "orders"
+    assert result["workload"]["policies_in_scope"] == ["shop/orders-admins"]
