@@ -290,15 +290,19 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         for cache in engine.caches.values():
             if not cache.refresh():
                 print(f"warning: provider {cache.provider}: {cache.last_error}", file=sys.stderr)
-        request = request_attributes(
-            method=args.method,
-            host=args.host,
-            path=args.path,
-            headers=headers,
-            source_ip=args.source_ip,
-            context_extensions=extensions,
-            destination_principal=args.destination_principal,
-        )
+        try:
+            request = request_attributes(
+                method=args.method,
+                host=args.host,
+                path=args.path,
+                headers=headers,
+                source_ip=args.source_ip,
+                context_extensions=extensions,
+                destination_principal=args.destination_principal,
+            )
+        except ValueError as exc:
+            print(f"--source-ip: {exc}", file=sys.stderr)
+            return 2
         result = explain(engine, request, show_claims=args.show_claims)
     finally:
         engine.close()

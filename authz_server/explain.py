@@ -12,6 +12,7 @@ and claim values appear only when asked for (``show_claims``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -40,7 +41,13 @@ def request_attributes(
     context_extensions: Mapping[str, str] | None = None,
     destination_principal: str = "",
 ) -> RequestAttributes:
-    """A request as ``check``, ``test`` and the Explain API describe one."""
+    """A request as ``check``, ``test`` and the Explain API describe one. Raises ValueError
+    for a source address that is not an IP address (it would silently match no ipBlocks)."""
+    if source_ip:
+        try:
+            ipaddress.ip_address(source_ip)
+        except ValueError:
+            raise ValueError(f"source_ip {source_ip!r} is not an IP address") from None
     return RequestAttributes(
         method=method.upper(),
         host=host,

@@ -66,8 +66,8 @@ def istio_name(body: dict[str, Any]) -> str | None:
 def _istio_meta(doc: Document, problems: list[ConfigProblem], warnings: list[str]) -> str | None:
     """Check the envelope of an Istio object; return its ``namespace/name`` or None if unusable."""
     body = doc.body
-    meta = body.get("metadata")
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+    name = istio_name(body)
+    if name is None:
         problems.append(ConfigProblem(doc.label, "metadata.name", "required"))
         return None
     if "spec" not in body:
@@ -83,7 +83,7 @@ def _istio_meta(doc: Document, problems: list[ConfigProblem], warnings: list[str
     extra = set(body) - {"apiVersion", "kind", "metadata", "spec", "status"}
     for key in sorted(extra):
         problems.append(ConfigProblem(doc.label, key, "unknown field"))
-    return istio_name(body)
+    return name
 
 
 # The fields of an Istio object that say where it applies.

@@ -74,7 +74,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServicer):  # type: ignore[misc]
     ) -> explain_pb2.ExplainResponse:
         try:
             attributes = to_attributes(request)
-        except NoSubjectError as exc:
+        except ValueError as exc:  # no request in it (NoSubjectError), or a bad field
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # abort() raised already: this only tells the type checker
         try:

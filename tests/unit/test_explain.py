@@ -248,6 +248,7 @@ def test_the_text_form_puts_one_line_per_policy_and_the_failing_clause_beneath(
     [
         (("--context-extension", "tenant"), "--context-extension 'tenant': expected KEY=VALUE"),
         (("--header", "no-colon"), "--header 'no-colon': expected 'NAME: VALUE'"),
+        (("--source-ip", "10.0.0.300"), "--source-ip: source_ip '10.0.0.300' is not an IP address"),
     ],
 )
 def test_malformed_flags_exit_2_and_say_which(
