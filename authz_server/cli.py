@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--token-file",
         type=Path,
-        help="a file holding a JWT, sent as 'Authorization: Bearer' (not on the command line)",
+        help="a file holding a JWT (not on the command line), sent where its provider reads "
+        "a token first (default 'Authorization: Bearer')",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
@@ -247,9 +248,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
 
     from authz_server.explain import (  # noqa: PLC0415
         explain,
+        place_token,
+        provider_for_token,
         render_text,
         request_attributes,
         substitute_keys,
+        token_location,
     )
     from authz_server.service import Engine  # noqa: PLC0415
 
@@ -273,7 +277,6 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
-        headers["authorization"] = f"Bearer {token}"
     engine = Engine.build(settings)
     try:
         if args.jwks_file is not None:
@@ -290,11 +293,16 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         for cache in engine.caches.values():
             if not cache.refresh():
                 print(f"warning: provider {cache.provider}: {cache.last_error}", file=sys.stderr)
+        path = args.path
+        if args.token_file is not None:
+            # Where the token's provider reads one (Authorization: Bearer unless it says).
+            location = token_location(provider_for_token(settings, token))
+            headers, path = place_token(headers, path, location, token)
         try:
             request = request_attributes(
                 method=args.method,
                 host=args.host,
-                path=args.path,
+                path=path,
                 headers=headers,
                 source_ip=args.source_ip,
                 context_extensions=extensions,

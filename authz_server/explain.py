@@ -16,13 +16,17 @@ import ipaddress
 import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from authz_server.attributes import RequestAttributes
-from authz_server.errors import AuthzError
+from authz_server.config import Provider, Settings
+from authz_server.credentials import DEFAULT_LOCATIONS, TokenLocation
+from authz_server.errors import AuthenticationError, AuthzError
 from authz_server.identity import Identity
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
+from authz_server.tokens import decode_segments
 
 REDACTED = "(redacted: holds a token)"
 # An identity header's value (claims, the payload) without show_claims.
@@ -68,6 +72,56 @@ def substitute_keys(
     for cache in engine.caches.values():
         if providers is None or cache.provider in providers:
             cache.source = InlineSource(jwks, description=description)
+
+
+def token_location(provider: Provider | None) -> TokenLocation:
+    """Where ``provider`` reads a token first: its first ``fromHeaders``, else its first
+    ``fromParams``, else its first ``fromCookies``, else ``Authorization: Bearer``."""
+    spec = provider.spec if provider is not None else None
+    if spec is not None and spec.from_headers:
+        header = spec.from_headers[0]
+        return TokenLocation("header", header.name.lower(), header.prefix)
+    if spec is not None and spec.from_params:
+        return TokenLocation("param", spec.from_params[0])
+    if spec is not None and spec.from_cookies:
+        return TokenLocation("cookie", spec.from_cookies[0])
+    return DEFAULT_LOCATIONS[0]
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a token names, read without verifying: only to know which provider it is
+    for (where to put it, whose keys to load). None for a malformed token."""
+    try:
+        _, payload, _ = decode_segments(token)
+    except AuthenticationError:
+        return None
+    issuer = payload.get("iss")
+    return issuer if isinstance(issuer, str) else None
+
+
+def provider_for_token(settings: Settings, token: str) -> Provider | None:
+    """The provider a token is for, by the ``iss`` it names, or the only provider; None when
+    neither tells."""
+    issuer = unverified_issuer(token)
+    named = [p for p in settings.providers if p.spec.issuer == issuer]
+    if named:
+        return named[0]
+    return settings.providers[0] if len(settings.providers) == 1 else None
+
+
+def place_token(
+    headers: Mapping[str, str], path: str, location: TokenLocation, token: str
+) -> tuple[dict[str, str], str]:
+    """``headers`` and ``path`` with ``token`` put where ``location`` says."""
+    placed = dict(headers)
+    if location.kind == "header":
+        placed[location.name] = location.prefix + token
+    elif location.kind == "param":
+        path += ("&" if "?" in path else "?") + f"{quote(location.name)}={quote(token)}"
+    else:
+        cookie = f"{location.name}={token}"
+        placed["cookie"] = f"{placed['cookie']}; {cookie}" if "cookie" in placed else cookie
+    return placed, path
 
 
 def _redact(value: Any, secrets: Sequence[str]) -> Any:

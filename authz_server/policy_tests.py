@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
@@ -38,11 +37,18 @@ from pydantic.alias_generators import to_camel
 from authz_server import devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
-from authz_server.credentials import DEFAULT_LOCATIONS, TokenLocation
-from authz_server.errors import AuthenticationError
-from authz_server.explain import explain, render_text, request_attributes, substitute_keys
+from authz_server.credentials import TokenLocation
+from authz_server.explain import (
+    explain,
+    place_token,
+    provider_for_token,
+    render_text,
+    request_attributes,
+    substitute_keys,
+    token_location,
+    unverified_issuer,
+)
 from authz_server.service import Engine
-from authz_server.tokens import decode_segments
 
 __all__ = [
     "Case",
@@ -292,20 +298,6 @@ class _Keys:
         return json.dumps({"keys": [jwk for _, jwk in self.keys.values()]})
 
 
-def _location(provider: Provider | None) -> TokenLocation:
-    """Where ``provider`` reads a token first: its first ``fromHeaders``, else its first
-    ``fromParams``, else its first ``fromCookies``, else ``Authorization: Bearer``."""
-    spec = provider.spec if provider is not None else None
-    if spec is not None and spec.from_headers:
-        header = spec.from_headers[0]
-        return TokenLocation("header", header.name.lower(), header.prefix)
-    if spec is not None and spec.from_params:
-        return TokenLocation("param", spec.from_params[0])
-    if spec is not None and spec.from_cookies:
-        return TokenLocation("cookie", spec.from_cookies[0])
-    return DEFAULT_LOCATIONS[0]
-
-
 def _mint(
     where: str,
     case: Case,
@@ -413,21 +405,14 @@ def _prepare(
             if minted is None:
                 continue
             token, target = minted
-            location = _location(target)
+            location = token_location(target)
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
             prepared.append(_Prepared(group, case, token, True, location))
         elif case.token is not None:
-            issuer = _unverified_issuer(case.token)
             target = by_name.get(case.provider) if case.provider else None
-            if target is None:
-                named = [p for p in settings.providers if p.spec.issuer == issuer]
-                if named:
-                    target = named[0]
-                elif len(settings.providers) == 1:
-                    target = settings.providers[0]
-            location = _location(target)
+            location = token_location(target or provider_for_token(settings, case.token))
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
@@ -437,17 +422,6 @@ def _prepare(
     if problems:
         raise CasesError(problems)
     return prepared, keys
-
-
-def _unverified_issuer(token: str) -> str | None:
-    """The iss a token names, read without verifying: which provider it is for, whose keys
-    to load."""
-    try:
-        _, payload, _ = decode_segments(token)
-    except AuthenticationError:
-        return None  # malformed: no keys will be needed to reject it
-    issuer = payload.get("iss")
-    return issuer if isinstance(issuer, str) else None
 
 
 # -------------------------------------------------------------------------------- running
@@ -498,7 +472,7 @@ class _Engines:
             self._configured = Engine.build(self._settings)
         engine = self._configured
         # The keys of the issuers the request's tokens name (unverified), once each.
-        issuers = {_unverified_issuer(found.token) for found in engine.extractor.extract(request)}
+        issuers = {unverified_issuer(found.token) for found in engine.extractor.extract(request)}
         for runtime in engine.providers:
             if runtime.issuer in issuers and runtime.name not in self._loaded:
                 self._loaded.add(runtime.name)
@@ -514,15 +488,7 @@ class _Engines:
 
 
 def _with_token(request: CaseRequest, location: TokenLocation, token: str) -> CaseRequest:
-    headers = dict(request.headers)
-    path = request.path
-    if location.kind == "header":
-        headers[location.name] = location.prefix + token
-    elif location.kind == "param":
-        path += ("&" if "?" in path else "?") + f"{quote(location.name)}={quote(token)}"
-    else:
-        cookie = f"{location.name}={token}"
-        headers["cookie"] = f"{headers['cookie']}; {cookie}" if "cookie" in headers else cookie
+    headers, path = place_token(request.headers, request.path, location, token)
     return request.model_copy(update={"headers": headers, "path": path})
 
 

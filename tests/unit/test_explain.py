@@ -320,3 +320,29 @@ def _in(root: Path, words: list[str]) -> list[str]:
     """The words with repository paths made absolute and quoting removed."""
     bare = [word.strip("'") for word in words]
     return [str(root / word) if word.startswith("examples/") else word for word in bare]
+
+
+def test_check_puts_the_token_where_its_provider_reads_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rsa_key: SigningKey, make_token: Any
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(devkeys.jwks(rsa_key)))
+    text = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksFile: jwks.json
+    fromParams: [access_token]
+policies: [{{name: signed-in, rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]}}]
+"""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(make_token())
+    argv = ["check", "--config", str(write_config(tmp_path, text))]
+
+    assert cli.main([*argv, "--token-file", str(token_file), "--path", "/api?page=2"]) == 0
+
+    out = capsys.readouterr().out
+    assert "token: param access_token (providers " in out
+    assert token_file.read_text() not in out
