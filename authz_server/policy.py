@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -808,8 +808,16 @@ class PolicySet:
     ``indexed=False`` makes ``evaluate`` linear.
     """
 
-    def __init__(self, specs: Sequence[PolicySpec], *, indexed: bool = True) -> None:
-        compiled = [(s, CompiledPolicy.compile(s)) for s in specs]
+    def __init__(
+        self,
+        specs: Sequence[PolicySpec],
+        *,
+        indexed: bool = True,
+        compiled_by_name: Mapping[str, CompiledPolicy] | None = None,
+    ) -> None:
+        # `compiled_by_name`: policies compiled already (one set per workload shares them).
+        known = compiled_by_name or {}
+        compiled = [(s, known.get(s.name) or CompiledPolicy.compile(s)) for s in specs]
         groups = (
             [c for c in compiled if c[1].action == "AUDIT"],
             [c for c in compiled if c[1].dry_run and c[1].action != "AUDIT"],

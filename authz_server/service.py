@@ -26,7 +26,7 @@ from authz_server.jwks import JWKSCache
 from authz_server.keysources import source_for
 from authz_server.log import DecisionLog
 from authz_server.metrics import Metrics
-from authz_server.policy import PolicySet
+from authz_server.policy import CompiledPolicy, PolicySet
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
@@ -191,7 +191,9 @@ class Engine:
             # A key that left its set stops validating at once; this frees its entries too.
             if self.token_cache.purge not in cache.listeners:
                 cache.listeners.append(self.token_cache.purge)
-        self.policies = PolicySet(settings.policies)
+        # Each policy compiled once, whatever the number of workload scopes it is in.
+        self._compiled = {s.name: CompiledPolicy.compile(s) for s in settings.policies}
+        self.policies = PolicySet(settings.policies, compiled_by_name=self._compiled)
         self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
         self.everywhere = WorkloadScope(
             None, self.policies, None, self.token_required, self.extractor
@@ -238,7 +240,10 @@ class Engine:
         runtimes = [p for p in self.providers if applies(settings.provider_scopes, p.provider.name)]
         return WorkloadScope(
             workload,
-            PolicySet([p for p in settings.policies if applies(settings.policy_scopes, p.name)]),
+            PolicySet(
+                [p for p in settings.policies if applies(settings.policy_scopes, p.name)],
+                compiled_by_name=self._compiled,
+            ),
             frozenset(p.provider.name for p in runtimes),
             any(p.provider.spec.presence == "REQUIRED" for p in runtimes),
             CredentialExtractor(runtimes),
