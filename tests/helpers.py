@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -96,3 +98,17 @@ def grpc_check_code(address: str, token: str, path: str) -> int:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         code: int = stub.Check(request, timeout=5).status.code
         return code
+
+
+def load_script(path: Path) -> ModuleType:
+    """A Python file that is a script, not a module of a package (tests/data/*.py)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def without_comment_lines(text: str) -> str:
+    """``text`` without its ``#`` lines (a generated file's header)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))

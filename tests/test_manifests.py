@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import yaml
 from authz_server import cli, config, specs
 from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
+from tests.helpers import load_script, without_comment_lines
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -327,25 +327,15 @@ def test_broken_manifests_are_caught_by_both_checks() -> None:
 
 
 def _schema_script() -> Any:
-    """The module tests/data/istio_crd_schemas.py (a script, not a package)."""
-    path = REPO / "tests" / "data" / "istio_crd_schemas.py"
-    spec = importlib.util.spec_from_file_location("istio_crd_schemas", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _without_header(text: str) -> str:
-    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    return load_script(REPO / "tests" / "data" / "istio_crd_schemas.py")
 
 
 def test_istio_schema_file_is_the_scripts_output_and_carries_no_descriptions() -> None:
     script = _schema_script()
     kept = ISTIO_CRDS.read_text()
     # Reducing the reduced file changes nothing: no hand edits, nothing the script drops.
-    assert _without_header(script.render(ISTIO_CRDS)) == _without_header(kept)
-    assert "description:" not in _without_header(kept)
+    assert without_comment_lines(script.render(ISTIO_CRDS)) == without_comment_lines(kept)
+    assert "description:" not in without_comment_lines(kept)
     header = kept[: kept.index("apiVersion:")]
     for note in ("sha256:", "Release:", "Apache License 2.0", "istio_crd_schemas.py"):
         assert note in header

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
+from tests.helpers import load_script, without_comment_lines
 from tests.monitoring.prometheus import MONITORING, tool
 from tests.test_manifests import (
     _OBJECT_META,
@@ -282,25 +281,16 @@ def test_the_documented_kubernetes_prometheus_configuration_passes_promtool(
     assert {r["target_label"] for r in labels} == {"namespace", "pod"}
 
 
-def _schema_script() -> ModuleType:
-    path = REPO / "tests" / "data" / "prometheus_operator_crd_schemas.py"
-    spec = importlib.util.spec_from_file_location("prometheus_operator_crd_schemas", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _without_header(text: str) -> str:
-    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+def _schema_script() -> Any:
+    return load_script(REPO / "tests" / "data" / "prometheus_operator_crd_schemas.py")
 
 
 def test_the_crd_schema_file_is_the_scripts_output_and_carries_no_descriptions() -> None:
     script = _schema_script()
     kept = CRDS.read_text()
     # Reducing the reduced file changes nothing: no hand edits, nothing the script drops.
-    assert _without_header(script.render(CRDS)) == _without_header(kept)
-    assert "description:" not in _without_header(kept)
+    assert without_comment_lines(script.render(CRDS)) == without_comment_lines(kept)
+    assert "description:" not in without_comment_lines(kept)
     header = kept[: kept.index("apiVersion:")]
     for note in ("sha256:", "Release: 0.93.0", "Apache License 2.0", "prometheus_operator_crd"):
         assert note in header
