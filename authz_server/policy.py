@@ -503,29 +503,29 @@ def _single_getter(key: str) -> Getter:
     return _context_extension(_CLAIM_PATH.findall(key)[0])
 
 
-def _condition_predicate(key: str, values: Sequence[str], *, negate: bool) -> Predicate:
-    if key in _IP_GETTERS:
-        return _ip_field(_IP_GETTERS[key], values, negate=negate)
-    if key == "request.auth.principal":
-        return _request_principals(values, negate=negate)
-    if key == "request.auth.audiences":
-        return _list_field(_audiences, _any_string(values), negate=negate)
-    if key.startswith("request.auth.claims["):
-        getter = _claim(_CLAIM_PATH.findall(key))
-        return _list_field(getter, _any_string(values), negate=negate)
-    return _field(_single_getter(key), _any_string(values), negate=negate)
+# For a `when` key: the predicate on its values (negated or not), and what the trace shows.
+FieldPredicate = Callable[[Sequence[str], bool], Predicate]
 
 
-def _condition_observer(key: str) -> Observer:
+def _condition_reader(key: str) -> tuple[FieldPredicate, Observer]:
+    """How a ``when`` key is matched and observed, decided once per key."""
     if key in _IP_GETTERS:
-        return _ip_text(_IP_GETTERS[key])
+        ip = _IP_GETTERS[key]
+        return (lambda values, negate: _ip_field(ip, values, negate=negate)), _ip_text(ip)
     if key == "request.auth.principal":
-        return _principal
+        return (lambda values, negate: _request_principals(values, negate=negate)), _principal
     if key == "request.auth.audiences":
-        return lambda _, identity: None if identity is None else list(identity.audiences)
+        return (
+            lambda values, negate: _list_field(_audiences, _any_string(values), negate=negate)
+        ), (lambda _, identity: None if identity is None else list(identity.audiences))
     if key.startswith("request.auth.claims["):
-        return _claim_value(_CLAIM_PATH.findall(key))
-    return _single_getter(key)
+        path = _CLAIM_PATH.findall(key)
+        claim = _claim(path)
+        return (
+            lambda values, negate: _list_field(claim, _any_string(values), negate=negate)
+        ), _claim_value(path)
+    single = _single_getter(key)
+    return (lambda values, negate: _field(single, _any_string(values), negate=negate)), single
 
 
 def _condition(condition: Condition, when_unknown: bool) -> list[Clause]:
@@ -534,7 +534,7 @@ def _condition(condition: Condition, when_unknown: bool) -> list[Clause]:
     is_unknown: UnknownTest | None = None
     if needs is not None:
         is_unknown = _remote_unknown if key == "remote.ip" else _unknown(needs)
-    observe = _condition_observer(key)
+    predicate_for, observe = _condition_reader(key)
     claim = key.startswith("request.auth.claims[")
     clauses: list[Clause] = []
     for values, negate, field in (
@@ -543,7 +543,7 @@ def _condition(condition: Condition, when_unknown: bool) -> list[Clause]:
     ):
         if not values:
             continue
-        predicate = _condition_predicate(key, values, negate=negate)
+        predicate = predicate_for(values, negate)
         if is_unknown is not None:
             predicate = _guard(is_unknown, predicate, when_unknown)
         clauses.append(Clause(field, tuple(values), predicate, observe, needs, claim))
