@@ -38,7 +38,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC address, host:port or unix:/path (default: server.listen, 0.0.0.0:9001)",
     )
     serve.add_argument(
-        "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
+        "--metrics-listen",
+        help="the side port for /metrics, /healthz and /readyz, host:port "
+        "(default: server.metricsListen, 0.0.0.0:9090)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        dest="deprecated_http_listen",
+        help="deprecated name of --metrics-listen (warns)",
     )
     serve.add_argument(
         "--http-authz-listen",
@@ -396,6 +403,13 @@ def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
     return files
 
 
+def _check_addresses(flags: dict[str, str | None]) -> None:
+    """Raises ValueError naming the first flag whose address cannot be listened on."""
+    for flag, address in flags.items():
+        if address is not None and (problem := specs.listen_address_problem(address)):
+            raise ValueError(f"{flag} {problem}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
     # Before any thread exists (grpc starts some when imported): see server.serve.
@@ -427,10 +441,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
 
+    if args.deprecated_http_listen is not None:
+        log.warning("--http-listen is deprecated, use --metrics-listen (the same side port)")
     listen = args.listen or settings.server.listen
-    http_listen = args.http_listen or settings.server.http_listen
+    http_listen = (
+        args.metrics_listen or args.deprecated_http_listen or settings.server.metrics_listen
+    )
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        _check_addresses(
+            {
+                "--listen": args.listen,
+                "--metrics-listen": args.metrics_listen,
+                "--http-listen": args.deprecated_http_listen,
+                "--http-authz-listen": args.http_authz_listen,
+            }
+        )
         tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
@@ -456,7 +482,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
         log.error(
-            "exiting: %s (gRPC %s, HTTP side port %s, HTTP door %s)",
+            "exiting: %s (gRPC %s, metrics side port %s, HTTP door %s)",
             exc,
             listen,
             http_listen,
@@ -464,7 +490,8 @@ def _serve(args: argparse.Namespace) -> int:
             extra={
                 "fields": {
                     "listen": listen,
-                    "http_listen": http_listen,
+                    "metrics_listen": http_listen,
+                    "http_listen": http_listen,  # the deprecated name of the same field
                     "http_authz_listen": http_authz_listen,
                 }
             },

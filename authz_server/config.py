@@ -261,6 +261,24 @@ def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]
             continue
 
 
+def _workloads_without_policy(
+    workloads: tuple[Workload, ...],
+    policies: list[PolicySpec],
+    policy_scopes: dict[str, frozenset[str]],
+) -> Iterator[str]:
+    """A warning for each workload no policy applies to: its requests are all allowed, with or
+    without credentials (a policy not in ``policy_scopes`` applies to every workload)."""
+    if any(p.name not in policy_scopes for p in policies):
+        return
+    covered = frozenset().union(*(policy_scopes[p.name] for p in policies))
+    for workload in workloads:
+        if workload.name not in covered:
+            yield (
+                f"workload {workload.name!r} (namespace {workload.namespace!r}) has no policy "
+                "in its scope: every request for it is allowed, with or without credentials"
+            )
+
+
 def load(path: str | Path) -> Settings:
     """Read, validate and resolve the configuration at ``path`` (file or directory).
 
@@ -322,6 +340,12 @@ def load(path: str | Path) -> Settings:
                         ConfigProblem(doc.label, "server", "set in more than one document")
                     )
                 server = _resolve_server_tls(native.server, doc, problems)
+                if server.http_listen is not None:
+                    warnings.append(
+                        f"{doc.label}: server.httpListen is deprecated, use "
+                        "server.metricsListen (the /metrics, /healthz and /readyz port; the "
+                        "HTTP door is server.httpAuthz.listen)"
+                    )
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue
@@ -461,6 +485,27 @@ def load(path: str | Path) -> Settings:
                 f"{root}: server.allowEmpty is set and there are no providers and no "
                 "policies: every request is allowed"
             )
+    elif not policies and not problems:
+        # Providers but no policy: every request is allowed, with or without a token (a token
+        # present is verified, an absent one is not asked for). That is what a lost or emptied
+        # policy file beside a provider file looks like, so it too needs saying.
+        if server is None or not server.allow_empty:
+            problems.append(
+                ConfigProblem(
+                    str(root),
+                    "policies",
+                    f"{len(providers)} provider(s) but no policy: this configuration would "
+                    "allow every request, with or without credentials, which is what a lost "
+                    "or emptied policy file looks like. Add a policy (a DENY policy with "
+                    'notRequestPrincipals: ["*"] requires a valid token), or set '
+                    "server.allowEmpty: true if allowing everything is meant",
+                )
+            )
+        else:
+            warnings.append(
+                f"{root}: server.allowEmpty is set and there is no policy: every request is "
+                "allowed, with or without credentials"
+            )
     workloads = tuple(spec.workload() for spec, _, _ in workload_specs)
     policy_scopes: dict[str, frozenset[str]] = {}
     provider_scopes: dict[str, frozenset[str]] = {}
@@ -499,6 +544,8 @@ def load(path: str | Path) -> Settings:
                     "applies nowhere"
                 )
             policy_scopes[name] = selected
+        if policies:
+            warnings.extend(_workloads_without_policy(workloads, policies, policy_scopes))
     else:
         for document, key in scoped_documents:
             warnings.append(

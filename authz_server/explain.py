@@ -33,6 +33,8 @@ REDACTED = "(redacted: holds a token)"
 HIDDEN = "(hidden: claims are shown only when asked for)"
 # What the reasons that end a decision before the policies mean, for the text form.
 _EARLY = "no policy was evaluated: the credentials decided"
+# A token present is still verified (a bad one is 401), but none is asked for.
+NO_POLICY = "no policy: every request is allowed, with or without credentials"
 
 
 def request_attributes(
@@ -354,7 +356,7 @@ def render_text(result: Mapping[str, Any]) -> str:
         if not policy["rules"]:
             lines.append("      (no rules: matches nothing)")
     if result["policies_evaluated"] and not result["policies"]:
-        lines.append("no policies: every request with valid credentials is allowed")
+        lines.append(NO_POLICY)
     for name, value in result["headers_to_set"].items():
         lines.append(f"upstream header {name}: {value}")
     return "\n".join(lines)

@@ -61,6 +61,10 @@ def grpc_options(limits: GrpcLimitsSpec) -> list[tuple[str, int]]:
     return options
 
 
+# The server fields a reload cannot change: they shape listeners and thread pools made once.
+RESTART_FIELDS = ("listen", "metrics_listen", "threads", "http_authz", "explain", "tls", "grpc")
+
+
 def split_host_port(address: str, what: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` → (host, port). Raises ValueError naming ``what``."""
     host, sep, port = address.rpartition(":")
@@ -226,7 +230,7 @@ class AuthzServer:
         self._watch_caches(engine)
         ignored = [
             f"server.{name}"
-            for name in ("listen", "http_listen", "threads", "http_authz", "explain", "tls", "grpc")
+            for name in RESTART_FIELDS
             if getattr(settings.server, name) != getattr(self.settings.server, name)
         ]
         self.decision_log.configure(settings.server.decision_log)
@@ -360,7 +364,7 @@ class AuthzServer:
 
         side = "no side port"
         if self.http_listen is not None:
-            host, port = split_host_port(self.http_listen, "--http-listen")
+            host, port = split_host_port(self.http_listen, "--metrics-listen")
             self.side_port = SidePort((host, port), self)
             self.http_port = self.side_port.server_address[1]
             threading.Thread(

@@ -567,7 +567,7 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
         f"providers: [{{issuer: {ISSUER}, jwksFile: jwks.json}}]\n"
     )
     first = tmp_path / "a.yaml"
-    first.write_text(base + "policies: []\n")
+    first.write_text(base + "policies: [{name: everyone, rules: [{}]}]\n")
     engine = Engine.build(config.load(first))
     for cache in engine.caches.values():
         assert cache.refresh()
@@ -575,7 +575,7 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
     token = rsa_key.sign(claims_for(time.time()))
     request = RequestAttributes(path="/x", headers={"authorization": f"Bearer {token}"})
     assert service.check(request).allowed
-    first.write_text(base + "policies: [{name: p, rules: [{}]}]\n")
+    first.write_text(base + "policies: [{name: p, rules: [{}]}, {name: q, action: AUDIT}]\n")
     successor = Engine.build(config.load(first), previous=engine)
     engine.close(successor=successor)
     service.engine = successor
