@@ -222,8 +222,8 @@ def _names_that_exist() -> set[str]:
     from envoy.extensions.filters.network.http_connection_manager.v3 import (
         http_connection_manager_pb2,
     )
-    from envoy.service.auth.v3 import external_auth_pb2
     from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+    from envoy.service.auth.v3 import external_auth_pb2
 
     from authz_server import log, metrics
     from authz_server.v1 import explain_pb2
