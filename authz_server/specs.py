@@ -15,9 +15,11 @@ Nothing here reads a file or touches the network.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -768,15 +770,75 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The models an annotation holds: itself, or inside Optional, list, dict, Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _field_names(model: type[BaseModel]) -> dict[str, str]:
+    """Every spelling a field of ``model`` accepts (alias and Python name) -> its alias."""
+    names: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        alias = info.alias or name
+        names[name] = names[alias] = alias
+    return names
+
+
+def known_fields(model: type[BaseModel], loc: Sequence[int | str]) -> list[str] | None:
+    """The field names of the model at ``loc`` under ``model`` (list indexes and dict keys
+    skipped), or None when the path leaves the models."""
+    candidates = [model]
+    for part in loc:
+        if isinstance(part, int) or not candidates:
+            continue
+        following = [
+            found
+            for current in candidates
+            if (alias := _field_names(current).get(part)) is not None
+            for name, info in current.model_fields.items()
+            if (info.alias or name) == alias
+            for found in _models_in(info.annotation)
+        ]
+        if following:
+            candidates = following
+    return sorted(set(_field_names(candidates[0]).values())) if candidates else None
+
+
+def _models_by_title() -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+    pending: list[type[BaseModel]] = [_Model]
+    while pending:
+        model = pending.pop()
+        found.setdefault(model.__name__, model)
+        pending.extend(model.__subclasses__())
+    return found
+
+
+def _unknown_field(err: Any, model: type[BaseModel] | None) -> str:
+    """ "unknown field", with the closest known field when one is close (as `test` says it)."""
+    loc = tuple(err["loc"])
+    known = known_fields(model, loc[:-1]) if model is not None and loc else None
+    if not known or not isinstance(loc[-1], str):
+        return "unknown field"
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    return f"unknown field (did you mean {close[0]!r}?)" if close else "unknown field"
+
+
 def problems_from(exc: ValidationError, document: str, prefix: str) -> list[ConfigProblem]:
-    """One ConfigProblem per error of ``exc``, its field path under ``prefix`` in ``document``."""
+    """One ConfigProblem per error of ``exc``, its field path under ``prefix`` in ``document``;
+    an unknown field says which known one it is closest to."""
     problems = []
+    model = _models_by_title().get(exc.title)
     for err in exc.errors():
         path = _loc(tuple(err["loc"]))
         full = f"{prefix}.{path}" if prefix and path else (prefix or path)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown field"
+            message = _unknown_field(err, model)
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         problems.append(ConfigProblem(document, full, message))

@@ -1438,3 +1438,40 @@ def test_a_listen_address_that_cannot_work_is_refused_naming_the_field(
 )
 def test_listen_addresses_that_work_are_accepted(address: str) -> None:
     assert specs.listen_address_problem(address) is None
+
+
+@pytest.mark.parametrize(
+    ("docs", "path", "suggested"),
+    [
+        ([native(server={"realmm": "x"}, policies=[REQUIRE_JWT])], "server.realmm", "realm"),
+        (
+            [native(server={"decisionLog": {"sampleRat": 1}}, policies=[REQUIRE_JWT])],
+            "server.decisionLog.sampleRat",
+            "sampleRate",
+        ),
+        ([native(providers=[provider(audience=["a"])])], "providers[0].audience", "audiences"),
+        (
+            [one_rule({"to": [{"operation": {"method": ["GET"]}}]})],
+            "policies[0].rules[0].to[0].operation.method",
+            "methods",
+        ),
+        ([native(policies=[{"name": "p", "actions": "DENY"}])], "policies[0].actions", "action"),
+        ([policy_doc({"actoin": "DENY"})], "spec.actoin", "action"),
+        (
+            [ra_doc({"issuer": ISS, "jwks": JWKS, "forwardOrignalToken": True})],
+            "spec.jwtRules[0].forwardOrignalToken",
+            "forwardOriginalToken",
+        ),
+    ],
+    ids=["server", "nested", "provider", "operation", "policy", "istio-policy", "istio-jwt-rule"],
+)
+def test_an_unknown_field_suggests_the_closest_known_one(
+    tmp_path: Path, docs: list[Doc], path: str, suggested: str
+) -> None:
+    found = {p.path: p.message for p in problems(tmp_path, *docs)}
+    assert found[path] == f"unknown field (did you mean {suggested!r}?)"
+
+
+def test_an_unknown_field_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    found = {p.path: p.message for p in problems(tmp_path, native(server={"colour": "blue"}))}
+    assert found["server.colour"] == "unknown field"
