@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="authz-server",
         description="Envoy external authorization server: JWT + Istio-style policies.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"authz-server {__version__}", help="the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC Check server and the HTTP side port")
@@ -95,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--token-file",
         type=Path,
-        help="a file holding a JWT (not on the command line), sent where its provider reads "
-        "a token first (default 'Authorization: Bearer')",
+        help="a file holding a JWT (not on the command line; '-' reads standard input), sent "
+        "where its provider reads a token first (default 'Authorization: Bearer')",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
@@ -175,7 +178,12 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
         "into your configuration. " + warning,
     )
-    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--dir",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"where to write the key files (default {devtoken.DEFAULT_DIR})",
+    )
     init.add_argument(
         "--kind",
         choices=list(devtoken.KINDS),
@@ -200,9 +208,16 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "every --claim, which may also replace those (a null value removes one). " + warning,
     )
     mint.add_argument(
-        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+        "--key",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"DIR/private.pem from `token init` (or DIR; default {devtoken.DEFAULT_DIR})",
     )
-    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument(
+        "--issuer",
+        help="the iss claim; must equal the provider's (default: the issuer `token init` "
+        f"recorded beside the key, {devtoken.ISSUER_FILE})",
+    )
     mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
     mint.add_argument(
         "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
@@ -229,14 +244,16 @@ def _token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
             files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            devtoken.record_issuer(files, args.issuer)
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
+        issuer = args.issuer or devtoken.recorded_issuer(args.key)
         print(
             devtoken.mint(
                 key,
-                issuer=args.issuer,
+                issuer=issuer,
                 subject=args.sub,
                 audiences=args.aud,
                 claims=devtoken.parse_claims(args.claim),
@@ -280,7 +297,9 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         extensions[key] = value
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            # `-`: `authz-server token mint … | authz-server check … --token-file -`.
+            stdin = str(args.token_file) == "-"
+            token = (sys.stdin.read() if stdin else args.token_file.read_text()).strip()
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
