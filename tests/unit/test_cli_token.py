@@ -379,8 +379,6 @@ def test_check_reads_the_token_from_standard_input_with_a_dash(
     config_dir = _config_dir(tmp_path, provider_document)
     token = _mint(capsys, keys, "--sub", "alice")
     monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
-    code, out, _ = _cli(
-        capsys, "check", "--json", "--config", str(config_dir), "--token-file", "-"
-    )
+    code, out, _ = _cli(capsys, "check", "--json", "--config", str(config_dir), "--token-file", "-")
     result = json.loads(out)
     assert (code, result["decision"], result["principal"]) == (0, "allow", f"{ISSUER}/alice")
