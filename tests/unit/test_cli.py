@@ -242,3 +242,13 @@ def test_validate_warns_when_the_http_door_cannot_see_what_a_rule_reads(
         ]
     else:
         assert warnings == []
+
+
+def test_serve_in_text_mode_keeps_a_multi_line_yaml_error_on_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "apiVersion: authz-server/v1\nkind: AuthzConfig\npolicies: [\n")
+    result = _run("serve", "--config", str(path), "--log-format", "text")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, lines  # the problem, then "not starting"
+    assert all(" ERROR authz_server.cli " in line for line in lines)
+    assert "not valid YAML" in lines[0] and "\\n" in lines[0]
