@@ -16,6 +16,7 @@ document, field path and reason. Nothing here touches the network.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import ssl
@@ -26,6 +27,7 @@ from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigError, ConfigProblem
 from authz_server.istio import (
@@ -261,6 +263,32 @@ def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]
             continue
 
 
+# RFC 9110's methods and PATCH (RFC 5789): anything else in `methods` is most likely a typo
+# (`DELTE`), which would match no request (or, under notMethods, every one).
+STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def _unusual_methods(policy: PolicySpec, document: str, prefix: str) -> Iterator[str]:
+    """A warning for each method a rule of ``policy`` names that is not a standard HTTP
+    method; ``prefix`` is the policy's field path in ``document``."""
+    for r, rule in enumerate(policy.rules or []):
+        for t, to in enumerate(rule.to or []):
+            for field_name in ("methods", "not_methods"):
+                for method in getattr(to.operation, field_name) or []:
+                    # NOTE: methods match exactly, as Istio's do: `get` never matches GET.
+                    if "*" in method or method in STANDARD_METHODS:
+                        continue
+                    where = f"{prefix}.rules[{r}].to[{t}].operation.{to_camel(field_name)}"
+                    close = difflib.get_close_matches(method.upper(), STANDARD_METHODS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    yield (
+                        f"{document}: {where}: {method!r} is not a standard HTTP method"
+                        f"{hint}: it matches only requests with exactly that method"
+                    )
+
+
 def _workloads_without_policy(
     workloads: tuple[Workload, ...],
     policies: list[PolicySpec],
@@ -376,6 +404,8 @@ def load(path: str | Path) -> Settings:
                 for i, p in enumerate(native.providers)
             )
             policies.extend(native.policies)
+            for i, native_policy in enumerate(native.policies):
+                warnings.extend(_unusual_methods(native_policy, doc.label, f"policies[{i}]"))
             policy_names.extend(
                 (p.name, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
             )
@@ -400,6 +430,7 @@ def load(path: str | Path) -> Settings:
                 policy = authorization_policy(doc, problems, warnings)
                 if policy is not None:
                     policies.append(policy)
+                    warnings.extend(_unusual_methods(policy, doc.label, "spec"))
                     istio_policy_scopes[policy.name] = (istio_scope(doc, problems), doc.label)
                 name = istio_name(doc.body)
                 if name is not None:

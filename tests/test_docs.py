@@ -252,7 +252,10 @@ def _names_that_exist() -> set[str]:
     for family in re.findall(r'"(authz_[a-z_]+)"', inspect.getsource(metrics)):
         for name in (family, f"{family}_total"):
             names |= {name, name.removeprefix("authz_")}
-    names |= set(re.findall(r'"([a-z_]+)": ', inspect.getsource(cli)))
+    from authz_server import server
+
+    for module in (cli, server):  # the fields of their log lines
+        names |= set(re.findall(r'"([a-z_]+)": ', inspect.getsource(module)))
     names |= {p.stem for p in (ROOT / "authz_server").glob("*.py")}
     return names
 
@@ -281,6 +284,15 @@ def test_every_snake_case_field_the_docs_name_exists(doc: Path) -> None:
     named = set(re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`", doc.read_text()))
     unknown = sorted(named - _names_that_exist() - set(_OTHER_NAMES))
     assert not unknown, f"{doc.name} names what exists nowhere: {', '.join(unknown)}"
+
+
+def test_the_reference_lists_every_field_that_needs_a_restart() -> None:
+    from authz_server.server import RESTART_FIELDS
+
+    reference = REFERENCE.read_text()
+    (said,) = re.findall(r"\*\*Fields that need a restart\.\*\*(.*?)\n\n", reference, re.S)
+    missing = [f for f in RESTART_FIELDS if f"`server.{to_camel(f)}`" not in said]
+    assert not missing, f"the reference does not say these need a restart: {missing}"
 
 
 def test_the_docs_say_check_prints_text_and_json_only_when_asked() -> None:

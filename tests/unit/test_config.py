@@ -1475,3 +1475,46 @@ def test_an_unknown_field_suggests_the_closest_known_one(
 def test_an_unknown_field_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
     found = {p.path: p.message for p in problems(tmp_path, native(server={"colour": "blue"}))}
     assert found["server.colour"] == "unknown field"
+
+
+@pytest.mark.parametrize(
+    ("docs", "where", "method", "hint"),
+    [
+        (
+            [one_rule({"to": [{"operation": {"methods": ["GET", "DELTE"]}}]})],
+            "(AuthzConfig): policies[0].rules[0].to[0].operation.methods",
+            "DELTE",
+            " (did you mean 'DELETE'?)",
+        ),
+        (
+            [policy_doc({"rules": [{}, {"to": [{"operation": {"notMethods": ["PSOT"]}}]}]})],
+            "(AuthorizationPolicy/p): spec.rules[1].to[0].operation.notMethods",
+            "PSOT",
+            " (did you mean 'POST'?)",
+        ),
+        (
+            [one_rule({"to": [{"operation": {"methods": ["PURGE"]}}]})],
+            "policies[0].rules[0].to[0].operation.methods",
+            "PURGE",
+            "",
+        ),
+        (
+            [one_rule({"to": [{"operation": {"methods": ["get"]}}]})],
+            "policies[0].rules[0].to[0].operation.methods",
+            "get",
+            " (did you mean 'GET'?)",
+        ),
+    ],
+    ids=["native", "istio-not-methods", "no-close-one", "lower-case"],
+)
+def test_a_method_that_is_not_a_standard_http_method_gets_a_warning(
+    tmp_path: Path, docs: list[Doc], where: str, method: str, hint: str
+) -> None:
+    (warning,) = load(tmp_path, *docs).warnings
+    assert f"{where}: {method!r} is not a standard HTTP method{hint}" in warning
+
+
+def test_standard_methods_and_wildcards_get_no_warning(tmp_path: Path) -> None:
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "*"]
+    settings = load(tmp_path, one_rule({"to": [{"operation": {"methods": methods}}]}))
+    assert settings.warnings == ()

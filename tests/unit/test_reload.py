@@ -638,3 +638,30 @@ def test_an_empty_config_that_says_allow_empty_is_applied(
         ),
         what="allow-all, counted",
     )
+
+
+def test_turning_explain_on_by_reload_says_it_needs_a_restart_naming_the_fields(
+    running: AuthzServer, config_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = config_text().replace(
+        "kind: AuthzConfig\n",
+        "kind: AuthzConfig\nserver: {explain: {enabled: true}, threads: 3, realm: changed}\n",
+    )
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, text))
+    (warning,) = [r for r in caplog.records if "needs a restart" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().startswith(
+        "server.threads, server.explain.enabled changed but needs a restart"
+    )
+    assert warning.fields == {"needs_restart": ["server.threads", "server.explain.enabled"]}  # type: ignore[attr-defined]
+    assert running.settings.server.realm == "changed"  # applied: a reload can change it
+    assert running.explain_port == 0  # not started by the reload
+
+
+def test_a_reload_that_changes_no_restart_field_says_nothing_about_restarting(
+    running: AuthzServer, config_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, config_text(("/orders", "/admin"))))
+    assert not [r for r in caplog.records if "restart" in r.getMessage()]
