@@ -93,6 +93,7 @@ def test_check_without_anything_that_recognises_a_workload_is_unknown_workload(
     assert "workload: not recognised" in out
 
 
+ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
 NO_POLICY_WARNING = (
     "workload 'reports' (namespace 'shop') has no policy in its scope: every request for it "
     "is allowed, with or without credentials"
@@ -115,6 +116,12 @@ def test_a_workload_without_any_policy_is_named_in_a_warning_by_validate_and_che
     assert f"warning: {NO_POLICY_WARNING}" in err.splitlines()
     # The trace tells the truth about an empty scope: no token is asked for.
     assert "no policy: every request is allowed, with or without credentials" in out
+    assert "valid credentials" not in out
+    cli.main(["check", "--json", "--config", str(path), "--host", "reports.example.com"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["note"] == "no policy: every request is allowed, with or without credentials"
+    cli.main(["check", "--json", "--config", str(path), "--destination-principal", ORDERS])
+    assert json.loads(capsys.readouterr().out)["note"] == ""  # orders has a policy
 
 
 def test_serve_logs_the_warning_for_a_workload_without_any_policy(tmp_path: Path) -> None:
