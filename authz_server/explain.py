@@ -287,7 +287,9 @@ def rejection_details(
     issuer = payload.get("iss")
     configured = {p.issuer: p.name for p in found.providers}
     provider = next((p for p in found.providers if p.issuer == issuer), None)
-    if error.reason == errors.INVALID_ISSUER or provider is None:
+    if provider is None and error.reason != errors.INVALID_ISSUER:
+        return details  # refused before its issuer mattered (too long, say)
+    if provider is None:
         listed = ", ".join(f"{json.dumps(i)} ({n})" for i, n in configured.items()) or "none"
         if not isinstance(issuer, str):
             details.append(f"the token has no iss (a string); issuers read here: {listed}")
