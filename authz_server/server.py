@@ -191,6 +191,9 @@ class AuthzServer:
         ``share_readiness``: publishes this server's readiness and returns whether every
         server sharing the port is ready (workers), which is what health then reports."""
         self.settings = settings
+        # What the listeners and pools were made with: a reload that differs from it in a
+        # restart field says so at every reload, until a restart.
+        self.started_with = settings.server
         self.listen = listen
         self.http_listen = http_listen
         self.http_authz_listen = http_authz_listen or settings.server.http_authz.listen
@@ -255,7 +258,7 @@ class AuthzServer:
         for cache in fresh:
             cache.start()
         self._watch_caches(engine)
-        ignored = restart_fields_changed(self.settings.server, settings.server)
+        ignored = restart_fields_changed(self.started_with, settings.server)
         self.decision_log.configure(settings.server.decision_log)
         self.service.engine = engine
         self.settings = settings

@@ -657,6 +657,13 @@ def test_turning_explain_on_by_reload_says_it_needs_a_restart_naming_the_fields(
     assert warning.fields == {"needs_restart": ["server.threads", "server.explain.enabled"]}  # type: ignore[attr-defined]
     assert running.settings.server.realm == "changed"  # applied: a reload can change it
     assert running.explain_port == 0  # not started by the reload
+    # Said again at the next reload, as long as the running server differs from it.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, text.replace("/orders", "/admin")))
+    assert [r.levelname for r in caplog.records if "needs a restart" in r.getMessage()] == [
+        "WARNING"
+    ]
 
 
 def test_a_reload_that_changes_no_restart_field_says_nothing_about_restarting(
