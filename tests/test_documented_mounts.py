@@ -53,9 +53,10 @@ def documented_runs() -> list[DockerRun]:
     runs = []
     for path in DOCUMENTS:
         for line in _logical_lines(path.read_text()):
-            match = re.search(r"\b(?:docker|podman) run\b.*", line)
+            # A command line (a shell prompt allowed), not a sentence that names one.
+            match = re.match(r"\s*(?:\$\s+)?((?:docker|podman) run\s.*)", line)
             if match:
-                argv = tuple(shlex.split(match.group(0), comments=True))
+                argv = tuple(shlex.split(match.group(1), comments=True))
                 runs.append(DockerRun(str(path.relative_to(ROOT)), argv))
     return runs
 
