@@ -6,6 +6,7 @@ itself needs a container engine.)"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -70,7 +71,7 @@ def _image_command() -> list[str]:
 def _mounts(argv: tuple[str, ...]) -> dict[str, Path]:
     """Container path -> host path of each `-v HOST:CONTAINER[:ro]`, $PWD being the repo."""
     mounts = {}
-    for flag, value in zip(argv, argv[1:], strict=False):
+    for flag, value in itertools.pairwise(argv):
         if flag in ("-v", "--volume"):
             host, container, *_ = value.split(":")
             mounts[container.rstrip("/")] = Path(host.replace("$PWD", str(ROOT)))
