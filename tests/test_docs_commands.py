@@ -17,7 +17,8 @@ DOCS = [
     *sorted((ROOT / "k8s").rglob("README.md")),
     *sorted((ROOT / "examples").rglob("README.md")),
 ]
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# Fences at a line's start, or indented inside a list item.
+_FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```", re.DOTALL | re.MULTILINE)
 # `authz-server` where a shell reads a command: a line's start (after a `$ ` prompt), or after
 # a pipe, `;`, `&&`, `$(`; followed by one of its subcommands.
 _COMMAND = re.compile(
@@ -26,15 +27,20 @@ _COMMAND = re.compile(
 VENV_COMMAND = ".venv/bin/authz-server"
 
 
-def command_lines(path: Path) -> list[tuple[str, str]]:
+def commands_in(markdown: str) -> list[tuple[str, str]]:
     """(how the command is called, the line) for each authz-server command in a code block."""
     found = []
-    for fence in _FENCE.finditer(path.read_text()):
+    for fence in _FENCE.finditer(markdown):
         if fence.group(1) in ("yaml", "json"):  # configuration, not commands
             continue
         for line in fence.group(2).splitlines():
             found += [(m.group(1) + "authz-server", line) for m in _COMMAND.finditer(line)]
     return found
+
+
+def command_lines(path: Path) -> list[tuple[str, str]]:
+    """`commands_in` the file at ``path``."""
+    return commands_in(path.read_text())
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
