@@ -42,7 +42,7 @@ def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows(
     for line in requirements:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{name} is in pyproject.toml but not in requirements/{lock}: make lock"
+        assert name in pins, f"{name} is in pyproject.toml, not in requirements/{lock}: make lock"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"requirements/{lock} pins {name}=={pins[name]}, outside pyproject's "
             f"{requirement.specifier}: make lock"
