@@ -672,3 +672,33 @@ def test_a_reload_that_changes_no_restart_field_says_nothing_about_restarting(
     with caplog.at_level("INFO", logger="authz_server.server"):
         running.apply(load(config_dir, config_text(("/orders", "/admin"))))
     assert not [r for r in caplog.records if "restart" in r.getMessage()]
+
+
+def test_each_reload_names_a_workload_left_without_any_policy(
+    config_dir: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = config_dir / "config.yaml"
+    workloads = (
+        "workloads:\n"
+        "  - {name: orders, namespace: shop, hosts: [orders.test]}\n"
+        "  - {name: reports, namespace: shop, hosts: [reports.test]}\n"
+    )
+    scoped = "    appliesTo: {workloads: [orders]}\n"
+    path.write_text(config_text() + scoped + workloads)
+    reloader = reloader_for(path, recorder)
+    with caplog.at_level("WARNING", logger="authz_server.reload"):
+        assert reloader.reload()
+        path.write_text(config_text(("/orders", "/admin")) + scoped + workloads)
+        assert reloader.reload()
+    said = [
+        r.getMessage() for r in caplog.records if "has no policy in its scope" in r.getMessage()
+    ]
+    assert (
+        said
+        == [
+            "workload 'reports' (namespace 'shop') has no policy in its scope: every request for "
+            "it is allowed, with or without credentials"
+        ]
+        * 2
+    )
+    assert len(recorder.applied) == 2
