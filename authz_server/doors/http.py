@@ -182,6 +182,7 @@ class _Connection(asyncio.Protocol):
         # connection must send its first request within requestTimeout too.
         self.started = door.loop_time()
         self.last_active = self.started
+        self.completed = 0  # requests completed in the chunk being parsed
         self._reset()
 
     def _reset(self) -> None:
@@ -209,6 +210,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.started == 0.0:
             self.started = self.door.loop_time()
+        self.completed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -226,14 +228,26 @@ class _Connection(asyncio.Protocol):
             else:
                 self._reject(_Rejected(400, "malformed request"))
         else:
-            # NOTE: the parser buffers a header until its end: bound what a head that never
-            # ends can make it hold (whole chunks count: an over-estimate, never an under-).
             if self.in_head:
-                self.head_bytes += len(data)
-                limits = self.limits
-                if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
-                    self._reject(_Rejected(431, "request head too large"))
+                self._count_head_bytes(len(data))
         self._answer_pending()
+
+    def _count_head_bytes(self, received: int) -> None:
+        """Bound what a head that never ends can make the parser hold (it buffers a header
+        until its end): 431 past the limits. Only head bytes count: a body, or requests
+        answered already, never make a later head "too large"."""
+        if self.completed:
+            # The chunk also held the end of earlier requests (their bodies included): the
+            # head being received counts what the parser has handed over of it so far. Its
+            # unfinished header line (at most this chunk) counts from the next chunk on.
+            self.head_bytes = len(self.url) + sum(
+                len(name) + len(value) + 4 for name, value in self.raw_headers
+            )
+        else:
+            self.head_bytes += received  # no request ended in this chunk: all of it is head
+        limits = self.limits
+        if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
+            self._reject(_Rejected(431, "request head too large"))
 
     def _reject(self, rejected: _Rejected) -> None:
         self.pending.append(_protocol_error(rejected.status, rejected.reason))
@@ -301,6 +315,7 @@ class _Connection(asyncio.Protocol):
             )
         )
         self._reset()
+        self.completed += 1
         self.started = 0.0
         if len(self.pending) > _MAX_PIPELINED and self.transport is not None:
             self.paused = True

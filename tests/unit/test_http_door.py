@@ -53,11 +53,18 @@ policies:
 
 
 def start_server(
-    tmp_path: Path, key: SigningKey, *, prefix: str = '""', extra: str = "", listen: str = ""
+    tmp_path: Path,
+    key: SigningKey,
+    *,
+    prefix: str = '""',
+    extra: str = "",
+    listen: str = "",
+    limits: str = "",
 ) -> AuthzServer:
+    """A server whose door has LIMITS, or ``limits`` (the ``httpAuthz`` block) instead."""
     (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
     text = CONFIG.format(
-        limits=LIMITS.format(prefix=prefix), issuer=ISSUER, audience=AUDIENCE, extra=extra
+        limits=limits or LIMITS.format(prefix=prefix), issuer=ISSUER, audience=AUDIENCE, extra=extra
     )
     server = AuthzServer(
         config.load(write_config(tmp_path, text)),
@@ -266,6 +273,69 @@ def test_bad_or_oversized_requests_get_a_clean_error_and_the_connection_is_close
     finally:
         client.close()
     assert ask(server, request("/orders", token))[0] == 200  # and the door is healthy
+
+
+BIG_BODY_LIMITS = """
+  httpAuthz:
+    maxRequestLineBytes: 256
+    maxHeaderBytes: 1024
+    maxBodyBytes: 200000
+"""
+
+
+def post(path: str, body: bytes, token: str | None = None) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: api.test", f"Content-Length: {len(body)}"]
+    if token is not None:
+        head.append(f"Authorization: Bearer {token}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["alone", "pipelined"])
+def test_a_body_under_the_limit_gets_one_answer_and_the_connection_stays_usable(
+    tmp_path: Path, rsa_key: SigningKey, token: str, pipelined: bool
+) -> None:
+    # A body (and requests after it) are not head bytes: 100 KB under maxBodyBytes is far
+    # past the head limit (1280 bytes) and must not draw a "request head too large" 431.
+    running = start_server(tmp_path, rsa_key, limits=BIG_BODY_LIMITS)
+    client = Client(running.http_authz_port)
+    try:
+        big = post("/orders", b"x" * 100_000)
+        if pipelined:
+            client.send(big + request("/orders", token) + big)
+            assert [client.response()[0] for _ in range(3)] == [401, 200, 401]
+        else:
+            client.send(big)
+            status, headers, _ = client.response()
+            assert status == 401 and "connection" not in headers
+        # The next answer on the connection is the one to the next request (no stray 431).
+        client.send(request("/orders", token))
+        status, headers, _ = client.response()
+        assert (status, headers.get("connection")) == (200, None)
+        client.send(post("/orders", b"y" * 100_000, token))
+        assert client.response()[0] == 200
+    finally:
+        client.close()
+        running.stop(grace=1)
+
+
+def test_a_head_that_never_ends_after_an_answered_request_is_refused(
+    tmp_path: Path, rsa_key: SigningKey, token: str
+) -> None:
+    # The bound on what an unfinished head can make the door hold still holds when it
+    # follows a request with a body.
+    running = start_server(tmp_path, rsa_key, limits=BIG_BODY_LIMITS)
+    client = Client(running.http_authz_port)
+    try:
+        client.send(post("/orders", b"x" * 1000, token) + b"GET /orders HTTP/1.1\r\nx-a: ")
+        assert client.response()[0] == 200
+        for _ in range(2):  # 2 x 1000 bytes of one header that never ends: past 1280
+            client.send(b"v" * 1000)
+        status, headers, _ = client.response()
+        assert (status, headers["connection"]) == (431, "close")
+        assert client.closed_by_server()
+    finally:
+        client.close()
+        running.stop(grace=1)
 
 
 def test_a_slow_client_gets_408_and_is_closed(server: AuthzServer, token: str) -> None:
