@@ -19,7 +19,10 @@ Defences: limits on the request line (414), header count and size (431) and body
 malformed request gets 400 and the connection is closed; a request must arrive whole within
 ``requestTimeout`` (else 408 and close: a slow client holds nothing for long); idle keep-alive
 connections are closed after ``idleTimeout``; past ``maxConnections``, new connections are
-closed at once.
+closed at once. A client that stops reading its answers: once the connection's write buffer
+is past its high-water mark, the door stops answering and reading it (what waits is one
+read's worth of requests and one buffer of answers), and closes it when the answers are not
+taken within ``requestTimeout``.
 """
 
 from __future__ import annotations
@@ -176,7 +179,12 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: deque[_Pending] = deque()
         self.busy = False  # a Check of this connection is on the waiting pool
-        self.paused = False
+        self.rejected = False  # a protocol error is queued: nothing after it is read
+        self.reading = True
+        # The transport's write buffer is above its high-water mark (the client is not
+        # reading): answers wait, and so does reading, so memory stays bounded.
+        self.write_paused = False
+        self.write_paused_at = 0.0
         self.closed = False
         # Loop time the request being received began (0: between requests); a new
         # connection must send its first request within requestTimeout too.
@@ -206,6 +214,15 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.door.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_at = self.door.loop_time()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._answer_pending()
 
     def data_received(self, data: bytes) -> None:
         if self.started == 0.0:
@@ -251,8 +268,24 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, rejected: _Rejected) -> None:
         self.pending.append(_protocol_error(rejected.status, rejected.reason))
-        if self.transport is not None:
-            self.transport.pause_reading()  # nothing after a bad request is read
+        self.rejected = True
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the connection only while its answers can be written, no Check of it
+        waits on the pool, few parsed requests wait, and no protocol error is queued."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not (
+            self.rejected or self.busy or self.write_paused or len(self.pending) > _MAX_PIPELINED
+        )
+        if wanted != self.reading:
+            self.reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     # --------------------------------------------------------------- parser callbacks
 
@@ -317,15 +350,14 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self.completed += 1
         self.started = 0.0
-        if len(self.pending) > _MAX_PIPELINED and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if len(self.pending) > _MAX_PIPELINED:
+            self._update_reading()
 
     # ------------------------------------------------------------------------ answers
 
     def _answer_pending(self) -> None:
         door = self.door
-        while self.pending and not self.busy:
+        while self.pending and not self.busy and not self.write_paused:
             item = self.pending.popleft()
             if isinstance(item, bytes):  # a protocol error: answer it and close
                 self._send(item, keep_alive=False)
@@ -340,16 +372,13 @@ class _Connection(asyncio.Protocol):
                         return
                     continue
                 self.busy = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self._update_reading()
                 future = door.decide_waiting(attrs)
                 future.add_done_callback(functools.partial(self._waited, keep_alive=keep_alive))
                 return
             if not self._send(door.renderer.wire(decision), keep_alive):
                 return
-        if self.paused and not self.busy and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        self._update_reading()
 
     def _waited(self, future: asyncio.Future[Decision], keep_alive: bool) -> None:
         self.busy = False
@@ -362,8 +391,6 @@ class _Connection(asyncio.Protocol):
             log.exception("internal error in the HTTP door")
             decision = responses.internal_error()
         if self._send(self.door.renderer.wire(decision), keep_alive):
-            if self.transport is not None and not self.paused:
-                self.transport.resume_reading()
             self._answer_pending()
 
     def _send(self, answer: bytes, keep_alive: bool) -> bool:
@@ -516,7 +543,9 @@ class HttpDoor:
             transport = connection.transport
             if transport is None:
                 continue
-            if connection.started and now - connection.started > request_timeout:
+            if connection.write_paused and now - connection.write_paused_at > request_timeout:
+                transport.abort()  # its answers were not taken in time: it stopped reading
+            elif connection.started and now - connection.started > request_timeout:
                 if not connection.busy and not connection.pending:
                     transport.write(_protocol_error(408, "request not received in time"))
                     transport.close()
