@@ -104,13 +104,16 @@ def render_allow(decision: Decision) -> bytes:
     return b"".join(parts)
 
 
-def render_denial(decision: Decision) -> bytes:
-    """The denial's status, headers and body, for Envoy to send to the client."""
+def render_denial(decision: Decision, *, head: bool = False) -> bytes:
+    """The denial's status, headers and body, for Envoy to send to the client. ``head``: the
+    answer to a HEAD request, which has no body (its content-length is what GET would get;
+    Envoy reads none, and bytes after the headers would break the connection)."""
     body = decision.body.encode()
     parts = [_status_line(decision.status)]
     parts.extend(_header_line(name, value) for name, value in decision.response_headers)
     parts.append(f"content-length: {len(body)}\r\n\r\n".encode("ascii"))
-    parts.append(body)
+    if not head:
+        parts.append(body)
     return b"".join(parts)
 
 
@@ -141,7 +144,8 @@ class HttpRenderer:
         self._allows: dict[tuple[Any, ...], bytes] = {}
         self._allow_entries = allow_entries
 
-    def wire(self, decision: Decision) -> bytes:
+    def wire(self, decision: Decision, *, head: bool = False) -> bytes:
+        """The answer to send; ``head``: the request was a HEAD (a denial goes without body)."""
         if decision.allowed:
             key: tuple[Any, ...] = (decision.headers_to_set, decision.headers_to_remove)
             answer = self._allows.get(key)
@@ -150,10 +154,10 @@ class HttpRenderer:
                     self._allows.clear()  # the busy callers come back at once
                 answer = self._allows[key] = render_allow(decision)
             return answer
-        key = (decision.status, decision.reason, decision.response_headers, decision.body)
+        key = (decision.status, decision.reason, decision.response_headers, decision.body, head)
         answer = self._denials.get(key)
         if answer is None:
-            answer = self._denials[key] = render_denial(decision)
+            answer = self._denials[key] = render_denial(decision, head=head)
         return answer
 
 
@@ -363,24 +367,27 @@ class _Connection(asyncio.Protocol):
                 self._send(item, keep_alive=False)
                 return
             attrs, keep_alive = item
+            head = attrs.method == "HEAD"
             try:
                 decision = door.service.check(attrs, wait="defer")
             except WouldWait:
                 if door.waiting >= door.waiting_threads:
                     decision = door.service.check(attrs, wait="no")
-                    if not self._send(door.renderer.wire(decision), keep_alive):
+                    if not self._send(door.renderer.wire(decision, head=head), keep_alive):
                         return
                     continue
                 self.busy = True
                 self._update_reading()
                 future = door.decide_waiting(attrs)
-                future.add_done_callback(functools.partial(self._waited, keep_alive=keep_alive))
+                future.add_done_callback(
+                    functools.partial(self._waited, keep_alive=keep_alive, head=head)
+                )
                 return
-            if not self._send(door.renderer.wire(decision), keep_alive):
+            if not self._send(door.renderer.wire(decision, head=head), keep_alive):
                 return
         self._update_reading()
 
-    def _waited(self, future: asyncio.Future[Decision], keep_alive: bool) -> None:
+    def _waited(self, future: asyncio.Future[Decision], keep_alive: bool, head: bool) -> None:
         self.busy = False
         self.door.waiting -= 1
         if self.closed:
@@ -390,7 +397,7 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("internal error in the HTTP door")
             decision = responses.internal_error()
-        if self._send(self.door.renderer.wire(decision), keep_alive):
+        if self._send(self.door.renderer.wire(decision, head=head), keep_alive):
             self._answer_pending()
 
     def _send(self, answer: bytes, keep_alive: bool) -> bool:
