@@ -20,9 +20,9 @@ malformed request gets 400 and the connection is closed; a request must arrive w
 ``requestTimeout`` (else 408 and close: a slow client holds nothing for long); idle keep-alive
 connections are closed after ``idleTimeout``; past ``maxConnections``, new connections are
 closed at once. A client that stops reading its answers: once the connection's write buffer
-is past its high-water mark, the door stops answering and reading it (what waits is one
-read's worth of requests and one buffer of answers), and closes it when the answers are not
-taken within ``requestTimeout``.
+is past its high-water mark, the door stops answering, parsing and reading it (what waits is
+``_MAX_PIPELINED`` requests and a parse slice, and one buffer of answers), and closes it when
+the answers are not taken within ``requestTimeout``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ _CLOSE = b"connection: close\r\n"
 _SWEEP_INTERVAL = 1.0
 # Requests parsed ahead (pipelined) before the door stops reading from that connection.
 _MAX_PIPELINED = 64
+# What is parsed at a time: how far past _MAX_PIPELINED the requests waiting can go.
+_PARSE_SLICE = 4096
 
 
 def _status_line(status: int) -> bytes:
@@ -194,7 +196,10 @@ class _Connection(asyncio.Protocol):
         # connection must send its first request within requestTimeout too.
         self.started = door.loop_time()
         self.last_active = self.started
-        self.completed = 0  # requests completed in the chunk being parsed
+        self.completed = 0  # requests completed in the slice being parsed
+        # Received, not parsed yet (from offset on): parsing waits while answers do.
+        self.unparsed = b""
+        self.offset = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -226,11 +231,40 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._answer_pending()
+        self._work()
 
     def data_received(self, data: bytes) -> None:
         if self.started == 0.0:
             self.started = self.door.loop_time()
+        if self.offset < len(self.unparsed):  # bytes still held: these come after them
+            self.unparsed = self.unparsed[self.offset :] + data
+        else:
+            self.unparsed = data
+        self.offset = 0
+        self._work()
+
+    def _holding(self) -> bool:
+        """Whether parsing (and reading) waits: a Check of this connection is on the pool,
+        the client is not taking its answers, many requests wait, or nothing more is read."""
+        return self.busy or self.write_paused or self.rejected or len(self.pending) > _MAX_PIPELINED
+
+    def _work(self) -> None:
+        """Answer what is parsed, and parse what was received a slice at a time while the
+        answers are taken: what waits for a client that stops reading is bounded by
+        _MAX_PIPELINED requests and a slice, not by what one read brought."""
+        while True:
+            self._answer_pending()
+            if self.closed or self.offset >= len(self.unparsed) or self._holding():
+                break
+            end = self.offset + _PARSE_SLICE
+            piece = self.unparsed[self.offset : end]  # the whole of a small read: no copy
+            self.offset = end
+            self._parse(piece)
+        if self.rejected or self.offset >= len(self.unparsed):
+            self.unparsed, self.offset = b"", 0
+        self._update_reading()
+
+    def _parse(self, data: bytes) -> None:
         self.completed = 0
         try:
             self.parser.feed_data(data)
@@ -240,6 +274,7 @@ class _Connection(asyncio.Protocol):
             last = self.pending[-1] if self.pending else None
             if isinstance(last, tuple):
                 self.pending[-1] = (last[0], False)
+                self.rejected = True
             else:
                 self._reject(_Rejected(400, "malformed request"))
         except httptools.HttpParserError as exc:
@@ -251,7 +286,6 @@ class _Connection(asyncio.Protocol):
         else:
             if self.in_head:
                 self._count_head_bytes(len(data))
-        self._answer_pending()
 
     def _count_head_bytes(self, received: int) -> None:
         """Bound what a head that never ends can make the parser hold (it buffers a header
@@ -276,14 +310,12 @@ class _Connection(asyncio.Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        """Read from the connection only while its answers can be written, no Check of it
-        waits on the pool, few parsed requests wait, and no protocol error is queued."""
+        """Read from the connection only when nothing received waits to be parsed and
+        parsing may go on (see ``_holding``)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        wanted = not (
-            self.rejected or self.busy or self.write_paused or len(self.pending) > _MAX_PIPELINED
-        )
+        wanted = not self._holding() and self.offset >= len(self.unparsed)
         if wanted != self.reading:
             self.reading = wanted
             if wanted:
@@ -354,8 +386,6 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self.completed += 1
         self.started = 0.0
-        if len(self.pending) > _MAX_PIPELINED:
-            self._update_reading()
 
     # ------------------------------------------------------------------------ answers
 
@@ -398,7 +428,7 @@ class _Connection(asyncio.Protocol):
             log.exception("internal error in the HTTP door")
             decision = responses.internal_error()
         if self._send(self.door.renderer.wire(decision, head=head), keep_alive):
-            self._answer_pending()
+            self._work()
 
     def _send(self, answer: bytes, keep_alive: bool) -> bool:
         """Write ``answer``; close after it when the request or the door says so. Returns

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from authz_server.devkeys import SigningKey
-from authz_server.doors.http import HttpDoor
+from authz_server.doors.http import _MAX_PIPELINED, _PARSE_SLICE, HttpDoor
 from authz_server.server import AuthzServer
 from tests.unit.test_http_door import (  # noqa: F401 (server and token are fixtures)
     Client,
@@ -121,11 +121,12 @@ def pipeline_without_reading(port: int, data: bytes) -> tuple[socket.socket, thr
     return sock, sender
 
 
-def write_buffers(door: HttpDoor) -> list[tuple[int, bool]]:
-    """(bytes in its transport's write buffer, whether it reads) per connection of ``door``."""
+def write_buffers(door: HttpDoor) -> list[tuple[int, bool, int]]:
+    """(bytes in its transport's write buffer, whether it reads, requests parsed and waiting
+    for their answer) per connection of ``door``."""
     return door.call(
         lambda: [
-            (c.transport.get_write_buffer_size(), c.transport.is_reading())
+            (c.transport.get_write_buffer_size(), c.transport.is_reading(), len(c.pending))
             for c in door.connections
             if c.transport is not None
         ]
@@ -147,20 +148,23 @@ def test_a_pipelining_client_that_never_reads_holds_bounded_memory_and_loses_not
     sock, sender = pipeline_without_reading(
         running.http_authz_port, one * count + request("/orders", token)
     )
+    # Parsed ahead: the pipelining bound and what one parse slice of these requests holds.
+    waiting_bound = _MAX_PIPELINED + _PARSE_SLICE // len(one) + 1
     try:
-        seen: list[int] = []
+        seen: list[tuple[int, bool, int]] = []
 
         def stopped_reading_or_too_much() -> bool:
             buffers = write_buffers(door)
-            seen.extend(size for size, _ in buffers)
-            return any(not reading or size > WRITE_BOUND for size, reading in buffers)
+            seen.extend(buffers)
+            return any(not reading or size > WRITE_BOUND for size, reading, _ in buffers)
 
         poll(stopped_reading_or_too_much, "the door to stop reading", timeout=20)
-        assert max(seen) <= WRITE_BOUND, f"{max(seen)} bytes of answers buffered"
+        assert max(size for size, _, _ in seen) <= WRITE_BOUND, f"answers buffered: {seen[-1]}"
+        assert max(waiting for _, _, waiting in seen) <= waiting_bound
         # While the client does not read, the door stays stopped and bounded.
         for _ in range(5):
-            ((size, reading),) = write_buffers(door)
-            assert size <= WRITE_BOUND and not reading
+            ((size, reading, waiting),) = write_buffers(door)
+            assert size <= WRITE_BOUND and not reading and waiting <= waiting_bound
         # Once the client reads, every request is answered, in order.
         sock.settimeout(10)
         stream = sock.makefile("rb")
@@ -182,7 +186,7 @@ def test_a_client_that_stops_reading_is_closed_after_the_request_timeout(
     one = request("/orders")
     sock, sender = pipeline_without_reading(server.http_authz_port, one * (1_000_000 // len(one)))
     try:
-        poll(lambda: any(not r for _, r in write_buffers(door)), "the door to stop reading")
+        poll(lambda: any(not r for _, r, _ in write_buffers(door)), "the door to stop reading")
         # requestTimeout 1s, checked every second: its answers were not taken, it is closed.
         poll(lambda: not door.call(lambda: len(door.connections)), "the door to close it")
     finally:
