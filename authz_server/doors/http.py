@@ -292,14 +292,14 @@ class _Connection(asyncio.Protocol):
         until its end): 431 past the limits. Only head bytes count: a body, or requests
         answered already, never make a later head "too large"."""
         if self.completed:
-            # The chunk also held the end of earlier requests (their bodies included): the
+            # The slice also held the end of earlier requests (their bodies included): the
             # head being received counts what the parser has handed over of it so far. Its
-            # unfinished header line (at most this chunk) counts from the next chunk on.
+            # unfinished header line (at most this slice) counts from the next slice on.
             self.head_bytes = len(self.url) + sum(
                 len(name) + len(value) + 4 for name, value in self.raw_headers
             )
         else:
-            self.head_bytes += received  # no request ended in this chunk: all of it is head
+            self.head_bytes += received  # no request ended in this slice: all of it is head
         limits = self.limits
         if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
             self._reject(_Rejected(431, "request head too large"))
@@ -415,7 +415,6 @@ class _Connection(asyncio.Protocol):
                 return
             if not self._send(door.renderer.wire(decision, head=head), keep_alive):
                 return
-        self._update_reading()
 
     def _waited(self, future: asyncio.Future[Decision], keep_alive: bool, head: bool) -> None:
         self.busy = False
