@@ -323,6 +323,14 @@ def test_the_image_runs_as_kubernetes_runs_it_without_a_shell(stack: Stack) -> N
     assert user == "10001:10001"
 
 
+def test_the_runtime_venv_holds_no_build_or_test_tools(stack: Stack) -> None:
+    assert stack.problems == {}
+    tools = ("pip", "setuptools", "wheel", "pytest", "grpc_tools", "mypy")
+    script = f"import importlib.util as u; print([m for m in {tools!r} if u.find_spec(m)])"
+    result = stack.container.exec("python", "-c", script)
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
+
+
 @pytest.mark.parametrize("door", DOORS)
 def test_the_demo_answers_200_401_403_through_envoy(stack: Stack, door: str) -> None:
     assert stack.problems == {}
