@@ -62,9 +62,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--config",
         metavar="PATH",
-        help="the server's configuration (YAML file or directory); required with --door http: "
-        "Envoy passes on to the upstream only the identity headers it sets, and uses its "
-        "server.httpAuthz.pathPrefix",
+        help="the server's configuration (YAML file or directory), checked; required with "
+        "--door http: Envoy passes on to the upstream only the identity headers it sets, and "
+        "uses its server.httpAuthz.pathPrefix",
     )
     parser.add_argument(
         "--admin-port",
@@ -143,15 +143,20 @@ def _tls(args: argparse.Namespace) -> AuthzTls | None:
         raise UsageError(f"--authz-tls-server-name: {exc}") from None
 
 
-def _http_door(args: argparse.Namespace) -> tuple[list[str], str]:
-    """(identity headers the upstream may receive, path prefix) from --config, for the HTTP
-    door. Raises UsageError without --config, ConfigError for a bad configuration."""
+def _from_config(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(identity headers the upstream may receive, path prefix) for the HTTP door, from
+    --config; nothing for the gRPC door (which still refuses a bad --config rather than
+    ignore it). Raises UsageError (--door http without --config), ConfigError."""
     if args.config is None:
-        raise UsageError(
-            "--door http needs --config: Envoy passes on to the upstream only the identity "
-            "headers the configuration sets, and must use its server.httpAuthz.pathPrefix"
-        )
+        if args.door == "http":
+            raise UsageError(
+                "--door http needs --config: Envoy passes on to the upstream only the identity "
+                "headers the configuration sets, and must use its server.httpAuthz.pathPrefix"
+            )
+        return [], ""
     settings = config.load(args.config)
+    if args.door != "http":
+        return [], ""
     return (
         output_headers([p.spec for p in settings.providers]),
         settings.server.http_authz.path_prefix,
@@ -188,6 +193,13 @@ def render(args: argparse.Namespace) -> str:
     """Return the bootstrap YAML for the parsed flags, headed by a comment with the command that
     makes it. Raises UsageError (a flag) or ConfigError (--config)."""
     listen_host, listen_port = host_port(args.listen, "--listen")
+    try:
+        ipaddress.ip_address(listen_host)
+    except ValueError:
+        raise UsageError(
+            f"--listen {args.listen!r}: Envoy listens on an IP address "
+            "(0.0.0.0, 127.0.0.1, [::]), not a host name"
+        ) from None
     upstream_host, upstream_port = host_port(args.upstream, "--upstream")
     if not 0 < args.admin_port < 65536:
         raise UsageError(f"--admin-port {args.admin_port}: the port must be 1-65535")
@@ -197,8 +209,10 @@ def render(args: argparse.Namespace) -> str:
         )
     except ValueError as exc:
         raise UsageError(f"--timeout {args.timeout!r}: {exc}") from None
+    if timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout!r}: must be more than 0")
     tls = _tls(args)
-    headers, path_prefix = _http_door(args) if args.door == "http" else ([], "")
+    headers, path_prefix = _from_config(args)
     try:
         bootstrap = render_bootstrap(
             listen_host=listen_host,

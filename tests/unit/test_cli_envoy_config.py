@@ -183,21 +183,39 @@ def test_the_real_envoy_accepts_the_bootstrap(
     _envoy_validate(bootstrap)
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--authz-address", "10.0.0.5:9001", "--admin-port", "19901", "--timeout", "2s"],
+        [
+            "--authz-address", "authz.example:9001",
+            "--authz-tls-ca-file", "/ca.crt", "--authz-tls-server-name", "authz.internal",
+            "--authz-tls-cert-file", "/tls.crt", "--authz-tls-key-file", "/tls.key",
+        ],
+        ["--door", "http", "--authz-address", "unix:/run/authz.sock", "--config", "CONFIG"],
+    ],
+)  # fmt: skip
 def test_the_header_comment_is_the_command_that_makes_it_again(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str]
 ) -> None:
-    code, out, _ = _run(capsys, *GRPC, "--authz-address", "10.0.0.5:9001", "--admin-port", "19901")
-    assert code == 0
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    flags = [str(tmp_path) if flag == "CONFIG" else flag for flag in flags]
+    code, out, err = _run(capsys, *GRPC, *flags)
+    assert code == 0, err
     first = out.splitlines()[0]
     assert first.startswith("# Envoy bootstrap made by: authz-server envoy-config ")
-    argv = shlex.split(first.removeprefix("# Envoy bootstrap made by: "))[1:]
-    assert _run(capsys, *argv[1:]) == (0, out, "")
+    argv = shlex.split(first.removeprefix("# Envoy bootstrap made by: "))
+    assert argv[:2] == ["authz-server", "envoy-config"]
+    assert set(flags) <= set(argv)
+    assert _run(capsys, *argv[2:]) == (0, out, "")
 
 
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
         (["--listen", "8080"], "--listen '8080': expected HOST:PORT"),
+        (["--listen", "localhost:8080"], "Envoy listens on an IP address"),
+        (["--timeout", "0s"], "--timeout '0s': must be more than 0"),
         (["--listen", "::1:8080"], "in brackets"),
         (["--listen", "[nope]:8080"], "not an IPv6 address"),
         (["--upstream", "api:0"], "--upstream 'api:0': the port must be 1-65535"),
@@ -222,15 +240,16 @@ def test_a_bad_flag_is_named_and_nothing_is_printed(
     assert named in err
 
 
+@pytest.mark.parametrize("door", ["grpc", "http"])
 def test_a_bad_config_is_refused_with_its_problems(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, door: str
 ) -> None:
     (tmp_path / "config.yaml").write_text(CONFIG.replace("issuer:", "issuerr:"))
     code, out, err = _run(
         capsys,
         *GRPC,
         "--door",
-        "http",
+        door,
         "--authz-address",
         "127.0.0.1:9002",
         "--config",
