@@ -4,7 +4,7 @@ A real Envoy on the host asks the container through both doors, with the demo's 
 mounted the way k8s/base mounts its ConfigMap (a `..data` link swapped atomically). The
 container runs as Kubernetes runs it: read-only root filesystem, all capabilities dropped,
 /tmp as the only writable place, and every shell of the image masked by /dev/null, so the
-entrypoint is proven to need none. `launch_problems` names the checks an image fails; two
+entrypoint is proven to need none. `launch` names the checks an image fails; two
 one-line mutations of the Dockerfile (USER root, no ENTRYPOINT) prove those checks can fail.
 """
 
