@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken, specs
+from authz_server import __version__, apikeys, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    _apikey_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -145,6 +146,52 @@ def _duration(text: str) -> float:
         return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _apikey_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    apikey = sub.add_parser(
+        "apikey",
+        help="issue API keys for an apiKeys provider",
+        description="`apikey new` prints a new random key (256 bits, URL-safe) once, on "
+        "stdout, and on stderr the keys-file entry to paste: the file holds only its SHA-256.",
+    )
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
+    new = apikey_sub.add_parser("new", help="print a new key and its keys-file entry")
+    new.add_argument("--sub", required=True, help="the key's subject (principal <issuer>/<sub>)")
+    new.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim of the key (repeatable); a JSON value is JSON: groups='[\"partners\"]'",
+    )
+    new.add_argument(
+        "--expires", metavar="DATETIME", help="when the key stops working: 2027-06-30T00:00:00Z"
+    )
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    """``apikey new``: the key on stdout (once: only its hash is kept), the entry on stderr."""
+    try:
+        claims = devtoken.parse_claims(args.claim)
+    except devtoken.DevTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    key = apikeys.new_key()
+    entry = apikeys.key_entry(args.sub, key, claims, args.expires)
+    try:
+        apikeys.parse_keys_file(f"keys:\n{entry}".encode(), provider="", issuer="")
+    except apikeys.KeysFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        "# Give the key above to its holder (it is not stored anywhere); add this entry under "
+        "`keys:` in the provider's keys file:",
+        file=sys.stderr,
+    )
+    print(entry, end="", file=sys.stderr)
+    return 0
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -491,6 +538,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == "apikey":
+        return _apikey(args)
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)

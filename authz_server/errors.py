@@ -71,6 +71,12 @@ POLICY_DENIED = "policy_denied"
 NO_ALLOW_POLICY_MATCHED = "no_allow_policy_matched"
 UNKNOWN_WORKLOAD = "unknown_workload"
 JWKS_UNAVAILABLE = "jwks_unavailable"
+# API keys and introspected (opaque) tokens.
+MALFORMED_API_KEY = "malformed_api_key"
+UNKNOWN_API_KEY = "unknown_api_key"
+API_KEY_EXPIRED = "api_key_expired"
+TOKEN_INACTIVE = "token_inactive"
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 INTERNAL_ERROR = "internal_error"
 
 
