@@ -130,14 +130,12 @@ class Introspector:
         spec: IntrospectionSpec,
         secret_file: Path,
         ca_file: Path | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.provider = provider
         self.spec = spec
         self.description = spec.endpoint
         self._secret_file = secret_file
         self._secret: tuple[tuple[int, int, int] | None, str] | None = None
-        self._clock = clock
         parts = urlsplit(spec.endpoint)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -172,6 +170,7 @@ class Introspector:
         provider: ProviderRuntime,
         verifier: TokenVerifier,
         *,
+        clock: Callable[[], float] = time.time,
         wait: WaitMode = "yes",
     ) -> Identity:
         """The identity the IdP vouches for behind ``token``, from the cache when it can.
@@ -181,7 +180,7 @@ class Introspector:
         with ``wait="defer"`` when a call is needed (decide again on a thread that may wait).
         """
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        now = self._clock()
+        now = clock()
         with self._lock:
             entry = self._entries.get(digest)
             if entry is not None and now >= entry.until:
@@ -202,8 +201,9 @@ class Introspector:
                 else:
                     self.stats.shared += 1
         if flight is not None:
-            entry = self._fly(flight, digest, token, provider, verifier, wait) if owner else None
-            if not owner:
+            if owner:
+                entry = self._fly(flight, digest, token, provider, verifier, clock, wait)
+            else:
                 # The owner's call ends within its timeout (and the wait for a call slot).
                 if not flight.done.wait(2 * self.spec.timeout + 1.0):
                     raise self._unavailable("the introspection call did not finish")
@@ -214,7 +214,7 @@ class Introspector:
         outcome = entry.outcome
         if isinstance(outcome, AuthenticationError):
             raise outcome
-        check_times(entry.exp, entry.nbf, provider.clock_skew, self._clock())
+        check_times(entry.exp, entry.nbf, provider.clock_skew, clock())
         return outcome
 
     def _fly(  # noqa: PLR0917 (one call site, all needed)
@@ -224,6 +224,7 @@ class Introspector:
         token: str,
         provider: ProviderRuntime,
         verifier: TokenVerifier,
+        clock: Callable[[], float],
         wait: WaitMode,
     ) -> _Entry | None:
         try:
@@ -231,8 +232,9 @@ class Introspector:
                 # No thread may wait here (the HTTP door's waiting threads are all busy).
                 raise self._failed("busy", "no thread free to wait for the IdP")
             response = self._introspect(token)
-            flight.entry = self._entry(response, provider, verifier)
-            self._store(digest, flight.entry)
+            now = clock()
+            flight.entry = self._entry(response, provider, verifier, now)
+            self._store(digest, flight.entry, now)
         except DependencyError as exc:
             flight.error = exc
         finally:
@@ -241,9 +243,9 @@ class Introspector:
             flight.done.set()
         return flight.entry
 
-    def _store(self, digest: bytes, entry: _Entry) -> None:
+    def _store(self, digest: bytes, entry: _Entry, now: float) -> None:
         limit = self.spec.cache_max_entries
-        if not limit or entry.until <= self._clock():
+        if not limit or entry.until <= now:
             return
         with self._lock:
             self._entries[digest] = entry
@@ -252,10 +254,14 @@ class Introspector:
                 self._entries.popitem(last=False)
 
     def _entry(
-        self, response: dict[str, Any], provider: ProviderRuntime, verifier: TokenVerifier
+        self,
+        response: dict[str, Any],
+        provider: ProviderRuntime,
+        verifier: TokenVerifier,
+        now: float,
     ) -> _Entry:
-        """The cache entry for an answer: the identity, or the 401 it means."""
-        now = self._clock()
+        """The cache entry for an answer received at ``now``: the identity, or the 401 it
+        means."""
         negative = now + self.spec.negative_cache_ttl
         if response["active"] is not True:
             self.stats.calls["inactive"] += 1

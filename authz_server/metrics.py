@@ -36,9 +36,15 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from authz_server.apikeys import ApiKeyTable
+from authz_server.introspection import LATENCY_BUCKETS, Introspector
 from authz_server.jwks import JWKSCache
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
@@ -121,6 +127,59 @@ class _EngineCollector(Collector):
             stale.add_metric([name], jwks.stale_for())
             max_stale.add_metric([name], jwks.max_stale)
         yield from (fetches, keys, last, stale, max_stale)
+        yield from _credential_families(engine.caches)
+
+
+def _credential_families(caches: Mapping[str, JWKSCache]) -> Iterator[Any]:
+    """Introspection providers' calls (by result), call latency and answer cache; API keys
+    providers' key counts. Read from each provider's key source (``introspection``,
+    ``apikeys``)."""
+    calls = CounterMetricFamily(
+        "authz_introspection_calls",
+        "Introspection calls to the IdP by provider and result (active, inactive, or a failure).",
+        labels=["provider", "result"],
+    )
+    latency = HistogramMetricFamily(
+        "authz_introspection_duration_seconds",
+        "Latency of introspection calls to the IdP.",
+        labels=["provider"],
+    )
+    hits = CounterMetricFamily(
+        "authz_introspection_cache_hits",
+        "Checks answered from the introspection cache.",
+        labels=["provider"],
+    )
+    misses = CounterMetricFamily(
+        "authz_introspection_cache_misses",
+        "Checks that needed an introspection call (or joined one in flight).",
+        labels=["provider"],
+    )
+    entries = GaugeMetricFamily(
+        "authz_introspection_cache_entries",
+        "Answers held in the introspection cache.",
+        labels=["provider"],
+    )
+    api_keys = GaugeMetricFamily(
+        "authz_api_keys", "API keys loaded from the provider's keys file.", labels=["provider"]
+    )
+    for name, cache in caches.items():
+        source = cache.source
+        if isinstance(source, Introspector):
+            stats = source.stats
+            for result, count in stats.calls.items():
+                calls.add_metric([name, result], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, stats.bucket_counts, strict=True):
+                cumulative += count
+                buckets.append((repr(bound), float(cumulative)))
+            buckets.append(("+Inf", float(stats.latency_count)))
+            latency.add_metric([name], buckets, stats.latency_sum)
+            hits.add_metric([name], stats.cache_hits)
+            misses.add_metric([name], stats.cache_misses)
+            entries.add_metric([name], len(source))
+        elif isinstance(cache.keyset, ApiKeyTable):
+            api_keys.add_metric([name], len(cache.keyset.by_digest))
+    yield from (calls, latency, hits, misses, entries, api_keys)
 
 
 class _DroppedLinesCollector(Collector):
@@ -358,6 +417,8 @@ _GAUGE_MODES = {
     "authz_jwks_last_success_timestamp_seconds": "livemin",  # the stalest worker
     "authz_jwks_stale_seconds": "livemax",
     "authz_jwks_max_stale_seconds": "livemin",
+    "authz_introspection_cache_entries": "livesum",
+    "authz_api_keys": "livemax",
 }
 
 

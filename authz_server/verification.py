@@ -84,7 +84,7 @@ class CredentialVerifier:
         """``token`` as the credential of an introspection or API keys ``provider``."""
         source = provider.keys.source
         if isinstance(source, Introspector):
-            return source.verify(token, provider, self.jwt, wait=wait)
+            return source.verify(token, provider, self.jwt, clock=self._clock, wait=wait)
         table = provider.keys.keyset
         if not isinstance(table, ApiKeyTable):
             # The keys file was never read (missing or broken since the start): fail closed.
