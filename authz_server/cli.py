@@ -91,6 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         help="a file holding a JWT (not on the command line), sent where its provider reads "
         "a token first (default 'Authorization: Bearer')",
     )
+    check.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an API key (not on the command line), sent where the first "
+        "apiKeys provider reads one",
+    )
+    check.add_argument(
+        "--introspection-response",
+        type=Path,
+        metavar="FILE",
+        help="decide an opaque --token-file offline: the introspection answer (JSON) the IdP "
+        "would give for it, instead of calling the introspection endpoint",
+    )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
         "--context-extension",
@@ -299,6 +313,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         provider_for_token,
         render_text,
         request_attributes,
+        substitute_introspection,
         substitute_keys,
         token_location,
     )
@@ -324,8 +339,33 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+    api_key: str | None = None
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"--api-key-file {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    answer: object = None
+    if args.introspection_response is not None:
+        if args.token_file is None:
+            print("--introspection-response answers for the --token-file token", file=sys.stderr)
+            return 2
+        try:
+            answer = json.loads(args.introspection_response.read_text())
+        except OSError as exc:
+            print(f"--introspection-response: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--introspection-response: not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(answer, dict):
+            print("--introspection-response: expected a JSON object", file=sys.stderr)
+            return 2
     engine = Engine.build(settings)
     try:
+        if isinstance(answer, dict):
+            substitute_introspection(engine, {token: answer})
         if args.jwks_file is not None:
             try:
                 document = args.jwks_file.read_text()
@@ -345,6 +385,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             # Where the token's provider reads one (Authorization: Bearer unless it says).
             location = token_location(provider_for_token(settings, token))
             headers, path = place_token(headers, path, location, token)
+        if api_key is not None:
+            keys_provider = next((p for p in settings.providers if p.spec.kind == "apiKey"), None)
+            if keys_provider is None:
+                print("--api-key-file: the configuration has no apiKeys provider", file=sys.stderr)
+                return 2
+            headers, path = place_token(headers, path, token_location(keys_provider), api_key)
         try:
             request = request_attributes(
                 method=args.method,

@@ -22,6 +22,10 @@ class AuthzError(Exception):
     """Base of every error a Check can end in. ``reason`` is a fixed snake_case code."""
 
     status: int = 403
+    # Set when one provider's check of one kind of credential raised it (an API key, an
+    # introspected token): what the trace says decided.
+    provider: str | None = None
+    credential: str | None = None
 
     def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -23,6 +23,7 @@ from authz_server.config import Provider, Settings
 from authz_server.credentials import DEFAULT_LOCATIONS, TokenLocation
 from authz_server.errors import AuthenticationError, AuthzError
 from authz_server.identity import Identity
+from authz_server.introspection import Introspector
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
@@ -31,6 +32,8 @@ from authz_server.tokens import decode_segments
 REDACTED = "(redacted: holds a token)"
 # An identity header's value (claims, the payload) without show_claims.
 HIDDEN = "(hidden: claims are shown only when asked for)"
+# How the text form names a kind of credential (a JWT goes unnamed: the usual kind).
+_CREDENTIAL_NAMES = {"introspection": "opaque token, introspected", "apiKey": "API key"}
 # What the reasons that end a decision before the policies mean, for the text form.
 _EARLY = "no policy was evaluated: the credentials decided"
 
@@ -74,6 +77,20 @@ def substitute_keys(
             cache.source = InlineSource(jwks, description=description)
 
 
+def substitute_introspection(
+    engine: Engine,
+    answers: Mapping[str, Mapping[str, Any]],
+    providers: Collection[str] | None = None,
+) -> None:
+    """Decide opaque tokens without the IdP: every introspection provider (or those named)
+    answers from ``answers`` (the introspection answer by token; others are inactive)."""
+    for cache in engine.caches.values():
+        if isinstance(cache.source, Introspector) and (
+            providers is None or cache.provider in providers
+        ):
+            cache.source.answer_offline(answers)
+
+
 def token_location(provider: Provider | None) -> TokenLocation:
     """Where ``provider`` reads a token first: its first ``fromHeaders``, else its first
     ``fromParams``, else its first ``fromCookies``, else ``Authorization: Bearer``."""
@@ -103,9 +120,13 @@ def provider_for_token(settings: Settings, token: str) -> Provider | None:
     """The provider a token is for, by the ``iss`` it names, or the only provider; None when
     neither tells."""
     issuer = unverified_issuer(token)
-    named = [p for p in settings.providers if p.spec.issuer == issuer]
+    named = [p for p in settings.providers if p.spec.issuer == issuer and p.spec.kind == "jwt"]
     if named:
         return named[0]
+    # Not a JWT of ours: an opaque token, for the (first) introspection provider.
+    opaque = [p for p in settings.providers if p.spec.kind == "introspection"]
+    if opaque:
+        return opaque[0]
     return settings.providers[0] if len(settings.providers) == 1 else None
 
 
@@ -200,9 +221,13 @@ def _tokens(trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
             entry["error"] = outcome.reason
             if outcome.description:
                 entry["description"] = outcome.description
+            if outcome.provider is not None:
+                entry["provider"] = outcome.provider
+                entry["credential"] = outcome.credential
         else:
             entry["result"] = "verified"
             entry["provider"] = outcome.provider
+            entry["credential"] = outcome.credential
             entry["principal"] = outcome.principal
             if show_claims:
                 entry["claims"] = _jsonable(dict(outcome.claims))
@@ -328,8 +353,12 @@ def render_text(result: Mapping[str, Any]) -> str:
     for token in result["tokens"]:
         providers = ", ".join(token["providers"])
         outcome = token["result"]
+        kind = _CREDENTIAL_NAMES.get(token.get("credential") or "jwt")
+        by = f"{token.get('provider')}" + (f" ({kind})" if kind else "")
         if outcome == "verified":
-            outcome = f"verified by {token['provider']}: {token['principal']}"
+            outcome = f"verified by {by}: {token['principal']}"
+        elif outcome == "rejected" and "provider" in token:
+            outcome = f"rejected by {by}: {token['error']}"
         elif outcome == "rejected":
             outcome = f"rejected: {token['error']}"
         lines.append(f"token: {token['location']} (providers {providers}): {outcome}")

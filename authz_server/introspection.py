@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -150,6 +150,13 @@ class Introspector:
         self._lock = threading.Lock()
         self._calls = threading.BoundedSemaphore(spec.max_concurrent_calls)
         self.stats = IntrospectionStats()
+        # Set by `check` and `test` to decide without the IdP: the answer for each token.
+        self._offline: dict[str, dict[str, Any]] | None = None
+
+    def answer_offline(self, answers: Mapping[str, Mapping[str, Any]]) -> None:
+        """Decide without the IdP from now on: ``answers`` holds the introspection answer
+        for each token (any other token is inactive). For ``check`` and ``test``."""
+        self._offline = {token: dict(answer) for token, answer in answers.items()}
 
     # ------------------------------------------------------------- jwks.KeySource
 
@@ -334,6 +341,11 @@ class Introspector:
         """POST the token to the endpoint; the answer, a JSON object with a boolean ``active``.
 
         Raises DependencyError (counted and logged) for anything else."""
+        if self._offline is not None:
+            try:
+                return _answer(self._offline.get(token, {"active": False}))
+            except _Failure as failure:
+                raise self._failed(failure.result, str(failure)) from None
         timeout = self.spec.timeout
         if not self._calls.acquire(timeout=timeout):
             raise self._failed("busy", "too many introspection calls in flight")
@@ -386,6 +398,12 @@ class Introspector:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise _Failure("bad_response", "the answer is not JSON") from None
-        if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
-            raise _Failure("bad_response", "the answer has no boolean 'active'")
-        return answer
+        return _answer(answer)
+
+
+def _answer(answer: object) -> dict[str, Any]:
+    """``answer`` if it is an introspection answer: a JSON object with a boolean ``active``.
+    Raises _Failure."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
+        raise _Failure("bad_response", "the answer has no boolean 'active'")
+    return answer

@@ -18,7 +18,7 @@ from typing import Any
 from authz_server import errors
 from authz_server.apikeys import ApiKeyTable
 from authz_server.credentials import FoundToken
-from authz_server.errors import AuthenticationError, DependencyError
+from authz_server.errors import AuthenticationError, AuthzError, DependencyError
 from authz_server.identity import Identity
 from authz_server.introspection import Introspector
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode, decode_segments
@@ -65,10 +65,6 @@ class CredentialVerifier:
         token = found.token
         if other is None:
             return self.jwt.verify(token, found.providers, found.scope, wait=wait)
-        if len(token) > self.jwt.max_token_bytes:
-            raise AuthenticationError(
-                errors.MALFORMED_TOKEN, f"token longer than {self.jwt.max_token_bytes} bytes"
-            )
         if jwt and token.count(".") == 2:
             try:
                 return self.jwt.verify(token, jwt, found.scope, wait=wait)
@@ -81,12 +77,25 @@ class CredentialVerifier:
     def verify_other(
         self, token: str, provider: ProviderRuntime, *, wait: WaitMode = "yes"
     ) -> Identity:
-        """``token`` as the credential of an introspection or API keys ``provider``."""
-        source = provider.keys.source
-        if isinstance(source, Introspector):
-            return source.verify(token, provider, self.jwt, clock=self._clock, wait=wait)
-        table = provider.keys.keyset
-        if not isinstance(table, ApiKeyTable):
-            # The keys file was never read (missing or broken since the start): fail closed.
-            raise DependencyError(errors.JWKS_UNAVAILABLE, f"no API keys for {provider.name}")
-        return table.lookup(token, self._clock())
+        """``token`` as the credential of an introspection or API keys ``provider``.
+        An error raised names the provider and the kind (``AuthzError.provider``,
+        ``.credential``) for the trace."""
+        kind = provider.provider.spec.kind
+        try:
+            source = provider.keys.source
+            if isinstance(source, Introspector):
+                if len(token) > self.jwt.max_token_bytes:
+                    # Never sent on: the IdP is not there to absorb what we refuse anyway.
+                    raise AuthenticationError(
+                        errors.MALFORMED_TOKEN,
+                        f"token longer than {self.jwt.max_token_bytes} bytes",
+                    )
+                return source.verify(token, provider, self.jwt, clock=self._clock, wait=wait)
+            table = provider.keys.keyset
+            if not isinstance(table, ApiKeyTable):
+                # The keys file was never read (missing or broken since the start): fail closed.
+                raise DependencyError(errors.JWKS_UNAVAILABLE, f"no API keys for {provider.name}")
+            return table.lookup(token, self._clock())
+        except AuthzError as exc:
+            exc.provider, exc.credential = provider.name, kind
+            raise

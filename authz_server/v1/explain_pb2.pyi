@@ -134,7 +134,7 @@ class JudgedRequest(_message.Message):
     def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class TokenOutcome(_message.Message):
-    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims")
+    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims", "credential")
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class TokenOutcome(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     location: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     result: str
@@ -151,7 +152,8 @@ class TokenOutcome(_message.Message):
     error: str
     description: str
     claims: _struct_pb2.Struct
-    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    credential: str
+    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class PolicyTrace(_message.Message):
     __slots__ = ("name", "action", "dry_run", "matched", "decided", "rules")
