@@ -121,7 +121,10 @@ class _EngineCollector(Collector):
             for result, count in jwks.fetches.items():
                 fetches.add_metric([name, result], count)
             keyset = jwks.keyset
-            keys.add_metric([name], len(keyset.keys) if keyset is not None else 0)
+            # NOTE: an introspection or API keys provider holds no signing keys: a 0 here
+            # would read as "no keys, 503s" (until its keys file is read, it does say that).
+            if keyset is None or not keyset.may_be_empty:
+                keys.add_metric([name], len(keyset.keys) if keyset is not None else 0)
             if jwks.last_success_wall is not None:
                 last.add_metric([name], jwks.last_success_wall)
             stale.add_metric([name], jwks.stale_for())
@@ -430,12 +433,17 @@ class _Published:
         self._registry = registry
         self._counters: dict[str, Counter] = {}
         self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._histogram_last: dict[tuple[Any, ...], float] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
 
     def publish(self) -> None:
         with self._lock:
             for family in (f for source in self.sources for f in source.collect()):
+                if family.type == "histogram":
+                    self._add_histogram(family)
+                    continue
                 for sample in family.samples:
                     labels = tuple(sample.labels.values())
                     if family.type == "counter":
@@ -459,6 +467,51 @@ class _Published:
         self._last[(name, labels)] = value
         if delta > 0:
             (counter.labels(*labels) if labels else counter).inc(delta)
+
+    def _add_histogram(self, family: Any) -> None:
+        """A scrape-time histogram added into a multi-process ``Histogram``: the growth of
+        each bucket and of the sum since the last publish."""
+        buckets = sorted(
+            {float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")}
+            - {float("inf")}
+        )
+        if not buckets:
+            return
+        labelnames = [k for k in family.samples[0].labels if k != "le"]
+        histogram = self._histograms.get(family.name)
+        if histogram is None:
+            histogram = self._histograms[family.name] = Histogram(
+                family.name,
+                family.documentation,
+                labelnames,
+                buckets=buckets,
+                registry=self._registry,
+            )
+        cumulative: dict[tuple[str, ...], dict[float, float]] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        for sample in family.samples:
+            labels = tuple(v for k, v in sample.labels.items() if k != "le")
+            if sample.name.endswith("_bucket"):
+                cumulative.setdefault(labels, {})[float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_sum"):
+                sums[labels] = sample.value
+        for labels, counts in cumulative.items():
+            child = histogram.labels(*labels) if labels else histogram
+            below = 0.0
+            # NOTE: prometheus-client keeps one (non-cumulative) value per bucket in
+            # `_buckets` and the sum in `_sum`; there is no public way to add counts in bulk.
+            for index, bound in enumerate([*buckets, float("inf")]):
+                count = counts.get(bound, below)
+                self._grow(child._buckets[index], (family.name, labels, bound), count - below)
+                below = count
+            self._grow(child._sum, (family.name, labels, "sum"), sums.get(labels, 0.0))
+
+    def _grow(self, value: Any, key: tuple[Any, ...], current: float) -> None:
+        previous = self._histogram_last.get(key, 0.0)
+        delta = current - previous if current >= previous else current  # a new engine: anew
+        self._histogram_last[key] = current
+        if delta > 0:
+            value.inc(delta)
 
     def _gauge(self, family: Any) -> Gauge:
         gauge = self._gauges.get(family.name)
