@@ -22,6 +22,7 @@ from tests.e2e.harness import (
     door_setup,
     free_port,
     http_request,
+    wait_until,
 )
 from tests.introspection_idp import CLIENT_ID, CLIENT_SECRET, IntrospectionServer
 
@@ -167,3 +168,34 @@ def test_an_opaque_token_is_200_with_x_client_id_and_an_inactive_one_401(stack: 
     status, headers, body = stack.get("/api/orders", {"Authorization": f"Bearer {inactive}"})
     assert status == 401 and reason(body) == "token_inactive"
     assert 'error_description="token inactive"' in headers["www-authenticate"]
+
+
+def test_a_keys_file_update_applies_and_a_broken_one_keeps_the_last_good_keys(
+    stack: Stack,
+) -> None:
+    keys_file = stack.server.config_path.parent / "keys.yaml"
+    original = keys_file.read_text()
+    added = new_secret()
+    digest = hashlib.sha256(added.encode()).hexdigest()
+    try:
+        # A Secret update: the file replaced whole, with one key more.
+        replacement = keys_file.with_name(".keys.yaml.new")
+        replacement.write_text(original + f"  - sub: partner-new\n    sha256: {digest}\n")
+        replacement.replace(keys_file)
+        wait_until(
+            lambda: stack.get("/api/orders", {"X-Api-Key": added})[0] == 200,
+            timeout=10,
+            what="the new key to work",
+        )
+        assert stack.upstream.last_request().headers["x-partner"] == "partner-new"
+        replacement.write_text(original + f"  - sub: mallory\n    sha256: {digest}\n" * 2)
+        replacement.replace(keys_file)
+        wait_until(
+            lambda: "duplicate" in stack.server.log_text(),
+            timeout=10,
+            what="the broken keys file to be refused",
+        )
+        assert stack.get("/api/orders", {"X-Api-Key": added})[0] == 200
+        assert stack.upstream.last_request().headers["x-partner"] == "partner-new"
+    finally:
+        keys_file.write_text(original)
