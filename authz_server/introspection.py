@@ -209,11 +209,22 @@ class Introspector:
                     self.stats.shared += 1
         if flight is not None:
             if owner:
-                entry = self._fly(flight, digest, token, provider, verifier, clock, wait)
+                # NOTE: a call holds a Check thread up to `timeout`: past the verifier's
+                # waiting slots a new token is not sent (503), so that many tokens at a hanging
+                # IdP never hold every thread and the other providers keep answering. Requests
+                # joining a call in flight wait for it without a slot (one call serves them).
+                slot = verifier.waiting.acquire(blocking=False)
+                try:
+                    entry = self._fly(
+                        flight, digest, token, provider, verifier, clock, wait if slot else "no"
+                    )
+                finally:
+                    if slot:
+                        verifier.waiting.release()
+            elif not flight.done.wait(2 * self.spec.timeout + 1.0):
+                # The owner's call ends within its timeout and the wait for a call slot.
+                raise self._unavailable("the introspection call did not finish")
             else:
-                # The owner's call ends within its timeout (and the wait for a call slot).
-                if not flight.done.wait(2 * self.spec.timeout + 1.0):
-                    raise self._unavailable("the introspection call did not finish")
                 entry = flight.entry
             if entry is None:
                 raise flight.error or self._unavailable("no answer")

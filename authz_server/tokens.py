@@ -203,6 +203,12 @@ class TokenVerifier:
         # need a refresh trigger it but do not wait for it.
         self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
 
+    @property
+    def waiting(self) -> threading.BoundedSemaphore:
+        """The slots of Checks that may wait on an identity provider (a key-set refresh, an
+        introspection call): beyond them, a Check does not wait."""
+        return self._waiting
+
     def verify(
         self,
         token: str,

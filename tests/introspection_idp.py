@@ -50,9 +50,15 @@ class _IntrospectionHandler(_QuietHandler):
             self.headers.get("Content-Type", ""),
         )
         behaviour = owner.record(call)
-        if behaviour.hang_seconds:
-            # Ends early when the test releases it, so that stopping the server is quick.
-            behaviour.release.wait(behaviour.hang_seconds)
+        try:
+            if behaviour.hang_seconds:
+                # Ends early when the test releases it, so that stopping the server is quick.
+                behaviour.release.wait(behaviour.hang_seconds)
+            self._answer(owner, behaviour, call)
+        finally:
+            owner.done()
+
+    def _answer(self, owner: IntrospectionServer, behaviour: Behaviour, call: Call) -> None:
         if behaviour.status is not None and 300 <= behaviour.status < 400:
             self._send(behaviour.status, b"", {"Location": owner.url + "/elsewhere"})
             return
@@ -74,6 +80,8 @@ class IntrospectionServer(_BackgroundServer):
         self.answers: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self.behaviour = Behaviour()
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most calls it was answering at once
 
     @property
     def url(self) -> str:
@@ -100,7 +108,13 @@ class IntrospectionServer(_BackgroundServer):
     def record(self, call: Call) -> Behaviour:
         with self._lock:
             self.calls.append(call)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return self.behaviour
+
+    def done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def call_count(self) -> int:
         with self._lock:

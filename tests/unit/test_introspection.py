@@ -23,6 +23,7 @@ from authz_server.introspection import Introspector
 from authz_server.metrics import Metrics
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine
+from tests.e2e.harness import wait_until
 from tests.helpers import Clock, write_config
 from tests.introspection_idp import CLIENT_ID, CLIENT_SECRET, IntrospectionServer, https_context
 from tests.unit.test_service import provider_yaml
@@ -80,6 +81,7 @@ def make_engine(
     timeout: str = "1s",
     extra: str = "",
     more_providers: str = "",
+    server: str = "",
 ) -> Engine:
     (tmp_path / "client-secret").write_text(CLIENT_SECRET + "\n")
     ca_file = getattr(idp, "ca_file", None)
@@ -93,6 +95,8 @@ def make_engine(
         extra=extra,
         more_providers=more_providers,
     )
+    if server:
+        text = text.replace("kind: AuthzConfig\n", f"kind: AuthzConfig\nserver: {server}\n", 1)
     engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
     for cache in engine.caches.values():
         assert cache.refresh()
@@ -402,3 +406,58 @@ def test_the_introspector_is_its_providers_key_source(
     engine = make_engine(tmp_path, clock, plain_idp)
     cache = engine.caches["partners-opaque"]
     assert isinstance(cache.source, Introspector) and cache.keyset is not None
+
+
+def test_calls_in_flight_to_one_idp_stay_within_max_concurrent_calls(
+    tmp_path: Path, clock: Clock, plain_idp: IntrospectionServer
+) -> None:
+    engine = make_engine(tmp_path, clock, plain_idp, extra="  maxConcurrentCalls: 2")
+    service = AuthorizationService(engine)
+    tokens = [active_token(plain_idp, clock) for _ in range(4)]
+    plain_idp.fail(hang_seconds=0.2)
+    results: list[Decision] = []
+    threads = [
+        threading.Thread(target=lambda t=t: results.append(service.check(bearer(t))))
+        for t in tokens
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 4 and all(r.allowed for r in results)
+    assert plain_idp.call_count() == 4 and plain_idp.max_in_flight == 2
+
+
+def test_a_hanging_idp_holds_at_most_half_the_threads_and_jwts_keep_being_decided(
+    tmp_path: Path,
+    clock: Clock,
+    plain_idp: IntrospectionServer,
+    rsa_key: SigningKey,
+    make_token: Callable[..., str],
+) -> None:
+    engine = make_engine(
+        tmp_path,
+        clock,
+        plain_idp,
+        timeout="5s",
+        more_providers=provider_yaml(rsa_key),
+        server="{threads: 2}",  # one thread may wait on an IdP
+    )
+    service = AuthorizationService(engine)
+    plain_idp.fail(hang_seconds=5.0)
+    first: list[Decision] = []
+    waiting = threading.Thread(
+        target=lambda: first.append(service.check(bearer(active_token(plain_idp, clock))))
+    )
+    waiting.start()
+    try:
+        wait_until(lambda: plain_idp.call_count() == 1, timeout=5, what="the first call")
+        # The one waiting slot is taken: another token is not sent, answered 503 at once.
+        second = service.check(bearer(active_token(plain_idp, clock)))
+        assert (second.status, second.reason) == (503, errors.INTROSPECTION_UNAVAILABLE)
+        assert plain_idp.call_count() == 1
+        assert service.check(bearer(make_token(scope="orders.read"))).allowed
+    finally:
+        plain_idp.recover()  # releases the hanging call
+        waiting.join(10)
+    assert first and first[0].allowed
