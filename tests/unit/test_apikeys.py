@@ -267,3 +267,30 @@ def test_apikey_new_prints_the_key_once_and_an_entry_holding_only_its_hash(
     assert table.lookup(key, 0.0).principal == f"{ISSUER}/acme"
     assert cli.main(["apikey", "new", "--sub", "acme", "--claim", "iss=x"]) == 2
     assert capsys.readouterr().out == ""
+
+
+def test_an_api_key_meets_dry_run_audit_presence_and_twin_removal_as_a_jwt_does(
+    tmp_path: Path, clock: Clock
+) -> None:
+    text = (
+        CONFIG.replace(
+            "    fromHeaders: [{name: x-api-key}]",
+            "    fromHeaders: [{name: x-api-key}]\n    presence: REQUIRED",
+        )
+        + f"""  - name: would-block-acme
+    action: DENY
+    dryRun: true
+    rules: [{{from: [{{source: {{requestPrincipals: ["{ISSUER}/partner-acme"]}}}}]}}]
+  - name: watch-partners
+    action: AUDIT
+    rules: [{{when: [{{key: "request.auth.claims[groups]", values: [partners]}}]}}]
+"""
+    )
+    service = AuthorizationService(make(tmp_path, clock, text))
+    decision = service.check(get(x_api_key=ACME_KEY))
+    assert decision.allowed and decision.policy == "partners-read"
+    assert decision.dry_run == (("would-block-acme", "deny"),)
+    assert decision.audited == ("watch-partners",)
+    assert {"x-api-key", "x_api_key", "x_partner"} <= set(decision.headers_to_remove)
+    missing = service.check(get())
+    assert (missing.status, missing.reason) == (401, errors.MISSING_CREDENTIALS)
