@@ -71,9 +71,11 @@ def substitute_keys(
 ) -> None:
     """Verify tokens with the keys of the JWKS document ``jwks`` instead of each provider's
     own key source (every provider's, or those named), to decide without the IdP. Takes
-    effect at the next refresh of each key cache."""
+    effect at the next refresh of each key cache. Providers of opaque tokens and API keys
+    verify no JWT: they keep their own."""
+    jwt = {p.name for p in engine.providers if p.provider.spec.kind == "jwt"}
     for cache in engine.caches.values():
-        if providers is None or cache.provider in providers:
+        if cache.provider in jwt and (providers is None or cache.provider in providers):
             cache.source = InlineSource(jwks, description=description)
 
 

@@ -171,3 +171,22 @@ def test_a_case_with_two_identities_or_no_provider_of_its_kind_is_refused(
     with pytest.raises(policy_tests.CasesError) as caught:
         policy_tests.run(config.load(config_path), policy_tests.load_cases(tmp_path / "wrong.yaml"))
     assert "partner-keys is no introspection provider" in str(caught.value)
+
+
+def test_check_with_a_jwks_file_leaves_the_api_keys_and_introspection_providers_theirs(
+    tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(API_KEY)
+    code, out, _ = run(
+        capsys,
+        "--config",
+        str(config_path),
+        "--api-key-file",
+        str(key_file),
+        "--jwks-file",
+        str(tmp_path / "jwks.json"),
+    )
+    assert code == 0, out
+    assert "verified by partner-keys (API key)" in out
