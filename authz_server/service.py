@@ -506,7 +506,8 @@ class AuthorizationService:
                         trace.tokens.append((token, exc))
                     denial = responses.with_context(
                         responses.deny(exc, realm=engine.realm, token_present=True),
-                        provider=token.providers[0].name if len(token.providers) == 1 else None,
+                        provider=exc.provider
+                        or (token.providers[0].name if len(token.providers) == 1 else None),
                         principal=None,
                         policy=None,
                     )

@@ -461,3 +461,11 @@ def test_a_hanging_idp_holds_at_most_half_the_threads_and_jwts_keep_being_decide
         plain_idp.recover()  # releases the hanging call
         waiting.join(10)
     assert first and first[0].allowed
+
+
+def test_a_denial_by_an_introspection_provider_names_it_even_on_a_shared_header(
+    tmp_path: Path, clock: Clock, plain_idp: IntrospectionServer, rsa_key: SigningKey
+) -> None:
+    engine = make_engine(tmp_path, clock, plain_idp, more_providers=provider_yaml(rsa_key))
+    decision = AuthorizationService(engine).check(bearer(secrets.token_urlsafe(32)))
+    assert (decision.reason, decision.provider) == (errors.TOKEN_INACTIVE, "partners-opaque")
