@@ -73,6 +73,10 @@ class ApiKeyTable(KeySet):
     def reusing(self, previous: KeySet | None) -> KeySet:
         return self
 
+    @property
+    def summary(self) -> str:
+        return f"{len(self.by_digest)} API key(s)"
+
     def lookup(self, key: str, now: float) -> Identity:
         """The identity of the presented ``key``.
 

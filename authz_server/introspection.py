@@ -66,6 +66,10 @@ class IntrospectionReady(KeySet):
     def reusing(self, previous: KeySet | None) -> KeySet:
         return self
 
+    @property
+    def summary(self) -> str:
+        return "nothing (tokens are introspected when they come)"
+
 
 @dataclass(frozen=True, slots=True)
 class _Entry:

@@ -183,6 +183,11 @@ class KeySet:
     # provider's marker): loaded, hence ready, even when ``keys`` is empty.
     may_be_empty: ClassVar[bool] = False
 
+    @property
+    def summary(self) -> str:
+        """What was loaded, for the log: ``3 key(s)``."""
+        return f"{len(self.keys)} key(s)"
+
     @classmethod
     def from_jwks(
         cls, document: object, allowed_algs: frozenset[str], origin: str = "JWKS"
@@ -392,9 +397,9 @@ class JWKSCache:
         self.last_success_wall = time.time()
         self._publish(keyset)
         log.info(
-            "provider %s: loaded %d key(s) from %s (next refresh in %.0fs)",
+            "provider %s: loaded %s from %s (next refresh in %.0fs)",
             self.provider,
-            len(keyset.keys),
+            keyset.summary,
             self.source.description,
             self.next_refresh - now,
         )
