@@ -5,9 +5,11 @@ One configuration holds the three providers: the bench's JWT provider, an intros
 provider reading the same `Authorization: Bearer` header (so an opaque token meets the JWT
 provider first, as in a mixed deployment), and an API keys provider on `x-api-key`. The
 introspection endpoint is a local HTTP server answering `active: true`; it is asked once, then
-every Check is a cache hit. Two layers: `core` (AuthorizationService.check on the request
-model) and `door` (CheckRequest -> CheckResponse through the gRPC servicer, no network).
-Variants run interleaved (``common.interleaved``), best of --rounds.
+every Check is a cache hit. Three layers: `core` (AuthorizationService.check on the request
+model), `door` (CheckRequest -> CheckResponse through the gRPC servicer, no network), both
+interleaved (``common.interleaved``), best of --rounds; and `server`: `authz-server serve` as
+its own process, Checks sent over loopback gRPC one at a time, the server's own CPU
+(/proc/PID/stat) per Check, kinds interleaved round by round.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import argparse
 import hashlib
 import json
 import secrets
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,8 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
+from check_loop import _free_port, _process_cpu
 from common import AUDIENCE, ISSUER, bench_config, check_request, interleaved
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
@@ -59,6 +65,34 @@ def _request(headers: dict[str, str]) -> Any:
         headers={"user-agent": "bench", "x-request-id": "abc", **headers},
     )
     return external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
+
+
+def measure_server(
+    config_path: Path, requests: dict[str, Any], calls: int, rounds: int
+) -> dict[str, float]:
+    """Best server CPU seconds per Check of each kind, the server in its own process."""
+    grpc_port, http_port = _free_port(), _free_port()
+    argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
+    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+    argv += ["--log-level", "WARNING"]
+    process = subprocess.Popen(argv)
+    best = dict.fromkeys(requests, float("inf"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            for request in requests.values():
+                assert stub.Check(request, timeout=5).status.code == 0
+            for _ in range(rounds):
+                for name, request in requests.items():
+                    before = _process_cpu(process.pid)
+                    for _ in range(calls):
+                        stub.Check(request, timeout=5)
+                    best[name] = min(best[name], (_process_cpu(process.pid) - before) / calls)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    return best
 
 
 def main() -> None:
@@ -120,9 +154,11 @@ def main() -> None:
             best = interleaved(variants, args.calls, args.rounds)
             assert _Introspection.calls == 1, _Introspection.calls
             engine.close()
+            server = measure_server(directory / "config.yaml", requests, args.calls, args.rounds)
+            best.update({f"server {name}": value for name, value in server.items()})
     finally:
         idp.shutdown()
-    for layer in ("core", "door"):
+    for layer in ("core", "door", "server"):
         base = best[f"{layer} jwt"]
         for name in requests:
             value = best[f"{layer} {name}"]
