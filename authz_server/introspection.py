@@ -286,12 +286,12 @@ class Introspector:
         means."""
         negative = now + self.spec.negative_cache_ttl
         if response["active"] is not True:
-            self.stats.calls["inactive"] += 1
+            self._count("inactive")
             inactive = AuthenticationError(
                 errors.TOKEN_INACTIVE, "the IdP says the token is inactive"
             )
             return _Entry(inactive, None, None, negative)
-        self.stats.calls["active"] += 1
+        self._count("active")
         iss = response.get("iss")
         try:
             if iss is not None and iss != provider.issuer:
@@ -321,11 +321,19 @@ class Introspector:
 
     # --------------------------------------------------------------------- call
 
+    def _count(self, result: str) -> None:
+        with self._lock:  # calls of several tokens end at once
+            self.stats.calls[result] = self.stats.calls.get(result, 0) + 1
+
+    def _observe(self, seconds: float) -> None:
+        with self._lock:
+            self.stats.observe(seconds)
+
     def _unavailable(self, detail: str) -> DependencyError:
         return DependencyError(errors.INTROSPECTION_UNAVAILABLE, f"{self.provider}: {detail}"[:200])
 
     def _failed(self, result: str, detail: str) -> DependencyError:
-        self.stats.calls[result] = self.stats.calls.get(result, 0) + 1
+        self._count(result)
         log.warning(
             "provider %s: introspection at %s failed (%s): %s; its tokens get 503",
             self.provider,
@@ -368,11 +376,11 @@ class Introspector:
         try:
             response = self._post(token, timeout)
         except _Failure as failure:
-            self.stats.observe(time.perf_counter() - started)
+            self._observe(time.perf_counter() - started)
             raise self._failed(failure.result, str(failure)) from None
         finally:
             self._calls.release()
-        self.stats.observe(time.perf_counter() - started)
+        self._observe(time.perf_counter() - started)
         return response
 
     def _post(self, token: str, timeout: float) -> dict[str, Any]:
