@@ -235,7 +235,9 @@ class Introspector:
         assert entry is not None
         outcome = entry.outcome
         if isinstance(outcome, AuthenticationError):
-            raise outcome
+            # NOTE: the cached error is raised again and again: without its last traceback,
+            # or each raise would chain onto the previous ones (memory that only grows).
+            raise outcome.with_traceback(None)
         check_times(entry.exp, entry.nbf, provider.clock_skew, clock())
         return outcome
 

@@ -469,3 +469,21 @@ def test_a_denial_by_an_introspection_provider_names_it_even_on_a_shared_header(
     engine = make_engine(tmp_path, clock, plain_idp, more_providers=provider_yaml(rsa_key))
     decision = AuthorizationService(engine).check(bearer(secrets.token_urlsafe(32)))
     assert (decision.reason, decision.provider) == (errors.TOKEN_INACTIVE, "partners-opaque")
+
+
+def test_a_cached_inactive_answer_does_not_grow_with_each_request(
+    tmp_path: Path, clock: Clock, plain_idp: IntrospectionServer
+) -> None:
+    engine = make_engine(tmp_path, clock, plain_idp)
+    runtime = engine.providers[0]
+    introspector = engine.caches["partners-opaque"].source
+    assert isinstance(introspector, Introspector)
+    depths = []
+    for _ in range(3):
+        with pytest.raises(errors.AuthenticationError) as caught:
+            introspector.verify("never-active-token", runtime, engine.verifier, clock=clock)
+        depth, tb = 0, caught.value.__traceback__
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        depths.append(depth)
+    assert plain_idp.call_count() == 1 and depths[1] == depths[2]
