@@ -137,7 +137,11 @@ def test_an_api_key_and_a_jwt_share_a_header_each_verified_by_its_kind(
 def test_two_different_credentials_in_one_request_are_ambiguous(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
 ) -> None:
-    text = CONFIG.split("policies:", maxsplit=1)[0] + provider_yaml(rsa_key) + "policies: []\n"
+    text = (
+        CONFIG.split("policies:", maxsplit=1)[0]
+        + provider_yaml(rsa_key)
+        + "policies: [{name: any, rules: [{}]}]\n"
+    )
     service = AuthorizationService(make(tmp_path, clock, text))
     decision = service.check(get(x_api_key=ACME_KEY, authorization=f"Bearer {make_token()}"))
     assert (decision.status, decision.reason) == (401, errors.AMBIGUOUS_CREDENTIALS)
