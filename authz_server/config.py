@@ -391,11 +391,18 @@ def _workloads_without_policy(
 
 def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None) -> list[Path]:
     """Every local file the configuration names, found or not (``jwksFile``, ``caFile``,
-    ``sharedSecretFile``, ``server.tls``)."""
+    ``sharedSecretFile``, ``introspection.clientSecretFile``, ``apiKeys.file``,
+    ``server.tls``)."""
     files = [
         base_dir / value  # an absolute value stays itself
         for spec, _, _, base_dir in providers
-        for value in (spec.jwks_file, spec.ca_file, spec.shared_secret_file)
+        for value in (
+            spec.jwks_file,
+            spec.ca_file,
+            spec.shared_secret_file,
+            spec.introspection.client_secret_file if spec.introspection else None,
+            spec.api_keys.file if spec.api_keys else None,
+        )
         if value is not None
     ]
     if server is not None and server.tls is not None:

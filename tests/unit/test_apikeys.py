@@ -298,3 +298,11 @@ def test_an_api_key_meets_dry_run_audit_presence_and_twin_removal_as_a_jwt_does(
     assert {"x-api-key", "x_api_key", "x_partner"} <= set(decision.headers_to_remove)
     missing = service.check(get())
     assert (missing.status, missing.reason) == (401, errors.MISSING_CREDENTIALS)
+
+
+def test_the_keys_file_is_among_the_files_a_reload_watches(tmp_path: Path) -> None:
+    # A configuration refused for a keys file not there yet is tried again when it appears.
+    referenced: list[Path] = []
+    with pytest.raises(ConfigError):
+        config.load(write_config(tmp_path, CONFIG), referenced=referenced)
+    assert tmp_path / "keys.yaml" in referenced
