@@ -23,10 +23,13 @@ COPY authz_server ./authz_server
 # (--python), so the final image carries only the package and its runtime dependencies.
 # Every dependency ships manylinux wheels (grpcio, cryptography, pydantic-core), so no
 # compiler is needed here either. Byte code is compiled at install time, so the read-only
-# final image never writes any.
+# final image never writes any. opentelemetry-proto is installed again last: xds-protos ships
+# an old copy of its files at the same paths (see the Makefile's otlp-protos).
 RUN python -m venv --without-pip /opt/venv \
     && pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && pip --python /opt/venv/bin/python install --no-cache-dir /tmp/wheels/*.whl \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --no-deps --force-reinstall \
+        "opentelemetry-proto==$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
     && rm -rf /tmp/wheels
 
 # ---- final: the venv on a clean base, run as an unprivileged numeric user ----

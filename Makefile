@@ -15,7 +15,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(MAKE) --no-print-directory otlp-protos
 	touch $(STAMP)
+
+# NOTE: xds-protos ships an old copy of opentelemetry-proto's files at the same paths, and pip
+# lets whichever it installs last own them. Re-installing opentelemetry-proto (its version as
+# resolved, no dependencies) after everything else makes its files win, whatever came before;
+# the server's tracing refuses to start otherwise (authz_server/tracing.py). Run it again after
+# any `pip install` that (re)installs xds-protos.
+.PHONY: otlp-protos
+otlp-protos: ## Put opentelemetry-proto's files back over xds-protos' old copy (make install runs it)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
