@@ -247,11 +247,16 @@ class Tracing:
         self.tracer = tracer
         self.propagator = propagator
         self.counts = counts
-        from opentelemetry.trace import SpanKind, set_span_in_context  # noqa: PLC0415
+        from opentelemetry.trace import (  # noqa: PLC0415
+            SpanKind,
+            get_current_span,
+            set_span_in_context,
+        )
 
         self._server = SpanKind.SERVER
         self._internal = SpanKind.INTERNAL
         self._in_context = set_span_in_context
+        self._span_of = get_current_span
 
     @classmethod
     def from_environment(
@@ -311,6 +316,11 @@ class Tracing:
         """The span of the Check of ``request``, current for the lower layers until it ends;
         None when the sampler leaves this Check out."""
         parent = self.propagator.extract(request.headers)
+        carrier = request.trace_carrier
+        if carrier:  # the call's own context (Envoy's ext_authz span) is the nearer parent
+            from_call = self.propagator.extract(dict(carrier))
+            if self._span_of(from_call).get_span_context().is_valid:
+                parent = from_call
         span = self.tracer.start_span(SPAN_NAME, context=parent, kind=self._server)
         if not span.is_recording():
             return None
