@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tracing bench-tools image image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview
 
 help: ## List the targets
@@ -78,6 +78,9 @@ soak: $(STAMP) ## Real Envoy under load for SOAK_MINUTES (5), key rotation + con
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
+
+bench-tracing: $(STAMP) ## Per-Check CPU with tracing off, on at 1% and at 100% sampling (in process and the server's own), ~2 min
+	$(BIN)/python bench/tracing_cost.py
 
 bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \

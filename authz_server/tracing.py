@@ -24,6 +24,7 @@ import base64
 import hashlib
 import importlib.metadata
 import os
+import random
 import socket
 import threading
 import time
@@ -149,11 +150,15 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _check_sampler(environ: Mapping[str, str]) -> None:
-    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
-    if name and name not in SAMPLERS:
+def _root_ratio(environ: Mapping[str, str]) -> tuple[bool, float]:
+    """(whether the sampler follows the parent's decision, the share of Checks without a
+    parent that start a trace), from OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (the
+    SDK's default: parentbased_always_on). Raises TracingError naming a bad value."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in SAMPLERS:
         raise TracingError(f"OTEL_TRACES_SAMPLER={name!r}: use one of {', '.join(SAMPLERS)}")
     arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    ratio = 1.0
     if name.endswith("traceidratio") and arg:
         try:
             ratio = float(arg)
@@ -161,6 +166,9 @@ def _check_sampler(environ: Mapping[str, str]) -> None:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise TracingError(f"OTEL_TRACES_SAMPLER_ARG={arg!r}: a ratio from 0 to 1")
+    if name.endswith("always_off"):
+        ratio = 0.0
+    return name.startswith("parentbased_"), ratio
 
 
 def _protocol(environ: Mapping[str, str]) -> str:
@@ -240,13 +248,16 @@ class Tracing:
         self,
         provider: TracerProvider,
         tracer: Tracer,
-        propagator: TextMapPropagator,
+        w3c: TextMapPropagator,
+        b3: TextMapPropagator,
         counts: _Counts,
     ) -> None:
         self.provider = provider
         self.tracer = tracer
-        self.propagator = propagator
+        self.w3c = w3c
+        self.b3 = b3
         self.counts = counts
+        self.root_ratio = 1.0  # the share of Checks without a parent that are traced
         from opentelemetry.trace import (  # noqa: PLC0415
             SpanKind,
             get_current_span,
@@ -271,7 +282,7 @@ class Tracing:
         Raises TracingError naming the variable that is wrong, or the install fix when the
         OTLP protos on disk are xds-protos' old copy."""
         env = os.environ
-        _check_sampler(env)
+        parent_based, root_ratio = _root_ratio(env)
         protocol = _protocol(env)
         kind = env.get("OTEL_TRACES_EXPORTER", "otlp").strip() or "otlp"
         if kind != "otlp":
@@ -283,7 +294,6 @@ class Tracing:
         capacity = _env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         # NOTE: imported here, not at module level: a server without tracing never loads them.
         from opentelemetry.propagators.b3 import B3MultiFormat  # noqa: PLC0415
-        from opentelemetry.propagators.composite import CompositePropagator  # noqa: PLC0415
         from opentelemetry.sdk.resources import (  # noqa: PLC0415
             OTELResourceDetector,
             Resource,
@@ -304,27 +314,51 @@ class Tracing:
             )
         except ValueError as exc:  # the SDK's word on the OTEL_BSP_* values together
             raise TracingError(f"OTEL_BSP_* variables: {exc}") from None
-        # The sampler: OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, read by the SDK.
-        provider = TracerProvider(resource=resource)
+        if parent_based:
+            # NOTE: a Check without a parent is sampled here, by one random draw at the root
+            # ratio, before anything is built: at 1% the other 99% cost three header lookups
+            # and the draw (the SDK's sampler would make ids and a span first). A Check with a
+            # parent follows the parent's decision, as the SDK's ParentBased sampler does.
+            from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased  # noqa: PLC0415
+
+            provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
+        else:  # the SDK's own sampler, as the OTEL_TRACES_SAMPLER* variables say
+            provider = TracerProvider(resource=resource)
+            root_ratio = 1.0
         provider.add_span_processor(_Admission(processor, counts))
         tracer = provider.get_tracer("authz_server", __version__)
-        # B3 (single `b3` or the X-B3-* set) first, W3C last: with both, W3C's context wins.
-        propagator = CompositePropagator([B3MultiFormat(), TraceContextTextMapPropagator()])
-        return cls(provider, tracer, propagator, counts)
+        # W3C trace context, else B3 (its extract reads the single `b3` header or the X-B3-*
+        # set): with both, W3C's wins (``_extract``).
+        tracing = cls(provider, tracer, TraceContextTextMapPropagator(), B3MultiFormat(), counts)
+        tracing.root_ratio = root_ratio
+        return tracing
 
     def begin(self, request: RequestAttributes) -> CheckSpan | None:
         """The span of the Check of ``request``, current for the lower layers until it ends;
         None when the sampler leaves this Check out."""
-        parent = self.propagator.extract(request.headers)
+        parent = self._extract(request.headers)
         carrier = request.trace_carrier
         if carrier:  # the call's own context (Envoy's ext_authz span) is the nearer parent
-            from_call = self.propagator.extract(dict(carrier))
-            if self._span_of(from_call).get_span_context().is_valid:
+            from_call = self._extract(dict(carrier))
+            if from_call is not None:
                 parent = from_call
+        if parent is None and self.root_ratio < 1.0 and random.random() >= self.root_ratio:  # noqa: S311
+            return None
         span = self.tracer.start_span(SPAN_NAME, context=parent, kind=self._server)
         if not span.is_recording():
             return None
         return CheckSpan(self, span)  # type: ignore[arg-type]
+
+    def _extract(self, headers: Mapping[str, str]) -> Context | None:
+        """The context ``headers`` carry: W3C's when there is one, else B3's (single or multi);
+        None when they carry neither (the common unsampled case pays three lookups)."""
+        if "traceparent" in headers:
+            context = self.w3c.extract(headers)
+        elif "b3" in headers or "x-b3-traceid" in headers:
+            context = self.b3.extract(headers)
+        else:
+            return None
+        return context if self._span_of(context).get_span_context().is_valid else None
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Export what is queued and stop, waiting at most ``timeout`` (an exporter that hangs

@@ -364,3 +364,48 @@ def test_the_resource_says_which_worker_and_honours_otel_service_name(
     assert attributes["deployment.environment"] == "prod"
     assert attributes["authz.worker"] == 3
     assert str(attributes["service.instance.id"]).endswith("/worker-3")
+
+
+def test_parentbased_traceidratio_samples_roots_at_the_ratio_and_follows_a_parent(
+    build: Callable[..., AuthorizationService],
+    otel_env: pytest.MonkeyPatch,
+    receiver: OtlpReceiver,
+) -> None:
+    tracing = _tracing(
+        otel_env,
+        receiver.http_endpoint,
+        "http/protobuf",
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0.25",
+    )
+    service = build(tracing)
+    try:
+        for _ in range(400):
+            service.check(_request())
+        sampled_parent = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        unsampled_parent = f"00-{'1' * 32}-{PARENT_ID}-00"
+        for _ in range(20):
+            service.check(_request(traceparent=sampled_parent))
+            service.check(_request(traceparent=unsampled_parent))
+    finally:
+        assert tracing.shutdown()
+    spans = receiver.spans()
+    roots = [s for s in spans if s.parent_span_id == ""]
+    assert 40 <= len(roots) <= 160  # 100 expected; outside this once in millions of runs
+    children = [s for s in spans if s.parent_span_id]
+    assert len(children) == 20
+    assert {s.trace_id for s in children} == {TRACE_ID}
+
+
+def test_w3c_context_wins_over_b3_when_a_request_carries_both(
+    traced: tuple[AuthorizationService, Tracing], receiver: OtlpReceiver
+) -> None:
+    service, _ = traced
+    service.check(
+        _request(
+            traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01",
+            b3=f"{'2' * 32}-{'3' * 16}-1",
+        )
+    )
+    [span] = receiver.wait_for(lambda s: len(s) == 1, "one span")
+    assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
