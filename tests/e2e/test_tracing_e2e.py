@@ -30,7 +30,7 @@ from tests.e2e.harness import (
     http_request,
     wait_until,
 )
-from tests.helpers import AUDIENCE, ISSUER, claims_for
+from tests.helpers import AUDIENCE, ISSUER, claims_for, grpc_check_code
 from tests.otlp import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.e2e
@@ -275,3 +275,38 @@ def test_a_hanging_exporter_never_holds_a_check_and_dropped_spans_are_counted(
             return 0.0
 
         wait_until(lambda: dropped() >= 40 - 8 - 4, what="dropped spans on /metrics")
+
+
+def test_every_worker_exports_and_its_resource_says_which(
+    tmp_path: Path, receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    key = devkeys.generate_key("RSA", kid="rsa-1")
+    with JWKSServer(devkeys.jwks(key)) as jwks:
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG.format(issuer=ISSUER, audience=AUDIENCE, jwks_url=jwks.jwks_url))
+        with AuthzServerProcess(
+            config,
+            free_port(),
+            free_port(),
+            ["--workers", "2", "--tracing"],
+            log_path=tmp_path / "server.log",
+            ready_path="/readyz",
+        ) as server:
+            token = key.sign(claims_for(time.time()))
+            # A new connection each: the kernel spreads them over the workers' sockets
+            # (all 30 on one worker: one chance in 2**29).
+            for _ in range(30):
+                assert grpc_check_code(server.grpc_address, token, "/api/orders") == 0
+
+            def workers_seen(spans: list[ReceivedSpan]) -> bool:
+                return {s.resource.get("authz.worker") for s in spans} == {0, 1}
+
+            spans = receiver.wait_for(workers_seen, "spans from both workers", timeout=20)
+    by_worker = {s.resource["authz.worker"]: s.resource for s in spans}
+    assert by_worker[0]["process.pid"] != by_worker[1]["process.pid"]
+    for worker, resource in by_worker.items():
+        assert str(resource["service.instance.id"]).endswith(f"/worker-{worker}")
+        assert resource["service.name"] == "authz-server"
