@@ -350,15 +350,17 @@ class Tracing:
         return CheckSpan(self, span)  # type: ignore[arg-type]
 
     def _extract(self, headers: Mapping[str, str]) -> Context | None:
-        """The context ``headers`` carry: W3C's when there is one, else B3's (single or multi);
+        """The context ``headers`` carry: W3C's when it is valid, else B3's (single or multi);
         None when they carry neither (the common unsampled case pays three lookups)."""
         if "traceparent" in headers:
             context = self.w3c.extract(headers)
-        elif "b3" in headers or "x-b3-traceid" in headers:
+            if self._span_of(context).get_span_context().is_valid:
+                return context
+        if "b3" in headers or "x-b3-traceid" in headers:
             context = self.b3.extract(headers)
-        else:
-            return None
-        return context if self._span_of(context).get_span_context().is_valid else None
+            if self._span_of(context).get_span_context().is_valid:
+                return context
+        return None
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Export what is queued and stop, waiting at most ``timeout`` (an exporter that hangs

@@ -7,6 +7,9 @@ down or hangs (Checks answered, spans dropped and counted), and refused OTEL_* v
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -409,3 +412,33 @@ def test_w3c_context_wins_over_b3_when_a_request_carries_both(
     )
     [span] = receiver.wait_for(lambda s: len(s) == 1, "one span")
     assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
+
+
+def test_a_malformed_traceparent_falls_back_to_b3_and_without_either_a_new_trace(
+    traced: tuple[AuthorizationService, Tracing], receiver: OtlpReceiver
+) -> None:
+    service, _ = traced
+    service.check(_request(traceparent="00-not-a-context-01", b3=f"{TRACE_ID}-{PARENT_ID}-1"))
+    service.check(_request(traceparent="00-not-a-context-01"))
+    spans = receiver.wait_for(lambda s: len(s) == 2, "two spans")
+    joined = [s for s in spans if s.trace_id == TRACE_ID]
+    assert [s.parent_span_id for s in joined] == [PARENT_ID]
+    [fresh] = [s for s in spans if s.trace_id != TRACE_ID]
+    assert fresh.parent_span_id == ""
+
+
+def test_serve_refuses_to_start_naming_a_bad_otel_variable(tmp_path: Path) -> None:
+    jwks = json.dumps(json.dumps(devkeys.jwks(devkeys.generate_key("EC-P256", kid="k"))))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"apiVersion: authz-server/v1\nkind: AuthzConfig\nproviders:\n"
+        f"  - {{name: main, issuer: {ISSUER}, jwks: {jwks}}}\n"
+    )
+    env = dict(os.environ, OTEL_TRACES_SAMPLER="sometimes")
+    done = subprocess.run(
+        [sys.executable, "-m", "authz_server", "serve", "--config", str(path), "--tracing",
+         "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{free_port()}"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "OTEL_TRACES_SAMPLER='sometimes'" in done.stderr
