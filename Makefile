@@ -80,7 +80,7 @@ bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
 
 bench-tracing: $(STAMP) ## Per-Check CPU with tracing off, on at 1% and at 100% sampling (in process and the server's own), ~2 min
-	$(BIN)/python bench/tracing_cost.py
+	$(BIN)/python bench/tracing_cost.py --write bench/results/latest.md
 
 bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \
