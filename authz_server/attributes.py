@@ -118,6 +118,8 @@ class RequestAttributes:
     # own headers: Envoy's gRPC ext_authz puts its span's context in the call's metadata. Set
     # by a door only while tracing is on (a class default: no cost per request otherwise).
     trace_carrier: Sequence[tuple[str, str]] | None = None
+    # The span of a Check that raised WouldWait, resumed when the door decides it again.
+    trace_span: Any = None
 
     def __init__(
         self,

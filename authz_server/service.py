@@ -456,7 +456,7 @@ class AuthorizationService:
             decision, identity = self._decide(engine, request, wait, trace)
         except WouldWait:
             if span is not None:
-                span.abandon()
+                span.suspend(request)  # the door decides it again: the same span goes on
             raise
         except Exception:
             # NOTE: the exception text may quote request data; log type and place, not values.

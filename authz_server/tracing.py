@@ -336,6 +336,11 @@ class Tracing:
     def begin(self, request: RequestAttributes) -> CheckSpan | None:
         """The span of the Check of ``request``, current for the lower layers until it ends;
         None when the sampler leaves this Check out."""
+        suspended = request.trace_span
+        if suspended is not None:  # decided again after WouldWait: its span goes on
+            request.trace_span = None
+            suspended.attach()
+            return suspended  # type: ignore[no-any-return]
         parent = self._extract(request.headers)
         carrier = request.trace_carrier
         if carrier:  # the call's own context (Envoy's ext_authz span) is the nearer parent
@@ -438,9 +443,12 @@ class CheckSpan:
         self.tracing = tracing
         self.span = span
         self.started = time.perf_counter()
-        self._reset: Token[request_trace.RequestTrace | None] | None = request_trace.current.set(
-            self
-        )
+        self._reset: Token[request_trace.RequestTrace | None] | None = None
+        self.attach()
+
+    def attach(self) -> None:
+        """Make this the span the lower layers see (``request_trace.current``)."""
+        self._reset = request_trace.current.set(self)
 
     @property
     def ids(self) -> tuple[str, str]:
@@ -476,9 +484,12 @@ class CheckSpan:
             request_trace.current.reset(self._reset)
             self._reset = None
 
-    def abandon(self) -> None:
-        """The Check is decided again elsewhere (``WouldWait``): this span is never exported."""
+    def suspend(self, request: RequestAttributes) -> None:
+        """The Check raised ``WouldWait``: the door decides ``request`` again, maybe on another
+        thread, and ``Tracing.begin`` resumes this span there (a refresh it started already
+        carries this span's context)."""
         self._detach()
+        request.trace_span = self
 
     def finish(
         self,

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.devkeys import SigningKey
+from authz_server.errors import WouldWait
 from authz_server.metrics import Metrics
 from authz_server.service import AuthorizationService, Engine
 from authz_server.specs import DecisionLogSpec
@@ -241,6 +242,7 @@ class _JwksWithHeaders(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append(dict(self.headers.items()))
+        threading.Event().wait(getattr(self.server, "delay", 0.0))  # a slow IdP
         body = json.dumps(self.server.jwks).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -442,3 +444,41 @@ def test_serve_refuses_to_start_naming_a_bad_otel_variable(tmp_path: Path) -> No
     )  # fmt: skip
     assert done.returncode == 1
     assert "OTEL_TRACES_SAMPLER='sometimes'" in done.stderr
+
+
+def test_a_check_decided_again_after_would_wait_keeps_one_span_that_the_fetch_names(
+    build: Callable[..., AuthorizationService],
+    rsa_key: SigningKey,
+    otel_env: pytest.MonkeyPatch,
+    receiver: OtlpReceiver,
+    make_token: Callable[..., str],
+) -> None:
+    idp = ThreadingHTTPServer(("127.0.0.1", 0), _JwksWithHeaders)
+    idp.daemon_threads = True
+    old_key = devkeys.generate_key("EC-P256", kid="old-1")
+    idp.seen, idp.jwks = [], devkeys.jwks(old_key)  # type: ignore[attr-defined]
+    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    tracing = _tracing(otel_env, receiver.http_endpoint, "http/protobuf")
+    try:
+        provider = f"""  - name: main
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    jwksUri: http://127.0.0.1:{idp.server_address[1]}/jwks.json"""
+        service = build(tracing, provider)
+        idp.jwks = {"keys": devkeys.jwks(old_key)["keys"] + devkeys.jwks(rsa_key)["keys"]}  # type: ignore[attr-defined]
+        idp.delay = 0.3  # type: ignore[attr-defined]
+        request = _request(make_token())
+        # The event loop's first try (the HTTP door): the refresh starts, the Check would wait.
+        with pytest.raises(WouldWait):
+            service.check(request, wait="defer")
+        assert service.check(request).allowed  # ...decided again where it may wait
+        spans = receiver.wait_for(lambda s: len(s) == 2, "the Check and its refresh")
+    finally:
+        assert tracing.shutdown()
+        idp.shutdown()
+        idp.server_close()
+    [check] = [s for s in spans if s.span.name == SPAN_NAME]
+    [refresh] = [s for s in spans if s.span.name == "authz.jwks.refresh"]
+    assert refresh.parent_span_id == check.span_id
+    fetch = {k.lower(): v for k, v in idp.seen[-1].items()}  # type: ignore[attr-defined]
+    assert fetch["traceparent"].split("-")[1:3] == [check.trace_id, check.span_id]
