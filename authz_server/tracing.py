@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.context import Context
     from opentelemetry.propagators.textmap import TextMapPropagator
-    from opentelemetry.sdk.trace import ReadableSpan, Span, TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
     from opentelemetry.trace import Tracer
 
@@ -325,7 +325,7 @@ class Tracing:
         else:  # the SDK's own sampler, as the OTEL_TRACES_SAMPLER* variables say
             provider = TracerProvider(resource=resource)
             root_ratio = 1.0
-        provider.add_span_processor(_Admission(processor, counts))
+        provider.add_span_processor(_admission(processor, counts))
         tracer = provider.get_tracer("authz_server", __version__)
         # W3C trace context, else B3 (its extract reads the single `b3` header or the X-B3-*
         # set): with both, W3C's wins (``_extract``).
@@ -380,35 +380,28 @@ class Tracing:
         return {"exported": self.counts.exported, "dropped": self.counts.dropped}
 
 
-def _admission_class() -> type:
+def _admission(inner: SpanProcessor, counts: _Counts) -> SpanProcessor:
+    """``inner`` behind a bounded, counted queue of ``counts.capacity`` spans."""
     from opentelemetry.sdk.trace import SpanProcessor  # noqa: PLC0415
 
     class Admission(SpanProcessor):
         """Hands ended spans to the batch processor while its queue has room; drops and
         counts the others (the SDK's own queue would drop them with only a warning)."""
 
-        def __init__(self, inner: SpanProcessor, counts: _Counts) -> None:
-            self.inner = inner
-            self.counts = counts
-
         def on_start(self, span: Span, parent_context: Context | None = None) -> None:
             return None
 
         def on_end(self, span: ReadableSpan) -> None:
-            if self.counts.admit():
-                self.inner.on_end(span)
+            if counts.admit():
+                inner.on_end(span)
 
         def shutdown(self) -> None:
-            self.inner.shutdown()
+            inner.shutdown()
 
         def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return bool(self.inner.force_flush(timeout_millis))
+            return bool(inner.force_flush(timeout_millis))
 
-    return Admission
-
-
-def _Admission(inner: Any, counts: _Counts) -> Any:  # noqa: N802 (a class built on first use)
-    return _admission_class()(inner, counts)
+    return Admission()
 
 
 def _credential_kind(recorded: _Recorded) -> str:
