@@ -20,13 +20,19 @@ $(STAMP): pyproject.toml
 
 # NOTE: xds-protos ships an old copy of opentelemetry-proto's files at the same paths, and pip
 # lets whichever it installs last own them. Re-installing opentelemetry-proto (its version as
-# resolved, no dependencies) after everything else makes its files win, whatever came before;
-# the server's tracing refuses to start otherwise (authz_server/tracing.py). Run it again after
-# any `pip install` that (re)installs xds-protos.
+# resolved, or the lock's entry with its hashes, no dependencies) after everything else makes
+# its files win, whatever came before; the server's tracing refuses to start otherwise
+# (authz_server/tracing.py). Run it again after any `pip install` that (re)installs xds-protos.
 .PHONY: otlp-protos
 otlp-protos: ## Put opentelemetry-proto's files back over xds-protos' old copy (make install runs it)
-	$(BIN)/pip install --quiet --no-deps --force-reinstall \
-		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	@if grep -q '^opentelemetry-proto==' requirements/dev.txt 2>/dev/null; then \
+		awk '/^opentelemetry-proto==/ {on = 1; print; next} on && /^[^ ]/ {exit} on {print}' \
+			requirements/dev.txt > $(VENV)/otlp-protos.txt; \
+	else \
+		$(BIN)/python -c 'import importlib.metadata as m; print("opentelemetry-proto==" + m.version("opentelemetry-proto"))' \
+			> $(VENV)/otlp-protos.txt; \
+	fi
+	$(BIN)/pip install --quiet --no-deps --force-reinstall -r $(VENV)/otlp-protos.txt
 
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
