@@ -248,14 +248,18 @@ def test_b3_headers_from_the_client_make_our_span_join_their_trace(
     assert (ours.trace_id, ours.parent_span_id) == (TRACE_ID, CLIENT_SPAN)
 
 
-def test_a_hanging_exporter_never_holds_a_check_and_dropped_spans_are_counted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["hanging receiver", "closed port"])
+def test_an_exporter_down_or_hanging_never_holds_a_check_and_dropped_spans_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    closed = f"http://127.0.0.1:{free_port()}" if where == "closed port" else None
     with (
         OtlpReceiver(hang=True) as hanging,
-        _stack(tmp_path, "grpc", hanging, monkeypatch, envoy_tracing=False) as stack,
+        _stack(
+            tmp_path, "grpc", hanging, monkeypatch, envoy_tracing=False, otlp_endpoint=closed
+        ) as stack,
     ):
         headers = {"Authorization": f"Bearer {stack.token()}"}
         statuses = [
