@@ -152,6 +152,7 @@ class AuthzServer:
         share_readiness: Callable[[bool], bool] | None = None,
         http_authz_listen: str | None = None,
         tls: TlsFiles | None = None,
+        share_config: Callable[[str], None] | None = None,
         tracing: bool = False,
         worker: int | None = None,
     ) -> None:
@@ -163,7 +164,9 @@ class AuthzServer:
         ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
         plaintext).
         ``share_readiness``: publishes this server's readiness and returns whether every
-        server sharing the port is ready (workers), which is what health then reports."""
+        server sharing the port is ready (workers), which is what health then reports.
+        ``share_config``: told the digest of each configuration put in force (workers: the
+        supervisor compares them)."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
@@ -189,6 +192,9 @@ class AuthzServer:
         self.metrics.watch_engine(lambda: self.service.engine)
         self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
         self.metrics.config_loaded(settings.digest, reload=False)
+        self.share_config = share_config
+        if share_config is not None:
+            share_config(settings.digest)
         self.reloader = (
             ConfigReloader(
                 config_path, self.apply, on_rejected=lambda _e: self.metrics.config_rejected()
@@ -249,6 +255,8 @@ class AuthzServer:
         self._update_health()
         self._warn_http_door_gaps()
         self.metrics.config_loaded(settings.digest, reload=True)
+        if self.share_config is not None:
+            self.share_config(settings.digest)
         log.info(
             "configuration %s in force: %d provider(s), %d polic(ies)%s",
             settings.digest,
