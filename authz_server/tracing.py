@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import logging
 import os
 import random
 import socket
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from authz_server.attributes import RequestAttributes
     from authz_server.identity import Identity
     from authz_server.responses import Decision
+
+log = logging.getLogger("authz_server.tracing")
 
 SPAN_NAME = "authz.check"
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -331,6 +334,16 @@ class Tracing:
         # set): with both, W3C's wins (``_extract``).
         tracing = cls(provider, tracer, TraceContextTextMapPropagator(), B3MultiFormat(), counts)
         tracing.root_ratio = root_ratio
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint"
+        )
+        log.info(
+            "tracing on: OTLP %s to %s, sampler %s (%.4g of Checks without a parent)",
+            protocol,
+            endpoint.rpartition("@")[2],  # NOTE: never user:password@ in a log line
+            env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on",
+            root_ratio,
+        )
         return tracing
 
     def begin(self, request: RequestAttributes) -> CheckSpan | None:

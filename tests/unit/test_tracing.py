@@ -482,3 +482,18 @@ def test_a_check_decided_again_after_would_wait_keeps_one_span_that_the_fetch_na
     assert refresh.parent_span_id == check.span_id
     fetch = {k.lower(): v for k, v in idp.seen[-1].items()}  # type: ignore[attr-defined]
     assert fetch["traceparent"].split("-")[1:3] == [check.trace_id, check.span_id]
+
+
+def test_the_start_line_says_where_spans_go_without_credentials_in_the_endpoint(
+    otel_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://otel:s3cret@127.0.0.1:{free_port()}")
+    otel_env.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    otel_env.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    with caplog.at_level("INFO", logger="authz_server.tracing"):
+        tracing = Tracing.from_environment()
+    tracing.shutdown(timeout=0.5)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "authz_server.tracing"]
+    assert line.startswith("tracing on: OTLP http/protobuf to 127.0.0.1:")
+    assert "sampler parentbased_traceidratio (0.01 of Checks without a parent)" in line
+    assert "s3cret" not in line
