@@ -324,16 +324,20 @@ class Tracing:
             # parent follows the parent's decision, as the SDK's ParentBased sampler does.
             from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased  # noqa: PLC0415
 
-            provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
+            sampler = ParentBased(ALWAYS_ON)
+            provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+            prefilter = root_ratio
         else:  # the SDK's own sampler, as the OTEL_TRACES_SAMPLER* variables say
-            provider = TracerProvider(resource=resource)
-            root_ratio = 1.0
+            provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+            prefilter = 1.0
+        # NOTE: no shutdown at interpreter exit: the SDK's would wait for an exporter that
+        # hangs; the server stops tracing itself, within a bounded wait (``shutdown``).
         provider.add_span_processor(_admission(processor, counts))
         tracer = provider.get_tracer("authz_server", __version__)
         # W3C trace context, else B3 (its extract reads the single `b3` header or the X-B3-*
         # set): with both, W3C's wins (``_extract``).
         tracing = cls(provider, tracer, TraceContextTextMapPropagator(), B3MultiFormat(), counts)
-        tracing.root_ratio = root_ratio
+        tracing.root_ratio = prefilter
         endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
             "OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint"
         )
