@@ -27,6 +27,10 @@ class RequestTrace(Protocol):
         ...
 
 
+# The outcomes of a key-set refresh a Check waited for (``RequestTrace.waited``).
+KEY_FOUND = "key_found"
+KEY_NOT_FOUND = "key_not_found"
+
 current: ContextVar[RequestTrace | None] = ContextVar("authz_request_trace", default=None)
 
 

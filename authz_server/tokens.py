@@ -279,7 +279,7 @@ class TokenVerifier:
         finally:
             self._waiting.release()
             if trace is not None:
-                outcome = "key_found" if found else "key_not_found"
+                outcome = request_trace.KEY_FOUND if found else request_trace.KEY_NOT_FOUND
                 trace.waited("jwks.refresh", started, time.time_ns(), outcome)
 
     def _keys_for(

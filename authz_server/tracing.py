@@ -61,6 +61,9 @@ SAMPLERS = (
     "parentbased_traceidratio",
 )
 DEFAULT_SERVICE_NAME = "authz-server"
+# authz.credential.kind: by where the token was read; "jwt_mixed" when tokens came from two.
+CREDENTIAL_KINDS = {"header": "jwt_header", "param": "jwt_param", "cookie": "jwt_cookie"}
+MIXED_CREDENTIALS = "jwt_mixed"
 # The distribution whose files the OTLP exporters import, and the one that overwrites them.
 OTLP_PROTOS = "opentelemetry-proto"
 REPAIR_COMMAND = f"pip install --no-deps --force-reinstall {OTLP_PROTOS}=={{version}}"
@@ -425,7 +428,9 @@ def _credential_kind(recorded: _Recorded) -> str:
     if not recorded.found:
         return "none"
     kinds = {token.location.kind for token in recorded.found}
-    return f"jwt_{kinds.pop()}" if len(kinds) == 1 else "jwt_mixed"
+    if len(kinds) != 1:
+        return MIXED_CREDENTIALS
+    return CREDENTIAL_KINDS.get(kinds.pop(), MIXED_CREDENTIALS)
 
 
 def _token_cache_use(recorded: _Recorded, token_cache: TokenCache, started: float) -> str | None:

@@ -135,7 +135,7 @@ def server_process(config_path: Path, request: Any, endpoint: str, calls: int, r
             grpc_port, http_port = _free_port(), _free_port()
             argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
             argv += ["--listen", f"127.0.0.1:{grpc_port}"]
-            argv += ["--http-listen", f"127.0.0.1:{http_port}", "--log-level", "WARNING"]
+            argv += ["--metrics-listen", f"127.0.0.1:{http_port}", "--log-level", "WARNING"]
             if ratio is not None:
                 argv.append("--tracing")
             process = subprocess.Popen(argv, env=dict(os.environ, **_environment(endpoint, ratio)))

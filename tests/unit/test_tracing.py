@@ -434,12 +434,12 @@ def test_serve_refuses_to_start_naming_a_bad_otel_variable(tmp_path: Path) -> No
     path = tmp_path / "config.yaml"
     path.write_text(
         f"apiVersion: authz-server/v1\nkind: AuthzConfig\nproviders:\n"
-        f"  - {{name: main, issuer: {ISSUER}, jwks: {jwks}}}\n"
+        f"  - {{name: main, issuer: {ISSUER}, jwks: {jwks}}}\n{POLICIES}"
     )
     env = dict(os.environ, OTEL_TRACES_SAMPLER="sometimes")
     done = subprocess.run(
         [sys.executable, "-m", "authz_server", "serve", "--config", str(path), "--tracing",
-         "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{free_port()}"],
+         "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}"],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1
