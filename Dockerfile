@@ -21,11 +21,18 @@ WORKDIR /src
 # follows. requirements/runtime.txt pins every runtime dependency with its hashes (and the pip
 # and setuptools that build the package); --only-binary: every one ships manylinux wheels
 # (grpcio, cryptography, pydantic-core), so no compiler is needed either. The venv gets no pip
-# of its own from ensurepip: the base image's pip installs into it (--python).
+# of its own from ensurepip: the base image's pip installs into it (--python). Then the lock's
+# opentelemetry-proto once more, last: xds-protos ships an old copy of its files at the same
+# paths and pip installs xds-protos after it (the Makefile's otlp-protos says more).
 COPY requirements/runtime.txt ./requirements/
 RUN python -m venv --without-pip /opt/venv \
     && pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes \
-        --only-binary=:all: -r requirements/runtime.txt
+        --only-binary=:all: -r requirements/runtime.txt \
+    && awk '/^opentelemetry-proto==/ {on = 1; print; next} on && /^[^ ]/ {exit} on {print}' \
+        requirements/runtime.txt > /tmp/otlp-protos.txt \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes --no-deps \
+        --force-reinstall --only-binary=:all: -r /tmp/otlp-protos.txt \
+    && rm /tmp/otlp-protos.txt
 
 # The package itself, built by the locked setuptools (--no-build-isolation: nothing fetched)
 # and installed without dependencies (they are all above). Then pip and setuptools leave: the

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-base image-tools image-test image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview
 
 help: ## List the targets
@@ -17,7 +17,24 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(MAKE) --no-print-directory otlp-protos
 	touch $(STAMP)
+
+# NOTE: xds-protos ships an old copy of opentelemetry-proto's files at the same paths, and pip
+# lets whichever it installs last own them. Re-installing opentelemetry-proto (its version as
+# resolved, or the lock's entry with its hashes, no dependencies) after everything else makes
+# its files win, whatever came before; the server's tracing refuses to start otherwise
+# (authz_server/tracing.py). Run it again after any `pip install` that (re)installs xds-protos.
+.PHONY: otlp-protos
+otlp-protos: ## Put opentelemetry-proto's files back over xds-protos' old copy (make install runs it)
+	@if grep -q '^opentelemetry-proto==' requirements/dev.txt 2>/dev/null; then \
+		awk '/^opentelemetry-proto==/ {on = 1; print; next} on && /^[^ ]/ {exit} on {print}' \
+			requirements/dev.txt > $(VENV)/otlp-protos.txt; \
+	else \
+		$(BIN)/python -c 'import importlib.metadata as m; print("opentelemetry-proto==" + m.version("opentelemetry-proto"))' \
+			> $(VENV)/otlp-protos.txt; \
+	fi
+	$(BIN)/pip install --quiet --no-deps --force-reinstall -r $(VENV)/otlp-protos.txt
 
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
 
@@ -91,6 +108,9 @@ soak: $(STAMP) ## Real Envoy under load for SOAK_MINUTES (5), key rotation + con
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 	$(BIN)/python bench/check_loop.py
+
+bench-tracing: $(STAMP) ## Per-Check CPU with tracing off, on at 1% and at 100% sampling (in process and the server's own), ~2 min
+	$(BIN)/python bench/tracing_cost.py --write bench/results/latest.md
 
 bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \

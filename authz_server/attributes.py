@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
@@ -113,6 +113,13 @@ class _computed_once(Generic[_T]):  # noqa: N801 (used as a decorator, like cach
 
 class RequestAttributes:
     """One request as the decision sees it. Header names are lower case."""
+
+    # The trace context of the call that brought the request, when it is not in the request's
+    # own headers: Envoy's gRPC ext_authz puts its span's context in the call's metadata. Set
+    # by a door only while tracing is on (a class default: no cost per request otherwise).
+    trace_carrier: Sequence[tuple[str, str]] | None = None
+    # The span of a Check that raised WouldWait, resumed when the door decides it again.
+    trace_span: Any = None
 
     def __init__(
         self,

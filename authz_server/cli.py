@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own caches; "
         "'auto' = one per CPU (default 1)",
     )
+    serve.add_argument(
+        "--tracing",
+        action="store_true",
+        help="export an OpenTelemetry span per Check (as server.tracing.enabled: true); "
+        "exporter, sampler and service name from the OTEL_* environment variables",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format", default="json", choices=["json", "text"], help="log lines (default json)"
@@ -583,6 +589,7 @@ def _serve(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
+                tracing=args.tracing,
             ).run()
         return serve(
             settings,
@@ -591,6 +598,7 @@ def _serve(args: argparse.Namespace) -> int:
             config_path=Path(args.config),
             http_authz_listen=http_authz_listen,
             tls=tls,
+            tracing=args.tracing,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.

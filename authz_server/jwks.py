@@ -10,6 +10,7 @@ the last good keys.
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import logging
 import random
@@ -360,8 +361,12 @@ class JWKSCache:
                     return False
                 self._last_kid_refresh = now
                 flight = self._flight = _Flight()
+                # In a copy of the request's context: the fetch carries its trace context.
                 threading.Thread(
-                    target=self._fly, args=(flight,), name=f"jwks-kid-{self.provider}", daemon=True
+                    target=contextvars.copy_context().run,
+                    args=(self._fly, flight),
+                    name=f"jwks-kid-{self.provider}",
+                    daemon=True,
                 ).start()
         flight.done.wait(wait)
         return self._has(kid)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
+from authz_server import request_trace
 from authz_server.apikeys import ApiKeysFileSource
 from authz_server.config import Provider
 from authz_server.identity import DEFAULT_SPACE_DELIMITED
@@ -181,7 +182,9 @@ def fetch_json(
 
     ``timeout`` bounds the whole fetch, redirects included, not each read.
     """
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    # A fetch made on a traced Check's behalf carries its trace context (traceparent).
+    headers = {"Accept": "application/json", **request_trace.outgoing_headers()}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
     with _Deadline(timeout) as deadline:
         opener = urllib.request.build_opener(
             _SafeRedirects(url),

@@ -199,6 +199,24 @@ class _DroppedLinesCollector(Collector):
         )
 
 
+class _TracingCollector(Collector):
+    """Scrape-time view of the spans tracing exported and dropped (read, never imported)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "authz_tracing_spans",
+            "Spans handed to the OTLP exporter (exported) or lost: the export queue was full "
+            "or the exporter failed (dropped).",
+            labels=["outcome"],
+        )
+        for outcome, value in self._counts().items():
+            family.add_metric([outcome], value)
+        yield family
+
+
 class Metrics:
     """Every collector of the server, registered on ``registry``."""
 
@@ -287,6 +305,10 @@ class Metrics:
     def watch_decision_log(self, dropped: Callable[[], int]) -> None:
         """Expose ``dropped()``, the decision log lines lost so far, at each scrape."""
         self._watch(_DroppedLinesCollector(dropped))
+
+    def watch_tracing(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Expose ``counts()``, spans by outcome (exported, dropped), at each scrape."""
+        self._watch(_TracingCollector(counts))
 
     def _watch(self, collector: Collector) -> None:
         if self._published is not None:

@@ -31,6 +31,7 @@ from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
 from authz_server.specs import GrpcLimitsSpec, ServerSpec
 from authz_server.tls import CertificateReloader, TlsFiles
+from authz_server.tracing import Tracing  # the SDK is loaded only when tracing is on
 from authz_server.workloads import http_door_gaps
 
 log = logging.getLogger("authz_server.server")
@@ -63,7 +64,16 @@ def grpc_options(limits: GrpcLimitsSpec) -> list[tuple[str, int]]:
 
 
 # The server fields a reload cannot change: they shape listeners and thread pools made once.
-RESTART_FIELDS = ("listen", "metrics_listen", "threads", "http_authz", "explain", "tls", "grpc")
+RESTART_FIELDS = (
+    "listen",
+    "metrics_listen",
+    "threads",
+    "http_authz",
+    "explain",
+    "tls",
+    "grpc",
+    "tracing",
+)
 
 
 def restart_fields_changed(old: ServerSpec, new: ServerSpec) -> list[str]:
@@ -183,8 +193,12 @@ class AuthzServer:
         http_authz_listen: str | None = None,
         tls: TlsFiles | None = None,
         share_config: Callable[[str], None] | None = None,
+        tracing: bool = False,
+        worker: int | None = None,
     ) -> None:
-        """``http_listen`` None: no side port (a worker's supervisor serves it).
+        """``tracing``: trace Checks even if server.tracing.enabled is false (``--tracing``);
+        ``worker``: this process' number among ``--workers`` (the trace resource says it).
+        ``http_listen`` None: no side port (a worker's supervisor serves it).
         ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
         neither: the door stays closed).
         ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
@@ -211,8 +225,12 @@ class AuthzServer:
         self._watch_caches(engine)
         # One decision log (queue and writer thread) for the server's life; a reload swaps its spec.
         self.decision_log = DecisionLog(settings.server.decision_log)
+        self.tracing: Tracing | None = None
+        if tracing or settings.server.tracing.enabled:
+            self.tracing = Tracing.from_environment(worker=worker)
+            self.metrics.watch_tracing(self.tracing.counts_by_outcome)
         self.service = AuthorizationService(
-            engine, metrics=self.metrics, decision_log=self.decision_log
+            engine, metrics=self.metrics, decision_log=self.decision_log, tracing=self.tracing
         )
         self.metrics.watch_engine(lambda: self.service.engine)
         self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
@@ -475,6 +493,8 @@ class AuthzServer:
             grpc_stopped.wait()
         # Every Check has finished: write out the decision lines still queued.
         self.decision_log.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued, within a bounded wait
         if self.side_port is not None:
             self.side_port.shutdown()
             self.side_port.server_close()

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes
@@ -33,6 +33,9 @@ from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
 from authz_server.verification import CredentialVerifier
 from authz_server.workloads import WorkloadIndex
+
+if TYPE_CHECKING:
+    from authz_server.tracing import Tracing
 
 log = logging.getLogger("authz_server.service")
 
@@ -436,10 +439,12 @@ class AuthorizationService:
         *,
         metrics: Metrics | None = None,
         decision_log: DecisionLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.decision_log = decision_log
+        self.tracing = tracing  # None: tracing off, and no cost per Check beyond this check
 
     def check(
         self,
@@ -455,9 +460,14 @@ class AuthorizationService:
         started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
         identity: Identity | None = None
+        span = self.tracing.begin(request) if self.tracing is not None else None
+        if span is not None and trace is None:
+            trace = CheckTrace()  # what the span reports: workload, credential, cache use
         try:
             decision, identity = self._decide(engine, request, wait, trace)
         except WouldWait:
+            if span is not None:
+                span.suspend(request)  # the door decides it again: the same span goes on
             raise
         except Exception:
             # NOTE: the exception text may quote request data; log type and place, not values.
@@ -466,9 +476,12 @@ class AuthorizationService:
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.record(decision, elapsed, request.door)
+        if span is not None:
+            span.finish(request, decision, trace, engine.token_cache, identity)
         decision_log = self.decision_log
         if decision_log is not None and decision_log.wants(decision):
-            decision_log.write(request, decision, identity, elapsed)  # queues: no I/O here
+            ids = span.ids if span is not None else None
+            decision_log.write(request, decision, identity, elapsed, ids)  # queues: no I/O here
         return decision
 
     def _decide(

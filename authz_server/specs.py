@@ -674,6 +674,14 @@ class ExplainSpec(_Model):
     listen: ListenAddress | None = None
 
 
+class TracingSpec(_Model):
+    """OpenTelemetry tracing: one span per Check. Off by default; everything else (exporter
+    endpoint, protocol, sampler, service name) comes from the standard OTEL_* environment
+    variables. Read at start: a reload does not turn it on or off."""
+
+    enabled: bool = False
+
+
 class TlsSpec(_Model):
     """TLS on the gRPC listener. Paths are relative to the configuration file; the files are
     read again when they change (certificate rotation), so no restart is needed."""
@@ -745,6 +753,7 @@ class ServerSpec(_Model):
     # emptiness is meant.
     allow_empty: bool = False
     explain: ExplainSpec = Field(default_factory=ExplainSpec)
+    tracing: TracingSpec = Field(default_factory=TracingSpec)
 
     @model_validator(mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from authz_server import errors
+from authz_server import errors, request_trace
 from authz_server.config import Provider
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
@@ -282,10 +282,17 @@ class TokenVerifier:
             return False
         if not self._waiting.acquire(blocking=False):
             return cache.refresh_for_kid(kid, 0.0)
+        trace = request_trace.current.get()
+        started = time.time_ns() if trace is not None else 0
+        found = False
         try:
-            return cache.refresh_for_kid(kid, self.unknown_kid_wait)
+            found = cache.refresh_for_kid(kid, self.unknown_kid_wait)
+            return found
         finally:
             self._waiting.release()
+            if trace is not None:
+                outcome = request_trace.KEY_FOUND if found else request_trace.KEY_NOT_FOUND
+                trace.waited("jwks.refresh", started, time.time_ns(), outcome)
 
     def _keys_for(
         self, provider: ProviderRuntime, kid: str | None, alg: str, wait: WaitMode

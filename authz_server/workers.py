@@ -82,6 +82,7 @@ class _WorkerPlan:
     supervisor_pid: int
     http_authz_listen: str | None = None
     tls: TlsFiles | None = None  # from the command line; None: the configuration's
+    tracing: bool = False  # --tracing
 
 
 def _digest_number(digest: str) -> int:
@@ -128,6 +129,8 @@ def _worker_main(slot: int, board: Any, configs: Any, plan: _WorkerPlan) -> None
             http_authz_listen=plan.http_authz_listen,
             tls=plan.tls,
             share_config=share_config,
+            tracing=plan.tracing,
+            worker=slot,
         )
     )
 
@@ -157,6 +160,7 @@ class Supervisor:
         log_level: str = "INFO",
         log_format: str = "json",
         drain_seconds: float = 10.0,
+        tracing: bool = False,
     ) -> None:
         for flag, address in (("--listen", listen), ("--http-authz-listen", http_authz_listen)):
             if address is not None and address.startswith("unix:"):
@@ -173,6 +177,7 @@ class Supervisor:
         self.log_level = log_level
         self.log_format = log_format
         self.drain_seconds = drain_seconds
+        self.tracing = tracing
         self._context = multiprocessing.get_context("spawn")
         self.board = self._context.RawArray("B", workers)
         # The digest (as a number, 0: none yet) of the configuration each worker serves.
@@ -281,6 +286,7 @@ class Supervisor:
                     os.getpid(),
                     self.http_authz_listen,
                     self.tls,
+                    self.tracing,
                 ),
             ),
         )

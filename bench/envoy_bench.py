@@ -15,7 +15,8 @@ What runs (all on 127.0.0.1, ports picked at run time, every process stopped by 
   floor (bench/http_floor.py: uvloop + httptools answering 200).
   Last, with every other process stopped, scoping (issue 13, bench/scoping_cost.py): the
   per-Check CPU with 50 workloads x 20 policies against 1 workload with 20, in process and in
-  two servers of its own.
+  two servers of its own. Then tracing (issue 23, bench/tracing_cost.py): CPU per Check with
+  tracing off, on at 1% and at 100% sampling, in process and in three servers of its own.
 
 Each round runs every scenario once (the order reversed on odd rounds), so a busy moment of
 the shared machine falls on all of them alike; the report gives medians with min-max and the
@@ -50,6 +51,7 @@ import loadgen
 import reference
 import report
 import scoping_cost
+import tracing_cost
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy_bootstrap import bootstrap
 from loadgen import LoadResult
@@ -664,6 +666,12 @@ def main() -> int:
         cpus=WORK_CPU,
         command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
     )
+    log("tracing: off, 1% and 100% sampling (bench/tracing_cost.py)")
+    tracing = tracing_cost.run(
+        calls=500 if QUICK else 2000,
+        rounds=3 if QUICK else 5,
+        command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
+    )
     text = report.render(
         report.Run(
             scenarios=setup.scenarios,
@@ -680,6 +688,7 @@ def main() -> int:
             placement=(ENVOY_CPU, WORK_CPU, ALL_CPUS),
             loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
             scoping=scoping,
+            tracing=tracing,
         )
     )
     report.write(text, args.output, log)

@@ -40,6 +40,7 @@ class Run:
     placement: tuple[str, str, str]  # Envoy's CPU, the servers' and load's CPU, both
     loads: tuple[int, int, int, int]  # wrk connections, h2load clients, streams, half-load clients
     scoping: Sequence[str] = ()  # bench/scoping_cost.py's section, when it ran
+    tracing: Sequence[str] = ()  # bench/tracing_cost.py's section, when it ran
 
 
 def write(text: str, output: Path, log: Callable[[str], None]) -> None:
@@ -316,6 +317,7 @@ def render(run: Run) -> str:
         *_other_ratios(run, by_key),
         "",
         *run.scoping,
+        *([*run.tracing, ""] if run.tracing else []),
         "## How it ran",
         "",
         f"- Envoy `--concurrency 1` pinned to CPU {envoy_cpu} (taskset), one Envoy per HTTP "

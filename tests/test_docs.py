@@ -28,10 +28,11 @@ REFERENCE = ROOT / "docs" / "reference.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
 SCOPING = ROOT / "docs" / "scoping.md"
+TRACING = ROOT / "docs" / "tracing.md"
 README = ROOT / "README.md"
 CHANGELOG = ROOT / "CHANGELOG.md"
 # Docs that show configurations (each must show at least one), and every doc a user reads.
-CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE, SCOPING]
+CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE, SCOPING, TRACING]
 DOCS = [*CONFIG_DOCS, TROUBLESHOOTING, CHANGELOG]
 _BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
 _JSON_BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
@@ -245,8 +246,15 @@ def _names_that_exist() -> set[str]:
     entry = (
         0.0, ("", 20, ("sub",)), False, 403, "policy_denied", "p", "i/s", "x", ("a",),
         (("d", "deny"),), "GET", "h", "/", "10.0.0.1", "r", 0.001, {"sub": "s"}, "grpc",
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
     )  # fmt: skip
     names |= set(log._fields(entry))  # type: ignore[arg-type]
+    # The values of span attributes, and the samplers (docs/tracing.md).
+    from authz_server import request_trace, tracing
+
+    names |= set(tracing.SAMPLERS) | set(tracing.CREDENTIAL_KINDS.values())
+    names.add(tracing.MIXED_CREDENTIALS)
+    names |= {request_trace.KEY_FOUND, request_trace.KEY_NOT_FOUND}
     # Some families are collected from live objects (caches, workers): read them all from
     # the module that names them, a counter's also with `_total`.
     for family in re.findall(r'"(authz_[a-z_]+)"', inspect.getsource(metrics)):
@@ -442,3 +450,25 @@ def test_the_custom_policy_of_the_scoping_doc_names_the_mesh_provider() -> None:
     ]
     assert custom
     assert all(d["spec"]["provider"]["name"] in providers for d in custom)
+
+
+def test_the_envoy_tracing_of_the_tracing_doc_is_envoy_configuration() -> None:
+    from envoy.config.trace.v3 import opentelemetry_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm,
+    )
+
+    [block] = [b for b in yaml_blocks(TRACING) if b.startswith("tracing:")]
+    tracing = json_format.ParseDict(
+        yaml.safe_load(block)["tracing"], hcm.HttpConnectionManager.Tracing()
+    )
+    config = opentelemetry_pb2.OpenTelemetryConfig()
+    assert tracing.provider.typed_config.Unpack(config)
+    assert config.grpc_service.envoy_grpc.cluster_name == "otel"
+
+
+def test_the_tracing_doc_names_every_variable_the_server_reads() -> None:
+    text = TRACING.read_text()
+    source = (ROOT / "authz_server" / "tracing.py").read_text()
+    for name in sorted(set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b(?!_)", source))):
+        assert f"`{name}`" in text, f"docs/tracing.md does not name {name}"

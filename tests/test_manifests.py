@@ -34,7 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_server import cli, config, specs
+from authz_server import cli, config, specs, tracing
 from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
 from tests.helpers import load_script, without_comment_lines
@@ -1090,3 +1090,54 @@ def test_tls_probes_ask_the_side_port_what_the_grpc_probes_asked(
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "grpc" not in container[probe]
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+@pytest.fixture(scope="module")
+def base_with_tracing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the tracing component, as an overlay of one's own lists it."""
+    tree = tmp_path_factory.mktemp("k8s-copy") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-tracing"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/tracing]\n"
+    )
+    return _render(overlay)
+
+
+def test_tracing_component_turns_tracing_on_with_the_otel_variables_and_nothing_else(
+    base_with_tracing: tuple[Obj, ...],
+) -> None:
+    objects = _by_label(base_with_tracing)
+    (container,) = objects["Deployment/authz-server"]["spec"]["template"]["spec"]["containers"]
+    args = cli._parser().parse_args(container["args"])
+    assert args.tracing
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] in tracing.PROTOCOLS
+    assert env["OTEL_TRACES_SAMPLER"] in tracing.SAMPLERS
+    assert 0.0 <= float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1.0
+    # Everything else is the base's.
+    expected = copy.deepcopy(_by_label(_objects("base")))
+    (original,) = expected["Deployment/authz-server"]["spec"]["template"]["spec"]["containers"]
+    original["args"].append("--tracing")
+    original["env"] = container["env"]
+    assert objects == expected
+    problems = all_problems(base_with_tracing)
+    assert not problems, "\n".join(problems)
+
+
+def test_tracing_is_off_unless_the_component_turns_it_on(settings: config.Settings) -> None:
+    assert not settings.server.tracing.enabled
+    for overlay in OVERLAYS:
+        (container,) = _one(_objects(overlay), "Deployment")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        assert "--tracing" not in container["args"]
+        assert "env" not in container
