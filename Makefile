@@ -41,7 +41,10 @@ install: $(STAMP) ## Create .venv and install the package (editable) with dev ex
 # NOTE: --universal so the lock holds for every platform a contributor uses, not just this one;
 # runtime.txt (the image's set) is compiled first and constrains dev.txt, so both agree.
 LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
-lock: $(STAMP) ## Update requirements/*.txt after a pyproject change, keeping the pins that still fit (uv); commit them
+# NOTE: no $(STAMP) prerequisite: installing needs the lock, and a lock that lacks a new
+# dependency must still be renewable.
+lock: ## Update requirements/*.txt after a pyproject change, keeping the pins that still fit (uv); commit them
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet 'uv>=0.9'
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/runtime.txt
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra dev -c requirements/runtime.txt $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/dev.txt
