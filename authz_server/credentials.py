@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from authz_server.attributes import RequestAttributes
+from authz_server import errors
+from authz_server.attributes import RequestAttributes, cookie_name
 from authz_server.tokens import ProviderRuntime
 
 LocationKind = Literal["header", "param", "cookie"]
@@ -67,6 +68,7 @@ class _CompiledLocation:
     providers: tuple[ProviderRuntime, ...]
     prefix_lower: str = field(default="")
     scope: bytes = b""
+    cookie_name: str = ""  # as RequestAttributes.cookies keys it (attributes.cookie_name)
 
 
 DEFAULT_LOCATIONS = (
@@ -95,10 +97,33 @@ class CredentialExtractor:
             for location in provider_locations(provider):
                 readers.setdefault(location, []).append(provider)
         self._locations = tuple(
-            _CompiledLocation(loc, tuple(ps), loc.prefix.lower(), verification_scope(tuple(ps)))
+            _CompiledLocation(
+                loc,
+                tuple(ps),
+                loc.prefix.lower(),
+                verification_scope(tuple(ps)),
+                cookie_name(f"{loc.name}=") if loc.kind == "cookie" else "",
+            )
             for loc, ps in readers.items()
         )
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
+        self._cookie_names = frozenset(c.cookie_name for c in self._locations if c.cookie_name)
+        self._param_names = frozenset(loc.name for loc in readers if loc.kind == "param")
+
+    def ambiguity(self, request: RequestAttributes) -> str | None:
+        """The reason to refuse ``request`` because upstreams read one of its token locations
+        differently: ``ambiguous_cookie`` when a token cookie shares a ``;``-separated part of
+        the Cookie header with a ``,`` (as Envoy joins two Cookie headers), ``ambiguous_query``
+        when a token parameter shares an ``&``-separated part of the query with a ``;``; else
+        None. (Every reading is searched for tokens; this is where the readings disagree on
+        which cookie or parameter, or which value, is there.)"""
+        if self._cookie_names and not self._cookie_names.isdisjoint(request.cookies_beside_comma):
+            return errors.AMBIGUOUS_COOKIE
+        if self._param_names and not self._param_names.isdisjoint(
+            request.query_names_beside_semicolon
+        ):
+            return errors.AMBIGUOUS_QUERY
+        return None
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
         """Return the tokens found, in configuration order, one per location and value (the
@@ -127,7 +152,7 @@ class CredentialExtractor:
                     continue
                 values = request.query_params.get(location.name, ())
             else:
-                values = request.cookies.get(location.name, ())
+                values = request.cookies.get(compiled.cookie_name, ())
             for value in values:
                 token = value.strip()
                 if token:

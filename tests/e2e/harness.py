@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -162,6 +163,30 @@ def http_request(
             return error.code, _lower_headers(error.headers.items()), error.read()
     with response:
         return response.status, _lower_headers(response.headers.items()), response.read()
+
+
+def http_request_lines(
+    url: str, header_lines: Sequence[tuple[str, str]], timeout: float = 5
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` with ``header_lines`` sent one line each, in order, repeats kept (two
+    ``Cookie`` lines stay two); return as ``http_request`` does."""
+    for name, value in header_lines:
+        TOKEN_LEDGER.saw_request(url, {name: value})
+    TOKEN_LEDGER.saw_request(url, {})
+    scheme, _, rest = url.partition("://")
+    authority, _, path = rest.partition("/")
+    host, _, port = authority.rpartition(":")
+    assert scheme == "http", url
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.putrequest("GET", "/" + path, skip_accept_encoding=True)
+        for name, value in header_lines:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, _lower_headers(response.getheaders()), response.read()
+    finally:
+        connection.close()
 
 
 def _lower_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:

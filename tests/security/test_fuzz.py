@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
@@ -19,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_server import config, devkeys
-from authz_server.attributes import normalize_path
+from authz_server.attributes import RequestAttributes, normalize_path
 from authz_server.devkeys import b64url_encode
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.doors.http import HttpDoor, _Connection
 from authz_server.service import AuthorizationService, Engine
-from tests.helpers import AUDIENCE, ISSUER, write_config
+from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 settings.register_profile(
     "suite",
@@ -198,6 +200,102 @@ def test_grpc_checks_of_random_requests_never_raise_and_never_allow_without_a_to
         )
     if answer.status.code == 0 and host.lower().rstrip(".").split(":")[0] == "admin.example.com":
         pytest.fail(f"allowed a request for {host!r}")
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[AuthorizationService, str]:
+    """A service over a key this test holds, and a valid token for ``alice``."""
+    key = devkeys.generate_key("EC-P256", kid="k")
+    jwks = json.dumps(json.dumps(devkeys.jwks(key)))
+    path = write_config(tmp_path_factory.mktemp("fuzz-signed"), CONFIG.format(jwks=jwks))
+    engine = Engine.build(config.load(path))
+    for cache in engine.caches.values():
+        assert cache.refresh()
+    return AuthorizationService(engine), key.sign(claims_for(time.time()))
+
+
+FORGED = (
+    ".".join(
+        b64url_encode(json.dumps(part).encode()) for part in ({"alg": "none"}, {"sub": "admin"})
+    )
+    + "."
+)
+# Cookie and parameter names as clients spell them: spaces around, another case, a twin.
+cookie_names = st.sampled_from(
+    ["session", " session", "session ", "\tsession", "Session", "a", "a, session"]
+)
+param_names = st.sampled_from(["access_token", "x", "access_token ", "access%5Ftoken"])
+crumb_values = st.sampled_from(["VALID", "FORGED", "1", " VALID ", '"VALID"'])
+cookie_separators = st.sampled_from(["; ", ";", ",", ", ", " ,"])
+query_separators = st.sampled_from(["&", ";"])
+
+
+def _upstream_readings(cookie: str) -> list[dict[str, list[str]]]:
+    """The cookies an upstream may read in ``cookie``: split on ``;`` only, or on ``,`` too
+    (as it reads two Cookie headers), names trimmed either way."""
+    readings = []
+    for separators in (";", ";,"):
+        jar: dict[str, list[str]] = {}
+        parts = [cookie]
+        for separator in separators:
+            parts = [piece for part in parts for piece in part.split(separator)]
+        for part in parts:
+            name, sep, value = part.partition("=")
+            if sep:
+                jar.setdefault(name.strip(), []).append(value)
+        readings.append(jar)
+    return readings
+
+
+def _query_readings(query: str, removed: tuple[str, ...]) -> list[list[str]]:
+    """The parameter names an upstream may read in ``query`` once Envoy has removed those in
+    ``removed`` (Envoy splits on ``&``): split on ``&`` only, or on ``;`` too; decoded (and,
+    unlike cookie names, not trimmed: common upstreams keep a query name's spaces)."""
+    kept = [p for p in query.split("&") if unquote(p.partition("=")[0]) not in removed]
+    return [
+        [unquote(p.partition("=")[0]) for p in kept],
+        [unquote(p.partition("=")[0]) for part in kept for p in part.split(";")],
+    ]
+
+
+@settings(settings.get_profile(PROFILE))
+@given(
+    cookies=st.lists(st.tuples(cookie_names, crumb_values, cookie_separators), max_size=5),
+    params=st.lists(st.tuples(param_names, crumb_values, query_separators), max_size=4),
+    bearer=st.booleans(),
+)
+def test_no_token_cookie_or_parameter_reaches_the_upstream_in_any_reading(
+    signed: tuple[AuthorizationService, str],
+    cookies: list[tuple[str, str, str]],
+    params: list[tuple[str, str, str]],
+    bearer: bool,
+) -> None:
+    # Two Cookie headers (Envoy joins them with ","), spaces around names, "," and ";"
+    # between cookies, ";" between parameters, repeated names: whatever the server allows,
+    # no upstream reading finds a session cookie or an access_token parameter in what it
+    # passes on (so neither a forged token nor the verified one).
+    service, valid = signed
+
+    def value(name: str) -> str:
+        return name.replace("VALID", valid).replace("FORGED", FORGED)
+
+    cookie = "".join(f"{n}={value(v)}{sep}" for n, v, sep in cookies)
+    query = "".join(f"{n}={value(v)}{sep}" for n, v, sep in params).rstrip("&;")
+    headers = {"cookie": cookie} if cookie else {}
+    if bearer:
+        headers["authorization"] = f"Bearer {valid}"
+    decision = service.check(
+        RequestAttributes(method="GET", path=f"/public/x?{query}", headers=headers)
+    )
+    if not decision.allowed:
+        return
+    sent_cookie = dict(decision.headers_to_set).get(
+        "cookie", "" if "cookie" in decision.headers_to_remove else cookie
+    )
+    for jar in _upstream_readings(sent_cookie):
+        assert "session" not in jar, (cookie, sent_cookie)
+    for names in _query_readings(query, decision.query_params_to_remove):
+        assert "access_token" not in names, (query, names)
 
 
 @pytest.fixture(scope="module")

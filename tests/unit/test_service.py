@@ -583,3 +583,31 @@ def test_a_token_cookie_is_taken_out_of_the_cookie_header_before_the_upstream(
     alone = check(f"session={token}")
     assert alone.allowed and "cookie" in alone.headers_to_remove
     assert "cookie" not in dict(alone.headers_to_set)
+    # Read with spaces around its name, the token cookie is taken out all the same; a comma
+    # elsewhere stays as sent.
+    spaced = check(f"prefs=a,b;  session = {token} ; lang=en")
+    assert spaced.allowed and dict(spaced.headers_to_set)["cookie"] == "prefs=a,b; lang=en"
+
+
+@pytest.mark.parametrize(
+    ("cookie", "query", "reason"),
+    [
+        ("a=1,session={token}", "", "ambiguous_cookie"),
+        ("session={token},a=1", "", "ambiguous_cookie"),
+        ("", "x=1;access_token={token}", "ambiguous_query"),
+        ("", "access_token={token};x=1", "ambiguous_query"),
+    ],
+)
+def test_a_token_location_upstreams_read_two_ways_is_refused(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, *, cookie: str, query: str, reason: str
+) -> None:
+    locations = "fromCookies: [session]\n    fromParams: [access_token]"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, locations))
+    token = rsa_key.sign(claims_for(clock.now))
+    decision = service.check(
+        RequestAttributes(
+            path=f"/api/orders?{query.format(token=token)}",
+            headers={"cookie": cookie.format(token=token)} if cookie else {},
+        )
+    )
+    assert (decision.status, decision.reason) == (401, reason)
