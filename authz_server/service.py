@@ -48,9 +48,12 @@ def _list_element_ok(item: object) -> bool:
 def _header_value(value: Any) -> str | None:
     """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
     by commas. Objects, lists with an element that would split differently (``"x,admins"``
-    in ``["eng", "x,admins"]`` would read as two groups), and anything with control
-    characters give no header."""
+    in ``["eng", "x,admins"]`` would read as two groups), strings with a space at either end
+    (the policies saw ``" root "``, the upstream would read ``root``: HTTP trims header
+    values) and anything with control characters give no header."""
     if isinstance(value, str):
+        if value != value.strip():
+            return None
         text = value
     elif isinstance(value, bool | int | float):
         text = json.dumps(value)

@@ -213,3 +213,17 @@ def test_semicolons_between_other_parameters_are_left_alone(cookie_stack: Cookie
     status, _, _ = cookie_stack.send("/api/orders?x=1;y=2", _bearer(cookie_stack.token()))
     assert status == 200
     assert cookie_stack.upstream.last_request().path == "/api/orders?x=1;y=2"
+
+
+# ------------------------------------------------------- a claim the upstream would trim
+
+
+def test_a_subject_with_spaces_around_it_gives_the_upstream_no_identity_header(
+    cookie_stack: CookieStack,
+) -> None:
+    # The policies see " root "; Envoy or the upstream would trim x-user to "root".
+    token = cookie_stack.token(sub=" root ")
+    status, _, _ = cookie_stack.send("/api/orders", _bearer(token), ("x-user", "root"))
+    assert status == 200
+    seen = cookie_stack.upstream.last_request().headers
+    assert "x-user" not in seen and "authorization" not in seen

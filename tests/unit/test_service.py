@@ -477,6 +477,30 @@ def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counte
     )  # every request, though the allow is built once
 
 
+@pytest.mark.parametrize("sub", [" root ", "root ", "\troot", "root\u00a0"])
+def test_a_string_claim_with_spaces_at_either_end_gives_no_header_and_is_counted(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, sub: str
+) -> None:
+    # The policies see " root "; the upstream would read "root" (header values are trimmed).
+    from prometheus_client import CollectorRegistry
+
+    from authz_server.metrics import Metrics
+
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    registry = CollectorRegistry()
+    service.metrics = Metrics(registry)
+    decision = service.check(request(rsa_key.sign(claims_for(clock.now, sub=sub))))
+    assert decision.allowed
+    assert "x-user" not in dict(decision.headers_to_set)
+    assert "x-user" in decision.headers_to_remove  # nor the client's copy
+    assert (
+        registry.get_sample_value("authz_identity_headers_withheld_total", {"header": "x-user"})
+        == 1
+    )
+    inner = service.check(request(rsa_key.sign(claims_for(clock.now, sub="ro ot"))))
+    assert dict(inner.headers_to_set)["x-user"] == "ro ot"  # a space inside is kept
+
+
 def test_a_list_claim_of_plain_strings_is_joined_with_commas(
     service: AuthorizationService, make_token: Callable[..., str]
 ) -> None:
