@@ -22,7 +22,8 @@ namespace N, with a selector          the workloads of N whose labels match
 A native policy applies everywhere unless its ``appliesTo`` names workloads, namespaces,
 hosts or context extensions. A request is recognised by, in this order: the route's
 context extensions (every key/value a workload lists present; the workload listing the most
-wins), the destination principal Envoy sends (an mTLS sidecar's SPIFFE ID), then the host.
+wins), the destination principal Envoy sends (an mTLS sidecar's SPIFFE ID), then, only when
+the request carried neither, the host.
 
 Everything here is plain data and pure functions; ``config`` resolves scopes at load time and
 the service keeps a ``WorkloadIndex``.
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from authz_server.attributes import RequestAttributes
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+# A destination principal with this scheme is a sidecar's mTLS identity (Istio's SPIFFE ID).
+SPIFFE_SCHEME = "spiffe://"
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,11 @@ class WorkloadIndex:
         return (-len(workload.context_extensions), self._order[workload.name])
 
     def identify(self, request: RequestAttributes) -> Workload | None:
+        """The workload ``request`` is for, or None. By its context extensions, then by its
+        destination principal; by its host only when neither was sent (a SPIFFE ID counts as
+        sent; another principal, such as the DNS name of the certificate a TLS gateway
+        served, names no workload and does not): the Host header is the client's to choose,
+        so it never decides where a route or an mTLS sidecar said something (issue 20)."""
         extensions = request.context_extensions
         if extensions and self._by_extension:
             best: Workload | None = None
@@ -279,10 +287,13 @@ class WorkloadIndex:
                         break  # the rest of this list ranks lower
             if best is not None:
                 return best
-        if self._by_principal and request.destination_principal:
-            found = self._by_principal.get(_principal_key(request.destination_principal))
+        principal = request.destination_principal
+        if self._by_principal and principal:
+            found = self._by_principal.get(_principal_key(principal))
             if found is not None:
                 return found
+        if extensions or principal.startswith(SPIFFE_SCHEME):
+            return None
         if self._by_host or self._by_host_suffix:
             forms = request.host_forms
             for form in forms:

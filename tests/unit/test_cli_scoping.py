@@ -91,3 +91,20 @@ def test_check_without_anything_that_recognises_a_workload_is_unknown_workload(
     assert code == 1
     assert "403 unknown_workload" in out
     assert "workload: not recognised" in out
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--context-extension", "workload=billing"),
+        ("--destination-principal", "spiffe://cluster.local/ns/shop/sa/billing"),
+    ],
+)
+def test_check_never_lets_the_host_pick_the_scope_of_what_a_route_or_sidecar_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, str]
+) -> None:
+    # reports lists this host; the route (or the sidecar) named a workload nobody declared.
+    code, result = _check(tmp_path, capsys, *flags, "--host", "reports.example.com")
+
+    assert (code, result["status"], result["reason"]) == (1, 403, "unknown_workload")
+    assert result["workload"]["name"] is None

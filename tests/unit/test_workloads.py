@@ -125,6 +125,34 @@ def test_a_request_is_recognised_by_extensions_then_principal_then_host() -> Non
     assert find(host="other.example.com", context_extensions={"workload": "nope"}) is None
 
 
+def test_the_host_decides_only_where_no_context_extensions_and_no_spiffe_id_were_sent() -> None:
+    index = WorkloadIndex(
+        [
+            Workload("orders", "shop", context_extensions={"workload": "orders"}),
+            Workload(
+                "payments",
+                "shop",
+                destination_principals=("spiffe://cluster.local/ns/shop/sa/payments",),
+            ),
+            Workload("web", "web", hosts=("www.example.com",)),
+        ]
+    )
+
+    def find(**fields: Any) -> str | None:
+        found = index.identify(RequestAttributes(host="www.example.com", **fields))
+        return None if found is None else found.name
+
+    # A route that said something no workload lists, a sidecar no workload lists: unknown,
+    # whatever host the client names.
+    assert find(context_extensions={"workload": "billing"}) is None
+    assert find(destination_principal="spiffe://cluster.local/ns/shop/sa/billing") is None
+    assert find(destination_principal="spiffe://cluster.local/ns/shop/sa/payments") == "payments"
+    # Nothing sent (a gateway, the HTTP door, a plaintext request), or only the name of the
+    # certificate a TLS gateway served (no workload identity): the host decides.
+    assert find() == "web"
+    assert find(destination_principal="www.example.com") == "web"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
