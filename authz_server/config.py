@@ -55,6 +55,7 @@ from authz_server.workloads import (
     IstioScope,
     NativeScope,
     Workload,
+    client_chosen_scopes,
     istio_selection,
     native_selection,
     workload_problems,
@@ -469,6 +470,9 @@ def load(path: str | Path) -> Settings:
             _, document, path = workload_specs[index]
             where = f"{path}.{field_name}" if field_name else path
             problems.append(ConfigProblem(document, where, message))
+        for index, message in client_chosen_scopes(workloads):
+            _, document, path = workload_specs[index]
+            warnings.append(f"{document}: {path}.hosts: {message}")
         root_namespace = (istio_spec or IstioSpec()).root_namespace
         istio_scopes: list[tuple[str, IstioScope, str, dict[str, frozenset[str]]]] = [
             (name, scope, document, policy_scopes)

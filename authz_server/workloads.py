@@ -231,6 +231,61 @@ def http_door_gaps(workloads: Sequence[Workload]) -> list[str]:
     ]
 
 
+def _is_service_host(host: str) -> bool:
+    """Whether ``host`` (a ``hosts`` entry) is a Kubernetes Service name, as in-mesh callers
+    send it to a sidecar: one label (``orders``), or a ``svc`` label after the first
+    (``orders.shop.svc``, ``orders.shop.svc.cluster.local``, ``*.shop.svc.cluster.local``)."""
+    name = _host_key(host)
+    if name.startswith("["):  # an IPv6 address
+        return False
+    labels = name.partition(":")[0].split(".")
+    return len(labels) == 1 or "svc" in labels[1:]
+
+
+def client_chosen_scopes(workloads: Sequence[Workload]) -> list[tuple[int, str]]:
+    """Where the client's Host header would pick a sidecar's scope, as (index, message).
+
+    A sidecar receives a request whatever its Host header says, so recognising a sidecar's
+    workload by host lets the client name another workload's policies. The host decides only
+    where nothing else was sent (``WorkloadIndex.identify``): a plaintext request, or any
+    request through the HTTP door. Warned, for each workload listing ``hosts``: when some
+    workload is a sidecar (lists ``destinationPrincipals``); or when it is recognised by
+    hosts alone and one of them is a Kubernetes Service name (``_is_service_host``)."""
+    sidecars = [w.name for w in workloads if w.destination_principals]
+    found: list[tuple[int, str]] = []
+    for index, workload in enumerate(workloads):
+        if not workload.hosts:
+            continue
+        if sidecars:
+            found.append(
+                (
+                    index,
+                    f"workload {workload.name!r} is recognised by its hosts while "
+                    f"{', '.join(repr(n) for n in sidecars)} are sidecars "
+                    "(destinationPrincipals): a request that reaches a sidecar without a "
+                    "destination principal (plaintext, or through the HTTP door) is scoped by "
+                    "its Host header, which the client chooses. Make mTLS STRICT and use "
+                    "hosts only for gateways (docs/scoping.md)",
+                )
+            )
+            continue
+        if workload.context_extensions:
+            continue
+        service_hosts = [h for h in workload.hosts if _is_service_host(h)]
+        if service_hosts:
+            found.append(
+                (
+                    index,
+                    f"workload {workload.name!r} is recognised by host {service_hosts[0]!r}, "
+                    "a Kubernetes Service name: a sidecar receives a request whatever its Host "
+                    "header says, so the client picks the scope by naming a workload's host. "
+                    "At sidecars, recognise workloads by destinationPrincipals over the gRPC "
+                    "door (docs/scoping.md)",
+                )
+            )
+    return found
+
+
 def _principal_key(principal: str) -> str:
     return principal.removeprefix("spiffe://")
 

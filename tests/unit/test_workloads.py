@@ -501,3 +501,50 @@ def test_a_workload_recognised_by_its_principal_can_be_explained_over_grpc(
 
     assert result["workload"]["name"] == "orders"
     assert result["workload"]["policies_in_scope"] == ["shop/orders-admins"]
+
+
+@pytest.mark.parametrize(
+    ("workloads", "warned"),
+    [
+        # Sidecars (destination principals) beside a workload recognised by its host.
+        (
+            [
+                {"name": "orders", "destinationPrincipals": ["spiffe://td/ns/shop/sa/orders"]},
+                {"name": "web", "hosts": ["www.example.com"]},
+            ],
+            "workload 'web' is recognised by its hosts while 'orders' are sidecars",
+        ),
+        # A sidecar's workload recognised by its Service name alone (k8s/istio-http).
+        (
+            [{"name": "orders", "hosts": ["orders.shop.svc.cluster.local", "orders:8080"]}],
+            "workload 'orders' is recognised by host 'orders.shop.svc.cluster.local', a "
+            "Kubernetes Service name",
+        ),
+        ([{"name": "bare", "hosts": ["orders"]}], "recognised by host 'orders', a Kubernetes"),
+        # Gateways: public names, or context extensions first.
+        ([{"name": "api", "hosts": ["api.example.com", "*.partners.example.com"]}], None),
+        ([{"name": "ip", "hosts": ["10.0.0.1", "10.0.0.1:8080"]}], None),
+        (
+            [{"name": "routed", "contextExtensions": {"w": "r"}, "hosts": ["routed.shop.svc"]}],
+            None,
+        ),
+    ],
+)
+def test_validate_warns_where_the_client_would_pick_a_sidecars_scope_by_host(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    workloads: list[dict[str, Any]],
+    warned: str | None,
+) -> None:
+    from authz_server import cli
+
+    document = _native(workloads=workloads, policies=[{"name": "p", "rules": [{}]}])
+
+    assert cli.main(["validate", "--config", str(_config(tmp_path, document))]) == 0
+
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "Host header" in w]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
+        assert "workloads[" in warnings[0] and ".hosts: " in warnings[0]
