@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz_server import config, devkeys
-from authz_server.attributes import RequestAttributes, normalize_path
+from authz_server.attributes import normalize_path
 from authz_server.devkeys import b64url_encode
 from authz_server.doors.grpc import AuthorizationServicer
-from authz_server.doors.http import HttpDoor, _Connection
+from authz_server.doors.http import HEADERS_TO_REMOVE, HttpDoor, _Connection
 from authz_server.service import AuthorizationService, Engine
 from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
@@ -258,44 +258,115 @@ def _query_readings(query: str, removed: tuple[str, ...]) -> list[list[str]]:
     ]
 
 
+def _through_grpc(
+    service: AuthorizationService, path: str, headers: list[tuple[str, str]]
+) -> tuple[bool, dict[str, str], set[str], tuple[str, ...]]:
+    """(allowed, headers set, headers removed, query parameters removed) from the gRPC door,
+    the request's headers merged as Envoy merges them (repeated names joined with ",")."""
+    merged: dict[str, str] = {}
+    for name, value in headers:
+        merged[name] = f"{merged[name]},{value}" if name in merged else value
+    ctx = attribute_context_pb2.AttributeContext
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            request=ctx.Request(http=ctx.HttpRequest(method="GET", path=path, headers=merged))
+        )
+    )
+    answer = external_auth_pb2.CheckResponse.FromString(
+        AuthorizationServicer(service).check_bytes(request.SerializeToString(), _Context())
+    )
+    ok = answer.ok_response
+    return (
+        answer.status.code == 0,
+        {h.header.key: h.header.value for h in ok.headers},
+        set(ok.headers_to_remove),
+        tuple(ok.query_parameters_to_remove),
+    )
+
+
+def _through_http(
+    door: HttpDoor, path: str, headers: list[tuple[str, str]]
+) -> tuple[bool, dict[str, str], set[str], tuple[str, ...]]:
+    """The same from the HTTP door, each header on its own line (two Cookie lines stay two);
+    this door cannot remove a query parameter."""
+    head = f"GET {path} HTTP/1.1\r\nhost: api.example.com\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+    connection = _Connection(door)
+    transport = _Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received((head + "\r\n").encode())
+    connection.connection_lost(None)
+    answer = b"".join(transport.out).decode()
+    status_line, _, rest = answer.partition("\r\n")
+    lines = rest.partition("\r\n\r\n")[0].split("\r\n")
+    answered = dict(line.split(": ", 1) for line in lines if ": " in line)
+    removed = set(filter(None, answered.pop(HEADERS_TO_REMOVE, "").split(",")))
+    return status_line.startswith("HTTP/1.1 200"), answered, removed, ()
+
+
 @settings(settings.get_profile(PROFILE))
 @given(
-    cookies=st.lists(st.tuples(cookie_names, crumb_values, cookie_separators), max_size=5),
+    cookies=st.lists(
+        st.tuples(cookie_names, crumb_values, cookie_separators, st.booleans()), max_size=5
+    ),
     params=st.lists(st.tuples(param_names, crumb_values, query_separators), max_size=4),
     bearer=st.booleans(),
+    through=st.sampled_from(["grpc", "http"]),
 )
 def test_no_token_cookie_or_parameter_reaches_the_upstream_in_any_reading(
     signed: tuple[AuthorizationService, str],
-    cookies: list[tuple[str, str, str]],
+    signed_door: HttpDoor,
+    cookies: list[tuple[str, str, str, bool]],
     params: list[tuple[str, str, str]],
     bearer: bool,
+    through: str,
 ) -> None:
-    # Two Cookie headers (Envoy joins them with ","), spaces around names, "," and ";"
-    # between cookies, ";" between parameters, repeated names: whatever the server allows,
-    # no upstream reading finds a session cookie or an access_token parameter in what it
-    # passes on (so neither a forged token nor the verified one).
+    # Two Cookie headers (a crumb flagged True starts another), spaces around names, "," and
+    # ";" between cookies, ";" between parameters, repeated names, through either door's wire
+    # format: whatever the server allows, no upstream reading finds a session cookie or an
+    # access_token parameter in what it passes on (so neither a forged token nor the
+    # verified one).
     service, valid = signed
 
     def value(name: str) -> str:
         return name.replace("VALID", valid).replace("FORGED", FORGED)
 
-    cookie = "".join(f"{n}={value(v)}{sep}" for n, v, sep in cookies)
+    cookie_headers: list[str] = []
+    for number, (name, crumb, separator, new_header) in enumerate(cookies):
+        if new_header or number == 0:
+            cookie_headers.append("")
+        cookie_headers[-1] += f"{name}={value(crumb)}{separator}"
     query = "".join(f"{n}={value(v)}{sep}" for n, v, sep in params).rstrip("&;")
-    headers = {"cookie": cookie} if cookie else {}
+    headers = [("cookie", c) for c in cookie_headers if c.strip()]
     if bearer:
-        headers["authorization"] = f"Bearer {valid}"
-    decision = service.check(
-        RequestAttributes(method="GET", path=f"/public/x?{query}", headers=headers)
-    )
-    if not decision.allowed:
+        headers.append(("authorization", f"Bearer {valid}"))
+    path = f"/public/x?{query}" if query else "/public/x"
+    if through == "grpc":
+        allowed, set_headers, removed, query_removed = _through_grpc(service, path, headers)
+    else:
+        allowed, set_headers, removed, query_removed = _through_http(signed_door, path, headers)
+    if not allowed:
         return
-    sent_cookie = dict(decision.headers_to_set).get(
-        "cookie", "" if "cookie" in decision.headers_to_remove else cookie
-    )
-    for jar in _upstream_readings(sent_cookie):
-        assert "session" not in jar, (cookie, sent_cookie)
-    for names in _query_readings(query, decision.query_params_to_remove):
-        assert "access_token" not in names, (query, names)
+    # What Envoy sends on: the Cookie header set, or none, or the client's (two stay two).
+    if "cookie" in set_headers:
+        sent = [set_headers["cookie"]]
+    else:
+        sent = [] if "cookie" in removed else [c for _, c in headers if _ == "cookie"]
+    for cookie in sent:
+        for jar in _upstream_readings(cookie):
+            assert "session" not in {n.lower() for n in jar}, (cookie_headers, sent)
+    if through == "grpc":
+        for names in _query_readings(query, query_removed):
+            assert "access_token" not in names, (query, names)
+
+
+@pytest.fixture(scope="module")
+def signed_door(signed: tuple[AuthorizationService, str]) -> HttpDoor:
+    from authz_server.specs import HttpAuthzSpec
+
+    door = HttpDoor(signed[0], HttpAuthzSpec(), listen="127.0.0.1:0")
+    door.loop_time = lambda: 1.0  # type: ignore[method-assign]
+    return door
 
 
 @pytest.fixture(scope="module")
