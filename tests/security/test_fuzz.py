@@ -316,6 +316,7 @@ def _through_http(
 def test_no_token_cookie_or_parameter_reaches_the_upstream_in_any_reading(
     signed: tuple[AuthorizationService, str],
     signed_door: HttpDoor,
+    *,
     cookies: list[tuple[str, str, str, bool]],
     params: list[tuple[str, str, str]],
     bearer: bool,
