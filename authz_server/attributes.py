@@ -89,20 +89,21 @@ def cookie_name(crumb: str) -> str:
     return name.strip().lower() if sep else ""
 
 
-def cookie_crumbs(header: str) -> list[tuple[str, str]]:
-    """The cookies of a Cookie header as (``cookie_name``, the crumb as sent), in order:
-    ``;`` and ``,`` both separate cookies (Envoy joins two Cookie headers with ``,``; older
-    servers split on it)."""
-    return [(cookie_name(crumb), crumb) for part in header.split(";") for crumb in part.split(",")]
-
-
 def read_cookies(header: str) -> dict[str, list[str]]:
-    """Every value of each cookie in the Cookie header ``header``, in order (``cookie_crumbs``
-    reads the names), values trimmed and unquoted."""
+    """Every value of each cookie in the Cookie header ``header`` by ``cookie_name``, in
+    order, values trimmed and unquoted: ``;`` and ``,`` both separate cookies (Envoy joins
+    two Cookie headers with ``,``; older servers split on it)."""
     jar: dict[str, list[str]] = {}
-    for name, crumb in cookie_crumbs(header):
-        if name:
-            jar.setdefault(name, []).append(crumb.partition("=")[2].strip().strip('"'))
+    crumbs = header.split(";")
+    if "," in header:
+        crumbs = [crumb for part in crumbs for crumb in part.split(",")]
+    for crumb in crumbs:
+        name, sep, value = crumb.partition("=")
+        if sep:
+            # NOTE: cookie_name, inlined: this runs on every Check with a Cookie header.
+            name = name.strip().lower()
+            if name:
+                jar.setdefault(name, []).append(value.strip().strip('"'))
     return jar
 
 

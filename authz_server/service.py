@@ -98,10 +98,13 @@ def _without_cookies(header: str, names: set[str]) -> str:
     """The Cookie header ``header`` without the cookies named in ``names``, read as
     ``RequestAttributes.cookies`` reads them (``,`` separates too, names trimmed and in any
     case), so that every cookie read as a token is taken out; the others are kept as sent."""
-    taken = {cookie_name(f"{name}=") for name in names}
+    taken = {name.lower() for name in names}  # as cookie_name gives them
     kept: list[str] = []
     for part in header.split(";"):
-        text = ",".join(c for c in part.split(",") if cookie_name(c) not in taken).strip()
+        if "," in part:
+            text = ",".join(c for c in part.split(",") if cookie_name(c) not in taken).strip()
+        else:
+            text = "" if cookie_name(part) in taken else part.strip()
         if text:
             kept.append(text)
     return "; ".join(kept)
