@@ -98,7 +98,7 @@ def _without_cookies(header: str, names: set[str]) -> str:
     """The Cookie header ``header`` without the cookies named in ``names``, read as
     ``RequestAttributes.cookies`` reads them (``,`` separates too, names trimmed and in any
     case), so that every cookie read as a token is taken out; the others are kept as sent."""
-    taken = {name.lower() for name in names}  # as cookie_name gives them
+    taken = {cookie_name(f"{name}=") for name in names}
     kept: list[str] = []
     for part in header.split(";"):
         if "," in part:
