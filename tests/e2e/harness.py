@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -170,16 +171,18 @@ def http_request_lines(
 ) -> tuple[int, dict[str, str], bytes]:
     """GET ``url`` with ``header_lines`` sent one line each, in order, repeats kept (two
     ``Cookie`` lines stay two); return as ``http_request`` does."""
-    for name, value in header_lines:
-        TOKEN_LEDGER.saw_request(url, {name: value})
     TOKEN_LEDGER.saw_request(url, {})
-    scheme, _, rest = url.partition("://")
-    authority, _, path = rest.partition("/")
-    host, _, port = authority.rpartition(":")
-    assert scheme == "http", url
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    for name, value in header_lines:
+        TOKEN_LEDGER.saw_request("", {name: value})
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None:
+        raise ValueError(f"an http:// URL with a host, not {url!r}")
+    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    target = parts.path or "/"
+    if parts.query:
+        target += f"?{parts.query}"
     try:
-        connection.putrequest("GET", "/" + path, skip_accept_encoding=True)
+        connection.putrequest("GET", target, skip_accept_encoding=True)
         for name, value in header_lines:
             connection.putheader(name, value)
         connection.endheaders()
