@@ -109,21 +109,37 @@ class CredentialExtractor:
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
         self._cookie_names = frozenset(c.cookie_name for c in self._locations if c.cookie_name)
         self._param_names = frozenset(loc.name for loc in readers if loc.kind == "param")
+        self._param_names_lower = frozenset(name.lower() for name in self._param_names)
 
     def ambiguity(self, request: RequestAttributes) -> str | None:
         """The reason to refuse ``request`` because upstreams read one of its token locations
         differently: ``ambiguous_cookie`` when a token cookie shares a ``;``-separated part of
         the Cookie header with a ``,`` (as Envoy joins two Cookie headers), ``ambiguous_query``
-        when a token parameter shares an ``&``-separated part of the query with a ``;``; else
-        None. (Every reading is searched for tokens; this is where the readings disagree on
-        which cookie or parameter, or which value, is there.)"""
+        when a token parameter shares an ``&``-separated part of the query with a ``;``, or is
+        named in another case; else None. (Every reading is searched for tokens; this is
+        where the readings disagree on which cookie or parameter, or which value, is there.)"""
         if self._cookie_names and not self._cookie_names.isdisjoint(request.cookies_beside_comma):
             return errors.AMBIGUOUS_COOKIE
         if self._param_names and not self._param_names.isdisjoint(
             request.query_names_beside_semicolon
         ):
             return errors.AMBIGUOUS_QUERY
+        if self._param_names_lower and self._other_case_param(request):
+            return errors.AMBIGUOUS_QUERY
         return None
+
+    def _other_case_param(self, request: RequestAttributes) -> bool:
+        """Whether the query holds a token parameter's name in another case
+        (``ACCESS_TOKEN``): ASP.NET reads it as the token parameter, while Envoy, which
+        removes parameters by exact name, would pass it on."""
+        query = request.query_string.lower()
+        # NOTE: parse the query only when a name might be there (escaped or not).
+        if not any(name in query for name in self._param_names_lower) and "%" not in query:
+            return False
+        return any(
+            key not in self._param_names and key.lower() in self._param_names_lower
+            for key in request.query_params
+        )
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
         """Return the tokens found, in configuration order, one per location and value (the

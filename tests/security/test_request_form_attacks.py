@@ -102,6 +102,10 @@ FORMS: list[Form] = [
     ("valid parameter before ;", "/api/x?access_token={alice};x=1", lambda t: {}, (401, "ambiguous_query")),
     ("parameter repeated with & and ;", "/api/x?access_token={alice}&access_token={mallory};y=2", lambda t: {}, (401, "ambiguous_query")),
     ("; between other parameters", "/api/x?x=1;y=2", _bearer, (200, "allowed")),
+    # --- a token parameter's name in another case (ASP.NET reads it; Envoy would not remove it)
+    ("forged parameter named ACCESS_TOKEN, with a bearer token", "/api/x?ACCESS_TOKEN={forged}", _bearer, (401, "ambiguous_query")),
+    ("valid parameter named Access_Token", "/api/x?Access_Token={alice}", lambda t: {}, (401, "ambiguous_query")),
+    ("escaped, in another case", "/api/x?ACCESS%5FTOKEN={forged}", _bearer, (401, "ambiguous_query")),
     ("parameter repeated with two tokens", "/api/x?access_token={alice}&access_token={mallory}", lambda t: {}, (401, "ambiguous_credentials")),
 ]  # fmt: skip
 

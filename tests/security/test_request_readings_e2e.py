@@ -209,6 +209,15 @@ def test_a_token_parameter_followed_by_a_semicolon_is_refused_as_ambiguous(
     assert _refused_and_unseen(result, cookie_stack) == "ambiguous_query"
 
 
+def test_a_forged_token_parameter_named_in_another_case_is_refused(
+    cookie_stack: CookieStack,
+) -> None:
+    result = cookie_stack.send(
+        f"/api/orders?ACCESS_TOKEN={_forged()}", _bearer(cookie_stack.token())
+    )
+    assert _refused_and_unseen(result, cookie_stack) == "ambiguous_query"
+
+
 def test_semicolons_between_other_parameters_are_left_alone(cookie_stack: CookieStack) -> None:
     status, _, _ = cookie_stack.send("/api/orders?x=1;y=2", _bearer(cookie_stack.token()))
     assert status == 200
