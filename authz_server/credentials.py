@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import unquote_plus
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes, cookie_name
@@ -116,30 +117,36 @@ class CredentialExtractor:
         differently: ``ambiguous_cookie`` when a token cookie shares a ``;``-separated part of
         the Cookie header with a ``,`` (as Envoy joins two Cookie headers), ``ambiguous_query``
         when a token parameter shares an ``&``-separated part of the query with a ``;``, or is
-        named in another case; else None. (Every reading is searched for tokens; this is
-        where the readings disagree on which cookie or parameter, or which value, is there.)"""
+        named other than exactly (escaped, another case); else None. (Every reading is
+        searched for tokens; this is where the readings disagree on which cookie or
+        parameter, or which value, is there, or where Envoy could not remove it.)"""
         if self._cookie_names and not self._cookie_names.isdisjoint(request.cookies_beside_comma):
             return errors.AMBIGUOUS_COOKIE
         if self._param_names and not self._param_names.isdisjoint(
             request.query_names_beside_semicolon
         ):
             return errors.AMBIGUOUS_QUERY
-        if self._param_names_lower and self._other_case_param(request):
+        if self._param_names and self._respelled_param(request.query_string):
             return errors.AMBIGUOUS_QUERY
         return None
 
-    def _other_case_param(self, request: RequestAttributes) -> bool:
-        """Whether the query holds a token parameter's name in another case
-        (``ACCESS_TOKEN``): ASP.NET reads it as the token parameter, while Envoy, which
-        removes parameters by exact name, would pass it on."""
-        query = request.query_string.lower()
-        # NOTE: parse the query only when a name might be there (escaped or not).
-        if not any(name in query for name in self._param_names_lower) and "%" not in query:
-            return False
-        return any(
-            key not in self._param_names and key.lower() in self._param_names_lower
-            for key in request.query_params
-        )
+    def _respelled_param(self, query: str) -> bool:
+        """Whether ``query`` names a token parameter other than exactly: escaped
+        (``access%5Ftoken``, which upstreams decode) or in another case (``ACCESS_TOKEN``,
+        which ASP.NET reads as ``access_token``). Envoy removes parameters by their exact
+        name, so it would pass such a token on to the upstream."""
+        # NOTE: split the query only when such a name might be there.
+        if "%" not in query and "+" not in query:
+            lowered = query.lower()
+            if not any(name in lowered for name in self._param_names_lower):
+                return False
+        for part in query.replace(";", "&").split("&"):
+            raw = part.partition("=")[0]
+            if raw not in self._param_names and (
+                unquote_plus(raw).lower() in self._param_names_lower
+            ):
+                return True
+        return False
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
         """Return the tokens found, in configuration order, one per location and value (the

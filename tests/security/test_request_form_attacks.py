@@ -102,10 +102,13 @@ FORMS: list[Form] = [
     ("valid parameter before ;", "/api/x?access_token={alice};x=1", lambda t: {}, (401, "ambiguous_query")),
     ("parameter repeated with & and ;", "/api/x?access_token={alice}&access_token={mallory};y=2", lambda t: {}, (401, "ambiguous_query")),
     ("; between other parameters", "/api/x?x=1;y=2", _bearer, (200, "allowed")),
-    # --- a token parameter's name in another case (ASP.NET reads it; Envoy would not remove it)
+    # --- a token parameter's name escaped or in another case (upstreams decode it, ASP.NET
+    # folds case; Envoy removes parameters by exact name, so it would pass them on)
     ("forged parameter named ACCESS_TOKEN, with a bearer token", "/api/x?ACCESS_TOKEN={forged}", _bearer, (401, "ambiguous_query")),
     ("valid parameter named Access_Token", "/api/x?Access_Token={alice}", lambda t: {}, (401, "ambiguous_query")),
     ("escaped, in another case", "/api/x?ACCESS%5FTOKEN={forged}", _bearer, (401, "ambiguous_query")),
+    ("valid parameter with an escaped name", "/api/x?access%5Ftoken={alice}", lambda t: {}, (401, "ambiguous_query")),
+    ("a token parameter beside its other-case twin", "/api/x?access_token={alice}&ACCESS_TOKEN={forged}", lambda t: {}, (401, "ambiguous_query")),
     ("parameter repeated with two tokens", "/api/x?access_token={alice}&access_token={mallory}", lambda t: {}, (401, "ambiguous_credentials")),
 ]  # fmt: skip
 
