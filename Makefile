@@ -5,19 +5,43 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tools image image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Development, tests and CI install exactly the locked set (requirements/dev.txt, with hashes);
+# pyproject.toml keeps the ranges a user of the package needs. `make lock` updates the lock.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package (editable) with dev extras
+
+# NOTE: --universal so the lock holds for every platform a contributor uses, not just this one;
+# runtime.txt (the image's set) is compiled first and constrains dev.txt, so both agree.
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
+lock: $(STAMP) ## Update requirements/*.txt after a pyproject change, keeping the pins that still fit (uv); commit them
+	$(BIN)/pip install --quiet 'uv>=0.9'
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/runtime.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra dev -c requirements/runtime.txt $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/dev.txt
+	@echo "Locked. Run 'make install test' (a grpcio-tools change also needs 'make proto'), then commit requirements/."
+
+lock-upgrade: ## Move requirements/*.txt to the newest versions pyproject allows (then make install proto test)
+	$(MAKE) lock LOCK_UPGRADE=--upgrade
+
+DRIFT_VENV ?= /tmp/authz-server-drift
+drift: ## Newest allowed versions (not the lock) in a scratch venv, then the unit tests: drift seen before it bites
+	rm -rf $(DRIFT_VENV)
+	$(PYTHON) -m venv $(DRIFT_VENV)
+	$(DRIFT_VENV)/bin/pip install --quiet --upgrade pip
+	$(DRIFT_VENV)/bin/pip install --quiet '.[dev]'
+	cd $(CURDIR) && $(DRIFT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
+	$(DRIFT_VENV)/bin/pip freeze > $(DRIFT_VENV)/freeze.txt
+	@echo "Drift run green with the versions in $(DRIFT_VENV)/freeze.txt"
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check authz_server tests examples bench fuzz proto k8s/monitoring

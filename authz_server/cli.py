@@ -1,4 +1,4 @@
-"""Command line: ``authz-server serve | validate | check | test | token | version``.
+"""Command line: ``authz-server serve | validate | check | test | token | envoy-config | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
 that a log pipeline sees every line of a pod; ``validate``, ``check``, ``test`` and ``token`` are
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken, specs
+from authz_server import __version__, cli_envoy_config, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="authz-server",
         description="Envoy external authorization server: JWT + Istio-style policies.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"authz-server {__version__}", help="the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC Check server and the HTTP side port")
@@ -38,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC address, host:port or unix:/path (default: server.listen, 0.0.0.0:9001)",
     )
     serve.add_argument(
-        "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
+        "--metrics-listen",
+        help="the side port for /metrics, /healthz and /readyz, host:port "
+        "(default: server.metricsListen, 0.0.0.0:9090)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        dest="deprecated_http_listen",
+        help="deprecated name of --metrics-listen (warns)",
     )
     serve.add_argument(
         "--http-authz-listen",
@@ -88,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--token-file",
         type=Path,
-        help="a file holding a JWT (not on the command line), sent where its provider reads "
-        "a token first (default 'Authorization: Bearer')",
+        help="a file holding a JWT (not on the command line; '-' reads standard input), sent "
+        "where its provider reads a token first (default 'Authorization: Bearer')",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
@@ -136,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    cli_envoy_config.add_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -168,7 +179,12 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
         "into your configuration. " + warning,
     )
-    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--dir",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"where to write the key files (default {devtoken.DEFAULT_DIR})",
+    )
     init.add_argument(
         "--kind",
         choices=list(devtoken.KINDS),
@@ -193,9 +209,16 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "every --claim, which may also replace those (a null value removes one). " + warning,
     )
     mint.add_argument(
-        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+        "--key",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"DIR/private.pem from `token init` (or DIR; default {devtoken.DEFAULT_DIR})",
     )
-    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument(
+        "--issuer",
+        help="the iss claim; must equal the provider's (default: the issuer `token init` "
+        f"recorded beside the key, {devtoken.ISSUER_FILE})",
+    )
     mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
     mint.add_argument(
         "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
@@ -222,14 +245,16 @@ def _token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
             files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            devtoken.record_issuer(files, args.issuer)
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
+        issuer = args.issuer or devtoken.recorded_issuer(args.key)
         print(
             devtoken.mint(
                 key,
-                issuer=args.issuer,
+                issuer=issuer,
                 subject=args.sub,
                 audiences=args.aud,
                 claims=devtoken.parse_claims(args.claim),
@@ -273,7 +298,9 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         extensions[key] = value
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            # `-`: `authz-server token mint … | authz-server check … --token-file -`.
+            stdin = str(args.token_file) == "-"
+            token = (sys.stdin.read() if stdin else args.token_file.read_text()).strip()
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
@@ -396,6 +423,13 @@ def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
     return files
 
 
+def _check_addresses(flags: dict[str, str | None]) -> None:
+    """Raises ValueError naming the first flag whose address cannot be listened on."""
+    for flag, address in flags.items():
+        if address is not None and (problem := specs.listen_address_problem(address)):
+            raise ValueError(f"{flag} {problem}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
     # Before any thread exists (grpc starts some when imported): see server.serve.
@@ -427,10 +461,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
 
+    if args.deprecated_http_listen is not None:
+        log.warning("--http-listen is deprecated, use --metrics-listen (the same side port)")
     listen = args.listen or settings.server.listen
-    http_listen = args.http_listen or settings.server.http_listen
+    http_listen = (
+        args.metrics_listen or args.deprecated_http_listen or settings.server.metrics_listen
+    )
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        _check_addresses(
+            {
+                "--listen": args.listen,
+                "--metrics-listen": args.metrics_listen,
+                "--http-listen": args.deprecated_http_listen,
+                "--http-authz-listen": args.http_authz_listen,
+            }
+        )
         tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
@@ -456,7 +502,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
         log.error(
-            "exiting: %s (gRPC %s, HTTP side port %s, HTTP door %s)",
+            "exiting: %s (gRPC %s, metrics side port %s, HTTP door %s)",
             exc,
             listen,
             http_listen,
@@ -464,7 +510,8 @@ def _serve(args: argparse.Namespace) -> int:
             extra={
                 "fields": {
                     "listen": listen,
-                    "http_listen": http_listen,
+                    "metrics_listen": http_listen,
+                    "http_listen": http_listen,  # the deprecated name of the same field
                     "http_authz_listen": http_authz_listen,
                 }
             },
@@ -491,6 +538,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == cli_envoy_config.COMMAND:
+        return cli_envoy_config.run(args)
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)

@@ -16,6 +16,7 @@ document, field path and reason. Nothing here touches the network.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import ssl
@@ -26,6 +27,7 @@ from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigError, ConfigProblem
 from authz_server.istio import (
@@ -262,8 +264,72 @@ def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]
             continue
 
 
-def load(path: str | Path) -> Settings:
+# RFC 9110's methods and PATCH (RFC 5789): anything else in `methods` is most likely a typo
+# (`DELTE`), which would match no request (or, under notMethods, every one).
+STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def _unusual_methods(policy: PolicySpec, document: str, prefix: str) -> Iterator[str]:
+    """A warning for each method a rule of ``policy`` names that is not a standard HTTP
+    method; ``prefix`` is the policy's field path in ``document``."""
+    for r, rule in enumerate(policy.rules or []):
+        for t, to in enumerate(rule.to or []):
+            for field_name in ("methods", "not_methods"):
+                for method in getattr(to.operation, field_name) or []:
+                    # NOTE: methods match exactly, as Istio's do: `get` never matches GET.
+                    if "*" in method or method in STANDARD_METHODS:
+                        continue
+                    where = f"{prefix}.rules[{r}].to[{t}].operation.{to_camel(field_name)}"
+                    close = difflib.get_close_matches(method.upper(), STANDARD_METHODS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    yield (
+                        f"{document}: {where}: {method!r} is not a standard HTTP method"
+                        f"{hint}: it matches only requests with exactly that method"
+                    )
+
+
+def _workloads_without_policy(
+    workloads: tuple[Workload, ...],
+    policies: list[PolicySpec],
+    policy_scopes: dict[str, frozenset[str]],
+) -> Iterator[str]:
+    """A warning for each workload no policy applies to: its requests are all allowed, with or
+    without credentials (a policy not in ``policy_scopes`` applies to every workload)."""
+    if any(p.name not in policy_scopes for p in policies):
+        return
+    covered = frozenset().union(*(policy_scopes[p.name] for p in policies))
+    for workload in workloads:
+        if workload.name not in covered:
+            yield (
+                f"workload {workload.name!r} (namespace {workload.namespace!r}) has no policy "
+                "in its scope: every request for it is allowed, with or without credentials"
+            )
+
+
+def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None) -> list[Path]:
+    """Every local file the configuration names, found or not (``jwksFile``, ``caFile``,
+    ``sharedSecretFile``, ``server.tls``)."""
+    files = [
+        base_dir / value  # an absolute value stays itself
+        for spec, _, _, base_dir in providers
+        for value in (spec.jwks_file, spec.ca_file, spec.shared_secret_file)
+        if value is not None
+    ]
+    if server is not None and server.tls is not None:
+        tls = server.tls.files()
+        files += [tls.cert_file, tls.key_file]
+        if tls.client_ca_file is not None:
+            files.append(tls.client_ca_file)
+    return files
+
+
+def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
     """Read, validate and resolve the configuration at ``path`` (file or directory).
+    ``referenced``, when given, receives every local file the configuration names, found or
+    not, whether it is accepted or refused (a reload watches them: a configuration refused for
+    a file that is not there yet is tried again when it appears).
 
     Returns Settings. Raises ConfigError listing every problem found.
     """
@@ -323,6 +389,12 @@ def load(path: str | Path) -> Settings:
                         ConfigProblem(doc.label, "server", "set in more than one document")
                     )
                 server = _resolve_server_tls(native.server, doc, problems)
+                if server.http_listen is not None:
+                    warnings.append(
+                        f"{doc.label}: server.httpListen is deprecated, use "
+                        "server.metricsListen (the /metrics, /healthz and /readyz port; the "
+                        "HTTP door is server.httpAuthz.listen)"
+                    )
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue
@@ -353,6 +425,8 @@ def load(path: str | Path) -> Settings:
                 for i, p in enumerate(native.providers)
             )
             policies.extend(native.policies)
+            for i, native_policy in enumerate(native.policies):
+                warnings.extend(_unusual_methods(native_policy, doc.label, f"policies[{i}]"))
             policy_names.extend(
                 (p.name, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
             )
@@ -377,6 +451,7 @@ def load(path: str | Path) -> Settings:
                 policy = authorization_policy(doc, problems, warnings)
                 if policy is not None:
                     policies.append(policy)
+                    warnings.extend(_unusual_methods(policy, doc.label, "spec"))
                     istio_policy_scopes[policy.name] = (istio_scope(doc, problems), doc.label)
                 name = istio_name(doc.body)
                 if name is not None:
@@ -462,6 +537,27 @@ def load(path: str | Path) -> Settings:
                 f"{root}: server.allowEmpty is set and there are no providers and no "
                 "policies: every request is allowed"
             )
+    elif not policies and not problems:
+        # Providers but no policy: every request is allowed, with or without a token (a token
+        # present is verified, an absent one is not asked for). That is what a lost or emptied
+        # policy file beside a provider file looks like, so it too needs saying.
+        if server is None or not server.allow_empty:
+            problems.append(
+                ConfigProblem(
+                    str(root),
+                    "policies",
+                    f"{len(providers)} provider(s) but no policy: this configuration would "
+                    "allow every request, with or without credentials, which is what a lost "
+                    "or emptied policy file looks like. Add a policy (a DENY policy with "
+                    'notRequestPrincipals: ["*"] requires a valid token), or set '
+                    "server.allowEmpty: true if allowing everything is meant",
+                )
+            )
+        else:
+            warnings.append(
+                f"{root}: server.allowEmpty is set and there is no policy: every request is "
+                "allowed, with or without credentials"
+            )
     workloads = tuple(spec.workload() for spec, _, _ in workload_specs)
     policy_scopes: dict[str, frozenset[str]] = {}
     provider_scopes: dict[str, frozenset[str]] = {}
@@ -503,6 +599,8 @@ def load(path: str | Path) -> Settings:
                     "applies nowhere"
                 )
             policy_scopes[name] = selected
+        if policies:
+            warnings.extend(_workloads_without_policy(workloads, policies, policy_scopes))
     else:
         for document, key in scoped_documents:
             warnings.append(
@@ -519,6 +617,8 @@ def load(path: str | Path) -> Settings:
                 )
             )
 
+    if referenced is not None:
+        referenced.extend(_referenced_files(providers, server))
     if problems:
         raise ConfigError(problems)
     return Settings(

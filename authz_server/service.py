@@ -169,6 +169,7 @@ class Engine:
         threads: int | None = None,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.realm = settings.server.realm
         self.missing_token_status = settings.server.missing_token_status
         self.trusted_proxy_hops = settings.server.trusted_proxy_hops

@@ -248,7 +248,7 @@ class Bench:
         config_path = self.file(f"{name}.yaml", config_text)
         grpc_port, http_port = free_port(), free_port()
         argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-        argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+        argv += ["--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{http_port}"]
         door = f"127.0.0.1:{free_port()}" if http_door else ""
         if http_door:
             argv += ["--http-authz-listen", door]

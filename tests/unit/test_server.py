@@ -185,6 +185,7 @@ def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> 
     text = (
         "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
         f"providers: [{{issuer: {ISSUER}, jwksUri: 'http://127.0.0.1:9/jwks', timeout: 200ms}}]\n"
+        "policies: [{name: allow-all, rules: [{}]}]\n"
     )
     server = AuthzServer(
         config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
