@@ -111,6 +111,8 @@ class CredentialExtractor:
         self._cookie_names = frozenset(c.cookie_name for c in self._locations if c.cookie_name)
         self._param_names = frozenset(loc.name for loc in readers if loc.kind == "param")
         self._param_names_lower = frozenset(name.lower() for name in self._param_names)
+        # A query in lower case can respell a name only if a name has capitals.
+        self._param_names_folded = self._param_names == self._param_names_lower
 
     def ambiguity(self, request: RequestAttributes) -> str | None:
         """The reason to refuse ``request`` because upstreams read one of its token locations
@@ -120,14 +122,24 @@ class CredentialExtractor:
         named other than exactly (escaped, another case); else None. (Every reading is
         searched for tokens; this is where the readings disagree on which cookie or
         parameter, or which value, is there, or where Envoy could not remove it.)"""
-        if self._cookie_names and not self._cookie_names.isdisjoint(request.cookies_beside_comma):
-            return errors.AMBIGUOUS_COOKIE
-        if self._param_names and not self._param_names.isdisjoint(
-            request.query_names_beside_semicolon
-        ):
-            return errors.AMBIGUOUS_QUERY
-        if self._param_names and self._respelled_param(request.query_string):
-            return errors.AMBIGUOUS_QUERY
+        # NOTE: on every Check: look at the raw texts first, and derive views only when a
+        # separator or an escape is there.
+        if self._cookie_names:
+            cookie = request.headers.get("cookie")
+            if (
+                cookie is not None
+                and "," in cookie
+                and not self._cookie_names.isdisjoint(request.cookies_beside_comma)
+            ):
+                return errors.AMBIGUOUS_COOKIE
+        if self._param_names and "?" in request.path:
+            query = request.query_string
+            if ";" in query and not self._param_names.isdisjoint(
+                request.query_names_beside_semicolon
+            ):
+                return errors.AMBIGUOUS_QUERY
+            if self._respelled_param(query):
+                return errors.AMBIGUOUS_QUERY
         return None
 
     def _respelled_param(self, query: str) -> bool:
@@ -135,11 +147,12 @@ class CredentialExtractor:
         (``access%5Ftoken``, which upstreams decode) or in another case (``ACCESS_TOKEN``,
         which ASP.NET reads as ``access_token``). Envoy removes parameters by their exact
         name, so it would pass such a token on to the upstream."""
-        # NOTE: split the query only when such a name might be there.
         if "%" not in query and "+" not in query:
             lowered = query.lower()
-            if not any(name in lowered for name in self._param_names_lower):
-                return False
+            if (lowered == query and self._param_names_folded) or not any(
+                name in lowered for name in self._param_names_lower
+            ):
+                return False  # no escape, and no name in another case: nothing to split
         for part in query.replace(";", "&").split("&"):
             raw = part.partition("=")[0]
             if raw not in self._param_names and (

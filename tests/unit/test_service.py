@@ -640,3 +640,21 @@ def test_a_token_location_upstreams_read_two_ways_is_refused(
         )
     )
     assert (decision.status, decision.reason) == (401, reason)
+
+
+def test_a_parameter_configured_with_capitals_is_refused_in_another_case(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(
+        tmp_path, clock, provider_yaml(rsa_key, "fromParams: [Token]"), policies=ALLOW_ALL
+    )
+    token = rsa_key.sign(claims_for(clock.now))
+
+    def check(query: str) -> tuple[int, str]:
+        decision = service.check(RequestAttributes(path=f"/api/orders?{query}"))
+        return decision.status, decision.reason
+
+    assert check(f"Token={token}") == (200, "allowed")
+    assert check(f"token={token}") == (401, errors.AMBIGUOUS_QUERY)
+    assert check("token=abc") == (401, errors.AMBIGUOUS_QUERY)  # a query all in lower case
+    assert check("page=2") == (200, "allowed")
