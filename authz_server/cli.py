@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, cli_envoy_config, config, devtoken, specs
+from authz_server import __version__, apikeys, cli_envoy_config, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -101,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
         help="a file holding a JWT (not on the command line; '-' reads standard input), sent "
         "where its provider reads a token first (default 'Authorization: Bearer')",
     )
+    check.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an API key (not on the command line), sent where the first "
+        "apiKeys provider reads one",
+    )
+    check.add_argument(
+        "--introspection-response",
+        type=Path,
+        metavar="FILE",
+        help="decide an opaque --token-file offline: the introspection answer (JSON) the IdP "
+        "would give for it, instead of calling the introspection endpoint",
+    )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
         "--context-extension",
@@ -146,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    _apikey_parser(sub)
     cli_envoy_config.add_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
@@ -156,6 +171,52 @@ def _duration(text: str) -> float:
         return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _apikey_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    apikey = sub.add_parser(
+        "apikey",
+        help="issue API keys for an apiKeys provider",
+        description="`apikey new` prints a new random key (256 bits, URL-safe) once, on "
+        "stdout, and on stderr the keys-file entry to paste: the file holds only its SHA-256.",
+    )
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
+    new = apikey_sub.add_parser("new", help="print a new key and its keys-file entry")
+    new.add_argument("--sub", required=True, help="the key's subject (principal <issuer>/<sub>)")
+    new.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim of the key (repeatable); a JSON value is JSON: groups='[\"partners\"]'",
+    )
+    new.add_argument(
+        "--expires", metavar="DATETIME", help="when the key stops working: 2027-06-30T00:00:00Z"
+    )
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    """``apikey new``: the key on stdout (once: only its hash is kept), the entry on stderr."""
+    try:
+        claims = devtoken.parse_claims(args.claim)
+    except devtoken.DevTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    key = apikeys.new_key()
+    entry = apikeys.key_entry(args.sub, key, claims, args.expires)
+    try:
+        apikeys.parse_keys_file(f"keys:\n{entry}".encode(), provider="", issuer="")
+    except apikeys.KeysFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        "# Give the key above to its holder (it is not stored anywhere); add this entry under "
+        "`keys:` in the provider's keys file:",
+        file=sys.stderr,
+    )
+    print(entry, end="", file=sys.stderr)
+    return 0
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -277,6 +338,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         provider_for_token,
         render_text,
         request_attributes,
+        substitute_introspection,
         substitute_keys,
         token_location,
     )
@@ -304,8 +366,33 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+    api_key: str | None = None
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"--api-key-file {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    answer: object = None
+    if args.introspection_response is not None:
+        if args.token_file is None:
+            print("--introspection-response answers for the --token-file token", file=sys.stderr)
+            return 2
+        try:
+            answer = json.loads(args.introspection_response.read_text())
+        except OSError as exc:
+            print(f"--introspection-response: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--introspection-response: not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(answer, dict):
+            print("--introspection-response: expected a JSON object", file=sys.stderr)
+            return 2
     engine = Engine.build(settings)
     try:
+        if isinstance(answer, dict):
+            substitute_introspection(engine, {token: answer})
         if args.jwks_file is not None:
             try:
                 document = args.jwks_file.read_text()
@@ -325,6 +412,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             # Where the token's provider reads one (Authorization: Bearer unless it says).
             location = token_location(provider_for_token(settings, token))
             headers, path = place_token(headers, path, location, token)
+        if api_key is not None:
+            keys_provider = next((p for p in settings.providers if p.spec.kind == "apiKey"), None)
+            if keys_provider is None:
+                print("--api-key-file: the configuration has no apiKeys provider", file=sys.stderr)
+                return 2
+            headers, path = place_token(headers, path, token_location(keys_provider), api_key)
         try:
             request = request_attributes(
                 method=args.method,
@@ -538,6 +631,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == "apikey":
+        return _apikey(args)
     if args.command == cli_envoy_config.COMMAND:
         return cli_envoy_config.run(args)
     if args.command == "check":

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
+from authz_server.apikeys import KeysFileError, parse_keys_file
 from authz_server.errors import ConfigError, ConfigProblem
 from authz_server.istio import (
     ISTIO_SECURITY_VERSIONS,
@@ -76,6 +77,9 @@ class Provider:
     jwks_file: Path | None = None
     ca_file: Path | None = None
     shared_secret_file: Path | None = None
+    # Introspection's client secret and the API keys file, resolved.
+    client_secret_file: Path | None = None
+    api_keys_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,24 @@ def _resolve_provider(
             problems=problems,
         )
         ok = ok and found
+    for attr, field_name, value in (
+        (
+            "client_secret_file",
+            "introspection.clientSecretFile",
+            spec.introspection.client_secret_file if spec.introspection else None,
+        ),
+        ("api_keys_file", "apiKeys.file", spec.api_keys.file if spec.api_keys else None),
+    ):
+        paths[attr], found = _resolve_file(
+            value,
+            field_name=field_name,
+            document=document,
+            prefix=prefix,
+            base_dir=base_dir,
+            problems=problems,
+        )
+        ok = ok and found
+    ok = _check_opaque_files(spec, paths, document, prefix, problems) and ok
     ca_file = paths["ca_file"]
     if ca_file is not None:
         try:
@@ -222,6 +244,66 @@ def _resolve_provider(
         )
         ok = False
     return paths, ok
+
+
+def _check_opaque_files(
+    spec: ProviderSpec,
+    paths: dict[str, Path | None],
+    document: str,
+    prefix: str,
+    problems: list[ConfigProblem],
+) -> bool:
+    """The introspection client secret is not empty; the keys file is a valid keys file
+    (each problem with its place in the file). Returns whether both are fine."""
+    ok = True
+    secret = paths.get("client_secret_file")
+    if secret is not None and not secret.read_bytes().strip():
+        problems.append(
+            ConfigProblem(document, f"{prefix}.introspection.clientSecretFile", "the file is empty")
+        )
+        ok = False
+    keys_file = paths.get("api_keys_file")
+    if keys_file is not None:
+        try:
+            parse_keys_file(keys_file.read_bytes(), provider="", issuer=spec.issuer)
+        except KeysFileError as exc:
+            problems.extend(
+                ConfigProblem(
+                    document,
+                    f"{prefix}.apiKeys.file",
+                    f"{keys_file}: {where + ': ' if where else ''}{message}",
+                )
+                for where, message in exc.problems
+            )
+            ok = False
+    return ok
+
+
+def _opaque_location_problems(providers: list[FoundProvider]) -> list[ConfigProblem]:
+    """A location read by two introspection or API keys providers is refused: trying them in
+    turn would hand one party's tokens (or keys) to another party's endpoint, and which answer
+    decides would depend on the order."""
+    readers: dict[tuple[str, str, str], tuple[str, str]] = {}
+    problems: list[ConfigProblem] = []
+    for spec, document, prefix, _ in providers:
+        if spec.kind == "jwt":
+            continue
+        for kind, name, location_prefix in spec.locations():
+            location = (kind, name, location_prefix.lower())
+            first = readers.get(location)
+            if first is None:
+                readers[location] = (spec.name or spec.issuer, f"{document}: {prefix}")
+                continue
+            problems.append(
+                ConfigProblem(
+                    document,
+                    prefix,
+                    f"{kind} {name!r} is read by another introspection or apiKeys provider "
+                    f"({first[0]!r}, {first[1]}): give each its own header, parameter or "
+                    "cookie",
+                )
+            )
+    return problems
 
 
 # TlsFiles attribute -> the field's name in the configuration.
@@ -310,11 +392,18 @@ def _workloads_without_policy(
 
 def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None) -> list[Path]:
     """Every local file the configuration names, found or not (``jwksFile``, ``caFile``,
-    ``sharedSecretFile``, ``server.tls``)."""
+    ``sharedSecretFile``, ``introspection.clientSecretFile``, ``apiKeys.file``,
+    ``server.tls``)."""
     files = [
         base_dir / value  # an absolute value stays itself
         for spec, _, _, base_dir in providers
-        for value in (spec.jwks_file, spec.ca_file, spec.shared_secret_file)
+        for value in (
+            spec.jwks_file,
+            spec.ca_file,
+            spec.shared_secret_file,
+            spec.introspection.client_secret_file if spec.introspection else None,
+            spec.api_keys.file if spec.api_keys else None,
+        )
         if value is not None
     ]
     if server is not None and server.tls is not None:
@@ -506,6 +595,7 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
             origin = f"{document}: {prefix}"
             resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
 
+    problems.extend(_opaque_location_problems(providers))
     seen_names: set[str] = set()
     for name, document, name_path in policy_names:
         if name in seen_names:

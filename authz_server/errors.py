@@ -22,6 +22,10 @@ class AuthzError(Exception):
     """Base of every error a Check can end in. ``reason`` is a fixed snake_case code."""
 
     status: int = 403
+    # Set when one provider's check of one kind of credential raised it (an API key, an
+    # introspected token): what the trace says decided.
+    provider: str | None = None
+    credential: str | None = None
 
     def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -73,6 +77,12 @@ POLICY_DENIED = "policy_denied"
 NO_ALLOW_POLICY_MATCHED = "no_allow_policy_matched"
 UNKNOWN_WORKLOAD = "unknown_workload"
 JWKS_UNAVAILABLE = "jwks_unavailable"
+# API keys and introspected (opaque) tokens.
+MALFORMED_API_KEY = "malformed_api_key"
+UNKNOWN_API_KEY = "unknown_api_key"
+API_KEY_EXPIRED = "api_key_expired"
+TOKEN_INACTIVE = "token_inactive"
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 INTERNAL_ERROR = "internal_error"
 
 

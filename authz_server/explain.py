@@ -26,6 +26,7 @@ from authz_server.config import Provider, Settings
 from authz_server.credentials import DEFAULT_LOCATIONS, FoundToken, TokenLocation
 from authz_server.errors import AuthenticationError, AuthzError
 from authz_server.identity import Identity
+from authz_server.introspection import Introspector
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
@@ -34,6 +35,8 @@ from authz_server.tokens import ProviderRuntime, decode_segments
 REDACTED = "(redacted: holds a token)"
 # An identity header's value (claims, the payload) without show_claims.
 HIDDEN = "(hidden: claims are shown only when asked for)"
+# How the text form names a kind of credential (a JWT goes unnamed: the usual kind).
+_CREDENTIAL_NAMES = {"introspection": "opaque token, introspected", "apiKey": "API key"}
 # What the reasons that end a decision before the policies mean, for the text form.
 _EARLY = "no policy was evaluated: the credentials decided"
 # A token present is still verified (a bad one is 401), but none is asked for.
@@ -73,10 +76,26 @@ def substitute_keys(
 ) -> None:
     """Verify tokens with the keys of the JWKS document ``jwks`` instead of each provider's
     own key source (every provider's, or those named), to decide without the IdP. Takes
-    effect at the next refresh of each key cache."""
+    effect at the next refresh of each key cache. Providers of opaque tokens and API keys
+    verify no JWT: they keep their own."""
+    jwt = {p.name for p in engine.providers if p.provider.spec.kind == "jwt"}
     for cache in engine.caches.values():
-        if providers is None or cache.provider in providers:
+        if cache.provider in jwt and (providers is None or cache.provider in providers):
             cache.source = InlineSource(jwks, description=description)
+
+
+def substitute_introspection(
+    engine: Engine,
+    answers: Mapping[str, Mapping[str, Any]],
+    providers: Collection[str] | None = None,
+) -> None:
+    """Decide opaque tokens without the IdP: every introspection provider (or those named)
+    answers from ``answers`` (the introspection answer by token; others are inactive)."""
+    for cache in engine.caches.values():
+        if isinstance(cache.source, Introspector) and (
+            providers is None or cache.provider in providers
+        ):
+            cache.source.answer_offline(answers)
 
 
 def token_location(provider: Provider | None) -> TokenLocation:
@@ -108,9 +127,13 @@ def provider_for_token(settings: Settings, token: str) -> Provider | None:
     """The provider a token is for, by the ``iss`` it names, or the only provider; None when
     neither tells."""
     issuer = unverified_issuer(token)
-    named = [p for p in settings.providers if p.spec.issuer == issuer]
+    named = [p for p in settings.providers if p.spec.issuer == issuer and p.spec.kind == "jwt"]
     if named:
         return named[0]
+    # Not a JWT of ours: an opaque token, for the (first) introspection provider.
+    opaque = [p for p in settings.providers if p.spec.kind == "introspection"]
+    if opaque:
+        return opaque[0]
     return settings.providers[0] if len(settings.providers) == 1 else None
 
 
@@ -273,6 +296,8 @@ def rejection_details(
     facts of the caller's token against the configuration. The token itself never appears;
     of its claims only iss and aud are quoted unless ``show_claims``."""
     details = [error.detail] if error.detail else []
+    if error.credential not in (None, "jwt"):
+        return details  # an API key or an opaque token: nothing to read in it
     token = found.token
     if token[:7].lower() == "bearer ":
         details.append(
@@ -345,12 +370,16 @@ def _tokens(engine: Engine, trace: CheckTrace, *, show_claims: bool) -> list[dic
             entry["error"] = outcome.reason
             if outcome.description:
                 entry["description"] = outcome.description
+            if outcome.provider is not None:
+                entry["provider"] = outcome.provider
+                entry["credential"] = outcome.credential
             details = rejection_details(engine, found, outcome, show_claims=show_claims)
             if details:
                 entry["details"] = details
         else:
             entry["result"] = "verified"
             entry["provider"] = outcome.provider
+            entry["credential"] = outcome.credential
             entry["principal"] = outcome.principal
             if show_claims:
                 entry["claims"] = _jsonable(dict(outcome.claims))
@@ -478,8 +507,12 @@ def render_text(result: Mapping[str, Any]) -> str:
     for token in result["tokens"]:
         providers = ", ".join(token["providers"])
         outcome = token["result"]
+        kind = _CREDENTIAL_NAMES.get(token.get("credential") or "jwt")
+        by = f"{token.get('provider')}" + (f" ({kind})" if kind else "")
         if outcome == "verified":
-            outcome = f"verified by {token['provider']}: {token['principal']}"
+            outcome = f"verified by {by}: {token['principal']}"
+        elif outcome == "rejected" and "provider" in token:
+            outcome = f"rejected by {by}: {token['error']}"
         elif outcome == "rejected":
             outcome = f"rejected: {token['error']}"
         lines.append(f"token: {token['location']} (providers {providers}): {outcome}")

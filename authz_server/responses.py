@@ -36,6 +36,10 @@ _DESCRIPTIONS = {
     errors.INVALID_ISSUER: "issuer not accepted",
     errors.INVALID_AUDIENCE: "audience not accepted",
     errors.MISSING_CLAIM: "required claim missing",
+    errors.MALFORMED_API_KEY: "malformed API key",
+    errors.UNKNOWN_API_KEY: "unknown API key",
+    errors.API_KEY_EXPIRED: "API key expired",
+    errors.TOKEN_INACTIVE: "token inactive",
 }
 _ERROR_NAMES = {401: "unauthorized", 403: "forbidden", 500: "internal_error", 503: "unavailable"}
 _GRPC_CODES = {

@@ -124,6 +124,57 @@ class ClaimToHeader(_Model):
     claim: str = Field(min_length=1)
 
 
+class IntrospectionSpec(_Model):
+    """Opaque tokens, asked about at the IdP by OAuth2 Token Introspection (RFC 7662)."""
+
+    endpoint: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    # client_secret_basic: the secret is read from this file (a mounted Secret), never inline.
+    client_secret_file: str = Field(min_length=1)
+    # An active answer is reused this long, never past the token's `exp`; an inactive one,
+    # `negativeCacheTtl`. Revocation at the IdP takes effect here within `cacheTtl`.
+    cache_ttl: Duration = 60.0
+    negative_cache_ttl: Duration = 5.0
+    timeout: Duration = 1.0
+    cache_max_entries: int = Field(default=10_000, ge=0, le=10_000_000)  # 0: no cache
+    # Introspection calls in flight at once for this provider; more wait up to `timeout`.
+    max_concurrent_calls: int = Field(default=16, ge=1, le=1024)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _secure_endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("url must have scheme http:// or https:// and a host")
+        if not _secure_or_loopback(value):
+            raise ValueError(
+                "tokens and the client secret must travel over https (http is accepted on "
+                "loopback only)"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _sane_timeout(cls, value: float) -> float:
+        if not 0.001 <= value <= 10.0:
+            raise ValueError("between 1ms and 10s: a Check waits for it, and Envoy waits less")
+        return value
+
+    @field_validator("cache_ttl", "negative_cache_ttl")
+    @classmethod
+    def _bounded_ttl(cls, value: float) -> float:
+        if value > 3600.0:
+            raise ValueError(
+                "at most 1h: a revoked token stays accepted for as long as its answer is cached"
+            )
+        return value
+
+
+class ApiKeysSpec(_Model):
+    """API keys: a file (a mounted Secret) of SHA-256 hashes, each with a `sub` and claims."""
+
+    file: str = Field(min_length=1)
+
+
 class ProviderSpec(_Model):
     """One JWT issuer: every field of Istio's ``JWTRule`` plus the native extras."""
 
@@ -156,6 +207,18 @@ class ProviderSpec(_Model):
     # value it must equal (a list claim must contain it), or to null for "must be present".
     require_expiration: bool = True
     required_claims: dict[str, str | int | bool | None] = {}
+    # Credentials other than JWTs (native only): one of these instead of a key source.
+    introspection: IntrospectionSpec | None = None
+    api_keys: ApiKeysSpec | None = None
+
+    @property
+    def kind(self) -> Literal["jwt", "introspection", "apiKey"]:
+        """Which kind of credential this provider verifies."""
+        if self.introspection is not None:
+            return "introspection"
+        if self.api_keys is not None:
+            return "apiKey"
+        return "jwt"
 
     @field_validator("refresh_interval", "min_refresh_interval")
     @classmethod
@@ -225,6 +288,8 @@ class ProviderSpec(_Model):
             for s in ("jwks_uri", "jwks", "jwks_file", "shared_secret_file")
             if getattr(self, s) is not None
         ] + (["discovery"] if self.discovery else [])
+        if self.introspection is not None or self.api_keys is not None:
+            return self._opaque_provider(sources)
         if len(sources) != 1:
             raise ValueError(
                 "exactly one of jwksUri, jwks, jwksFile, discovery: true, sharedSecretFile "
@@ -240,6 +305,40 @@ class ProviderSpec(_Model):
         if self.shared_secret_file is not None and "algorithms" not in self.model_fields_set:
             object.__setattr__(self, "algorithms", list(HMAC_ALGORITHMS))
         return self
+
+    def _opaque_provider(self, sources: list[str]) -> ProviderSpec:
+        """An introspection or API keys provider: no JWT key source, nothing JWT-only."""
+        kind = "introspection" if self.introspection is not None else "apiKeys"
+        if self.introspection is not None and self.api_keys is not None:
+            raise ValueError("introspection and apiKeys are two providers: give each its own")
+        jwt_only = sources + [
+            to_camel(f)
+            for f in ("output_payload_to_header", "algorithms")
+            if f in self.model_fields_set
+        ]
+        if jwt_only:
+            raise ValueError(f"{kind} providers read no JWT: remove {', '.join(jwt_only)}")
+        if self.api_keys is not None:
+            jwt_checks = [
+                to_camel(f) for f in ("audiences", "required_claims", "ca_file") if getattr(self, f)
+            ]
+            if jwt_checks:
+                raise ValueError(
+                    f"an apiKeys provider checks no {', '.join(jwt_checks)}: a key's claims "
+                    "come from the keys file"
+                )
+        return self
+
+    def locations(self) -> tuple[tuple[str, str, str], ...]:
+        """Where this provider reads its credential: (kind, name, prefix), header names in
+        lower case; Istio's defaults when none is given."""
+        if not (self.from_headers or self.from_params or self.from_cookies):
+            return (("header", "authorization", "Bearer "), ("param", "access_token", ""))
+        return (
+            *(("header", h.name.lower(), h.prefix) for h in self.from_headers),
+            *(("param", p, "") for p in self.from_params),
+            *(("cookie", c, "") for c in self.from_cookies),
+        )
 
 
 # ------------------------------------------------------------------------------ policies

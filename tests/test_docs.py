@@ -257,6 +257,9 @@ def _names_that_exist() -> set[str]:
     for module in (cli, server):  # the fields of their log lines
         names |= set(re.findall(r'"([a-z_]+)": ', inspect.getsource(module)))
     names |= {p.stem for p in (ROOT / "authz_server").glob("*.py")}
+    from authz_server import introspection
+
+    names |= set(introspection.CALL_RESULTS)  # the `result` label of the introspection calls
     return names
 
 
@@ -276,6 +279,8 @@ _OTHER_NAMES = {
     "process_cpu_seconds_total": "Prometheus' standard process collector",
     "process_resident_memory_bytes": "the same",
     "jwks_uri": "Istio's spelling of jwksUri, accepted",
+    "client_id": "RFC 7662's introspection answer member",
+    "client_secret_basic": "RFC 6749's client authentication by HTTP Basic",
 }
 
 

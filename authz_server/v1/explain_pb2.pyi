@@ -136,7 +136,7 @@ class JudgedRequest(_message.Message):
     def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class TokenOutcome(_message.Message):
-    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims", "details")
+    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims", "details", "credential")
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class TokenOutcome(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     location: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     result: str
@@ -155,7 +156,8 @@ class TokenOutcome(_message.Message):
     description: str
     claims: _struct_pb2.Struct
     details: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., details: _Optional[_Iterable[str]] = ...) -> None: ...
+    credential: str
+    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., details: _Optional[_Iterable[str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class PolicyTrace(_message.Message):
     __slots__ = ("name", "action", "dry_run", "matched", "decided", "rules")

@@ -163,7 +163,8 @@ groups:
         f"  {case}[0] (typo).expect: unknown field 'stauts' (did you mean 'status'? fields: "
         "decision, headers, policy, reason, status)",
         f"  {case}[1] (no expectation).expect: give status or decision (or both)",
-        f"  {case}[2] (both): give claims (a token is minted) or token, not both",
+        f"  {case}[2] (both): give one of claims (a token is minted), token, apiKey, "
+        "introspection, not claims and token",
         f"  {case}[3] (maybe).expect.decision: Input should be 'allow' or 'deny'",
     ]
 
