@@ -58,6 +58,7 @@ from authz_server.workloads import (
     IstioScope,
     NativeScope,
     Workload,
+    client_chosen_scopes,
     istio_selection,
     native_selection,
     workload_problems,
@@ -655,6 +656,9 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
             _, document, path = workload_specs[index]
             where = f"{path}.{field_name}" if field_name else path
             problems.append(ConfigProblem(document, where, message))
+        for index, message in client_chosen_scopes(workloads):
+            _, document, path = workload_specs[index]
+            warnings.append(f"{document}: {path}.hosts: {message}")
         root_namespace = (istio_spec or IstioSpec()).root_namespace
         istio_scopes: list[tuple[str, IstioScope, str, dict[str, frozenset[str]]]] = [
             (name, scope, document, policy_scopes)

@@ -63,6 +63,8 @@ class WouldWait(Exception):  # noqa: N818 (a signal, not an error)
 MISSING_CREDENTIALS = "missing_credentials"
 MALFORMED_TOKEN = "malformed_token"
 AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"
+AMBIGUOUS_COOKIE = "ambiguous_cookie"
+AMBIGUOUS_QUERY = "ambiguous_query"
 UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
 UNKNOWN_KID = "unknown_kid"
 INVALID_SIGNATURE = "invalid_signature"

@@ -26,6 +26,8 @@ GRPC_UNAUTHENTICATED = 16
 _DESCRIPTIONS = {
     errors.MALFORMED_TOKEN: "malformed token",
     errors.AMBIGUOUS_CREDENTIALS: "more than one token",
+    errors.AMBIGUOUS_COOKIE: "token cookie next to a comma",
+    errors.AMBIGUOUS_QUERY: "token parameter next to a semicolon",
     errors.UNSUPPORTED_ALGORITHM: "algorithm not allowed",
     errors.UNKNOWN_KID: "signing key not found",
     errors.INVALID_SIGNATURE: "invalid signature",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
-from authz_server.attributes import RequestAttributes
+from authz_server.attributes import RequestAttributes, cookie_name
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
@@ -53,9 +53,12 @@ def _list_element_ok(item: object) -> bool:
 def _header_value(value: Any) -> str | None:
     """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
     by commas. Objects, lists with an element that would split differently (``"x,admins"``
-    in ``["eng", "x,admins"]`` would read as two groups), and anything with control
-    characters give no header."""
+    in ``["eng", "x,admins"]`` would read as two groups), strings with a space at either end
+    (the policies saw ``" root "``, the upstream would read ``root``: HTTP trims header
+    values) and anything with control characters give no header."""
     if isinstance(value, str):
+        if value != value.strip():
+            return None
         text = value
     elif isinstance(value, bool | int | float):
         text = json.dumps(value)
@@ -97,12 +100,18 @@ def header_twins(header: str, limit: int = 64) -> list[str]:
 
 
 def _without_cookies(header: str, names: set[str]) -> str:
-    """The Cookie header ``header`` without the cookies named in ``names``."""
-    kept = [
-        part.strip()
-        for part in header.split(";")
-        if part.strip() and part.strip().partition("=")[0] not in names
-    ]
+    """The Cookie header ``header`` without the cookies named in ``names``, read as
+    ``RequestAttributes.cookies`` reads them (``,`` separates too, names trimmed and in any
+    case), so that every cookie read as a token is taken out; the others are kept as sent."""
+    taken = {cookie_name(f"{name}=") for name in names}
+    kept: list[str] = []
+    for part in header.split(";"):
+        if "," in part:
+            text = ",".join(c for c in part.split(",") if cookie_name(c) not in taken).strip()
+        else:
+            text = "" if cookie_name(part) in taken else part.strip()
+        if text:
+            kept.append(text)
     return "; ".join(kept)
 
 
@@ -177,6 +186,14 @@ class Engine:
             realm=self.realm,
             token_present=True,
         )
+        # A token location read two ways (a token cookie beside a comma, a token parameter
+        # beside a semicolon): refused by reason.
+        self.ambiguous_readings = {
+            reason: responses.deny(
+                AuthenticationError(reason), realm=self.realm, token_present=True
+            )
+            for reason in (errors.AMBIGUOUS_COOKIE, errors.AMBIGUOUS_QUERY)
+        }
         self.threads = threads or settings.server.threads
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
@@ -497,6 +514,9 @@ class AuthorizationService:
             trace.scope = scope
         if scope is None:
             return engine.unknown_workload, None
+        ambiguity = scope.extractor.ambiguity(request)
+        if ambiguity is not None:
+            return engine.ambiguous_readings[ambiguity], None
         found = scope.extractor.extract(request)
         if trace is not None:
             trace.found = tuple(found)

@@ -45,6 +45,8 @@ MIN_CHECKS_PER_SECOND = 0.2
 UNAUTHENTICATED_REASONS = (
     "missing_credentials",
     "ambiguous_credentials",
+    "ambiguous_cookie",
+    "ambiguous_query",
     "malformed_token",
     "unsupported_algorithm",
     "unknown_kid",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -162,6 +164,32 @@ def http_request(
             return error.code, _lower_headers(error.headers.items()), error.read()
     with response:
         return response.status, _lower_headers(response.headers.items()), response.read()
+
+
+def http_request_lines(
+    url: str, header_lines: Sequence[tuple[str, str]], timeout: float = 5
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` with ``header_lines`` sent one line each, in order, repeats kept (two
+    ``Cookie`` lines stay two); return as ``http_request`` does."""
+    TOKEN_LEDGER.saw_request(url, {})
+    for name, value in header_lines:
+        TOKEN_LEDGER.saw_request("", {name: value})
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None:
+        raise ValueError(f"an http:// URL with a host, not {url!r}")
+    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    target = parts.path or "/"
+    if parts.query:
+        target += f"?{parts.query}"
+    try:
+        connection.putrequest("GET", target, skip_accept_encoding=True)
+        for name, value in header_lines:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, _lower_headers(response.getheaders()), response.read()
+    finally:
+        connection.close()
 
 
 def _lower_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:

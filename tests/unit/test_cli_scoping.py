@@ -93,6 +93,23 @@ def test_check_without_anything_that_recognises_a_workload_is_unknown_workload(
     assert "workload: not recognised" in out
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--context-extension", "workload=billing"),
+        ("--destination-principal", "spiffe://cluster.local/ns/shop/sa/billing"),
+    ],
+)
+def test_check_never_lets_the_host_pick_the_scope_of_what_a_route_or_sidecar_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, str]
+) -> None:
+    # reports lists this host; the route (or the sidecar) named a workload nobody declared.
+    code, result = _check(tmp_path, capsys, *flags, "--host", "reports.example.com")
+
+    assert (code, result["status"], result["reason"]) == (1, 403, "unknown_workload")
+    assert result["workload"]["name"] is None
+
+
 ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
 NO_POLICY_WARNING = (
     "workload 'reports' (namespace 'shop') has no policy in its scope: every request for it "
@@ -108,7 +125,7 @@ def test_a_workload_without_any_policy_is_named_in_a_warning_by_validate_and_che
     out, err = capsys.readouterr()
     assert out == "ok\n"
     assert f"warning: {NO_POLICY_WARNING}" in err.splitlines()
-    assert "'orders'" not in err  # it has a policy
+    assert "workload 'orders' (namespace 'shop') has no policy" not in err  # it has one
 
     code = cli.main(["check", "--config", str(path), "--host", "reports.example.com"])
     out, err = capsys.readouterr()
