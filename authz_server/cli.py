@@ -482,11 +482,12 @@ def _load(path: str) -> config.Settings | None:
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if settings.server.http_authz.listen is not None:
-        from authz_server.doors.http import HTTP_UNKNOWN  # noqa: PLC0415
+        from authz_server.doors.envoy_headers import door_unknown  # noqa: PLC0415
         from authz_server.policy import unknown_attribute_uses  # noqa: PLC0415
         from authz_server.workloads import http_door_gaps  # noqa: PLC0415
 
-        for line in unknown_attribute_uses(settings.policies, HTTP_UNKNOWN):
+        unknown = door_unknown(settings.server.http_authz.attribute_headers)
+        for line in unknown_attribute_uses(settings.policies, unknown):
             print(f"warning: {line}", file=sys.stderr)
         for line in http_door_gaps(settings.workloads):
             print(f"warning: {line}", file=sys.stderr)

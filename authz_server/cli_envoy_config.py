@@ -143,23 +143,25 @@ def _tls(args: argparse.Namespace) -> AuthzTls | None:
         raise UsageError(f"--authz-tls-server-name: {exc}") from None
 
 
-def _from_config(args: argparse.Namespace) -> tuple[list[str], str]:
-    """(identity headers the upstream may receive, path prefix) for the HTTP door, from
-    --config; nothing for the gRPC door (which still refuses a bad --config rather than
-    ignore it). Raises UsageError (--door http without --config), ConfigError."""
+def _from_config(args: argparse.Namespace) -> tuple[list[str], str, bool]:
+    """(identity headers the upstream may receive, path prefix, whether Envoy adds the
+    connection's attributes: `httpAuthz.attributeHeaders`) for the HTTP door, from --config;
+    nothing for the gRPC door (which still refuses a bad --config rather than ignore it).
+    Raises UsageError (--door http without --config), ConfigError."""
     if args.config is None:
         if args.door == "http":
             raise UsageError(
                 "--door http needs --config: Envoy passes on to the upstream only the identity "
                 "headers the configuration sets, and must use its server.httpAuthz.pathPrefix"
             )
-        return [], ""
+        return [], "", False
     settings = config.load(args.config)
     if args.door != "http":
-        return [], ""
+        return [], "", False
     return (
         output_headers([p.spec for p in settings.providers]),
         settings.server.http_authz.path_prefix,
+        settings.server.http_authz.attribute_headers,
     )
 
 
@@ -212,7 +214,7 @@ def render(args: argparse.Namespace) -> str:
     if timeout <= 0:
         raise UsageError(f"--timeout {args.timeout!r}: must be more than 0")
     tls = _tls(args)
-    headers, path_prefix = _from_config(args)
+    headers, path_prefix, attribute_headers = _from_config(args)
     try:
         bootstrap = render_bootstrap(
             listen_host=listen_host,
@@ -226,6 +228,7 @@ def render(args: argparse.Namespace) -> str:
             upstream_headers=headers,
             path_prefix=path_prefix,
             authz_tls=tls,
+            attribute_headers=attribute_headers,
         )
     except ValueError as exc:
         raise UsageError(str(exc).replace("authz_address", "--authz-address")) from None

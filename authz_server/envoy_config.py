@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from authz_server.doors.envoy_headers import ATTRIBUTE_HEADERS
+
 __all__ = ["AuthzTls", "render_bootstrap"]
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -174,6 +176,7 @@ def render_bootstrap(
     upstream_headers: Sequence[str] = (),
     path_prefix: str = "",
     authz_tls: AuthzTls | None = None,
+    attribute_headers: bool = False,
 ) -> str:
     """Return an Envoy v3 bootstrap (YAML) fronting `upstream_host`:`upstream_port` with ext_authz.
 
@@ -186,12 +189,17 @@ def render_bootstrap(
     `authz_timeout_s`, the client gets 503 (not a 403 that would blame the caller).
     A host that is not an IP literal (a Kubernetes Service name, say) makes its cluster
     STRICT_DNS instead of STATIC. `authz_tls`: call the gRPC door over TLS or mTLS (the HTTP
-    door is plaintext). Raises ValueError on a malformed address or timeout.
+    door is plaintext). `attribute_headers`: for the HTTP door, add the connection's
+    attributes (client address, peer URI SAN, SNI, destination address and port) to every
+    authorization request in the x-authz-* headers the server reads when its
+    `httpAuthz.attributeHeaders` is on. Raises ValueError on a malformed address or timeout.
     """
     if authz_timeout_s <= 0:
         raise ValueError(f"authz_timeout_s must be positive, got {authz_timeout_s}")
     if authz_tls is not None and door != "grpc":
         raise ValueError("authz_tls: only the gRPC door speaks TLS; the HTTP door is plaintext")
+    if attribute_headers and door != "http":
+        raise ValueError("attribute_headers: only the HTTP door needs them (gRPC carries them)")
     ext_authz: dict[str, Any] = {
         "@type": _EXT_AUTHZ,
         "transport_api_version": "V3",
@@ -205,7 +213,9 @@ def render_bootstrap(
             "timeout": _duration(authz_timeout_s),
         }
     elif door == "http":
-        ext_authz["http_service"] = _http_service(authz_timeout_s, upstream_headers, path_prefix)
+        ext_authz["http_service"] = _http_service(
+            authz_timeout_s, upstream_headers, path_prefix, attribute_headers=attribute_headers
+        )
     else:
         raise ValueError(f"door must be 'grpc' or 'http', got {door!r}")
     connection_manager = {
@@ -277,7 +287,11 @@ def render_bootstrap(
 
 
 def _http_service(
-    timeout_s: float, upstream_headers: Sequence[str], path_prefix: str
+    timeout_s: float,
+    upstream_headers: Sequence[str],
+    path_prefix: str,
+    *,
+    attribute_headers: bool = False,
 ) -> dict[str, Any]:
     """The `http_service` of the HTTP door. Every request header goes to the server: without
     `allowed_headers`, Envoy sends only Host, Content-Length and Authorization, and the server
@@ -285,12 +299,16 @@ def _http_service(
     the client-sent twins (`x_user` for `x-user`) it must have removed. On an allow, Envoy
     copies the listed response headers onto the upstream request and removes those named in
     `x-envoy-auth-headers-to-remove`; on a denial it sends the server's status, headers and
-    body to the client."""
+    body to the client. With `attribute_headers`, Envoy sets the x-authz-* headers (its
+    formatters in quotes, so never empty: a client-sent copy is always overwritten)."""
+    request: dict[str, Any] = {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}}
+    if attribute_headers:
+        request["headers_to_add"] = [
+            {"key": header, "value": value} for header, _, value in ATTRIBUTE_HEADERS
+        ]
     service: dict[str, Any] = {
         "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": _duration(timeout_s)},
-        "authorization_request": {
-            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}
-        },
+        "authorization_request": request,
     }
     if path_prefix:
         service["path_prefix"] = path_prefix

@@ -20,9 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from pydantic.alias_generators import to_camel
 
 from authz_server.config import Settings
+from authz_server.doors.envoy_headers import door_unknown
 from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
-from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor
+from authz_server.doors.http import HttpDoor
 from authz_server.jwks import JWKSCache
 from authz_server.log import DecisionLog
 from authz_server.metrics import CONTENT_TYPE, Metrics
@@ -315,7 +316,8 @@ class AuthzServer:
         say so for each such clause, at every load."""
         if self.http_authz_listen is None:
             return
-        for line in unknown_attribute_uses(self.settings.policies, HTTP_UNKNOWN):
+        unknown = door_unknown(self.settings.server.http_authz.attribute_headers)
+        for line in unknown_attribute_uses(self.settings.policies, unknown):
             log.warning("%s", line)
         for line in http_door_gaps(self.settings.workloads):
             log.warning("%s", line)

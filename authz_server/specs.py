@@ -656,6 +656,11 @@ class HttpAuthzSpec(_Model):
     # below it so Envoy, not us, closes idle connections.
     idle_timeout: Duration = 300.0
     max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Read the client's address, its mTLS identity (URI SAN), the SNI and the destination
+    # address and port from the x-authz-* headers Envoy adds (doors/envoy_headers.py); off,
+    # policies on them fail closed through this door. Turn it on only with an Envoy that adds
+    # them (`authz-server envoy-config`, Istio's includeAdditionalHeadersInCheck).
+    attribute_headers: bool = False
 
     @field_validator("path_prefix")
     @classmethod

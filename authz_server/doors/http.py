@@ -43,15 +43,8 @@ import httptools
 import uvloop
 
 from authz_server import responses
-from authz_server.attributes import (
-    CONNECTION_SNI,
-    CONTEXT_EXTENSIONS,
-    DESTINATION_IP,
-    DESTINATION_PORT,
-    SOURCE_IP,
-    SOURCE_PRINCIPAL,
-    RequestAttributes,
-)
+from authz_server.attributes import RequestAttributes
+from authz_server.doors.envoy_headers import UNKNOWN_WITHOUT_HEADERS, read_attribute_headers
 from authz_server.errors import WouldWait
 from authz_server.log import name_os_thread
 from authz_server.responses import Decision
@@ -59,11 +52,9 @@ from authz_server.specs import HttpAuthzSpec
 
 log = logging.getLogger("authz_server.http")
 
-# What Envoy's HTTP ext_authz request does not carry: policies fail closed on these.
-HTTP_UNKNOWN = frozenset(
-    {SOURCE_IP, SOURCE_PRINCIPAL, DESTINATION_IP, DESTINATION_PORT, CONNECTION_SNI,
-     CONTEXT_EXTENSIONS}
-)  # fmt: skip
+# What Envoy's HTTP ext_authz request does not carry: policies fail closed on these (unless
+# server.httpAuthz.attributeHeaders has Envoy add them: doors/envoy_headers.py).
+HTTP_UNKNOWN = UNKNOWN_WITHOUT_HEADERS
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
 _STATUS_TEXT = {
@@ -379,7 +370,12 @@ class _Connection(asyncio.Protocol):
                 path = "/" + path
         self.pending.append(
             (
-                to_attributes(parser.get_method().decode("ascii"), path, self.headers),
+                to_attributes(
+                    parser.get_method().decode("ascii"),
+                    path,
+                    self.headers,
+                    attribute_headers=self.door.attribute_headers,
+                ),
                 parser.should_keep_alive(),
             )
         )
@@ -447,13 +443,32 @@ class _Connection(asyncio.Protocol):
         return self.started == 0.0 and not self.pending and not self.busy
 
 
-def to_attributes(method: str, path: str, headers: dict[str, str]) -> RequestAttributes:
+def to_attributes(
+    method: str, path: str, headers: dict[str, str], *, attribute_headers: bool = False
+) -> RequestAttributes:
     """The request Envoy forwarded, as the decision sees it (``path`` already without the
-    door's prefix). Envoy's pseudo-headers are added as the gRPC door sees them."""
+    door's prefix). Envoy's pseudo-headers are added as the gRPC door sees them.
+    ``attribute_headers``: read the connection's attributes from the headers Envoy adds
+    (``server.httpAuthz.attributeHeaders``); otherwise they are unknown."""
     host = headers.get("host", "")
     headers[":authority"] = host
     headers[":method"] = method
     headers[":path"] = path
+    if attribute_headers:
+        connection = read_attribute_headers(headers)
+        return RequestAttributes(
+            method=method,
+            host=host,
+            path=path or "/",
+            headers=headers,
+            source_ip=connection.source_ip,
+            peer_principal=connection.peer_principal,
+            destination_ip=connection.destination_ip,
+            destination_port=connection.destination_port,
+            sni=connection.sni,
+            door="http",
+            unknown=connection.unknown,
+        )
     return RequestAttributes(
         method=method,
         host=host,
@@ -496,6 +511,7 @@ class HttpDoor:
         self.spec = spec
         self.listen = listen
         self.path_prefix = spec.path_prefix
+        self.attribute_headers = spec.attribute_headers
         self.reuse_port = reuse_port
         self.renderer = HttpRenderer()
         self.connections: set[_Connection] = set()

@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready(f"http://127.0.0.1:{http_port}/readyz")
 
         bootstrap = workdir / "envoy.yaml"
+        settings = config.load(CONFIG)
         bootstrap.write_text(
             render_bootstrap(
                 listen_port=listen_port,
@@ -453,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                 upstream_port=upstream.port,
                 door=args.door,
                 # The HTTP door's Envoy passes on only the identity headers it lists.
-                upstream_headers=output_headers([p.spec for p in config.load(CONFIG).providers]),
+                upstream_headers=output_headers([p.spec for p in settings.providers]),
+                attribute_headers=args.door == "http"
+                and settings.server.http_authz.attribute_headers,
             )
         )
         proxy = _spawn(

@@ -279,3 +279,25 @@ def test_the_documented_commands_print_envoys_bootstrap(capsys: pytest.CaptureFi
         code, out, err = _run(capsys, *argv)
         assert code == 0, f"{argv}: {err}"
         _bootstrap(out)
+
+
+def test_http_door_bootstrap_adds_the_connection_attributes_when_the_config_reads_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def added(config_text: str) -> dict[str, str]:
+        (tmp_path / "config.yaml").write_text(config_text)
+        code, out, err = _run(
+            capsys, *GRPC, "--door", "http", "--authz-address", "127.0.0.1:9002",
+            "--config", str(tmp_path),
+        )  # fmt: skip
+        assert code == 0, err
+        _, ext_authz = _filters(_bootstrap(out))
+        return {h.key: h.value for h in ext_authz.http_service.authorization_request.headers_to_add}
+
+    assert added(CONFIG) == {}
+    turned_on = added(CONFIG.replace("pathPrefix: /authz}", "pathPrefix: /authz, attributeHeaders: true}"))
+    assert turned_on["x-authz-source-ip"] == '"%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"'
+    assert set(turned_on) == {
+        "x-authz-source-ip", "x-authz-peer-principal", "x-authz-destination-ip",
+        "x-authz-destination-port", "x-authz-sni",
+    }  # fmt: skip

@@ -179,3 +179,39 @@ def test_envoy_validates_the_committed_example() -> None:
     # Validate mode resolves no names: STRICT_DNS clusters pass offline (checked in an
     # empty network namespace too).
     _envoy_validate(EXAMPLE_DIR / "envoy.yaml")
+
+
+def test_the_http_door_bootstrap_adds_the_connection_attributes_quoted_when_asked(
+    tmp_path: Path,
+) -> None:
+    def rendered(**door: Any) -> dict[str, Any]:
+        return yaml.safe_load(
+            render_bootstrap(
+                listen_port=18080,
+                admin_port=18081,
+                authz_address="127.0.0.1:9002",
+                upstream_port=18082,
+                door="http",
+                **door,
+            )
+        )
+
+    plain = _ext_authz(rendered())["http_service"]["authorization_request"]
+    assert "headers_to_add" not in plain
+    bootstrap = rendered(attribute_headers=True)
+    added = _ext_authz(bootstrap)["http_service"]["authorization_request"]["headers_to_add"]
+    assert {h["key"]: h["value"] for h in added} == {
+        "x-authz-source-ip": '"%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"',
+        "x-authz-peer-principal": '"%DOWNSTREAM_PEER_URI_SAN%"',
+        "x-authz-destination-ip": '"%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%"',
+        "x-authz-destination-port": '"%DOWNSTREAM_LOCAL_PORT%"',
+        "x-authz-sni": '"%REQUESTED_SERVER_NAME%"',
+    }
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(bootstrap))
+    _envoy_validate(config)  # Envoy knows every formatter named
+    with pytest.raises(ValueError, match="only the HTTP door"):
+        render_bootstrap(
+            listen_port=1, admin_port=2, authz_address="127.0.0.1:9001", upstream_port=3,
+            attribute_headers=True,
+        )  # fmt: skip

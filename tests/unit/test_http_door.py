@@ -414,3 +414,64 @@ def test_checks_through_the_door_are_counted_with_its_label(
         )
         == 1
     )
+
+
+ATTRIBUTE_LIMITS = """
+  httpAuthz:
+    attributeHeaders: true
+"""
+
+CONNECTION_POLICIES = """
+  - name: no-port-8080
+    action: DENY
+    rules: [{to: [{operation: {ports: ["8080"]}}]}]
+  - name: office
+    rules: [{from: [{source: {ipBlocks: ["10.0.0.0/8"]}}], to: [{operation: {paths: ["/office"]}}]}]
+  - name: orders-service
+    rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/orders"]}}],
+             to: [{operation: {paths: ["/internal"]}}]}]
+"""
+
+
+def envoy_added(source: str, port: str, peer: str = "", sni: str = "") -> tuple[str, ...]:
+    """The header lines Envoy adds with httpAuthz.attributeHeaders (its formatters, quoted)."""
+    return (
+        f'x-authz-source-ip: "{source}"',
+        f'x-authz-peer-principal: "{peer}"',
+        'x-authz-destination-ip: "10.0.0.5"',
+        f'x-authz-destination-port: "{port}"',
+        f'x-authz-sni: "{sni}"',
+    )
+
+
+def test_with_attribute_headers_the_door_decides_on_the_connection_as_the_grpc_door(
+    tmp_path: Path, rsa_key: SigningKey, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="authz_server.server")
+    running = start_server(tmp_path, rsa_key, limits=ATTRIBUTE_LIMITS, extra=CONNECTION_POLICIES)
+    try:
+
+        def decided(path: str, bearer: str | None, *extra: str) -> tuple[int, str | None]:
+            status, _, body = ask(running, request(path, bearer, *extra))
+            return status, json.loads(body)["reason"] if body else None
+
+        # The DENY on port 8080 reads Envoy's port: other ports pass, 8080 is denied.
+        assert decided("/orders", token, *envoy_added("192.0.2.1", "443")) == (200, None)
+        assert decided("/orders", token, *envoy_added("192.0.2.1", "8080")) == (
+            403,
+            "policy_denied",
+        )
+        # ipBlocks and principals match what Envoy says of the connection (no token: only
+        # these rules can allow).
+        assert decided("/office", None, *envoy_added("10.1.2.3", "443"))[0] == 200
+        assert decided("/office", None, *envoy_added("192.0.2.1", "443"))[0] == 401
+        peer = "spiffe://cluster.local/ns/shop/sa/orders"
+        assert decided("/internal", None, *envoy_added("192.0.2.1", "443", peer=peer))[0] == 200
+        assert decided("/internal", None, *envoy_added("192.0.2.1", "443"))[0] == 401
+        # Without Envoy's headers (an Envoy not configured for them) the port is unknown: the
+        # DENY fails closed, as with the setting off.
+        assert decided("/orders", token) == (403, "policy_denied")
+    finally:
+        running.stop(grace=1)
+    warnings = [r.getMessage() for r in caplog.records if "HTTP door does not" in r.getMessage()]
+    assert warnings == []  # nothing the policies read is out of the door's reach any more
