@@ -295,7 +295,8 @@ def test_http_door_bootstrap_adds_the_connection_attributes_when_the_config_read
         return {h.key: h.value for h in ext_authz.http_service.authorization_request.headers_to_add}
 
     assert added(CONFIG) == {}
-    turned_on = added(CONFIG.replace("pathPrefix: /authz}", "pathPrefix: /authz, attributeHeaders: true}"))
+    on = "pathPrefix: /authz, attributeHeaders: true}"
+    turned_on = added(CONFIG.replace("pathPrefix: /authz}", on))
     assert turned_on["x-authz-source-ip"] == '"%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"'
     assert set(turned_on) == {
         "x-authz-source-ip", "x-authz-peer-principal", "x-authz-destination-ip",
