@@ -208,6 +208,8 @@ def render_bootstrap(
     }
     if door == "grpc":
         ext_authz["include_peer_certificate"] = True
+        # The SNI (`connection.sni`): without this, Envoy leaves `tls_session` out.
+        ext_authz["include_tls_session"] = True
         ext_authz["grpc_service"] = {
             "envoy_grpc": {"cluster_name": "authz"},
             "timeout": _duration(authz_timeout_s),
