@@ -106,7 +106,7 @@ class Front:
             lines = [f"GET {path} HTTP/1.1", "Host: api.test", "Connection: close"]
             lines += [f"{name}: {value}" for name, value in headers]
             tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            response = http.client.HTTPResponse(tls)
             response.begin()
             response.read()
             return response.status
@@ -164,9 +164,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     )
     envoy_ports = {door: free_port() for door in DOORS}
     config = workdir / "config.yaml"
-    config.write_text(
-        CONFIG.format(grpc_port=envoy_ports["grpc"], http_port=envoy_ports["http"])
-    )
+    config.write_text(CONFIG.format(grpc_port=envoy_ports["grpc"], http_port=envoy_ports["http"]))
     grpc_port, door_port = free_port(), free_port()
     with AuthzServerProcess(
         config,
@@ -215,48 +213,39 @@ FORGED_IP = (("x-authz-source-ip", '"10.1.2.3"'), ("x-authz-source-ip", "10.1.2.
 FORGED_PORT = (("x-authz-destination-port", '"1"'),)
 FORGED_SNI = (("x-authz-sni", '"localhost"'),)
 
-# (path, client certificate, SNI, headers the client adds, status through either door)
-CASES = [
-    ("/peer/x", "alice", True, (), 200),
-    ("/peer/x", None, True, (), 403),
-    ("/peer/x", None, True, FORGED_ALICE, 403),  # no certificate: Envoy sends "" as the peer
-    ("/peer/x", "mallory", True, FORGED_ALICE, 403),  # the DENY on mallory holds
-    ("/ip/x", None, True, (), 200),
-    ("/far-ip/x", None, True, (), 403),
-    ("/far-ip/x", None, True, FORGED_IP, 403),
-    ("/port/x", None, True, (), 200),
-    ("/far-port/x", None, True, (), 403),
-    ("/far-port/x", None, True, FORGED_PORT, 403),
-    ("/sni/x", None, True, (), 200),
-    ("/sni/x", None, False, (), 403),
-    ("/sni/x", None, False, FORGED_SNI, 403),  # no SNI: Envoy sends "" as the SNI
-]
-IDS = [
-    "peer-alice",
-    "peer-none",
-    "peer-forged-without-certificate",
-    "peer-forged-by-denied-mallory",
-    "ip-local",
-    "ip-elsewhere",
-    "ip-forged",
-    "port-listener",
-    "port-other",
-    "port-forged",
-    "sni-localhost",
-    "sni-none",
-    "sni-forged-without-sni",
-]
+
+@dataclass(frozen=True)
+class Case:
+    path: str
+    peer: str | None  # the client certificate's name, or none
+    sni: bool
+    headers: tuple[tuple[str, str], ...]  # what the client adds
+    status: int  # through either door
 
 
-@pytest.mark.parametrize(("path", "peer", "sni", "headers", "status"), CASES, ids=IDS)
+CASES = {
+    "peer-alice": Case("/peer/x", "alice", True, (), 200),
+    "peer-none": Case("/peer/x", None, True, (), 403),
+    # No certificate: Envoy sends "" as the peer, over the client's copies.
+    "peer-forged-without-certificate": Case("/peer/x", None, True, FORGED_ALICE, 403),
+    "peer-forged-by-denied-mallory": Case("/peer/x", "mallory", True, FORGED_ALICE, 403),
+    "ip-local": Case("/ip/x", None, True, (), 200),
+    "ip-elsewhere": Case("/far-ip/x", None, True, (), 403),
+    "ip-forged": Case("/far-ip/x", None, True, FORGED_IP, 403),
+    "port-listener": Case("/port/x", None, True, (), 200),
+    "port-other": Case("/far-port/x", None, True, (), 403),
+    "port-forged": Case("/far-port/x", None, True, FORGED_PORT, 403),
+    "sni-localhost": Case("/sni/x", None, True, (), 200),
+    "sni-none": Case("/sni/x", None, False, (), 403),
+    # No SNI: Envoy sends "" as the SNI, over the client's copy.
+    "sni-forged-without-sni": Case("/sni/x", None, False, FORGED_SNI, 403),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_connection_policies_decide_alike_through_both_doors_and_forged_headers_change_nothing(
-    front: Front,
-    path: str,
-    peer: str | None,
-    sni: bool,
-    headers: tuple[tuple[str, str], ...],
-    status: int,
+    front: Front, case: Case
 ) -> None:
     front.upstream.clear()
-    assert front.get(path, peer=peer, sni=sni, headers=headers) == status
-    assert len(front.upstream.requests) == (1 if status == 200 else 0)
+    assert front.get(case.path, peer=case.peer, sni=case.sni, headers=case.headers) == case.status
+    assert len(front.upstream.requests) == (1 if case.status == 200 else 0)
