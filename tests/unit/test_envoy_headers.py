@@ -3,7 +3,12 @@ the HTTP door's requests, and what stays unknown (fails closed) when they are no
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import jsonschema
 import pytest
+import yaml
 
 from authz_server.attributes import (
     CONNECTION_SNI,
@@ -91,3 +96,18 @@ def test_envoys_values_are_its_formatters_in_quotes_so_never_empty() -> None:
         CONTEXT_EXTENSIONS
     }
     assert door_unknown(True) == frozenset({CONTEXT_EXTENSIONS})
+
+
+def test_the_istio_provider_in_the_reference_adds_exactly_what_the_door_reads() -> None:
+    root = Path(__file__).resolve().parents[2]
+    reference = (root / "docs" / "reference.md").read_text()
+    section = reference.split("#### With Istio (`envoyExtAuthzHttp`)", 1)[1]
+    block = re.search(r"```text\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    provider = yaml.safe_load(block.group(1))["envoyExtAuthzHttp"]
+    added = provider["includeAdditionalHeadersInCheck"]
+    assert added == {header: value for header, _, value in ATTRIBUTE_HEADERS}
+    schema_file = root / "tests" / "data" / "istio-ext-authz-providers.yaml"
+    schema = yaml.safe_load(schema_file.read_text())
+    field = schema["$defs"]["envoyExtAuthzHttp"]["properties"]["includeAdditionalHeadersInCheck"]
+    jsonschema.validate(added, field)
