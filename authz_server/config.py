@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from authz_server.apikeys import KeysFileError, parse_keys_file
+from authz_server.doors.envoy_headers import RESERVED_HEADERS
 from authz_server.errors import ConfigError, ConfigProblem
 from authz_server.istio import (
     ISTIO_SECURITY_VERSIONS,
@@ -303,6 +304,32 @@ def _opaque_location_problems(providers: list[FoundProvider]) -> list[ConfigProb
                     "cookie",
                 )
             )
+    return problems
+
+
+def _reserved_header_problems(providers: list[FoundProvider]) -> list[ConfigProblem]:
+    """With ``httpAuthz.attributeHeaders``, a provider may neither read its credential from nor
+    write identity into an x-authz-* header: Envoy overwrites those on every request to the HTTP
+    door with the connection's attributes."""
+    problems: list[ConfigProblem] = []
+    for spec, document, prefix, _ in providers:
+        named = [(f"fromHeaders[{i}].name", h.name) for i, h in enumerate(spec.from_headers)]
+        named += [
+            (f"outputClaimToHeaders[{i}].header", h.header)
+            for i, h in enumerate(spec.output_claim_to_headers)
+        ]
+        if spec.output_payload_to_header:
+            named.append(("outputPayloadToHeader", spec.output_payload_to_header))
+        problems.extend(
+            ConfigProblem(
+                document,
+                f"{prefix}.{field_path}",
+                f"{header!r} is reserved while server.httpAuthz.attributeHeaders is on: Envoy "
+                "sets it to a connection attribute on every request to the HTTP door",
+            )
+            for field_path, header in named
+            if header.lower() in RESERVED_HEADERS
+        )
     return problems
 
 
@@ -596,6 +623,8 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
             resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
 
     problems.extend(_opaque_location_problems(providers))
+    if server is not None and server.http_authz.attribute_headers:
+        problems.extend(_reserved_header_problems(providers))
     seen_names: set[str] = set()
     for name, document, name_path in policy_names:
         if name in seen_names:

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from authz_server import config
 from authz_server.attributes import (
     CONNECTION_SNI,
     CONTEXT_EXTENSIONS,
@@ -23,6 +24,8 @@ from authz_server.doors.envoy_headers import (
     door_unknown,
     read_attribute_headers,
 )
+from authz_server.errors import ConfigError
+from tests.helpers import write_config
 
 # What Envoy sends for an mTLS client (its formatters in quotes).
 FROM_ENVOY = {
@@ -111,3 +114,31 @@ def test_the_istio_provider_in_the_reference_adds_exactly_what_the_door_reads() 
     schema = yaml.safe_load(schema_file.read_text())
     field = schema["$defs"]["envoyExtAuthzHttp"]["properties"]["includeAdditionalHeadersInCheck"]
     jsonschema.validate(added, field)
+
+
+RESERVED_CONFIG = """
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server:
+  httpAuthz: {attributeHeaders: true}
+providers:
+  - issuer: https://idp.example.com
+    jwksUri: https://idp.example.com/jwks.json
+    fromHeaders: [{name: X-Authz-Peer-Principal}]
+    outputClaimToHeaders: [{header: x-user, claim: sub}, {header: x-authz-source-ip, claim: ip}]
+policies:
+  - name: signed-in
+    rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+"""
+
+
+def test_a_provider_cannot_use_a_header_envoy_overwrites_with_the_connection(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config.load(write_config(tmp_path, RESERVED_CONFIG))
+    where = sorted(problem.path for problem in refused.value.problems)
+    assert where == ["providers[0].fromHeaders[0].name", "providers[0].outputClaimToHeaders[1].header"]
+    assert all("attributeHeaders" in problem.message for problem in refused.value.problems)
+    # With the setting off the names are anyone's.
+    config.load(write_config(tmp_path, RESERVED_CONFIG.replace("true", "false")))
