@@ -138,7 +138,10 @@ def test_a_provider_cannot_use_a_header_envoy_overwrites_with_the_connection(
     with pytest.raises(ConfigError) as refused:
         config.load(write_config(tmp_path, RESERVED_CONFIG))
     where = sorted(problem.path for problem in refused.value.problems)
-    assert where == ["providers[0].fromHeaders[0].name", "providers[0].outputClaimToHeaders[1].header"]
+    assert where == [
+        "providers[0].fromHeaders[0].name",
+        "providers[0].outputClaimToHeaders[1].header",
+    ]
     assert all("attributeHeaders" in problem.message for problem in refused.value.problems)
     # With the setting off the names are anyone's.
     config.load(write_config(tmp_path, RESERVED_CONFIG.replace("true", "false")))
