@@ -22,7 +22,7 @@ clauses fail closed exactly as without the setting.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -78,12 +78,14 @@ def _unquote(value: str | None) -> str | None:
 
 
 def _address(value: str | None) -> str | None:
+    """The IP address in ``value``, or None. NOTE: checked with inet_pton (C, a fraction of a
+    microsecond; ipaddress takes several): the policies parse it only when they read it."""
     text = _unquote(value)
     if not text:
         return None
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):
         return None
     return text
 
