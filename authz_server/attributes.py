@@ -2,7 +2,8 @@
 
 A door (gRPC ``CheckRequest``, or Envoy's HTTP ext_authz request) fills a
 ``RequestAttributes``; the core decides on it. A door that cannot know an attribute (the HTTP
-door never sees the client's address, its mTLS identity or the destination port) names it in
+door sees the client's address, its mTLS identity or the destination port only in headers
+Envoy adds, ``server.httpAuthz.attributeHeaders``) names it in
 ``unknown``, and the policies treat it as unknown rather than absent: they fail closed.
 Derived views (normalized path, query parameters, cookies, client address, peer identity) are
 computed on first use and kept for the rest of the Check.
