@@ -249,6 +249,33 @@ def _resolve_server_tls(
     return server.model_copy(update={"tls": tls})
 
 
+def _resolve_replay_cache(
+    server: ServerSpec, doc: Document, problems: list[ConfigProblem]
+) -> ServerSpec:
+    """``server`` with the replay cache's Redis files (password, CA) made absolute, after
+    checking they can be read; each problem names its field."""
+    redis = server.replay_cache.redis
+    if redis is None:
+        return server
+    absolute: dict[str, str] = {}
+    for attr, field_name in (("password_file", "passwordFile"), ("ca_file", "caFile")):
+        value = getattr(redis, attr)
+        if value is None:
+            continue
+        path = (doc.base_dir / value).absolute()
+        if not path.is_file():
+            problems.append(
+                ConfigProblem(
+                    doc.label, f"server.replayCache.redis.{field_name}", f"no such file: {path}"
+                )
+            )
+        absolute[attr] = str(path)
+    replay_cache = server.replay_cache.model_copy(
+        update={"redis": redis.model_copy(update=absolute)}
+    )
+    return server.model_copy(update={"replay_cache": replay_cache})
+
+
 _Item = TypeVar("_Item", bound=BaseModel)
 
 
@@ -322,6 +349,7 @@ def load(path: str | Path) -> Settings:
                         ConfigProblem(doc.label, "server", "set in more than one document")
                     )
                 server = _resolve_server_tls(native.server, doc, problems)
+                server = _resolve_replay_cache(server, doc, problems)
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue
