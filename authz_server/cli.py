@@ -1,4 +1,4 @@
-"""Command line: ``authz-server serve | validate | check | test | token | version``.
+"""Command line: ``authz-server serve | validate | check | test | token | envoy-config | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
 that a log pipeline sees every line of a pod; ``validate``, ``check``, ``test`` and ``token`` are
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken, specs
+from authz_server import __version__, cli_envoy_config, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    cli_envoy_config.add_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -491,6 +492,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == cli_envoy_config.COMMAND:
+        return cli_envoy_config.run(args)
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)

@@ -640,12 +640,29 @@ def test_custom_policy_names_the_mesh_provider_on_the_gateway() -> None:
 
 def test_custom_policy_checks_every_path_but_a_few_exact_exceptions() -> None:
     rules = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
-    # One rule, only notPaths: no host, method or path narrows what is sent to us, so a path
-    # nobody thought of (or spelt differently) is checked too.
-    assert rules == [{"to": [{"operation": {"notPaths": ["/healthz"]}}]}]
+    # One rule: the API's hosts and notPaths. No method or path narrows what is sent to us, so
+    # a path nobody thought of (or spelt differently) is checked too.
+    (rule,) = rules
+    (to,) = rule["to"]
+    assert set(rule) == {"to"}
+    assert set(to["operation"]) == {"hosts", "notPaths"}
+    assert to["operation"]["notPaths"] == ["/healthz"]
     # Exact paths: a `*` or `{**}` template would exempt a whole subtree.
-    exceptions = rules[0]["to"][0]["operation"]["notPaths"]
+    exceptions = to["operation"]["notPaths"]
     assert all(p.startswith("/") and "*" not in p and "{" not in p for p in exceptions)
+
+
+def test_custom_policy_names_the_apis_hosts_each_with_and_without_a_port() -> None:
+    """On a gateway shared with other teams, only the API's hosts are sent to the server."""
+    (rule,) = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
+    hosts = rule["to"][0]["operation"].get("hosts")
+    assert hosts, "the CUSTOM policy names no hosts: it catches every host of the gateway"
+    # Names, never a wildcard that would take in other teams' hosts again.
+    bare = [h for h in hosts if not h.endswith(":*")]
+    assert bare and all("*" not in h for h in bare), hosts
+    # Istio compares hosts exactly, and the gateway routes `host` and `host:<port>` alike: a
+    # host without its port twin would let `Host: api.example.com:443` past the check.
+    assert sorted(hosts) == sorted(bare + [f"{h}:*" for h in bare])
 
 
 def test_mesh_normalises_paths_before_any_policy_sees_them() -> None:

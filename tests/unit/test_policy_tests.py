@@ -22,7 +22,7 @@ from tests.helpers import claims_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "examples" / "demo" / "config.yaml"
-DEMO_CASES = ROOT / "examples" / "demo" / "policy-tests.yaml"
+DEMO_CASES = ROOT / "examples" / "demo-tests" / "policy-tests.yaml"
 README = ROOT / "README.md"
 
 
