@@ -91,6 +91,26 @@ def _parser() -> argparse.ArgumentParser:
         help="a file holding a JWT (not on the command line), sent where its provider reads "
         "a token first (default 'Authorization: Bearer')",
     )
+    check.add_argument(
+        "--dpop-proof",
+        type=Path,
+        metavar="FILE",
+        help="a file holding a DPoP proof (`token dpop-proof`): sent as the DPoP header, and "
+        "the --token-file token as 'Authorization: DPoP'",
+    )
+    check.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="FILE",
+        help="a PEM client certificate, as Envoy sends the one of the client's mTLS connection "
+        "(include_peer_certificate): for certificate-bound tokens",
+    )
+    check.add_argument(
+        "--scheme",
+        default="",
+        choices=["", "http", "https"],
+        help="the scheme Envoy saw (a DPoP proof's htu names it; default http)",
+    )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
         "--context-extension",
@@ -246,7 +266,10 @@ def _token(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     import json  # noqa: PLC0415
+    from urllib.parse import quote  # noqa: PLC0415
 
+    from authz_server.binding import certificate_der_from_pem  # noqa: PLC0415
+    from authz_server.credentials import DPOP_LOCATION  # noqa: PLC0415
     from authz_server.explain import (  # noqa: PLC0415
         explain,
         place_token,
@@ -278,6 +301,25 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+    proof = client_certificate = ""
+    if args.dpop_proof is not None:
+        try:
+            proof = args.dpop_proof.read_text().strip()
+        except OSError as exc:
+            print(f"--dpop-proof {args.dpop_proof}: {exc.strerror}", file=sys.stderr)
+            return 2
+        headers["dpop"] = proof
+    if args.client_cert is not None:
+        try:
+            pem = args.client_cert.read_text()
+            certificate_der_from_pem(pem)
+        except OSError as exc:
+            print(f"--client-cert {args.client_cert}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--client-cert {args.client_cert}: {exc}", file=sys.stderr)
+            return 2
+        client_certificate = quote(pem, safe="")  # as Envoy sends it: URL-encoded PEM
     engine = Engine.build(settings)
     try:
         if args.jwks_file is not None:
@@ -297,7 +339,9 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         path = args.path
         if args.token_file is not None:
             # Where the token's provider reads one (Authorization: Bearer unless it says).
-            location = token_location(provider_for_token(settings, token))
+            location = (
+                DPOP_LOCATION if proof else token_location(provider_for_token(settings, token))
+            )
             headers, path = place_token(headers, path, location, token)
         try:
             request = request_attributes(
@@ -308,6 +352,8 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
                 source_ip=args.source_ip,
                 context_extensions=extensions,
                 destination_principal=args.destination_principal,
+                scheme=args.scheme,
+                client_certificate=client_certificate,
             )
         except ValueError as exc:
             print(f"--source-ip: {exc}", file=sys.stderr)

@@ -44,9 +44,12 @@ def request_attributes(
     source_ip: str = "",
     context_extensions: Mapping[str, str] | None = None,
     destination_principal: str = "",
+    scheme: str = "",
+    client_certificate: str = "",
 ) -> RequestAttributes:
-    """A request as ``check``, ``test`` and the Explain API describe one. Raises ValueError
-    for a source address that is not an IP address (it would silently match no ipBlocks)."""
+    """A request as ``check``, ``test`` and the Explain API describe one (``client_certificate``
+    as Envoy sends it: URL-encoded PEM). Raises ValueError for a source address that is not an
+    IP address (it would silently match no ipBlocks)."""
     if source_ip:
         try:
             ipaddress.ip_address(source_ip)
@@ -60,6 +63,8 @@ def request_attributes(
         source_ip=source_ip,
         context_extensions=dict(context_extensions or {}),
         destination_principal=destination_principal,
+        scheme=scheme,
+        client_certificate=client_certificate,
     )
 
 
@@ -332,6 +337,10 @@ def render_text(result: Mapping[str, Any]) -> str:
             outcome = f"verified by {token['provider']}: {token['principal']}"
         elif outcome == "rejected":
             outcome = f"rejected: {token['error']}"
+            if token.get("description"):
+                # Which check failed (a DPoP proof's htm, htu, iat, ...): the reason alone
+                # does not say.
+                outcome += f" ({token['description']})"
         lines.append(f"token: {token['location']} (providers {providers}): {outcome}")
         for name, value in (token.get("claims") or {}).items():
             lines.append(f"    claim {name} = {_value(value)}")

@@ -591,6 +591,8 @@ class AuthorizationService:
             if engine.outputs[current.provider].forward_token:
                 if token.location.kind == "header":
                     forwarded.add(token.location.name)
+                    if token.location.is_dpop:
+                        forwarded.add("dpop")  # the upstream may verify the proof itself
             elif token.location.kind == "param" and token.location.name not in query_strip:
                 query_strip.append(token.location.name)
             elif token.location.kind == "cookie":
