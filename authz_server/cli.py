@@ -237,6 +237,38 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     mint.add_argument("--alg", help="signing algorithm (default RS256, ES256 or EdDSA by key)")
     mint.add_argument("--kid", help="kid in the header (default: the key's kid in jwks.json)")
+    mint.add_argument(
+        "--dpop-key",
+        type=Path,
+        metavar="KEY",
+        help="bind the token to this DPoP key (a PEM private key, e.g. another `token init` "
+        "DIR/private.pem): cnf.jkt is its RFC 7638 thumbprint",
+    )
+    mint.add_argument(
+        "--cert-file",
+        type=Path,
+        metavar="CERT",
+        help='bind the token to this PEM client certificate: cnf["x5t#S256"] (RFC 8705)',
+    )
+
+    proof = token_sub.add_parser(
+        "dpop-proof",
+        help="print a DPoP proof (RFC 9449) for one request",
+        description="Print a DPoP proof JWT signed with KEY (its public JWK in the header) for "
+        "METHOD and URL, issued now, with a fresh jti and, with --token, the token's hash "
+        "(ath). Send it as the DPoP header, with the token as 'Authorization: DPoP'. A proof "
+        "is accepted once, within the provider's dpop.proofLifetime. " + warning,
+    )
+    proof.add_argument(
+        "--key", required=True, type=Path, help="the DPoP private key (PEM, or a `token init` DIR)"
+    )
+    proof.add_argument("--method", default="GET", help="the request's method (htm; default GET)")
+    proof.add_argument(
+        "--url",
+        required=True,
+        help="the URL the client addresses, without query (htu): https://api.example.com/orders",
+    )
+    proof.add_argument("--token", help="the access token the proof goes with (ath)")
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -246,14 +278,28 @@ def _token(args: argparse.Namespace) -> int:
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
+        if args.token_command == "dpop-proof":
+            key = devtoken.load_signing_key(args.key)
+            print(devtoken.dpop_proof(key, method=args.method, url=args.url, token=args.token))
+            return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
+        claims = devtoken.parse_claims(args.claim)
+        dpop_key = (
+            devtoken.load_signing_key(args.dpop_key, flag="--dpop-key")
+            if args.dpop_key is not None
+            else None
+        )
+        cnf = devtoken.confirmation(dpop_key, args.cert_file)
+        if cnf:
+            given = claims.get("cnf")
+            claims["cnf"] = {**(given if isinstance(given, dict) else {}), **cnf}
         print(
             devtoken.mint(
                 key,
                 issuer=args.issuer,
                 subject=args.sub,
                 audiences=args.aud,
-                claims=devtoken.parse_claims(args.claim),
+                claims=claims,
                 ttl=args.ttl,
                 alg=args.alg,
             )
