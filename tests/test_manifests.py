@@ -953,7 +953,8 @@ def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settin
 
 def _headers_the_server_reads(settings: config.Settings) -> set[str]:
     """The request headers a decision of ``settings`` may read, lower case: each provider's
-    token headers (Authorization by default) and cookies, X-Forwarded-For (remoteIpBlocks,
+    token headers (Authorization by default) and cookies, DPoP proofs and trusted
+    X-Forwarded-Client-Cert (sender-constrained tokens), X-Forwarded-For (remoteIpBlocks,
     remote.ip), X-Request-Id (the decision log) and the headers policies test. (Not the
     headers the server sets, nor their underscore twins: every allow removes them, sent or
     not.)"""
@@ -965,6 +966,10 @@ def _headers_the_server_reads(settings: config.Settings) -> set[str]:
         needed.update(h.name.lower() for h in spec.from_headers)
         if spec.from_cookies:
             needed.add("cookie")
+        if spec.dpop.mode != "disabled":
+            needed.update(("authorization", "dpop"))  # Authorization: DPoP and the proof
+        if spec.certificate_bound != "disabled" and settings.server.trust_forwarded_client_cert:
+            needed.add("x-forwarded-client-cert")
     for policy in settings.policies:
         for rule in policy.rules or ():
             for condition in rule.when or ():
