@@ -297,6 +297,7 @@ def load(path: str | Path) -> Settings:
     problems: list[ConfigProblem] = []
     warnings: list[str] = []
     server: ServerSpec | None = None
+    server_fields_set: set[str] = set()
     providers: list[FoundProvider] = []
     policies: list[PolicySpec] = []
     # (name, document label, field path of the name) of every policy, valid or not, so that a
@@ -344,12 +345,23 @@ def load(path: str | Path) -> Settings:
                 )
                 continue
             if native.server is not None:
-                if server is not None:
+                server_part = _resolve_server_tls(native.server, doc, problems)
+                server_part = _resolve_replay_cache(server_part, doc, problems)
+                # A document may set some server fields, another the others (a kustomize
+                # component adds a file to the ConfigMap: k8s/components/replay-cache-redis);
+                # a field set twice is refused, never silently merged.
+                given = native.server.model_fields_set
+                for field_name in sorted(given & server_fields_set):
+                    alias = ServerSpec.model_fields[field_name].alias or field_name
                     problems.append(
-                        ConfigProblem(doc.label, "server", "set in more than one document")
+                        ConfigProblem(doc.label, f"server.{alias}", "set in more than one document")
                     )
-                server = _resolve_server_tls(native.server, doc, problems)
-                server = _resolve_replay_cache(server, doc, problems)
+                server = (
+                    server_part
+                    if server is None
+                    else server.model_copy(update={f: getattr(server_part, f) for f in given})
+                )
+                server_fields_set |= given
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue
