@@ -5,8 +5,9 @@
 - Certificate-bound tokens (RFC 8705): the token names in ``cnf["x5t#S256"]`` the SHA-256
   thumbprint of the client certificate the connection presented.
 
-Pure functions: no I/O, no clock of their own, no configuration loading. The replay cache a
-proof's ``jti`` goes into is ``replay``'s; the service asks it after ``verify_dpop_proof``.
+Pure functions (and a bounded cache of built proof keys): no I/O, no clock of their own, no
+configuration loading. The replay cache a proof's ``jti`` goes into is ``replay``'s; the
+service asks it after ``verify_dpop_proof``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import hashlib
 import hmac
 import json
 import math
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes, normalize_path
 from authz_server.errors import AuthenticationError
-from authz_server.jwks import UnusableKeyError, build_key
+from authz_server.jwks import UnusableKeyError, VerificationKey, build_key
 from authz_server.tokens import decode_segments
 
 DPOP_TYP = "dpop+jwt"
@@ -146,6 +148,30 @@ class DpopRules:
     external_url: str | None = None
 
 
+class ProofKeyCache:
+    """Public keys built from proofs' ``jwk``, by thumbprint: a client signs every proof with
+    the same key, and building it costs about a third of verifying a proof. Bounded: when full,
+    the oldest entry goes. Only keys that built are kept; the signature is checked every time.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._max = max_entries
+        self._keys: dict[str, VerificationKey] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> VerificationKey | None:
+        return self._keys.get(name)
+
+    def put(self, name: str, key: VerificationKey) -> None:
+        with self._lock:
+            while len(self._keys) >= self._max:
+                del self._keys[next(iter(self._keys))]
+            self._keys[name] = key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 @dataclass(frozen=True)
 class VerifiedProof:
     """A DPoP proof that verified: the thumbprint of its key, its ``jti`` and ``iat``, and the
@@ -176,12 +202,15 @@ def verify_dpop_proof(
     access_token: str | None,
     now: float,
     rules: DpopRules,
+    key_cache: ProofKeyCache | None = None,
 ) -> VerifiedProof:
     """Verify a DPoP proof JWT for a request (RFC 9449 4.3), all but the replay check.
 
     ``htu`` is the request's normalized URI (``request_htu``). ``access_token``, when the
-    request presents one, must hash to the proof's ``ath``. Returns the VerifiedProof; raises
-    AuthenticationError(invalid_dpop_proof) naming the first check that failed.
+    request presents one, must hash to the proof's ``ath``. ``key_cache`` keeps the public keys
+    built from proofs (built with ``rules.algorithms``: one cache per rules). Returns the
+    VerifiedProof; raises AuthenticationError(invalid_dpop_proof) naming the first check that
+    failed.
     """
     if len(proof) > MAX_PROOF_BYTES:
         raise _invalid(f"the proof is longer than {MAX_PROOF_BYTES} bytes")
@@ -202,8 +231,16 @@ def verify_dpop_proof(
     if _PRIVATE_MEMBERS.intersection(jwk):
         raise _invalid("the proof's 'jwk' holds private or symmetric key material")
     try:
-        key = build_key({k: v for k, v in jwk.items() if k not in ("kid", "use")}, rules.algorithms)
         jkt = jwk_thumbprint(jwk)
+        # The thumbprint names every member a key is built from but `alg`, which narrows it.
+        cache_key = f"{jkt}|{jwk.get('alg')}"
+        key = key_cache.get(cache_key) if key_cache is not None else None
+        if key is None:
+            key = build_key(
+                {k: v for k, v in jwk.items() if k not in ("kid", "use")}, rules.algorithms
+            )
+            if key_cache is not None:
+                key_cache.put(cache_key, key)
     except (UnusableKeyError, ValueError, KeyError):
         raise _invalid("the proof's 'jwk' is not a usable public key") from None
     verify = key.verifiers.get(alg)
@@ -384,6 +421,7 @@ class SenderConstraint:
     dpop: DpopRules
     certificate_mode: str
     trust_forwarded_client_cert: bool
+    proof_keys: ProofKeyCache = field(default_factory=ProofKeyCache, compare=False, repr=False)
 
     @property
     def algs(self) -> str:
@@ -459,6 +497,7 @@ class SenderConstraint:
             access_token=token,
             now=now,
             rules=self.dpop,
+            key_cache=self.proof_keys,
         )
         check_key_binding(jkt, verified)
         # NOTE: kept as long as a proof with this iat could still be accepted.

@@ -257,3 +257,45 @@ def test_cnf_of_the_wrong_shape_is_a_malformed_token() -> None:
         with pytest.raises(AuthenticationError) as caught:
             binding.token_confirmation({"cnf": cnf})
         assert caught.value.reason == errors.MALFORMED_TOKEN
+
+
+def test_the_proof_key_cache_builds_a_key_once_and_still_checks_every_signature() -> None:
+    cache = binding.ProofKeyCache(max_entries=2)
+
+    def verify(proof: str) -> binding.VerifiedProof:
+        return binding.verify_dpop_proof(
+            proof,
+            method="GET",
+            htu=binding.normalize_htu(URL),
+            access_token=TOKEN,
+            now=NOW,
+            rules=RULES,
+            key_cache=cache,
+        )
+
+    assert verify(_proof(jti="a")).jkt == KEY.thumbprint()
+    assert verify(_proof(jti="b")).jkt == KEY.thumbprint()
+    assert len(cache) == 1
+    claims = {
+        "jti": "c",
+        "htm": "GET",
+        "htu": URL,
+        "iat": NOW,
+        "ath": binding.access_token_hash(TOKEN),
+    }
+    jwk = {k: v for k, v in KEY.public_jwk().items() if k in ("kty", "crv", "x", "y")}
+    # OTHER's signature under KEY's (cached) jwk: refused.
+    forged = OTHER.sign(claims, headers={"typ": "dpop+jwt", "jwk": jwk}, kid=None)
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verify(forged)
+    # KEY's jwk narrowed to another algorithm: a key of its own, refused.
+    narrowed = KEY.sign(
+        claims, headers={"typ": "dpop+jwt", "jwk": {**jwk, "alg": "ES384"}}, kid=None
+    )
+    with pytest.raises(AuthenticationError, match="not a usable public key"):
+        verify(narrowed)
+    # Bounded: the oldest key goes.
+    for key in (generate_key("EC-P256"), generate_key("EC-P256")):
+        proof = dpop_proof(key, method="GET", url=URL, access_token=TOKEN, iat=NOW)
+        verify(proof)
+    assert len(cache) == 2
