@@ -288,8 +288,28 @@ def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]
             continue
 
 
-def load(path: str | Path) -> Settings:
+def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None) -> list[Path]:
+    """Every local file the configuration names, found or not (``jwksFile``, ``caFile``,
+    ``sharedSecretFile``, ``server.tls``)."""
+    files = [
+        base_dir / value  # an absolute value stays itself
+        for spec, _, _, base_dir in providers
+        for value in (spec.jwks_file, spec.ca_file, spec.shared_secret_file)
+        if value is not None
+    ]
+    if server is not None and server.tls is not None:
+        tls = server.tls.files()
+        files += [tls.cert_file, tls.key_file]
+        if tls.client_ca_file is not None:
+            files.append(tls.client_ca_file)
+    return files
+
+
+def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
     """Read, validate and resolve the configuration at ``path`` (file or directory).
+    ``referenced``, when given, receives every local file the configuration names, found or
+    not, whether it is accepted or refused (a reload watches them: a configuration refused for
+    a file that is not there yet is tried again when it appears).
 
     Returns Settings. Raises ConfigError listing every problem found.
     """
@@ -555,6 +575,8 @@ def load(path: str | Path) -> Settings:
                 )
             )
 
+    if referenced is not None:
+        referenced.extend(_referenced_files(providers, server))
     if problems:
         raise ConfigError(problems)
     return Settings(

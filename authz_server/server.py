@@ -151,6 +151,7 @@ class AuthzServer:
         share_readiness: Callable[[bool], bool] | None = None,
         http_authz_listen: str | None = None,
         tls: TlsFiles | None = None,
+        share_config: Callable[[str], None] | None = None,
     ) -> None:
         """``http_listen`` None: no side port (a worker's supervisor serves it).
         ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
@@ -158,7 +159,9 @@ class AuthzServer:
         ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
         plaintext).
         ``share_readiness``: publishes this server's readiness and returns whether every
-        server sharing the port is ready (workers), which is what health then reports."""
+        server sharing the port is ready (workers), which is what health then reports.
+        ``share_config``: told the digest of each configuration put in force (workers: the
+        supervisor compares them)."""
         self.settings = settings
         self.listen = listen
         self.http_listen = http_listen
@@ -180,6 +183,9 @@ class AuthzServer:
         self.metrics.watch_engine(lambda: self.service.engine)
         self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
         self.metrics.config_loaded(settings.digest, reload=False)
+        self.share_config = share_config
+        if share_config is not None:
+            share_config(settings.digest)
         self.reloader = (
             ConfigReloader(
                 config_path, self.apply, on_rejected=lambda _e: self.metrics.config_rejected()
@@ -240,6 +246,8 @@ class AuthzServer:
         self._update_health()
         self._warn_http_door_gaps()
         self.metrics.config_loaded(settings.digest, reload=True)
+        if self.share_config is not None:
+            self.share_config(settings.digest)
         log.info(
             "configuration %s in force: %d provider(s), %d polic(ies)%s",
             settings.digest,

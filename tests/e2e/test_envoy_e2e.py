@@ -90,6 +90,7 @@ class Stack:
     jwks: JWKSServer
     server: AuthzServerProcess
     keys: dict[str, SigningKey]
+    envoy: EnvoyProcess
 
     def get_raw(self, path: str, headers: dict[str, str]) -> Any:
         """GET with ``headers`` sent exactly as named."""
@@ -139,7 +140,7 @@ def stack(
             bootstrap = render_bootstrap(
                 listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
             )
-            with EnvoyProcess(bootstrap, admin, workdir / "envoy.log"):
+            with EnvoyProcess(bootstrap, admin, workdir / "envoy.log") as envoy:
                 yield Stack(
                     door=door,
                     envoy_url=f"http://127.0.0.1:{listen}",
@@ -148,6 +149,7 @@ def stack(
                     jwks=jwks,
                     server=server,
                     keys=keys,
+                    envoy=envoy,
                 )
 
 

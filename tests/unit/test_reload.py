@@ -240,6 +240,38 @@ def test_the_watcher_thread_picks_up_changes_and_survives_a_broken_config(
     assert len(recorder.rejected) == 1  # a refused snapshot is not retried on every poll
 
 
+LATE_PROVIDER = f"""
+  - name: late
+    issuer: https://late.test
+    audiences: [{AUDIENCE}]
+    jwksFile: late/jwks.json
+"""
+
+
+def test_a_config_refused_for_a_named_file_is_applied_when_the_file_appears(
+    config_dir: Path, recorder: Recorder, rsa_key: SigningKey
+) -> None:
+    # A ConfigMap and the Secret it names update at different moments: the configuration
+    # refused for the file must be tried again when the file appears, not only when the
+    # configuration changes again.
+    path = config_dir / "config.yaml"
+    late = config_dir / "late" / "jwks.json"
+    reloader = reloader_for(path, recorder)
+    assert reloader.reload()
+    reloader.start()
+    try:
+        replace_text(path, config_text(extra_providers=LATE_PROVIDER))
+        wait_until(lambda: len(recorder.rejected) == 1, what="the configuration refused")
+        assert "late/jwks.json" in str(recorder.rejected[0])
+        late.parent.mkdir()
+        replace_text(late, json.dumps(devkeys.jwks(rsa_key)))
+        wait_until(lambda: len(recorder.applied) == 2, what="the configuration applied")
+    finally:
+        reloader.stop()
+    assert [p.name for p in recorder.applied[1].providers] == ["main", "late"]
+    assert len(recorder.rejected) == 1  # not tried again while nothing changed
+
+
 def test_the_watcher_follows_a_configmap_swap(configmap: Path, recorder: Recorder) -> None:
     reloader = reloader_for(configmap, recorder)
     assert reloader.reload()
@@ -616,7 +648,7 @@ def test_a_truncated_config_is_refused_and_never_opens_the_door(
     status, _, body = http_request(f"http://127.0.0.1:{server.http_port}/readyz")
     assert (status, json.loads(body)["ready"]) == (200, True)
     # Refused once, not on every poll.
-    wait_until(lambda: server.reloader is not None and server.reloader._seen == snapshot(path))
+    wait_until(lambda: server.reloader is not None and server.reloader._seen[0] == snapshot(path))
     assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 1
 
 
