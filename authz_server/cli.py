@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--scheme",
         default="",
-        choices=["", "http", "https"],
+        choices=["http", "https"],
         help="the scheme Envoy saw (a DPoP proof's htu names it; default http)",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
