@@ -570,3 +570,35 @@ def test_the_explain_api_reads_the_certificate_and_names_the_failed_check(
     assert (right.decision, right.tokens[0].result) == ("allow", "verified")
     assert (other.status, other.tokens[0].error) == (401, errors.CERTIFICATE_MISMATCH)
     assert other.tokens[0].description == "token bound to another client certificate"
+
+
+def test_the_explain_api_request_form_carries_the_scheme_proof_and_certificate(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, client_key: SigningKey, client_cert: Leaf
+) -> None:
+    extra = "dpop: {mode: optional}\n    certificateBound: optional"
+    service = _service(tmp_path, clock, _provider(rsa_key, "both", ISSUER, extra))
+    token = _token(
+        rsa_key, clock.now, cnf={"jkt": client_key.thumbprint(), "x5t#S256": _x5t(client_cert)}
+    )
+
+    def explained(scheme: str, certificate: bytes) -> explain_pb2.ExplainResponse:
+        fields = explain_pb2.HttpRequest(
+            method="GET",
+            host=HOST,
+            path="/api/orders",
+            headers={
+                "authorization": f"DPoP {token}",
+                "dpop": _proof(client_key, token, clock.now),
+            },
+            scheme=scheme,
+            client_certificate=certificate.decode(),
+        )
+        attributes = explain_api.to_attributes(explain_pb2.ExplainRequest(request=fields))
+        return explain_api.to_response(explain(service.engine, attributes))
+
+    assert explained("https", client_cert.cert_pem).decision == "allow"
+    # The proof names https: Envoy's http is another URL.
+    refused = explained("http", client_cert.cert_pem)
+    assert refused.tokens[0].description == "the proof's 'htu' is not the request's URI"
+    with pytest.raises(ValueError, match="client_certificate"):
+        explained("https", b"not a certificate")
