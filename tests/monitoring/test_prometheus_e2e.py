@@ -2,8 +2,8 @@
 
 One story, run once for the module: the server under ``--workers 2`` behind a real Envoy;
 Envoy traffic with valid, forged, malformed and missing tokens, allowed, denied and
-dry-run-denied; a configuration reload; a key set outage (the JWKS endpoint answers 500); a
-refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
+dry-run-denied, and DPoP requests while the replay cache's Redis is away (503); a
+configuration reload; a key set outage (the JWKS endpoint answers 500); a refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
 of the dashboard and every alert expression goes through Prometheus' HTTP query API: each must
 parse and return data, so a query that names a metric or a label the server does not export
 fails here.
@@ -96,10 +96,13 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         # One of each first: rate() sees a counter move only after its first sample, so
         # Prometheus scrapes every new series before the rest of the traffic.
         statuses = {name: [stack.status(path, token)] for name, (path, token, _) in traffic.items()}
-        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 5')
+        # A DPoP request while the replay cache's Redis is away: 503, the others unaffected.
+        statuses["replay cache down"] = [stack.dpop_status("/api/orders")]
+        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 6')
         prometheus.wait_for(f'authz_dry_run_total{{job="{JOB}", would="deny"}}')
         for name, (path, token, count) in traffic.items():
             statuses[name] += [stack.status(path, token) for _ in range(count - 1)]
+        statuses["replay cache down"] += [stack.dpop_status("/api/orders") for _ in range(2)]
         digest = stack.reload_and_wait(
             config_text(stack.jwks.jwks_url, ["/api/admin*", "/api/internal*"])
         )
@@ -123,6 +126,7 @@ def test_the_story_happened_as_told(story: Story) -> None:
         "malformed": [401] * 2,
         "missing": [401] * 3,
         "allowed on stale keys": [200] * 3,
+        "replay cache down": [503] * 3,
     }
 
 
@@ -145,7 +149,7 @@ def test_every_dashboard_query_parses_and_returns_data(story: Story) -> None:
 
 def test_every_alert_expression_parses_and_sees_the_series_it_compares(story: Story) -> None:
     alerts = rule_exprs(RULES)
-    assert len(alerts) == 10
+    assert len(alerts) == 11
     blind = []
     for name, expr in alerts:
         answer = story.stack.prometheus.query(expr)
@@ -206,13 +210,14 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
         "invalid_signature",
         "malformed_token",
         "missing_credentials",
+        "replay_cache_unavailable",
     }
     assert all(rate > 0 for rate in decisions.values()), decisions
     assert story.by("policy", panel("Dry-run: would deny, per policy")[0])["block-admin"] > 0
     doors = story.by("door", panel("Checks per second by door")[0])
     assert doors["grpc"] > 0 and doors["http"] == 0
     (deny_ratio,) = story.by("", panel("Deny ratio")[0]).values()
-    assert 0.2 < deny_ratio < 0.7  # after the first of each: 7 of 17 Checks
+    assert 0.2 < deny_ratio < 0.7  # after the first of each: 8 of 18 Checks
     (hit_ratio,) = story.by("", panel("Token cache hit ratio")[0]).values()
     assert hit_ratio > 0  # the same valid token, again and again
     p50, p90, p99 = (story.by("", expr)[""] for expr in panel("Check latency"))
