@@ -3,10 +3,10 @@
 One story, run once for the module: the server under ``--workers 2`` behind a real Envoy;
 Envoy traffic with valid, forged, malformed and missing tokens, allowed, denied and
 dry-run-denied, and DPoP requests while the replay cache's Redis is away (503); a
-configuration reload; a key set outage (the JWKS endpoint answers 500); a refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
-of the dashboard and every alert expression goes through Prometheus' HTTP query API: each must
-parse and return data, so a query that names a metric or a label the server does not export
-fails here.
+configuration reload; a key set outage (the JWKS endpoint answers 500); a refused reload.
+Prometheus scrapes every second with the rules file loaded. Then every query of the dashboard
+and every alert expression goes through Prometheus' HTTP query API: each must parse and return
+data, so a query that names a metric or a label the server does not export fails here.
 """
 
 from __future__ import annotations
