@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, cli_envoy_config, config, devtoken, specs
+from authz_server import __version__, apikeys, cli_envoy_config, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="authz-server",
         description="Envoy external authorization server: JWT + Istio-style policies.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"authz-server {__version__}", help="the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC Check server and the HTTP side port")
@@ -38,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC address, host:port or unix:/path (default: server.listen, 0.0.0.0:9001)",
     )
     serve.add_argument(
-        "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
+        "--metrics-listen",
+        help="the side port for /metrics, /healthz and /readyz, host:port "
+        "(default: server.metricsListen, 0.0.0.0:9090)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        dest="deprecated_http_listen",
+        help="deprecated name of --metrics-listen (warns)",
     )
     serve.add_argument(
         "--http-authz-listen",
@@ -88,8 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--token-file",
         type=Path,
-        help="a file holding a JWT (not on the command line), sent where its provider reads "
-        "a token first (default 'Authorization: Bearer')",
+        help="a file holding a JWT (not on the command line; '-' reads standard input), sent "
+        "where its provider reads a token first (default 'Authorization: Bearer')",
+    )
+    check.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an API key (not on the command line), sent where the first "
+        "apiKeys provider reads one",
+    )
+    check.add_argument(
+        "--introspection-response",
+        type=Path,
+        metavar="FILE",
+        help="decide an opaque --token-file offline: the introspection answer (JSON) the IdP "
+        "would give for it, instead of calling the introspection endpoint",
     )
     check.add_argument(
         "--dpop-proof",
@@ -156,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    _apikey_parser(sub)
     cli_envoy_config.add_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
@@ -166,6 +191,52 @@ def _duration(text: str) -> float:
         return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _apikey_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    apikey = sub.add_parser(
+        "apikey",
+        help="issue API keys for an apiKeys provider",
+        description="`apikey new` prints a new random key (256 bits, URL-safe) once, on "
+        "stdout, and on stderr the keys-file entry to paste: the file holds only its SHA-256.",
+    )
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
+    new = apikey_sub.add_parser("new", help="print a new key and its keys-file entry")
+    new.add_argument("--sub", required=True, help="the key's subject (principal <issuer>/<sub>)")
+    new.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim of the key (repeatable); a JSON value is JSON: groups='[\"partners\"]'",
+    )
+    new.add_argument(
+        "--expires", metavar="DATETIME", help="when the key stops working: 2027-06-30T00:00:00Z"
+    )
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    """``apikey new``: the key on stdout (once: only its hash is kept), the entry on stderr."""
+    try:
+        claims = devtoken.parse_claims(args.claim)
+    except devtoken.DevTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    key = apikeys.new_key()
+    entry = apikeys.key_entry(args.sub, key, claims, args.expires)
+    try:
+        apikeys.parse_keys_file(f"keys:\n{entry}".encode(), provider="", issuer="")
+    except apikeys.KeysFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        "# Give the key above to its holder (it is not stored anywhere); add this entry under "
+        "`keys:` in the provider's keys file:",
+        file=sys.stderr,
+    )
+    print(entry, end="", file=sys.stderr)
+    return 0
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -189,7 +260,12 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
         "into your configuration. " + warning,
     )
-    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--dir",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"where to write the key files (default {devtoken.DEFAULT_DIR})",
+    )
     init.add_argument(
         "--kind",
         choices=list(devtoken.KINDS),
@@ -214,9 +290,16 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "every --claim, which may also replace those (a null value removes one). " + warning,
     )
     mint.add_argument(
-        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+        "--key",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"DIR/private.pem from `token init` (or DIR; default {devtoken.DEFAULT_DIR})",
     )
-    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument(
+        "--issuer",
+        help="the iss claim; must equal the provider's (default: the issuer `token init` "
+        f"recorded beside the key, {devtoken.ISSUER_FILE})",
+    )
     mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
     mint.add_argument(
         "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
@@ -275,6 +358,7 @@ def _token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
             files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            devtoken.record_issuer(files, args.issuer)
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
@@ -283,6 +367,7 @@ def _token(args: argparse.Namespace) -> int:
             print(devtoken.dpop_proof(key, method=args.method, url=args.url, token=args.token))
             return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
+        issuer = args.issuer or devtoken.recorded_issuer(args.key)
         claims = devtoken.parse_claims(args.claim)
         dpop_key = (
             devtoken.load_signing_key(args.dpop_key, flag="--dpop-key")
@@ -296,7 +381,7 @@ def _token(args: argparse.Namespace) -> int:
         print(
             devtoken.mint(
                 key,
-                issuer=args.issuer,
+                issuer=issuer,
                 subject=args.sub,
                 audiences=args.aud,
                 claims=claims,
@@ -322,6 +407,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         provider_for_token,
         render_text,
         request_attributes,
+        substitute_introspection,
         substitute_keys,
         token_location,
     )
@@ -343,7 +429,9 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         extensions[key] = value
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            # `-`: `authz-server token mint … | authz-server check … --token-file -`.
+            stdin = str(args.token_file) == "-"
+            token = (sys.stdin.read() if stdin else args.token_file.read_text()).strip()
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
@@ -366,8 +454,33 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"--client-cert {args.client_cert}: {exc}", file=sys.stderr)
             return 2
         client_certificate = quote(pem, safe="")  # as Envoy sends it: URL-encoded PEM
+    api_key: str | None = None
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"--api-key-file {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    answer: object = None
+    if args.introspection_response is not None:
+        if args.token_file is None:
+            print("--introspection-response answers for the --token-file token", file=sys.stderr)
+            return 2
+        try:
+            answer = json.loads(args.introspection_response.read_text())
+        except OSError as exc:
+            print(f"--introspection-response: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--introspection-response: not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(answer, dict):
+            print("--introspection-response: expected a JSON object", file=sys.stderr)
+            return 2
     engine = Engine.build(settings)
     try:
+        if isinstance(answer, dict):
+            substitute_introspection(engine, {token: answer})
         if args.jwks_file is not None:
             try:
                 document = args.jwks_file.read_text()
@@ -389,6 +502,12 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
                 DPOP_LOCATION if proof else token_location(provider_for_token(settings, token))
             )
             headers, path = place_token(headers, path, location, token)
+        if api_key is not None:
+            keys_provider = next((p for p in settings.providers if p.spec.kind == "apiKey"), None)
+            if keys_provider is None:
+                print("--api-key-file: the configuration has no apiKeys provider", file=sys.stderr)
+                return 2
+            headers, path = place_token(headers, path, token_location(keys_provider), api_key)
         try:
             request = request_attributes(
                 method=args.method,
@@ -489,6 +608,13 @@ def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
     return files
 
 
+def _check_addresses(flags: dict[str, str | None]) -> None:
+    """Raises ValueError naming the first flag whose address cannot be listened on."""
+    for flag, address in flags.items():
+        if address is not None and (problem := specs.listen_address_problem(address)):
+            raise ValueError(f"{flag} {problem}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
     # Before any thread exists (grpc starts some when imported): see server.serve.
@@ -520,10 +646,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
 
+    if args.deprecated_http_listen is not None:
+        log.warning("--http-listen is deprecated, use --metrics-listen (the same side port)")
     listen = args.listen or settings.server.listen
-    http_listen = args.http_listen or settings.server.http_listen
+    http_listen = (
+        args.metrics_listen or args.deprecated_http_listen or settings.server.metrics_listen
+    )
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        _check_addresses(
+            {
+                "--listen": args.listen,
+                "--metrics-listen": args.metrics_listen,
+                "--http-listen": args.deprecated_http_listen,
+                "--http-authz-listen": args.http_authz_listen,
+            }
+        )
         tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
@@ -549,7 +687,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
         log.error(
-            "exiting: %s (gRPC %s, HTTP side port %s, HTTP door %s)",
+            "exiting: %s (gRPC %s, metrics side port %s, HTTP door %s)",
             exc,
             listen,
             http_listen,
@@ -557,7 +695,8 @@ def _serve(args: argparse.Namespace) -> int:
             extra={
                 "fields": {
                     "listen": listen,
-                    "http_listen": http_listen,
+                    "metrics_listen": http_listen,
+                    "http_listen": http_listen,  # the deprecated name of the same field
                     "http_authz_listen": http_authz_listen,
                 }
             },
@@ -584,6 +723,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == "apikey":
+        return _apikey(args)
     if args.command == cli_envoy_config.COMMAND:
         return cli_envoy_config.run(args)
     if args.command == "check":

@@ -28,7 +28,9 @@ from authz_server import binding, devkeys
 from authz_server.devkeys import SigningKey
 
 __all__ = [
+    "DEFAULT_DIR",
     "DEFAULT_ISSUER",
+    "ISSUER_FILE",
     "JWKS_FILE",
     "KINDS",
     "PRIVATE_KEY_FILE",
@@ -41,6 +43,8 @@ __all__ = [
     "mint",
     "parse_claims",
     "provider_document",
+    "record_issuer",
+    "recorded_issuer",
 ]
 
 # What `--kind` accepts: the key kinds the server verifies with their default algorithm
@@ -48,6 +52,11 @@ __all__ = [
 KINDS = {"RSA": "RSA", "EC": "EC-P256", "Ed25519": "Ed25519"}
 PRIVATE_KEY_FILE = "private.pem"
 JWKS_FILE = "jwks.json"
+# The issuer `token init` printed the provider with, so that `token mint` signs for it unless
+# told otherwise (one place to say it, not two that must agree).
+ISSUER_FILE = "issuer.txt"
+# Where `token init` writes and `token mint` reads when no directory is given.
+DEFAULT_DIR = Path("dev-keys")
 # NOTE: `.invalid` is reserved (RFC 2606): this issuer can never be a real identity provider.
 DEFAULT_ISSUER = "https://dev-issuer.invalid"
 # Members of a public JWK that identify the key itself (RFC 7638), not its metadata.
@@ -111,7 +120,7 @@ def provider_document(files: DevKeyFiles, issuer: str = DEFAULT_ISSUER, name: st
         "providers": [{"name": name, "issuer": issuer, "jwksFile": str(files.jwks)}],
     }
     mint_command = shlex.join(
-        ("authz-server", "token", "mint", "--key", str(files.private_key), "--issuer", issuer,
+        ("authz-server", "token", "mint", "--key", str(files.private_key.parent),
          "--sub", "alice", "--claim", 'groups=["admin"]')
     )  # fmt: skip
     return (
@@ -121,8 +130,30 @@ def provider_document(files: DevKeyFiles, issuer: str = DEFAULT_ISSUER, name: st
         "# Save this document next to your policies (a directory of *.yaml files is one\n"
         "# configuration), or paste the provider into the `providers:` of your AuthzConfig.\n"
         + yaml.safe_dump(document, sort_keys=False)
-        + f"# Then mint a token:\n#   {mint_command}\n"
+        + f"# Then mint a token (for issuer {issuer}, recorded beside the key):\n"
+        f"#   {mint_command}\n"
     )
+
+
+def record_issuer(files: DevKeyFiles, issuer: str) -> None:
+    """Write ``issuer`` beside the key, for ``token mint`` to sign for by default."""
+    (files.private_key.parent / ISSUER_FILE).write_text(issuer + "\n")
+
+
+def recorded_issuer(key_path: Path) -> str:
+    """The issuer ``token init`` recorded beside the key at ``key_path`` (a PEM file or its
+    directory). Raises DevTokenError when there is none, saying to pass --issuer."""
+    directory = key_path if key_path.is_dir() else key_path.parent
+    try:
+        issuer = (directory / ISSUER_FILE).read_text().strip()
+    except OSError:
+        issuer = ""
+    if not issuer:
+        raise DevTokenError(
+            f"--issuer: none given and no {ISSUER_FILE} beside the key in {directory} "
+            "(`token init` writes it): pass --issuer, the provider's issuer"
+        )
+    return issuer
 
 
 def load_signing_key(path: Path, kid: str | None = None, flag: str = "--key") -> SigningKey:

@@ -22,6 +22,10 @@ class AuthzError(Exception):
     """Base of every error a Check can end in. ``reason`` is a fixed snake_case code."""
 
     status: int = 403
+    # Set when one provider's check of one kind of credential raised it (an API key, an
+    # introspected token): what the trace says decided.
+    provider: str | None = None
+    credential: str | None = None
 
     def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -78,6 +82,12 @@ USE_DPOP_NONCE = "use_dpop_nonce"
 BOUND_TOKEN_WITHOUT_PROOF = "bound_token_without_proof"
 CERTIFICATE_MISMATCH = "certificate_mismatch"
 REPLAY_CACHE_UNAVAILABLE = "replay_cache_unavailable"
+# API keys and introspected (opaque) tokens.
+MALFORMED_API_KEY = "malformed_api_key"
+UNKNOWN_API_KEY = "unknown_api_key"
+API_KEY_EXPIRED = "api_key_expired"
+TOKEN_INACTIVE = "token_inactive"
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 INTERNAL_ERROR = "internal_error"
 
 

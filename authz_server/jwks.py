@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -179,6 +179,14 @@ class KeySet:
     keys: tuple[VerificationKey, ...]
     by_kid: Mapping[str, VerificationKey] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    # A set that holds no verification keys by nature (an API keys table, an introspection
+    # provider's marker): loaded, hence ready, even when ``keys`` is empty.
+    may_be_empty: ClassVar[bool] = False
+
+    @property
+    def summary(self) -> str:
+        """What was loaded, for the log: ``3 key(s)``."""
+        return f"{len(self.keys)} key(s)"
 
     @classmethod
     def from_jwks(
@@ -371,7 +379,7 @@ class JWKSCache:
         origin = f"{self.provider} JWKS"
         try:
             keyset, age = self.source.load(self.allowed_algs, origin)
-            if not keyset.keys:
+            if not keyset.keys and not keyset.may_be_empty:
                 raise ValueError("the key set has no usable keys")
             keyset = keyset.reusing(self.keyset)
         except Exception as exc:  # any failure (even http.client's) keeps the old keys
@@ -389,9 +397,9 @@ class JWKSCache:
         self.last_success_wall = time.time()
         self._publish(keyset)
         log.info(
-            "provider %s: loaded %d key(s) from %s (next refresh in %.0fs)",
+            "provider %s: loaded %s from %s (next refresh in %.0fs)",
             self.provider,
-            len(keyset.keys),
+            keyset.summary,
             self.source.description,
             self.next_refresh - now,
         )

@@ -53,15 +53,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# What a decision line adds to its message in text form: who, and which policy decided.
+_TEXT_DECISION_FIELDS = ("principal", "policy")
+
+
+def _text_value(value: Any) -> str:
+    """``value`` as one token of a text line: bare when it is plain, else JSON-quoted (so a
+    principal with a space or a line break can neither split nor forge a line)."""
+    text = "-" if value is None else str(value)
+    plain = text and text.isprintable() and not any(c in text for c in ' "=')
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger message`` for a person, always on one line, as JSON lines are: a
+    message or traceback with line breaks (a YAML error quoting the file) keeps them escaped.
+    A decision line also says who the caller was and which policy decided."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping) and "decision" in fields:
+            line += "".join(
+                f" {name}={_text_value(fields.get(name))}" for name in _TEXT_DECISION_FIELDS
+            )
+        return line.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Log to stderr at ``level``, as JSON lines (``fmt="json"``) or plain text."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -23,6 +23,7 @@ import difflib
 import functools
 import ipaddress
 import json
+import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from authz_server.explain import (
     provider_for_token,
     render_text,
     request_attributes,
+    substitute_introspection,
     substitute_keys,
     token_location,
     unverified_issuer,
@@ -182,6 +184,10 @@ class Case(_Model):
     request: CaseRequest = CaseRequest()
     claims: dict[str, JsonValue] | None = None
     token: str | None = Field(default=None, min_length=1)
+    # An API key (its hash must be in the provider's keys file), or the introspection answer
+    # for an opaque token the runner makes up (decided offline: the IdP is not called).
+    api_key: str | None = Field(default=None, min_length=1)
+    introspection: dict[str, JsonValue] | None = None
     provider: str | None = Field(default=None, min_length=1)
     # Sender-constrained minted tokens: bound to a throwaway DPoP key and sent with a fresh
     # proof for the request; bound to the certificate in this PEM file (cnf x5t#S256).
@@ -191,8 +197,21 @@ class Case(_Model):
 
     @model_validator(mode="after")
     def _one_identity(self) -> Case:
-        if self.claims is not None and self.token is not None:
-            raise ValueError("give claims (a token is minted) or token, not both")
+        given = [
+            name
+            for name, value in (
+                ("claims", self.claims),
+                ("token", self.token),
+                ("apiKey", self.api_key),
+                ("introspection", self.introspection),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of claims (a token is minted), token, apiKey, introspection, not "
+                f"{' and '.join(given)}"
+            )
         if (self.dpop or self.bound_to_certificate) and self.claims is None:
             raise ValueError("dpop and boundToCertificate bind a minted token: give claims")
         if self.dpop and "dpop" in self.request.headers:
@@ -313,6 +332,7 @@ class _Prepared:
     token: str | None = None
     minted: bool = False
     location: TokenLocation | None = None  # where the token goes; None: nowhere
+    offline: bool = False  # an opaque token whose introspection answer the case gives
     # DPoP: the origin the proof's htu names instead of the request's (the provider's
     # externalUrl), and whether a proof goes with the token.
     dpop: bool = False
@@ -328,6 +348,8 @@ class _Keys:
         default_factory=dict
     )
     providers: set[str] = field(default_factory=set)
+    # The introspection answers of the `introspection` cases, by the opaque token made up.
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def key_for(self, issuer: str, alg: str) -> devkeys.SigningKey:
         entry = self.keys.get((issuer, alg))
@@ -402,6 +424,33 @@ def _mint(
     payload.update(claims)
     payload = {name: value for name, value in payload.items() if value is not None}
     return key.sign(payload, alg=alg), target
+
+
+def _opaque_target(
+    where: str, case: Case, kind: str, settings: Settings, problems: list[str]
+) -> Provider | None:
+    """The provider an ``apiKey`` or ``introspection`` case is for: the one it names, or the
+    only provider of that kind."""
+    field = "apiKey" if kind == "apiKey" else "introspection"
+    of_kind = [p for p in settings.providers if p.spec.kind == kind]
+    if case.provider is not None:
+        target = next(p for p in settings.providers if p.name == case.provider)
+        if target.spec.kind != kind:
+            problems.append(f"{where}.{field}: provider {target.name} is no {field} provider")
+            return None
+        return target
+    if len(of_kind) == 1:
+        return of_kind[0]
+    problems.append(
+        f"{where}.{field}: "
+        + (
+            f"{len(of_kind)} {field} providers ({', '.join(p.name for p in of_kind)}): "
+            "name one with `provider`"
+            if of_kind
+            else f"the configuration has no {field} provider"
+        )
+    )
+    return None
 
 
 def _placement_problem(where: str, request: CaseRequest, location: TokenLocation) -> str | None:
@@ -505,6 +554,47 @@ def _prepare(
                     client_certificate=client_certificate,
                 )
             )
+        elif case.api_key is not None or case.introspection is not None:
+            kind = "apiKey" if case.api_key is not None else "introspection"
+            target = _opaque_target(where, case, kind, settings, problems)
+            if target is None:
+                continue
+            location = token_location(target)
+            problem = _placement_problem(where, case.request, location)
+            if problem:
+                problems.append(problem)
+            if case.api_key is not None:
+                prepared.append(
+                    _Prepared(
+                        group,
+                        case,
+                        case.api_key,
+                        False,
+                        location,
+                        client_certificate=client_certificate,
+                    )
+                )
+                continue
+            token = f"opaque-case-{len(keys.answers)}-{secrets.token_urlsafe(16)}"
+            answer: dict[str, Any] = {
+                "active": True,
+                "iss": target.spec.issuer,
+                "aud": target.spec.audiences[0] if target.spec.audiences else None,
+                "exp": int(now) + TOKEN_TTL,
+            }
+            answer.update(case.introspection or {})
+            keys.answers[token] = {k: v for k, v in answer.items() if v is not None}
+            prepared.append(
+                _Prepared(
+                    group,
+                    case,
+                    token,
+                    False,
+                    location,
+                    offline=True,
+                    client_certificate=client_certificate,
+                )
+            )
         elif case.token is not None:
             target = by_name.get(case.provider) if case.provider else None
             location = token_location(target or provider_for_token(settings, case.token))
@@ -556,7 +646,18 @@ class _Engines:
         self._warn = warn
         self._minted: Engine | None = None
         self._configured: Engine | None = None
+        self._offline: Engine | None = None
         self._loaded: set[str] = set()
+
+    def offline(self) -> Engine:
+        """The engine whose introspection providers answer from the cases' answers."""
+        if self._offline is None:
+            engine = self._offline = Engine.build(self._settings)
+            substitute_introspection(engine, self._keys.answers)
+            for runtime in engine.providers:
+                if runtime.provider.spec.kind == "introspection":
+                    engine.caches[runtime.name].refresh()  # nothing to fetch: ready at once
+        return self._offline
 
     def minted(self) -> Engine:
         if self._minted is None:
@@ -569,6 +670,11 @@ class _Engines:
     def configured(self, request: RequestAttributes) -> Engine:
         if self._configured is None:
             self._configured = Engine.build(self._settings)
+            for runtime in self._configured.providers:
+                if runtime.provider.spec.kind == "apiKey":
+                    cache = self._configured.caches[runtime.name]
+                    if not cache.refresh():  # a local file: read at once
+                        self._warn(f"provider {runtime.name}: {cache.last_error}")
         engine = self._configured
         # The keys of the issuers the request's tokens name (unverified), once each.
         issuers = {unverified_issuer(found.token) for found in engine.extractor.extract(request)}
@@ -581,7 +687,7 @@ class _Engines:
         return engine
 
     def close(self) -> None:
-        for engine in (self._minted, self._configured):
+        for engine in (self._minted, self._configured, self._offline):
             if engine is not None:
                 engine.close()
 
@@ -664,7 +770,12 @@ def run(
                 scheme=request.scheme,
                 client_certificate=item.client_certificate,
             )
-            engine = engines.minted() if item.minted else engines.configured(attributes)
+            if item.minted:
+                engine = engines.minted()
+            elif item.offline:
+                engine = engines.offline()
+            else:
+                engine = engines.configured(attributes)
             result = explain(
                 engine,
                 attributes,

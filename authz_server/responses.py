@@ -34,6 +34,10 @@ _DESCRIPTIONS = {
     errors.INVALID_ISSUER: "issuer not accepted",
     errors.INVALID_AUDIENCE: "audience not accepted",
     errors.MISSING_CLAIM: "required claim missing",
+    errors.MALFORMED_API_KEY: "malformed API key",
+    errors.UNKNOWN_API_KEY: "unknown API key",
+    errors.API_KEY_EXPIRED: "API key expired",
+    errors.TOKEN_INACTIVE: "token inactive",
 }
 # Refusals of a DPoP proof answer with a DPoP challenge (RFC 9449 7.1), naming the algorithms.
 _DPOP_ERRORS = {

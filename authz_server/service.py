@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from authz_server.replay import MemoryReplayCache, RedisReplayCache, RedisSettin
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
+from authz_server.verification import CredentialVerifier
 from authz_server.workloads import WorkloadIndex
 
 log = logging.getLogger("authz_server.service")
@@ -193,6 +195,8 @@ class Engine:
             # NOTE: the running pool's size: a reload cannot resize it.
             max_waiting=max(1, (threads or server.threads) // 2),
         )
+        # JWTs, API keys and opaque tokens, each to the provider of its kind.
+        self.credentials = CredentialVerifier(self.verifier, clock)
         for cache in self.caches.values():
             # A key that left its set stops validating at once; this frees its entries too.
             if self.token_cache.purge not in cache.listeners:
@@ -405,13 +409,17 @@ _KEY_FIELDS = {
 
 def _cache_identity(provider: Provider) -> tuple[object, ...]:
     """What a key cache depends on: a reload keeps the cache when none of it changed."""
-    keys = provider.spec.model_dump_json(include=_KEY_FIELDS)
+    # An introspection or API keys provider's cache holds identities made with all of it.
+    jwt = provider.spec.kind == "jwt"
+    keys = provider.spec.model_dump_json(include=_KEY_FIELDS if jwt else None)
     return (
         provider.name,
         keys,
         provider.jwks_file,
         provider.ca_file,
         provider.shared_secret_file,
+        provider.client_secret_file,
+        provider.api_keys_file,
     )
 
 
@@ -424,7 +432,9 @@ def make_cache(provider: Provider) -> JWKSCache:
         source=source_for(provider),
         refresh_interval=spec.refresh_interval,
         min_refresh_interval=spec.min_refresh_interval,
-        max_stale=spec.max_stale,
+        # NOTE: a broken keys file keeps the last good keys for good (there is nothing stale
+        # about an API key the way there is about a rotated signing key).
+        max_stale=spec.max_stale if spec.kind == "jwt" else math.inf,
     )
 
 
@@ -556,9 +566,7 @@ class AuthorizationService:
             if current is None:
                 constraint = None
                 try:
-                    current = engine.verifier.verify(
-                        token.token, token.providers, token.scope, wait=wait
-                    )
+                    current = engine.credentials.verify(token, wait=wait)
                     constraint = engine.constraints.get(current.provider)
                     if constraint is not None:
                         constraint.check(
@@ -579,7 +587,9 @@ class AuthorizationService:
                             token_present=True,
                             dpop_algs=constraint.algs if constraint is not None else "",
                         ),
-                        provider=token.providers[0].name if len(token.providers) == 1 else None,
+                        provider=exc.provider
+                        or (constraint.provider if constraint is not None else None)
+                        or (token.providers[0].name if len(token.providers) == 1 else None),
                         principal=None,
                         policy=None,
                     )

@@ -163,6 +163,12 @@ def _check_times(exp: float | None, nbf: float | None, skew: float, now: float) 
         raise AuthenticationError(errors.TOKEN_NOT_YET_VALID, "the token is not valid yet")
 
 
+def check_times(exp: float | None, nbf: float | None, skew: float, now: float) -> None:
+    """Raise AuthenticationError (token_expired, token_not_yet_valid) unless ``now`` is
+    within [nbf, exp) give or take ``skew``: what a cached credential is checked against."""
+    _check_times(exp, nbf, skew, now)
+
+
 def _claim_equals(value: Any, expected: str | int | bool) -> bool:
     # NOTE: type-exact, so that `true` never equals `1` and `"1"` never equals `1`.
     if isinstance(value, list):
@@ -196,6 +202,12 @@ class TokenVerifier:
         # NOTE: a hanging IdP must not hold every Check thread: beyond this many, Checks that
         # need a refresh trigger it but do not wait for it.
         self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
+
+    @property
+    def waiting(self) -> threading.BoundedSemaphore:
+        """The slots of Checks that may wait on an identity provider (a key-set refresh, an
+        introspection call): beyond them, a Check does not wait."""
+        return self._waiting
 
     def verify(
         self,
@@ -328,6 +340,15 @@ class TokenVerifier:
             raise AuthenticationError(errors.INVALID_SIGNATURE, "signature does not verify")
         identity, exp, nbf = self._check_claims(provider, payload, segments[1])
         return identity, key, exp, nbf
+
+    def identity_from_claims(
+        self, provider: ProviderRuntime, claims: Mapping[str, Any]
+    ) -> tuple[Identity, float | None, float | None]:
+        """The identity that ``claims`` (vouched for by other means than a signature: an
+        introspection answer) give for ``provider``, checked as a JWT's payload is: times
+        with the skew, audiences, required claims. Returns (identity, exp, nbf); raises
+        AuthenticationError."""
+        return self._check_claims(provider, claims, "")
 
     def _check_claims(
         self, provider: ProviderRuntime, payload: Mapping[str, Any], payload_segment: str

@@ -387,7 +387,7 @@ class Supervisor:
 
             for slot in self.slots:
                 self._start_worker(slot)
-            host, port = split_host_port(self.http_listen, "--http-listen")
+            host, port = split_host_port(self.http_listen, "--metrics-listen")
             side_port = SidePort((host, port), self)
             self.http_port = side_port.server_address[1]
             threading.Thread(target=side_port.serve_forever, name="side-port", daemon=True).start()

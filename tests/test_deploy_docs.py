@@ -8,6 +8,7 @@ The standalone Envoy examples (``examples/envoy/``) ask the doors the manifests 
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -242,7 +243,8 @@ def test_the_documented_hosts_patch_scopes_the_policy_to_your_hosts(tmp_path: Pa
     policy = _one(objects, "AuthorizationPolicy")
     assert policy["spec"]["rules"][0]["to"][0]["operation"]["hosts"] == wanted
     # Nothing but the hosts changes.
-    original = _custom_policy()
+    # NOTE: a copy: _render's objects are cached for the whole process, shared by other tests.
+    original = copy.deepcopy(_custom_policy())
     original["spec"]["rules"][0]["to"][0]["operation"]["hosts"] = wanted
     assert policy == original
     assert len(objects) == len(_render(K8S / "istio"))

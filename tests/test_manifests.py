@@ -467,7 +467,7 @@ def test_container_serves_the_configured_ports_and_reads_the_mounted_config(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {
         "grpc": _port(settings.server.listen),
-        "http-metrics": _port(settings.server.http_listen),
+        "http-metrics": _port(settings.server.metrics_listen),
     }
     assert container["image"] == f"authz-server:{_package_version()}"
     # The command is explicit, so the args do not depend on the image's ENTRYPOINT.
@@ -828,7 +828,7 @@ def test_serve_accepts_the_door_flag_the_component_adds(
     # Its own port: not the gRPC door's, nor the side port's.
     assert HTTP_DOOR_PORT not in {
         _port(settings.server.listen),
-        _port(settings.server.http_listen),
+        _port(settings.server.metrics_listen),
     }
 
 
@@ -1089,7 +1089,7 @@ def test_tls_probes_ask_the_side_port_what_the_grpc_probes_asked(
     # service (up while the process runs, whatever the IdP does), /readyz like "".
     container = _http_door_container(base_with_grpc_tls)
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert named["http-metrics"] == _port(settings.server.http_listen)
+    assert named["http-metrics"] == _port(settings.server.metrics_listen)
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(CONFIG),
                 "--listen",
                 grpc_address,
-                "--http-listen",
+                "--metrics-listen",
                 f"127.0.0.1:{http_port}",
                 *door_args,
             ],

@@ -725,7 +725,7 @@ class AuthzServerProcess(_Process):
             sys.executable, "-m", "authz_server", "serve",
             "--config", str(self.config_path),
             "--listen", self.grpc_address,
-            "--http-listen", f"127.0.0.1:{self.http_port}",
+            "--metrics-listen", f"127.0.0.1:{self.http_port}",
             *self.extra_args,
         ]  # fmt: skip
         self._spawn(argv, cwd=REPO_ROOT)  # cwd: `-m authz_server` works without an install

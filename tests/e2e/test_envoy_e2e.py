@@ -315,6 +315,7 @@ def test_server_drains_and_exits_zero_on_sigterm(tmp_path: Path, door: str) -> N
     (tmp_path / "config.yaml").write_text(
         f"apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {{shutdownGrace: 1s}}\n"
         f"providers: [{{issuer: {ISSUER}, jwksFile: jwks.json}}]\n"
+        "policies: [{name: everyone, rules: [{}]}]\n"
     )
     grpc_port = free_port()
     door_port = grpc_port if door == "grpc" else free_port()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from authz_server import devkeys
-from tests.e2e.harness import wait_until
+from tests.e2e.harness import TOKEN_LEDGER, wait_until
 from tests.helpers import claims_for
 from tests.monitoring.prometheus import MONITORING, dashboard_exprs, for_grafana, rule_exprs
 from tests.monitoring.stack import (
@@ -30,7 +31,6 @@ from tests.monitoring.stack import (
     PROVIDER,
     REFUSED,
     MonitoredStack,
-    config_text,
     monitored_stack,
 )
 
@@ -103,9 +103,36 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         for name, (path, token, count) in traffic.items():
             statuses[name] += [stack.status(path, token) for _ in range(count - 1)]
         statuses["replay cache down"] += [stack.dpop_status("/api/orders") for _ in range(2)]
-        digest = stack.reload_and_wait(
-            config_text(stack.jwks.jwks_url, ["/api/admin*", "/api/internal*"])
+        # Opaque tokens (one active, asked once then cached; new ones while the IdP fails:
+        # 503) and an API key. As above, each new series is scraped before it moves again.
+        opaque = secrets.token_urlsafe(32)
+        TOKEN_LEDGER.saw_token(opaque)
+        stack.idp.active(opaque, iss="https://idp.monitoring", sub="svc")
+
+        def with_opaque(token: str) -> int:
+            return stack.status_with("/api/orders", {"x-opaque-token": token})
+
+        statuses["opaque token"] = [with_opaque(opaque)]
+        prometheus.wait_for(f'authz_introspection_cache_misses_total{{job="{JOB}"}}')
+        # NOTE: each worker process has its own cache: a few requests make sure that some
+        # land on a worker that already asked.
+        statuses["opaque token"] += [with_opaque(opaque) for _ in range(4)]
+        prometheus.wait_for(f'authz_introspection_cache_hits_total{{job="{JOB}"}}')
+        statuses["opaque token"] += [with_opaque(opaque) for _ in range(4)]
+        statuses["api key"] = [
+            stack.status_with("/api/orders", {"x-api-key": stack.api_key}) for _ in range(3)
+        ]
+        stack.idp.fail(status=500)
+        statuses["idp failing"] = [with_opaque(secrets.token_urlsafe(32))]
+        prometheus.wait_for(
+            f'authz_checks_total{{job="{JOB}", reason="introspection_unavailable"}}'
         )
+        statuses["idp failing"].append(with_opaque(secrets.token_urlsafe(32)))
+        stack.idp.recover()
+        prometheus.wait_for(
+            f'authz_introspection_calls_total{{job="{JOB}", result="http_error"}} >= 2'
+        )
+        digest = stack.reload_and_wait(stack.config_text(["/api/admin*", "/api/internal*"]))
         stack.break_key_set()
         statuses["allowed on stale keys"] = [stack.status("/api/orders", valid) for _ in range(3)]
         stack.refuse(REFUSED)
@@ -127,6 +154,9 @@ def test_the_story_happened_as_told(story: Story) -> None:
         "missing": [401] * 3,
         "allowed on stale keys": [200] * 3,
         "replay cache down": [503] * 3,
+        "opaque token": [200] * 9,
+        "api key": [200] * 3,
+        "idp failing": [503] * 2,
     }
 
 
@@ -211,6 +241,7 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
         "malformed_token",
         "missing_credentials",
         "replay_cache_unavailable",
+        "introspection_unavailable",
     }
     assert all(rate > 0 for rate in decisions.values()), decisions
     assert story.by("policy", panel("Dry-run: would deny, per policy")[0])["block-admin"] > 0
@@ -222,6 +253,14 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
     assert hit_ratio > 0  # the same valid token, again and again
     p50, p90, p99 = (story.by("", expr)[""] for expr in panel("Check latency"))
     assert 0 < p50 <= p90 <= p99 < 1
+
+
+def test_the_credential_panels_show_introspection_and_api_keys(story: Story) -> None:
+    calls = story.by("result", panel("Introspection calls by result")[0])
+    assert set(calls) == {"active", "http_error"} | ({"inactive"} & set(calls))
+    assert story.by("provider", panel("API keys loaded")[0]) == {"keys": 1}
+    (hit_ratio,) = story.by("provider", panel("Introspection cache hit ratio")[0]).values()
+    assert 0 < hit_ratio < 1  # the active token asked once, then answered from the cache
 
 
 def test_the_key_set_panels_show_the_outage(story: Story) -> None:

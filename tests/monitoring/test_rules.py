@@ -116,6 +116,26 @@ def provider_without_keys() -> list[dict[str, Any]]:
     ]
 
 
+def introspection_failing() -> list[dict[str, Any]]:
+    opaque = {**POD, "provider": "opaque"}
+    calls = "authz_introspection_calls_total"
+    return [
+        # 10 calls a minute answered; from 2m on, 1 a minute times out (10% > 5%): pending
+        # for 5 minutes after the rate window sees it. Another provider with 1 failure in 100
+        # a minute (1%) stays quiet.
+        case_group(
+            series(calls, {**opaque, "result": "active"}, "0+10x20"),
+            series(calls, {**opaque, "result": "timeout"}, "0 0 0+1x18"),
+            series(calls, {**POD, "provider": "ok", "result": "active"}, "0+100x20"),
+            series(calls, {**POD, "provider": "ok", "result": "http_error"}, "0+1x20"),
+            tests=[
+                quiet("AuthzIntrospectionFailing", "4m"),
+                fires("AuthzIntrospectionFailing", "12m", {**SERVICE, "provider": "opaque"}),
+            ],
+        )
+    ]
+
+
 def config_reload_refused() -> list[dict[str, Any]]:
     return [
         # Loaded at 1000s; a change refused at 3m: firing after 5 minutes.
@@ -307,6 +327,7 @@ CASES = {
     "AuthzKeySetRefreshFailing": key_set_refresh_failing,
     "AuthzKeysNearMaxStale": keys_near_max_stale,
     "AuthzProviderWithoutKeys": provider_without_keys,
+    "AuthzIntrospectionFailing": introspection_failing,
     "AuthzConfigReloadRefused": config_reload_refused,
     "AuthzConfigDiverged": config_diverged,
     "AuthzDenyRatioJump": deny_ratio_jump,

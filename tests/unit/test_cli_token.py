@@ -414,3 +414,62 @@ def test_binding_and_proof_errors_name_the_flag_at_fault(
         code, out, err = _cli(capsys, *argv)
         assert (code, out) == (2, ""), argv
         assert err.startswith(f"authz-server token {argv[1]}: {flag} "), err
+
+
+def test_mint_signs_for_the_issuer_and_key_init_wrote_unless_told_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    issuer = "https://my-idp.invalid"
+    # No --dir, no --key: both default to ./dev-keys.
+    code, provider_document, _ = _cli(capsys, "token", "init", "--issuer", issuer)
+    assert code == 0
+    assert (tmp_path / "dev-keys" / "private.pem").exists()
+    assert "authz-server token mint --key" in provider_document
+    assert "--issuer" not in provider_document.split("mint", 1)[1]
+    config_dir = _config_dir(tmp_path, provider_document)
+
+    code, out, err = _cli(capsys, "token", "mint", "--sub", "root", "--claim", 'groups=["admin"]')
+    assert (code, err) == (0, "")
+    assert _payload(out.strip())["iss"] == issuer
+    code, result = _check(capsys, config_dir, out.strip(), "POST")
+    assert (code, result["decision"], result["principal"]) == (0, "allow", f"{issuer}/root")
+
+    code, out, _ = _cli(capsys, "token", "mint", "--issuer", "https://else.invalid", "--sub", "x")
+    assert (code, _payload(out.strip())["iss"]) == (0, "https://else.invalid")
+
+
+def test_mint_without_an_issuer_beside_the_key_says_to_pass_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    assert _cli(capsys, "token", "init", "--dir", str(keys))[0] == 0
+    (keys / devtoken.ISSUER_FILE).unlink()  # keys made before init recorded its issuer
+    code, out, err = _cli(capsys, "token", "mint", "--key", str(keys), "--sub", "x")
+    assert (code, out) == (2, "")
+    assert "--issuer: none given and no issuer.txt beside the key" in err
+
+
+def test_version_is_a_flag_too(capsys: pytest.CaptureFixture[str]) -> None:
+    from authz_server import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"authz-server {__version__}\n"
+    assert _cli(capsys, "version")[:2] == (0, f"authz-server {__version__}\n")
+
+
+def test_check_reads_the_token_from_standard_input_with_a_dash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    keys = tmp_path / "keys"
+    code, provider_document, _ = _cli(capsys, "token", "init", "--dir", str(keys))
+    config_dir = _config_dir(tmp_path, provider_document)
+    token = _mint(capsys, keys, "--sub", "alice")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
+    code, out, _ = _cli(capsys, "check", "--json", "--config", str(config_dir), "--token-file", "-")
+    result = json.loads(out)
+    assert (code, result["decision"], result["principal"]) == (0, "allow", f"{ISSUER}/alice")

@@ -164,7 +164,8 @@ groups:
         f"  {case}[0] (typo).expect: unknown field 'stauts' (did you mean 'status'? fields: "
         "decision, headers, policy, reason, status)",
         f"  {case}[1] (no expectation).expect: give status or decision (or both)",
-        f"  {case}[2] (both): give claims (a token is minted) or token, not both",
+        f"  {case}[2] (both): give one of claims (a token is minted), token, apiKey, "
+        "introspection, not claims and token",
         f"  {case}[3] (maybe).expect.decision: Input should be 'allow' or 'deny'",
     ]
 
@@ -488,7 +489,8 @@ def test_sender_constrained_case_fields_are_checked(tmp_path: Path) -> None:
             tmp_path,
             "apiVersion: authz-server/v1\nkind: AuthzConfig\nproviders:\n"
             "  - {issuer: https://i.test, jwksUri: http://127.0.0.1:9/x,"
-            " certificateBound: optional}\n",
+            " certificateBound: optional}\n"
+            "policies: [{name: any, rules: [{}]}]\n",
         )
     )
     with pytest.raises(policy_tests.CasesError) as caught:

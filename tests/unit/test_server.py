@@ -185,6 +185,7 @@ def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> 
     text = (
         "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
         f"providers: [{{issuer: {ISSUER}, jwksUri: 'http://127.0.0.1:9/jwks', timeout: 200ms}}]\n"
+        "policies: [{name: allow-all, rules: [{}]}]\n"
     )
     server = AuthzServer(
         config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
@@ -243,6 +244,9 @@ providers:
   - issuer: {ISSUER}
     jwksFile: jwks.json
     dpop: {{mode: optional}}
+policies:
+  - name: authenticated
+    rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]
 """
     server = AuthzServer(
         config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
@@ -254,4 +258,4 @@ providers:
     finally:
         server.stop(grace=1)
     assert (status, body["ready"]) == (200, True)
-    assert body["replay_cache"].startswith("redis replay cache unreachable")
+    assert body["replayCache"].startswith("redis replay cache unreachable")

@@ -33,6 +33,10 @@ policies:
 """
 
 
+# Every request allowed, said explicitly: providers without any policy are refused.
+ALLOW_ALL = "policies: [{name: allow-all, rules: [{}]}]"
+
+
 def provider_yaml(key: SigningKey, extra: str = "") -> str:
     jwks = json.dumps(json.dumps(devkeys.jwks(key)))
     return f"""
@@ -110,7 +114,7 @@ def test_missing_token_can_be_istio_style_403(
 def test_invalid_token_is_401_even_where_policy_would_allow_anonymous(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     assert service.check(request()).allowed
     decision = service.check(request(make_token(exp=int(clock.now) - 3600)))
     assert (decision.status, decision.reason) == (401, errors.TOKEN_EXPIRED)
@@ -141,7 +145,7 @@ def test_deny_policy_wins_and_is_named(
 def test_client_sent_identity_headers_are_removed_for_anonymous_requests(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     decision = service.check(request(x_user="root", x_groups="admin"))
     assert decision.allowed
     assert {"x-user", "x-groups", "x-tenant"} <= set(decision.headers_to_remove)
@@ -227,7 +231,7 @@ def test_presence_required_refuses_anonymous_requests(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
     service = make_service(
-        tmp_path, clock, provider_yaml(rsa_key, "presence: REQUIRED"), policies="policies: []"
+        tmp_path, clock, provider_yaml(rsa_key, "presence: REQUIRED"), policies=ALLOW_ALL
     )
     assert service.check(request()).reason == errors.MISSING_CREDENTIALS
 
@@ -270,7 +274,7 @@ def test_provider_with_no_keys_is_503_for_its_tokens_only(
 """
     text = (
         "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
-        f"providers:{provider_yaml(rsa_key)}{down}\npolicies: []\n"
+        f"providers:{provider_yaml(rsa_key)}{down}\n{ALLOW_ALL}\n"
     )
     engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
     engine.caches["main"].refresh()
@@ -305,7 +309,7 @@ def test_the_same_token_in_two_headers_is_stripped_from_both(
 def test_header_twins_of_identity_headers_are_removed(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     decision = service.check(
         RequestAttributes(path="/", headers={"x_user": "root", "x_other": "kept"})
     )
@@ -332,7 +336,7 @@ def test_twins_of_underscored_output_headers_and_of_token_headers_are_removed_un
     # `x_jwt` would reach it as that header, never verified.
     extra = """outputPayloadToHeader: x_claims
     fromHeaders: [{name: x-jwt}]"""
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra), policies=ALLOW_ALL)
     token = rsa_key.sign(claims_for(clock.now))
     decision = service.check(RequestAttributes(path="/", headers={"x-jwt": token}))
     assert decision.allowed
@@ -462,7 +466,7 @@ def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counte
 
     from authz_server.metrics import Metrics
 
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     registry = CollectorRegistry()
     service.metrics = Metrics(registry)
     token = rsa_key.sign(claims_for(clock.now, groups=groups))
