@@ -334,6 +334,33 @@ def _resolve_server_tls(
     return server.model_copy(update={"tls": tls})
 
 
+def _resolve_replay_cache(
+    server: ServerSpec, doc: Document, problems: list[ConfigProblem]
+) -> ServerSpec:
+    """``server`` with the replay cache's Redis files (password, CA) made absolute, after
+    checking they can be read; each problem names its field."""
+    redis = server.replay_cache.redis
+    if redis is None:
+        return server
+    absolute: dict[str, str] = {}
+    for attr, field_name in (("password_file", "passwordFile"), ("ca_file", "caFile")):
+        value = getattr(redis, attr)
+        if value is None:
+            continue
+        path = (doc.base_dir / value).absolute()
+        if not path.is_file():
+            problems.append(
+                ConfigProblem(
+                    doc.label, f"server.replayCache.redis.{field_name}", f"no such file: {path}"
+                )
+            )
+        absolute[attr] = str(path)
+    replay_cache = server.replay_cache.model_copy(
+        update={"redis": redis.model_copy(update=absolute)}
+    )
+    return server.model_copy(update={"replay_cache": replay_cache})
+
+
 _Item = TypeVar("_Item", bound=BaseModel)
 
 
@@ -426,6 +453,7 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
     problems: list[ConfigProblem] = []
     warnings: list[str] = []
     server: ServerSpec | None = None
+    server_fields_set: set[str] = set()
     providers: list[FoundProvider] = []
     policies: list[PolicySpec] = []
     # (name, document label, field path of the name) of every policy, valid or not, so that a
@@ -473,12 +501,24 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
                 )
                 continue
             if native.server is not None:
-                if server is not None:
+                server_part = _resolve_server_tls(native.server, doc, problems)
+                server_part = _resolve_replay_cache(server_part, doc, problems)
+                # A document may set some server fields, another the others (a kustomize
+                # component adds a file to the ConfigMap: k8s/components/replay-cache-redis);
+                # a field set twice is refused, never silently merged.
+                given = native.server.model_fields_set
+                for field_name in sorted(given & server_fields_set):
+                    alias = ServerSpec.model_fields[field_name].alias or field_name
                     problems.append(
-                        ConfigProblem(doc.label, "server", "set in more than one document")
+                        ConfigProblem(doc.label, f"server.{alias}", "set in more than one document")
                     )
-                server = _resolve_server_tls(native.server, doc, problems)
-                if server.http_listen is not None:
+                server = (
+                    server_part
+                    if server is None
+                    else server.model_copy(update={f: getattr(server_part, f) for f in given})
+                )
+                server_fields_set |= given
+                if server_part.http_listen is not None:
                     warnings.append(
                         f"{doc.label}: server.httpListen is deprecated, use "
                         "server.metricsListen (the /metrics, /healthz and /readyz port; the "
