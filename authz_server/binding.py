@@ -421,6 +421,8 @@ class SenderConstraint:
     dpop: DpopRules
     certificate_mode: str
     trust_forwarded_client_cert: bool
+    # With dpop.nonce: where nonces come from (and are checked against); None: no nonce.
+    nonces: NonceSource | None = field(default=None, compare=False, repr=False)
     proof_keys: ProofKeyCache = field(default_factory=ProofKeyCache, compare=False, repr=False)
 
     @property
@@ -500,6 +502,16 @@ class SenderConstraint:
             key_cache=self.proof_keys,
         )
         check_key_binding(jkt, verified)
+        if self.nonces is not None and not self.nonces.accepts(verified.nonce, now):
+            # RFC 9449 9: answer with the nonce to use; the client retries with a new proof.
+            raise AuthenticationError(
+                errors.USE_DPOP_NONCE,
+                "the proof carries no current server nonce"
+                if verified.nonce is None
+                else "the proof's nonce is not a current one of this server",
+                description="a server nonce is required",
+                headers=(("dpop-nonce", self.nonces.current(now)),),
+            )
         # NOTE: kept as long as a proof with this iat could still be accepted.
         ttl = self.dpop.proof_lifetime + 2 * self.dpop.clock_skew + 1.0
         if not replay.first_use(replay_key(self.provider, verified.jkt, verified.jti), ttl):

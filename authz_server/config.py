@@ -80,6 +80,8 @@ class Provider:
     # Introspection's client secret and the API keys file, resolved.
     client_secret_file: Path | None = None
     api_keys_file: Path | None = None
+    # The DPoP nonce secret (dpop.nonceSecretFile), resolved.
+    nonce_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ def _resolve_provider(
             spec.introspection.client_secret_file if spec.introspection else None,
         ),
         ("api_keys_file", "apiKeys.file", spec.api_keys.file if spec.api_keys else None),
+        ("nonce_secret_file", "dpop.nonceSecretFile", spec.dpop.nonce_secret_file),
     ):
         paths[attr], found = _resolve_file(
             value,
@@ -233,6 +236,16 @@ def _resolve_provider(
                 ConfigProblem(document, f"{prefix}.caFile", f"not a usable CA bundle: {exc}")
             )
             ok = False
+    nonce_secret = paths["nonce_secret_file"]
+    if nonce_secret is not None and len(nonce_secret.read_bytes().strip()) < 32:
+        problems.append(
+            ConfigProblem(
+                document,
+                f"{prefix}.dpop.nonceSecretFile",
+                "the secret must be at least 32 bytes (nonces derived from it must be unguessable)",
+            )
+        )
+        ok = False
     secret = paths["shared_secret_file"]
     if secret is not None and len(secret.read_bytes().strip()) < 32:
         problems.append(
@@ -430,6 +443,7 @@ def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None)
             spec.shared_secret_file,
             spec.introspection.client_secret_file if spec.introspection else None,
             spec.api_keys.file if spec.api_keys else None,
+            spec.dpop.nonce_secret_file,
         )
         if value is not None
     ]

@@ -27,10 +27,19 @@ class AuthzError(Exception):
     provider: str | None = None
     credential: str | None = None
 
-    def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        description: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        # Headers the denial carries to the client besides the fixed ones (a DPoP-Nonce).
+        self.headers = headers
         # Shown to the client (WWW-Authenticate error_description) instead of the reason's
         # fixed text: built from configuration only, never from request data.
         self.description = description

@@ -168,9 +168,13 @@ def deny(error: AuthzError, *, realm: str, token_present: bool, dpop_algs: str =
         status = 503
     else:
         status = error.status
-    return _denial(
+    decision = _denial(
         status, error.reason, realm, token_present, error.description or "", dpop_algs=dpop_algs
     )
+    if error.headers:
+        # This denial's own headers (a fresh DPoP-Nonce): never in the shared one.
+        decision = replace(decision, response_headers=decision.response_headers + error.headers)
+    return decision
 
 
 def internal_error() -> Decision:

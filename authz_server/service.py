@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes, cookie_name
-from authz_server.binding import DpopRules, SenderConstraint
+from authz_server.binding import DpopRules, NonceSource, SenderConstraint
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
@@ -460,6 +460,8 @@ def make_cache(provider: Provider) -> JWKSCache:
 
 def _sender_constraint(runtime: ProviderRuntime, trust_xfcc: bool) -> SenderConstraint | None:
     spec = runtime.provider.spec
+    secret = runtime.provider.nonce_secret_file
+    nonces = NonceSource(secret.read_bytes().strip()) if spec.dpop.nonce and secret else None
     if spec.dpop.mode == "disabled" and spec.certificate_bound == "disabled":
         return None
     return SenderConstraint(
@@ -473,6 +475,7 @@ def _sender_constraint(runtime: ProviderRuntime, trust_xfcc: bool) -> SenderCons
         ),
         certificate_mode=spec.certificate_bound,
         trust_forwarded_client_cert=trust_xfcc,
+        nonces=nonces,
     )
 
 

@@ -140,6 +140,11 @@ class DpopSpec(_Model):
     # The origin clients address (https://api.example.com) when Envoy's view of scheme and
     # host differs from it (behind a load balancer): a proof's htu names the client's URL.
     external_url: str | None = None
+    # Server nonces (RFC 9449 8): a proof must carry a nonce this server handed out, derived
+    # from the secret in nonceSecretFile and the time, so every replica sharing the secret
+    # accepts every other's nonce without shared memory.
+    nonce: bool = False
+    nonce_secret_file: str | None = Field(default=None, min_length=1)
 
     @field_validator("proof_lifetime")
     @classmethod
@@ -159,6 +164,15 @@ class DpopSpec(_Model):
         if symmetric:
             raise ValueError(f"{symmetric[0]}: a DPoP proof is signed with an asymmetric key")
         return value
+
+    @model_validator(mode="after")
+    def _nonce_needs_a_secret(self) -> DpopSpec:
+        if self.nonce and self.nonce_secret_file is None:
+            raise ValueError(
+                "nonce: true needs nonceSecretFile (a secret every replica shares, at least "
+                "32 bytes), so that any replica accepts another's nonce"
+            )
+        return self
 
     @field_validator("external_url")
     @classmethod

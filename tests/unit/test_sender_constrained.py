@@ -23,6 +23,7 @@ from authz_server.cli import main
 from authz_server.devkeys import SigningKey, b64url_encode
 from authz_server.doors import explain_api
 from authz_server.doors import grpc as grpc_door
+from authz_server.errors import ConfigError
 from authz_server.explain import explain
 from authz_server.service import AuthorizationService, Engine
 from authz_server.v1 import explain_pb2
@@ -184,6 +185,89 @@ def test_a_replayed_proof_is_401_with_a_dpop_challenge(
     assert 'error="invalid_dpop_proof"' in challenge
     assert json.loads(replayed.body)["reason"] == errors.DPOP_PROOF_REPLAYED
     assert fresh.status == 200
+
+
+def _nonce_service(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, secret: bytes = b"n" * 40
+) -> AuthorizationService:
+    (tmp_path / "nonce-secret").write_bytes(secret)
+    extra = "dpop: {mode: required, nonce: true, nonceSecretFile: nonce-secret}"
+    return _service(tmp_path, clock, _provider(rsa_key, "fapi", ISSUER, extra))
+
+
+def _proof_with(key: SigningKey, token: str, now: float, nonce: str | None) -> str:
+    return devkeys.dpop_proof(key, method="GET", url=URL, access_token=token, iat=now, nonce=nonce)
+
+
+def test_with_nonces_a_proof_without_one_gets_401_use_dpop_nonce_and_the_nonce_to_use(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, client_key: SigningKey
+) -> None:
+    service = _nonce_service(tmp_path, clock, rsa_key)
+    token = _token(rsa_key, clock.now, cnf={"jkt": client_key.thumbprint()})
+
+    first = service.check(_dpop_request(token, _proof_with(client_key, token, clock.now, None)))
+
+    assert (first.status, first.reason) == (401, errors.USE_DPOP_NONCE)
+    headers = dict(first.response_headers)
+    assert 'error="use_dpop_nonce"' in headers["www-authenticate"]
+    assert headers["www-authenticate"].startswith("DPoP ")
+    nonce = headers["dpop-nonce"]
+    retry = service.check(_dpop_request(token, _proof_with(client_key, token, clock.now, nonce)))
+    assert retry.status == 200
+    # The shared prebuilt denial never carries one request's nonce.
+    other = service.check(_dpop_request(token, _proof_with(client_key, token, clock.now, "x")))
+    assert (other.status, other.reason) == (401, errors.USE_DPOP_NONCE)
+    assert dict(other.response_headers)["dpop-nonce"] == nonce
+
+
+def test_any_replica_with_the_secret_accepts_anothers_nonce_until_it_is_two_periods_old(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, client_key: SigningKey
+) -> None:
+    for name in ("one", "two", "three"):
+        (tmp_path / name).mkdir()
+    one = _nonce_service(tmp_path / "one", clock, rsa_key)
+    two = _nonce_service(tmp_path / "two", clock, rsa_key)
+    elsewhere = _nonce_service(
+        tmp_path / "three", clock, rsa_key, secret=b"another secret of at least 32 bytes"
+    )
+    token = _token(rsa_key, clock.now, cnf={"jkt": client_key.thumbprint()})
+    asked = one.check(_dpop_request(token, _proof_with(client_key, token, clock.now, None)))
+    nonce = dict(asked.response_headers)["dpop-nonce"]
+
+    at_two = two.check(_dpop_request(token, _proof_with(client_key, token, clock.now, nonce)))
+    at_elsewhere = elsewhere.check(
+        _dpop_request(token, _proof_with(client_key, token, clock.now, nonce))
+    )
+    clock.advance(601)  # two nonce periods of 300 s
+    token = _token(rsa_key, clock.now, cnf={"jkt": client_key.thumbprint()})
+    stale = two.check(_dpop_request(token, _proof_with(client_key, token, clock.now, nonce)))
+
+    assert at_two.status == 200
+    assert (at_elsewhere.status, at_elsewhere.reason) == (401, errors.USE_DPOP_NONCE)
+    assert (stale.status, stale.reason) == (401, errors.USE_DPOP_NONCE)
+
+
+@pytest.mark.parametrize(
+    ("dpop", "secret", "problem"),
+    [
+        ("{mode: optional, nonce: true}", None, "nonceSecretFile"),
+        ("{mode: optional, nonce: true, nonceSecretFile: s}", b"short", "at least 32 bytes"),
+        ("{mode: optional, nonce: true, nonceSecretFile: missing}", None, "nonceSecretFile"),
+    ],
+)
+def test_a_nonce_without_a_usable_shared_secret_is_refused_naming_the_field(
+    tmp_path: Path, rsa_key: SigningKey, dpop: str, secret: bytes | None, problem: str
+) -> None:
+    if secret is not None:
+        (tmp_path / "s").write_bytes(secret)
+    text = (
+        "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
+        + f"providers:{_provider(rsa_key, 'fapi', ISSUER, f'dpop: {dpop}')}\n{POLICIES}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(write_config(tmp_path, text))
+    assert problem in str(caught.value)
+    assert "dpop" in str(caught.value)
 
 
 def test_a_dpop_bound_token_sent_as_bearer_is_refused(
