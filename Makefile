@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
-.PHONY: monitoring-tools monitoring dashboard-preview
+.PHONY: monitoring-tools monitoring dashboard-preview redis-tools
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -76,7 +76,7 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 # two overlap well even on two cores. A test file stays in one process (--dist loadfile), so a
 # module's shared Envoy and server start once.
 TEST_WORKERS ?= 2
-test: $(STAMP) monitoring-tools ## Run the whole test suite (unit + end-to-end through a real Envoy; TEST_WORKERS=2)
+test: $(STAMP) monitoring-tools redis-tools ## Run the whole test suite (unit + end-to-end through a real Envoy; TEST_WORKERS=2)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: proto
@@ -192,6 +192,19 @@ monitoring-tools: ## Install Prometheus and promtool (Debian's prometheus) when 
 			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; \
 		fi; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; status=$$?; \
+		if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+		exit $$status; \
+	fi
+
+# NOTE: as for Prometheus, policy-rc.d keeps Debian's service from starting: the tests start
+# their own redis-server on a Unix socket in a temporary folder.
+redis-tools: ## Install Debian's redis-server (the DPoP replay cache tests) when missing, service not started
+	@if ! command -v redis-server >/dev/null; then \
+		apt-get update || exit 1; made=""; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; \
+		fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; status=$$?; \
 		if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 		exit $$status; \
 	fi

@@ -166,6 +166,8 @@ class RequestAttributes:
         trusted_proxy_hops: int = 0,
         door: str = "grpc",
         unknown: frozenset[str] = frozenset(),
+        scheme: str = "",
+        client_certificate: str = "",
     ) -> None:
         self.method = method
         self.host = host
@@ -183,6 +185,11 @@ class RequestAttributes:
         self.trusted_proxy_hops = trusted_proxy_hops
         self.door = door  # which door brought it: "grpc" or "http" (metrics, decision log)
         self.unknown = unknown
+        # The scheme Envoy saw ("http"/"https"; "" when the door cannot tell) and the client's
+        # certificate as Envoy sends it (URL-encoded PEM; "" when none or not sent): what a
+        # DPoP proof's htu and a certificate-bound token are checked against.
+        self.scheme = scheme
+        self.client_certificate = client_certificate
 
     @_computed_once
     def normalized_path(self) -> str:

@@ -121,6 +121,26 @@ def _parser() -> argparse.ArgumentParser:
         help="decide an opaque --token-file offline: the introspection answer (JSON) the IdP "
         "would give for it, instead of calling the introspection endpoint",
     )
+    check.add_argument(
+        "--dpop-proof",
+        type=Path,
+        metavar="FILE",
+        help="a file holding a DPoP proof (`token dpop-proof`): sent as the DPoP header, and "
+        "the --token-file token as 'Authorization: DPoP'",
+    )
+    check.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="FILE",
+        help="a PEM client certificate, as Envoy sends the one of the client's mTLS connection "
+        "(include_peer_certificate): for certificate-bound tokens",
+    )
+    check.add_argument(
+        "--scheme",
+        default="",
+        choices=["http", "https"],
+        help="the scheme Envoy saw (a DPoP proof's htu names it; default http)",
+    )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
         "--context-extension",
@@ -306,6 +326,38 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     mint.add_argument("--alg", help="signing algorithm (default RS256, ES256 or EdDSA by key)")
     mint.add_argument("--kid", help="kid in the header (default: the key's kid in jwks.json)")
+    mint.add_argument(
+        "--dpop-key",
+        type=Path,
+        metavar="KEY",
+        help="bind the token to this DPoP key (a PEM private key, e.g. another `token init` "
+        "DIR/private.pem): cnf.jkt is its RFC 7638 thumbprint",
+    )
+    mint.add_argument(
+        "--cert-file",
+        type=Path,
+        metavar="CERT",
+        help='bind the token to this PEM client certificate: cnf["x5t#S256"] (RFC 8705)',
+    )
+
+    proof = token_sub.add_parser(
+        "dpop-proof",
+        help="print a DPoP proof (RFC 9449) for one request",
+        description="Print a DPoP proof JWT signed with KEY (its public JWK in the header) for "
+        "METHOD and URL, issued now, with a fresh jti and, with --token, the token's hash "
+        "(ath). Send it as the DPoP header, with the token as 'Authorization: DPoP'. A proof "
+        "is accepted once, within the provider's dpop.proofLifetime. " + warning,
+    )
+    proof.add_argument(
+        "--key", required=True, type=Path, help="the DPoP private key (PEM, or a `token init` DIR)"
+    )
+    proof.add_argument("--method", default="GET", help="the request's method (htm; default GET)")
+    proof.add_argument(
+        "--url",
+        required=True,
+        help="the URL the client addresses, without query (htu): https://api.example.com/orders",
+    )
+    proof.add_argument("--token", help="the access token the proof goes with (ath)")
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -316,15 +368,29 @@ def _token(args: argparse.Namespace) -> int:
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
+        if args.token_command == "dpop-proof":
+            key = devtoken.load_signing_key(args.key)
+            print(devtoken.dpop_proof(key, method=args.method, url=args.url, token=args.token))
+            return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
         issuer = args.issuer or devtoken.recorded_issuer(args.key)
+        claims = devtoken.parse_claims(args.claim)
+        dpop_key = (
+            devtoken.load_signing_key(args.dpop_key, flag="--dpop-key")
+            if args.dpop_key is not None
+            else None
+        )
+        cnf = devtoken.confirmation(dpop_key, args.cert_file)
+        if cnf:
+            given = claims.get("cnf")
+            claims["cnf"] = {**(given if isinstance(given, dict) else {}), **cnf}
         print(
             devtoken.mint(
                 key,
                 issuer=issuer,
                 subject=args.sub,
                 audiences=args.aud,
-                claims=devtoken.parse_claims(args.claim),
+                claims=claims,
                 ttl=args.ttl,
                 alg=args.alg,
             )
@@ -337,7 +403,10 @@ def _token(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     import json  # noqa: PLC0415
+    from urllib.parse import quote  # noqa: PLC0415
 
+    from authz_server.binding import certificate_der_from_pem  # noqa: PLC0415
+    from authz_server.credentials import DPOP_LOCATION  # noqa: PLC0415
     from authz_server.explain import (  # noqa: PLC0415
         explain,
         place_token,
@@ -372,6 +441,25 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+    proof = client_certificate = ""
+    if args.dpop_proof is not None:
+        try:
+            proof = args.dpop_proof.read_text().strip()
+        except OSError as exc:
+            print(f"--dpop-proof {args.dpop_proof}: {exc.strerror}", file=sys.stderr)
+            return 2
+        headers["dpop"] = proof
+    if args.client_cert is not None:
+        try:
+            pem = args.client_cert.read_text()
+            certificate_der_from_pem(pem)
+        except OSError as exc:
+            print(f"--client-cert {args.client_cert}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--client-cert {args.client_cert}: {exc}", file=sys.stderr)
+            return 2
+        client_certificate = quote(pem, safe="")  # as Envoy sends it: URL-encoded PEM
     api_key: str | None = None
     if args.api_key_file is not None:
         try:
@@ -416,7 +504,9 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         path = args.path
         if args.token_file is not None:
             # Where the token's provider reads one (Authorization: Bearer unless it says).
-            location = token_location(provider_for_token(settings, token))
+            location = (
+                DPOP_LOCATION if proof else token_location(provider_for_token(settings, token))
+            )
             headers, path = place_token(headers, path, location, token)
         if api_key is not None:
             keys_provider = next((p for p in settings.providers if p.spec.kind == "apiKey"), None)
@@ -433,6 +523,8 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
                 source_ip=args.source_ip,
                 context_extensions=extensions,
                 destination_principal=args.destination_principal,
+                scheme=args.scheme,
+                client_certificate=client_certificate,
             )
         except ValueError as exc:
             print(f"--source-ip: {exc}", file=sys.stderr)

@@ -81,6 +81,8 @@ class Provider:
     # Introspection's client secret and the API keys file, resolved.
     client_secret_file: Path | None = None
     api_keys_file: Path | None = None
+    # The DPoP nonce secret (dpop.nonceSecretFile), resolved.
+    nonce_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ def _resolve_provider(
             spec.introspection.client_secret_file if spec.introspection else None,
         ),
         ("api_keys_file", "apiKeys.file", spec.api_keys.file if spec.api_keys else None),
+        ("nonce_secret_file", "dpop.nonceSecretFile", spec.dpop.nonce_secret_file),
     ):
         paths[attr], found = _resolve_file(
             value,
@@ -234,6 +237,16 @@ def _resolve_provider(
                 ConfigProblem(document, f"{prefix}.caFile", f"not a usable CA bundle: {exc}")
             )
             ok = False
+    nonce_secret = paths["nonce_secret_file"]
+    if nonce_secret is not None and len(nonce_secret.read_bytes().strip()) < 32:
+        problems.append(
+            ConfigProblem(
+                document,
+                f"{prefix}.dpop.nonceSecretFile",
+                "the secret must be at least 32 bytes (nonces derived from it must be unguessable)",
+            )
+        )
+        ok = False
     secret = paths["shared_secret_file"]
     if secret is not None and len(secret.read_bytes().strip()) < 32:
         problems.append(
@@ -361,6 +374,33 @@ def _resolve_server_tls(
     return server.model_copy(update={"tls": tls})
 
 
+def _resolve_replay_cache(
+    server: ServerSpec, doc: Document, problems: list[ConfigProblem]
+) -> ServerSpec:
+    """``server`` with the replay cache's Redis files (password, CA) made absolute, after
+    checking they can be read; each problem names its field."""
+    redis = server.replay_cache.redis
+    if redis is None:
+        return server
+    absolute: dict[str, str] = {}
+    for attr, field_name in (("password_file", "passwordFile"), ("ca_file", "caFile")):
+        value = getattr(redis, attr)
+        if value is None:
+            continue
+        path = (doc.base_dir / value).absolute()
+        if not path.is_file():
+            problems.append(
+                ConfigProblem(
+                    doc.label, f"server.replayCache.redis.{field_name}", f"no such file: {path}"
+                )
+            )
+        absolute[attr] = str(path)
+    replay_cache = server.replay_cache.model_copy(
+        update={"redis": redis.model_copy(update=absolute)}
+    )
+    return server.model_copy(update={"replay_cache": replay_cache})
+
+
 _Item = TypeVar("_Item", bound=BaseModel)
 
 
@@ -430,6 +470,7 @@ def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None)
             spec.shared_secret_file,
             spec.introspection.client_secret_file if spec.introspection else None,
             spec.api_keys.file if spec.api_keys else None,
+            spec.dpop.nonce_secret_file,
         )
         if value is not None
     ]
@@ -453,6 +494,7 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
     problems: list[ConfigProblem] = []
     warnings: list[str] = []
     server: ServerSpec | None = None
+    server_fields_set: set[str] = set()
     providers: list[FoundProvider] = []
     policies: list[PolicySpec] = []
     # (name, document label, field path of the name) of every policy, valid or not, so that a
@@ -500,12 +542,24 @@ def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
                 )
                 continue
             if native.server is not None:
-                if server is not None:
+                server_part = _resolve_server_tls(native.server, doc, problems)
+                server_part = _resolve_replay_cache(server_part, doc, problems)
+                # A document may set some server fields, another the others (a kustomize
+                # component adds a file to the ConfigMap: k8s/components/replay-cache-redis);
+                # a field set twice is refused, never silently merged.
+                given = native.server.model_fields_set
+                for field_name in sorted(given & server_fields_set):
+                    alias = ServerSpec.model_fields[field_name].alias or field_name
                     problems.append(
-                        ConfigProblem(doc.label, "server", "set in more than one document")
+                        ConfigProblem(doc.label, f"server.{alias}", "set in more than one document")
                     )
-                server = _resolve_server_tls(native.server, doc, problems)
-                if server.http_listen is not None:
+                server = (
+                    server_part
+                    if server is None
+                    else server.model_copy(update={f: getattr(server_part, f) for f in given})
+                )
+                server_fields_set |= given
+                if server_part.http_listen is not None:
                     warnings.append(
                         f"{doc.label}: server.httpListen is deprecated, use "
                         "server.metricsListen (the /metrics, /healthz and /readyz port; the "

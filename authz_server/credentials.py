@@ -27,6 +27,11 @@ class TokenLocation:
     name: str  # header names are lower case
     prefix: str = ""
 
+    @property
+    def is_dpop(self) -> bool:
+        """The token came as ``Authorization: DPoP <token>`` (RFC 9449 7.1)."""
+        return self.kind == "header" and self.prefix.strip().lower() == "dpop"
+
     def describe(self) -> str:
         if self.kind == "header":
             return f"header {self.name}" + (
@@ -76,16 +81,25 @@ DEFAULT_LOCATIONS = (
     TokenLocation("header", "authorization", "Bearer "),
     TokenLocation("param", "access_token"),
 )
+DPOP_LOCATION = TokenLocation("header", "authorization", "DPoP ")
 
 
 def provider_locations(provider: ProviderRuntime) -> tuple[TokenLocation, ...]:
     spec = provider.provider.spec
+    # A provider with DPoP also reads `Authorization: DPoP <token>` (RFC 9449 7.1).
+    dpop = (DPOP_LOCATION,) if spec.dpop.mode != "disabled" else ()
     if not (spec.from_headers or spec.from_params or spec.from_cookies):
-        return DEFAULT_LOCATIONS
+        return DEFAULT_LOCATIONS + dpop
     return (
         *(TokenLocation("header", h.name.lower(), h.prefix) for h in spec.from_headers),
         *(TokenLocation("param", p) for p in spec.from_params),
         *(TokenLocation("cookie", c) for c in spec.from_cookies),
+        *(
+            loc
+            for loc in dpop
+            if loc
+            not in {TokenLocation("header", h.name.lower(), h.prefix) for h in spec.from_headers}
+        ),
     )
 
 

@@ -3,7 +3,9 @@
 ``init_keys`` makes a key pair in a directory (the private key as PEM, readable by its owner
 only, and the public half as a JWKS file a provider's ``jwksFile`` can point at);
 ``provider_document`` is the configuration that trusts it; ``mint`` signs a token with the
-claims asked for. Signing is `devkeys`' (``cryptography`` alone).
+claims asked for, bound to a DPoP key or a client certificate when asked (``confirmation``);
+``dpop_proof`` makes the proof a DPoP request carries. Signing is `devkeys`' (``cryptography``
+alone).
 
 NOT for production: the private key is written unencrypted, nothing rotates it, and anyone
 who can read the file can mint tokens the configuration accepts.
@@ -22,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from authz_server import devkeys
+from authz_server import binding, devkeys
 from authz_server.devkeys import SigningKey
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "PRIVATE_KEY_FILE",
     "DevKeyFiles",
     "DevTokenError",
+    "confirmation",
+    "dpop_proof",
     "init_keys",
     "load_signing_key",
     "mint",
@@ -152,7 +156,7 @@ def recorded_issuer(key_path: Path) -> str:
     return issuer
 
 
-def load_signing_key(path: Path, kid: str | None = None) -> SigningKey:
+def load_signing_key(path: Path, kid: str | None = None, flag: str = "--key") -> SigningKey:
     """The private key at ``path`` (a PEM file, or a directory holding ``private.pem``).
 
     Its kid is ``kid`` if given; else the kid the key has in the ``jwks.json`` beside it, so
@@ -164,11 +168,11 @@ def load_signing_key(path: Path, kid: str | None = None) -> SigningKey:
     try:
         pem = path.read_bytes()
     except OSError as exc:
-        raise DevTokenError(f"--key {path}: cannot read it ({exc.strerror})") from None
+        raise DevTokenError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
     try:
         key = devkeys.load_pem_key(pem)
     except (ValueError, TypeError) as exc:
-        raise DevTokenError(f"--key {path}: not an unencrypted PEM private key ({exc})") from None
+        raise DevTokenError(f"{flag} {path}: not an unencrypted PEM private key ({exc})") from None
     chosen = kid or _kid_in_key_set(key, path.parent / JWKS_FILE)
     return SigningKey(kind=key.kind, kid=chosen or key.kid, private_key=key.private_key)
 
@@ -237,3 +241,38 @@ def mint(
         return key.sign(payload, alg=alg)
     except ValueError as exc:
         raise DevTokenError(f"--alg {alg}: {exc}") from None
+
+
+def confirmation(
+    dpop_key: SigningKey | None = None, certificate_file: Path | None = None
+) -> dict[str, str]:
+    """The ``cnf`` claim (RFC 7800) binding a token to ``dpop_key`` (``jkt``: its RFC 7638
+    thumbprint, RFC 9449) and/or to the certificate in ``certificate_file`` (``x5t#S256``:
+    SHA-256 of its DER, RFC 8705). Raises DevTokenError for an unreadable certificate."""
+    cnf: dict[str, str] = {}
+    if dpop_key is not None:
+        cnf["jkt"] = dpop_key.thumbprint()
+    if certificate_file is not None:
+        try:
+            der = binding.certificate_der_from_pem(certificate_file.read_text())
+        except OSError as exc:
+            raise DevTokenError(
+                f"--cert-file {certificate_file}: cannot read it ({exc.strerror})"
+            ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DevTokenError(f"--cert-file {certificate_file}: {exc}") from None
+        cnf["x5t#S256"] = binding.certificate_thumbprint(der)
+    return cnf
+
+
+def dpop_proof(key: SigningKey, *, method: str, url: str, token: str | None = None) -> str:
+    """A DPoP proof (RFC 9449 4.2) signed with ``key`` for ``method`` and ``url`` (absolute,
+    without query or fragment), issued now, with ``ath`` of ``token`` when given. Raises
+    DevTokenError for a URL a server would not compare."""
+    try:
+        binding.normalize_htu(url)
+    except ValueError as exc:
+        raise DevTokenError(
+            f"--url {url!r}: {exc} (the proof's htu is the URL without it)"
+        ) from None
+    return devkeys.dpop_proof(key, method=method.upper(), url=url, access_token=token)

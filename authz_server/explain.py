@@ -52,9 +52,12 @@ def request_attributes(
     source_ip: str = "",
     context_extensions: Mapping[str, str] | None = None,
     destination_principal: str = "",
+    scheme: str = "",
+    client_certificate: str = "",
 ) -> RequestAttributes:
-    """A request as ``check``, ``test`` and the Explain API describe one. Raises ValueError
-    for a source address that is not an IP address (it would silently match no ipBlocks)."""
+    """A request as ``check``, ``test`` and the Explain API describe one (``client_certificate``
+    as Envoy sends it: URL-encoded PEM). Raises ValueError for a source address that is not an
+    IP address (it would silently match no ipBlocks)."""
     if source_ip:
         try:
             ipaddress.ip_address(source_ip)
@@ -68,6 +71,8 @@ def request_attributes(
         source_ip=source_ip,
         context_extensions=dict(context_extensions or {}),
         destination_principal=destination_principal,
+        scheme=scheme,
+        client_certificate=client_certificate,
     )
 
 
@@ -515,6 +520,10 @@ def render_text(result: Mapping[str, Any]) -> str:
             outcome = f"rejected by {by}: {token['error']}"
         elif outcome == "rejected":
             outcome = f"rejected: {token['error']}"
+            if token.get("description"):
+                # Which check failed (a DPoP proof's htm, htu, iat, ...): the reason alone
+                # does not say.
+                outcome += f" ({token['description']})"
         lines.append(f"token: {token['location']} (providers {providers}): {outcome}")
         lines.extend(f"    {detail}" for detail in token.get("details", ()))
         for name, value in (token.get("claims") or {}).items():

@@ -20,6 +20,7 @@ from the configuration as the server builds its own, with the trace of how it wa
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import secrets
@@ -29,16 +30,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from pydantic import field_validator as _field_validator
 from pydantic.alias_generators import to_camel
 
-from authz_server import devkeys
+from authz_server import binding, devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
-from authz_server.credentials import TokenLocation
+from authz_server.credentials import DPOP_LOCATION, TokenLocation
 from authz_server.explain import (
     explain,
     place_token,
@@ -118,6 +120,11 @@ class CaseRequest(_Model):
     context_extensions: dict[str, str] = {}
     # Which workload the request is for, when workloads are recognised by it (an mTLS sidecar).
     destination_principal: str = ""
+    # The scheme Envoy saw (a DPoP proof's htu names it; "": http).
+    scheme: Literal["", "http", "https"] = ""
+    # A PEM file (relative to the cases file): the client certificate of the connection, as
+    # Envoy sends it with include_peer_certificate (certificate-bound tokens).
+    client_certificate: str = ""
 
     @_field_validator("path")
     @classmethod
@@ -182,6 +189,10 @@ class Case(_Model):
     api_key: str | None = Field(default=None, min_length=1)
     introspection: dict[str, JsonValue] | None = None
     provider: str | None = Field(default=None, min_length=1)
+    # Sender-constrained minted tokens: bound to a throwaway DPoP key and sent with a fresh
+    # proof for the request; bound to the certificate in this PEM file (cnf x5t#S256).
+    dpop: bool = False
+    bound_to_certificate: str = ""
     expect: Expectation
 
     @model_validator(mode="after")
@@ -201,6 +212,10 @@ class Case(_Model):
                 f"give one of claims (a token is minted), token, apiKey, introspection, not "
                 f"{' and '.join(given)}"
             )
+        if (self.dpop or self.bound_to_certificate) and self.claims is None:
+            raise ValueError("dpop and boundToCertificate bind a minted token: give claims")
+        if self.dpop and "dpop" in self.request.headers:
+            raise ValueError("dpop: true makes the proof: remove request.headers.dpop")
         return self
 
 
@@ -273,13 +288,36 @@ def load_cases(path: Path) -> CasesFile:
     if not isinstance(raw, dict):
         raise CasesError(["expected a mapping with `groups` and/or `cases`"])
     try:
-        return CasesFile.model_validate(raw)
+        cases = CasesFile.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{_where(error['loc'], raw)}: {message}")
         raise CasesError(problems) from None
+    return _files_resolved(cases, path.parent)
+
+
+def _files_resolved(cases: CasesFile, base: Path) -> CasesFile:
+    """``cases`` with its certificate files made absolute, relative to ``base``."""
+
+    def resolved(case: Case) -> Case:
+        request = case.request
+        if request.client_certificate:
+            request = request.model_copy(
+                update={"client_certificate": str(base / request.client_certificate)}
+            )
+        bound = str(base / case.bound_to_certificate) if case.bound_to_certificate else ""
+        return case.model_copy(update={"request": request, "bound_to_certificate": bound})
+
+    return cases.model_copy(
+        update={
+            "cases": [resolved(c) for c in cases.cases],
+            "groups": [
+                g.model_copy(update={"cases": [resolved(c) for c in g.cases]}) for g in cases.groups
+            ],
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ preparing
@@ -295,6 +333,11 @@ class _Prepared:
     minted: bool = False
     location: TokenLocation | None = None  # where the token goes; None: nowhere
     offline: bool = False  # an opaque token whose introspection answer the case gives
+    # DPoP: the origin the proof's htu names instead of the request's (the provider's
+    # externalUrl), and whether a proof goes with the token.
+    dpop: bool = False
+    external_url: str | None = None
+    client_certificate: str = ""  # as Envoy sends it: URL-encoded PEM
 
 
 @dataclass
@@ -318,6 +361,11 @@ class _Keys:
 
     def jwks(self) -> str:
         return json.dumps({"keys": [jwk for _, jwk in self.keys.values()]})
+
+    @functools.cached_property
+    def dpop_key(self) -> devkeys.SigningKey:
+        """The throwaway client key the DPoP cases' tokens are bound to and proofs signed with."""
+        return devkeys.generate_key("EC-P256")
 
 
 def _mint(
@@ -414,6 +462,21 @@ def _placement_problem(where: str, request: CaseRequest, location: TokenLocation
     return None
 
 
+def _certificate(where: str, path: str, problems: list[str]) -> str | None:
+    """The PEM text of the certificate file at ``path``; None (a problem added) when it cannot
+    be read or holds no certificate."""
+    try:
+        pem = Path(path).read_text()
+        binding.certificate_der_from_pem(pem)
+    except OSError as exc:
+        problems.append(f"{where}: {path}: {exc.strerror}")
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"{where}: {path}: {exc}")
+        return None
+    return pem
+
+
 def _prepare(
     cases: CasesFile, settings: Settings, *, clock: Callable[[], float] = time.time
 ) -> tuple[list[_Prepared], _Keys]:
@@ -441,11 +504,31 @@ def _prepare(
                 f"{where}.expect.policy: no policy named {expected!r} in the configuration "
                 f"({hint}policies: {', '.join(sorted(policies)) or 'none'})"
             )
+        client_certificate = ""
+        if case.request.client_certificate:
+            pem = _certificate(
+                f"{where}.request.clientCertificate", case.request.client_certificate, problems
+            )
+            client_certificate = quote(pem, safe="") if pem else ""
         if case.claims is not None:
+            claims = dict(case.claims)
+            cnf: dict[str, JsonValue] = {}
+            if case.dpop:
+                cnf["jkt"] = keys.dpop_key.thumbprint()
+            if case.bound_to_certificate:
+                pem = _certificate(
+                    f"{where}.boundToCertificate", case.bound_to_certificate, problems
+                )
+                if pem:
+                    der = binding.certificate_der_from_pem(pem)
+                    cnf["x5t#S256"] = binding.certificate_thumbprint(der)
+            if cnf:
+                given = claims.get("cnf")
+                claims["cnf"] = {**(given if isinstance(given, dict) else {}), **cnf}
             minted = _mint(
                 where,
                 case,
-                claims=case.claims,
+                claims=claims,
                 settings=settings,
                 keys=keys,
                 now=now,
@@ -454,11 +537,23 @@ def _prepare(
             if minted is None:
                 continue
             token, target = minted
-            location = token_location(target)
+            location = DPOP_LOCATION if case.dpop else token_location(target)
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
-            prepared.append(_Prepared(group, case, token, True, location))
+            external_url = target.spec.dpop.external_url if target is not None else None
+            prepared.append(
+                _Prepared(
+                    group,
+                    case,
+                    token,
+                    True,
+                    location,
+                    dpop=case.dpop,
+                    external_url=external_url,
+                    client_certificate=client_certificate,
+                )
+            )
         elif case.api_key is not None or case.introspection is not None:
             kind = "apiKey" if case.api_key is not None else "introspection"
             target = _opaque_target(where, case, kind, settings, problems)
@@ -469,7 +564,16 @@ def _prepare(
             if problem:
                 problems.append(problem)
             if case.api_key is not None:
-                prepared.append(_Prepared(group, case, case.api_key, False, location))
+                prepared.append(
+                    _Prepared(
+                        group,
+                        case,
+                        case.api_key,
+                        False,
+                        location,
+                        client_certificate=client_certificate,
+                    )
+                )
                 continue
             token = f"opaque-case-{len(keys.answers)}-{secrets.token_urlsafe(16)}"
             answer: dict[str, Any] = {
@@ -480,16 +584,30 @@ def _prepare(
             }
             answer.update(case.introspection or {})
             keys.answers[token] = {k: v for k, v in answer.items() if v is not None}
-            prepared.append(_Prepared(group, case, token, False, location, offline=True))
+            prepared.append(
+                _Prepared(
+                    group,
+                    case,
+                    token,
+                    False,
+                    location,
+                    offline=True,
+                    client_certificate=client_certificate,
+                )
+            )
         elif case.token is not None:
             target = by_name.get(case.provider) if case.provider else None
             location = token_location(target or provider_for_token(settings, case.token))
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
-            prepared.append(_Prepared(group, case, case.token, False, location))
+            prepared.append(
+                _Prepared(
+                    group, case, case.token, False, location, client_certificate=client_certificate
+                )
+            )
         else:
-            prepared.append(_Prepared(group, case))
+            prepared.append(_Prepared(group, case, client_certificate=client_certificate))
     if problems:
         raise CasesError(problems)
     return prepared, keys
@@ -579,6 +697,19 @@ def _with_token(request: CaseRequest, location: TokenLocation, token: str) -> Ca
     return request.model_copy(update={"headers": headers, "path": path})
 
 
+def _with_proof(
+    request: CaseRequest, item: _Prepared, key: devkeys.SigningKey, token: str
+) -> CaseRequest:
+    """``request`` with a fresh DPoP proof for it (made now: a proof is short-lived and
+    accepted once), for the URL the server compares the proof's htu with."""
+    try:
+        url = binding.request_htu(request.scheme, request.host, request.path, item.external_url)
+    except ValueError:
+        url = "http://invalid/"  # no URL can be formed: the server refuses the proof too
+    proof = devkeys.dpop_proof(key, method=request.method.upper(), url=url, access_token=token)
+    return request.model_copy(update={"headers": {**request.headers, "dpop": proof}})
+
+
 def _shown(value: object) -> str:
     return "none" if value is None else json.dumps(value)
 
@@ -626,6 +757,8 @@ def run(
             request = item.case.request
             if item.token is not None and item.location is not None:
                 request = _with_token(request, item.location, item.token)
+            if item.dpop and item.token is not None:
+                request = _with_proof(request, item, keys.dpop_key, item.token)
             attributes = request_attributes(
                 method=request.method,
                 host=request.host,
@@ -634,6 +767,8 @@ def run(
                 source_ip=request.source_ip,
                 context_extensions=request.context_extensions,
                 destination_principal=request.destination_principal,
+                scheme=request.scheme,
+                client_certificate=item.client_certificate,
             )
             if item.minted:
                 engine = engines.minted()

@@ -333,7 +333,13 @@ class AuthzServer:
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
         ready, providers = self.readiness()
-        return ready, {"ready": ready, "providers": providers}
+        report: dict[str, Any] = {"ready": ready, "providers": providers}
+        engine = self.engine
+        if any(c.dpop_mode != "disabled" for c in engine.constraints.values()):
+            # NOTE: said, not counted against readiness: without its replay cache only DPoP
+            # requests fail (503), and a pod taken out of the Service would fail every request.
+            report["replayCache"] = engine.replay_cache.ready() or "ready"
+        return ready, report
 
     def exposition(self) -> bytes:
         return self.metrics.exposition()

@@ -15,10 +15,12 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes, cookie_name
+from authz_server.binding import DpopRules, NonceSource, SenderConstraint
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
@@ -28,6 +30,7 @@ from authz_server.keysources import source_for
 from authz_server.log import DecisionLog
 from authz_server.metrics import Metrics
 from authz_server.policy import CompiledPolicy, PolicySet
+from authz_server.replay import MemoryReplayCache, RedisReplayCache, RedisSettings, ReplayCache
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
@@ -172,6 +175,8 @@ class Engine:
         clock: Callable[[], float] = time.time,
         token_cache: TokenCache | None = None,
         threads: int | None = None,
+        *,
+        replay_cache: ReplayCache | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -236,6 +241,16 @@ class Engine:
             AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
         )
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
+        # Sender-constrained tokens: the rules of each provider that has them, and where seen
+        # proofs are remembered (kept across reloads, so a reload never re-admits a replay).
+        self.constraints = {
+            c.provider: c
+            for c in (
+                _sender_constraint(p, server.trust_forwarded_client_cert) for p in self.providers
+            )
+            if c is not None
+        }
+        self.replay_cache: ReplayCache = replay_cache or make_replay_cache(settings)
         # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
         self._allows: dict[
             tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
@@ -244,7 +259,10 @@ class Engine:
         # Every header a token is read from, present in a request: removed before the upstream
         # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
         # unless it held a token its provider forwards.
-        self.token_header_names = tuple(sorted(self.extractor.token_headers))
+        proof_headers = (
+            {"dpop"} if any(c.dpop_mode != "disabled" for c in self.constraints.values()) else set()
+        )
+        self.token_header_names = tuple(sorted(self.extractor.token_headers | proof_headers))
         # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
@@ -301,7 +319,12 @@ class Engine:
         ):
             token_cache = previous.token_cache
         threads = previous.threads if previous is not None else settings.server.threads
-        return cls(settings, caches, clock, token_cache, threads)
+        replay_cache = None
+        if previous is not None and (
+            previous.settings.server.replay_cache == settings.server.replay_cache
+        ):
+            replay_cache = previous.replay_cache
+        return cls(settings, caches, clock, token_cache, threads, replay_cache=replay_cache)
 
     def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
         return {_cache_identity(p.provider): p.keys for p in self.providers}
@@ -317,6 +340,8 @@ class Engine:
                 cache.listeners.remove(self.token_cache.purge)
             if id(cache) not in kept:
                 cache.stop()
+        if successor is None or successor.replay_cache is not self.replay_cache:
+            self.replay_cache.close()
 
     def allow_for(
         self,
@@ -433,6 +458,48 @@ def make_cache(provider: Provider) -> JWKSCache:
     )
 
 
+def _sender_constraint(runtime: ProviderRuntime, trust_xfcc: bool) -> SenderConstraint | None:
+    spec = runtime.provider.spec
+    secret = runtime.provider.nonce_secret_file
+    nonces = NonceSource(secret.read_bytes().strip()) if spec.dpop.nonce and secret else None
+    if spec.dpop.mode == "disabled" and spec.certificate_bound == "disabled":
+        return None
+    return SenderConstraint(
+        provider=runtime.name,
+        dpop_mode=spec.dpop.mode,
+        dpop=DpopRules(
+            algorithms=frozenset(spec.dpop.algorithms),
+            proof_lifetime=spec.dpop.proof_lifetime,
+            clock_skew=spec.clock_skew,
+            external_url=spec.dpop.external_url,
+        ),
+        certificate_mode=spec.certificate_bound,
+        trust_forwarded_client_cert=trust_xfcc,
+        nonces=nonces,
+    )
+
+
+def _read_secret(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path is not None else None
+
+
+def make_replay_cache(settings: Settings) -> ReplayCache:
+    """The replay cache ``server.replayCache`` describes: Redis when configured, else memory."""
+    spec = settings.server.replay_cache
+    if spec.redis is None:
+        return MemoryReplayCache(spec.max_entries)
+    return RedisReplayCache(
+        RedisSettings(
+            url=spec.redis.url,
+            username=spec.redis.username,
+            password=_read_secret(spec.redis.password_file),
+            key_prefix=spec.redis.key_prefix,
+            timeout=spec.redis.timeout,
+            ca_file=spec.redis.ca_file,
+        )
+    )
+
+
 @dataclass
 class CheckTrace:
     """What ``check`` went through, recorded only when a caller asks (``explain``): the
@@ -533,14 +600,31 @@ class AuthorizationService:
             key = (token.token, token.scope)
             current = verified.get(key)
             if current is None:
+                constraint = None
                 try:
                     current = engine.credentials.verify(token, wait=wait)
+                    constraint = engine.constraints.get(current.provider)
+                    if constraint is not None:
+                        constraint.check(
+                            current.claims,
+                            token=token.token,
+                            presented_as_dpop=token.location.is_dpop,
+                            request=request,
+                            now=engine.clock(),
+                            replay=engine.replay_cache,
+                        )
                 except AuthzError as exc:
                     if trace is not None:
                         trace.tokens.append((token, exc))
                     denial = responses.with_context(
-                        responses.deny(exc, realm=engine.realm, token_present=True),
+                        responses.deny(
+                            exc,
+                            realm=engine.realm,
+                            token_present=True,
+                            dpop_algs=constraint.algs if constraint is not None else "",
+                        ),
                         provider=exc.provider
+                        or (constraint.provider if constraint is not None else None)
                         or (token.providers[0].name if len(token.providers) == 1 else None),
                         principal=None,
                         policy=None,
@@ -553,6 +637,8 @@ class AuthorizationService:
             if engine.outputs[current.provider].forward_token:
                 if token.location.kind == "header":
                     forwarded.add(token.location.name)
+                    if token.location.is_dpop:
+                        forwarded.add("dpop")  # the upstream may verify the proof itself
             elif token.location.kind == "param" and token.location.name not in query_strip:
                 query_strip.append(token.location.name)
             elif token.location.kind == "cookie":

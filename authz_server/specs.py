@@ -124,6 +124,66 @@ class ClaimToHeader(_Model):
     claim: str = Field(min_length=1)
 
 
+BindingMode = Literal["disabled", "optional", "required"]
+# RFC 9449 4.2: a proof is signed with an asymmetric key; HMAC would need a shared secret.
+DPOP_DEFAULT_ALGORITHMS: tuple[Algorithm, ...] = ("ES256", "EdDSA", "RS256", "PS256")
+
+
+class DpopSpec(_Model):
+    """DPoP (RFC 9449) for one provider: ``optional`` checks the proof of a token bound to a
+    key (``cnf.jkt``) and lets unbound tokens pass as bearer tokens; ``required`` accepts
+    bound, proven tokens only."""
+
+    mode: BindingMode = "disabled"
+    proof_lifetime: Duration = 60.0
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(DPOP_DEFAULT_ALGORITHMS))
+    # The origin clients address (https://api.example.com) when Envoy's view of scheme and
+    # host differs from it (behind a load balancer): a proof's htu names the client's URL.
+    external_url: str | None = None
+    # Server nonces (RFC 9449 8): a proof must carry a nonce this server handed out, derived
+    # from the secret in nonceSecretFile and the time, so every replica sharing the secret
+    # accepts every other's nonce without shared memory.
+    nonce: bool = False
+    nonce_secret_file: str | None = Field(default=None, min_length=1)
+
+    @field_validator("proof_lifetime")
+    @classmethod
+    def _bounded_lifetime(cls, value: float) -> float:
+        if not 1.0 <= value <= 300.0:
+            raise ValueError(
+                "must be between 1s and 5m (the replay cache holds every proof so long)"
+            )
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        symmetric = [a for a in value if a in HMAC_ALGORITHMS]
+        if symmetric:
+            raise ValueError(f"{symmetric[0]}: a DPoP proof is signed with an asymmetric key")
+        return value
+
+    @model_validator(mode="after")
+    def _nonce_needs_a_secret(self) -> DpopSpec:
+        if self.nonce and self.nonce_secret_file is None:
+            raise ValueError(
+                "nonce: true needs nonceSecretFile (a secret every replica shares, at least "
+                "32 bytes), so that any replica accepts another's nonce"
+            )
+        return self
+
+    @field_validator("external_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s?#]+(/[^?#\s]*)?$", value):
+            raise ValueError(
+                "an absolute http(s) URL without query or fragment, like https://api.example.com"
+            )
+        return value
+
+
 class IntrospectionSpec(_Model):
     """Opaque tokens, asked about at the IdP by OAuth2 Token Introspection (RFC 7662)."""
 
@@ -207,6 +267,9 @@ class ProviderSpec(_Model):
     # value it must equal (a list claim must contain it), or to null for "must be present".
     require_expiration: bool = True
     required_claims: dict[str, str | int | bool | None] = {}
+    # Sender-constrained tokens (RFC 9449, RFC 8705): see docs/sender-constrained.md.
+    dpop: DpopSpec = Field(default_factory=DpopSpec)
+    certificate_bound: BindingMode = "disabled"
     # Credentials other than JWTs (native only): one of these instead of a key source.
     introspection: IntrospectionSpec | None = None
     api_keys: ApiKeysSpec | None = None
@@ -722,6 +785,32 @@ class GrpcLimitsSpec(_Model):
     max_metadata_bytes: int = Field(default=8 << 10, ge=1 << 10, le=1 << 24)
 
 
+class RedisSpec(_Model):
+    """The Redis a replay cache shares between processes and replicas."""
+
+    url: str = Field(pattern=r"^(rediss?|unix)://")
+    username: str | None = Field(default=None, min_length=1)
+    password_file: str | None = Field(default=None, min_length=1)
+    key_prefix: str = Field(default="authz-server:dpop:", max_length=128)
+    timeout: Duration = 0.25
+    ca_file: str | None = Field(default=None, min_length=1)
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded_timeout(cls, value: float) -> float:
+        if not 0.001 <= value <= 5.0:
+            raise ValueError("must be between 1ms and 5s: every DPoP request waits for it")
+        return value
+
+
+class ReplayCacheSpec(_Model):
+    """Where DPoP proofs' ``jti`` are remembered: in process (default; one process only) or
+    in a Redis every process and replica shares."""
+
+    max_entries: int = Field(default=100_000, ge=100, le=10_000_000)
+    redis: RedisSpec | None = None
+
+
 class ServerSpec(_Model):
     listen: ListenAddress = "0.0.0.0:9001"
     # The side port: /metrics, /healthz, /readyz (not the HTTP door, `httpAuthz.listen`).
@@ -759,6 +848,11 @@ class ServerSpec(_Model):
     allow_empty: bool = False
     explain: ExplainSpec = Field(default_factory=ExplainSpec)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
+    replay_cache: ReplayCacheSpec = Field(default_factory=ReplayCacheSpec)
+    # Read the client certificate of a certificate-bound token from X-Forwarded-Client-Cert
+    # (Hash= or Cert=) when Envoy's CheckRequest has none: only when every hop in front of
+    # Envoy sets (or strips) that header, since a client could send it otherwise.
+    trust_forwarded_client_cert: bool = False
 
     @model_validator(mode="before")
     @classmethod

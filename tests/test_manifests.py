@@ -1,8 +1,8 @@
 """The Kubernetes manifests, proven offline: they render, they validate, they agree.
 
 - ``kubectl kustomize`` renders ``k8s/base``, ``k8s/istio`` and ``k8s/istio-http``, and
-  ``k8s/base`` with the ``k8s/components/http-door`` component, and with
-  ``k8s/components/grpc-tls``.
+  ``k8s/base`` with the ``k8s/components/http-door`` component, with
+  ``k8s/components/grpc-tls``, and with ``k8s/components/replay-cache-redis``.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
   (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
@@ -953,7 +953,8 @@ def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settin
 
 def _headers_the_server_reads(settings: config.Settings) -> set[str]:
     """The request headers a decision of ``settings`` may read, lower case: each provider's
-    token headers (Authorization by default) and cookies, X-Forwarded-For (remoteIpBlocks,
+    token headers (Authorization by default) and cookies, DPoP proofs and trusted
+    X-Forwarded-Client-Cert (sender-constrained tokens), X-Forwarded-For (remoteIpBlocks,
     remote.ip), X-Request-Id (the decision log) and the headers policies test. (Not the
     headers the server sets, nor their underscore twins: every allow removes them, sent or
     not.)"""
@@ -965,6 +966,10 @@ def _headers_the_server_reads(settings: config.Settings) -> set[str]:
         needed.update(h.name.lower() for h in spec.from_headers)
         if spec.from_cookies:
             needed.add("cookie")
+        if spec.dpop.mode != "disabled":
+            needed.update(("authorization", "dpop"))  # Authorization: DPoP and the proof
+        if spec.certificate_bound != "disabled" and settings.server.trust_forwarded_client_cert:
+            needed.add("x-forwarded-client-cert")
     for policy in settings.policies:
         for rule in policy.rules or ():
             for condition in rule.when or ():
@@ -1141,3 +1146,88 @@ def test_tracing_is_off_unless_the_component_turns_it_on(settings: config.Settin
         ]
         assert "--tracing" not in container["args"]
         assert "env" not in container
+
+
+# -------------------------------------------------------------------- replay cache in Redis
+
+REPLAY_CACHE_REDIS = K8S / "components" / "replay-cache-redis"
+REDIS_MOUNT = "/etc/authz-server-redis"
+REDIS_SECRET = "authz-server-redis"
+
+
+@pytest.fixture(scope="module")
+def base_with_replay_cache_redis(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the replay-cache-redis component, in an overlay of one's own."""
+    tree = tmp_path_factory.mktemp("k8s-copy-redis") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-replay-cache-redis"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/replay-cache-redis]\n"
+    )
+    return _render(overlay)
+
+
+def test_replay_cache_redis_component_adds_a_file_and_the_secret_and_nothing_else(
+    base_with_replay_cache_redis: tuple[Obj, ...],
+) -> None:
+    expected = copy.deepcopy(_by_label(_objects("base")))
+    configmap = expected["ConfigMap/authz-server-config"]
+    configmap["data"]["replay-cache.yaml"] = (REPLAY_CACHE_REDIS / "replay-cache.yaml").read_text()
+    pod = expected["Deployment/authz-server"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["volumeMounts"].insert(
+        0, {"name": "redis", "mountPath": REDIS_MOUNT, "readOnly": True}
+    )
+    pod["volumes"].insert(
+        0, {"name": "redis", "secret": {"secretName": REDIS_SECRET, "defaultMode": 0o440}}
+    )
+    assert _by_label(base_with_replay_cache_redis) == expected
+
+
+def test_replay_cache_redis_objects_validate_against_their_schemas(
+    base_with_replay_cache_redis: tuple[Obj, ...],
+) -> None:
+    changed = tuple(
+        o for o in base_with_replay_cache_redis if o["kind"] in ("Deployment", "ConfigMap")
+    )
+    problems = all_problems(changed)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_configmap_with_the_replay_cache_is_one_configuration_reading_the_secret(
+    base_with_replay_cache_redis: tuple[Obj, ...], tmp_path: Path, settings: config.Settings
+) -> None:
+    # The ConfigMap's files as the pod sees them, and the Secret's file where the Deployment
+    # mounts it (moved under tmp_path: the mount path is absolute).
+    data = _one(base_with_replay_cache_redis, "ConfigMap")["data"]
+    secret_dir = tmp_path / REDIS_MOUNT.lstrip("/")
+    secret_dir.mkdir(parents=True)
+    (secret_dir / "password").write_text("from-the-secret\n")
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for name, text in data.items():
+        (config_dir / name).write_text(text.replace(REDIS_MOUNT, str(secret_dir)))
+
+    with_redis = config.load(config_dir)
+
+    redis = with_redis.server.replay_cache.redis
+    assert redis is not None
+    assert redis.url.startswith("redis://") and ".svc.cluster.local:" in redis.url
+    assert redis.password_file == str(secret_dir / "password")
+    # The base's own server fields are kept: the component adds, it replaces nothing.
+    unchanged = with_redis.server.model_copy(update={"replay_cache": specs.ReplayCacheSpec()})
+    assert unchanged == settings.server
+    assert [p.spec for p in with_redis.providers] == [p.spec for p in settings.providers]
+    container = _http_door_container(base_with_replay_cache_redis)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == REDIS_MOUNT]
+    pod = _one(base_with_replay_cache_redis, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == REDIS_SECRET
+    assert (data["replay-cache.yaml"].count(f"{REDIS_MOUNT}/password"), mount["readOnly"]) == (
+        1,
+        True,
+    )

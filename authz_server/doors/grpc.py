@@ -67,6 +67,8 @@ def to_attributes(request: Any) -> RequestAttributes:
         destination_principal=attrs.destination.principal,
         sni=attrs.tls_session.sni,
         context_extensions=attrs.context_extensions,
+        scheme=http.scheme,
+        client_certificate=attrs.source.certificate,
     )
 
 

@@ -19,7 +19,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[HttpRequest, _Mapping]] = ..., check_request: _Optional[_Union[_external_auth_pb2.CheckRequest, _Mapping]] = ..., show_claims: _Optional[bool] = ...) -> None: ...
 
 class HttpRequest(_message.Message):
-    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions", "destination_principal")
+    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions", "destination_principal", "scheme", "client_certificate")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class HttpRequest(_message.Message):
     SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     method: str
     host: str
     path: str
@@ -48,7 +50,9 @@ class HttpRequest(_message.Message):
     source_ip: str
     context_extensions: _containers.ScalarMap[str, str]
     destination_principal: str
-    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., destination_principal: _Optional[str] = ...) -> None: ...
+    scheme: str
+    client_certificate: str
+    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., destination_principal: _Optional[str] = ..., scheme: _Optional[str] = ..., client_certificate: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("decision", "status", "reason", "policy", "provider", "principal", "request", "tokens", "policies_evaluated", "enforced_allow_policies", "policies", "audited", "dry_run", "headers_to_set", "headers_to_remove", "query_params_to_remove", "response_headers", "workload", "note")

@@ -60,6 +60,12 @@ UNAUTHENTICATED_REASONS = (
     "malformed_api_key",
     "unknown_api_key",
     "api_key_expired",
+    # Sender-constrained tokens (docs/sender-constrained.md).
+    "invalid_dpop_proof",
+    "dpop_proof_replayed",
+    "use_dpop_nonce",
+    "bound_token_without_proof",
+    "certificate_mismatch",
 )
 # Share of an introspection provider's calls that fail (no usable answer: its tokens get 503).
 INTROSPECTION_FAILURE_SHARE = 0.05
@@ -263,6 +269,27 @@ ALERTS = (
             "or the AuthorizationPolicy with action CUSTOM no longer selects the gateway. "
             "Envoy's stats (ext_authz ok/denied/error) say whether it asks at all. A service "
             "that is idle at times will fire this then: silence it, or drop the rule."
+        ),
+    ),
+    Alert(
+        name="AuthzReplayCacheUnavailable",
+        expr=(
+            "sum by (namespace, job, provider) "
+            '(rate(authz_checks_total{reason="replay_cache_unavailable"}[5m])) > 0'
+        ),
+        for_="2m",
+        severity="critical",
+        summary=(
+            "DPoP requests of provider {{ $labels.provider }} get 503: the replay cache "
+            "cannot answer"
+        ),
+        description=(
+            "{{ $labels.namespace }}/{{ $labels.job }} refuses DPoP requests of provider "
+            "{{ $labels.provider }} with 503 replay_cache_unavailable (fail closed); other "
+            "requests pass. With server.replayCache.redis, the Redis is down, slower than its "
+            "timeout, or refuses the password: /readyz on the side port says which "
+            "(replayCache). Without Redis, the in-process cache is full (maxEntries): raise it "
+            "or shorten dpop.proofLifetime. See docs/sender-constrained.md."
         ),
     ),
     Alert(

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -41,12 +42,40 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------- small helpers
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, checked by binding it.
+
+    NOTE: drawn at random below the kernel's ephemeral range, not by binding port 0: a port
+    the kernel hands out for port 0 is also what the next outgoing connection (Envoy's, a
+    client's, another test process's) gets, so between this call and the server's bind it was
+    taken often enough under load ("Address already in use"). Ports below the range are never
+    picked for outgoing connections, and a random draw rarely meets the other test process's.
+    """
+    low, high = 15000, _EPHEMERAL_LOW - 1
+    for _ in range(200):
+        port = random.randint(low, high) if high > low else 0  # noqa: S311 (not a secret)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        _HANDED_OUT.add(chosen)
+        return chosen
+    raise RuntimeError("no free TCP port on 127.0.0.1 after 200 tries")
 
 
 def wait_until(

@@ -49,6 +49,12 @@ REFUSED = (
 )
 
 
+# The replay cache's Redis: a Unix socket nothing listens on.
+DEAD_REDIS = "unix:///nonexistent/authz-replay.sock"
+# What a DPoP client addresses (the Host it sends; Envoy's scheme is http): its proofs' htu.
+DPOP_HOST = "api.monitoring.test"
+
+
 def config_text(
     jwks_url: str, dry_run_paths: list[str], max_stale: str = "10m", *, introspection: str = ""
 ) -> str:
@@ -56,7 +62,10 @@ def config_text(
     outage shows at once), an ALLOW policy for signed-in callers on /api/*, and a dry-run
     DENY policy on ``dry_run_paths``. With an ``introspection`` endpoint, also an
     introspection provider reading ``x-opaque-token`` and an API keys provider reading
-    ``x-api-key`` (its keys file and the client secret are the stack's)."""
+    ``x-api-key`` (its keys file and the client secret are the stack's). The JWT provider
+    takes DPoP-bound tokens too (``optional``), and the replay cache is a Redis that is not
+    there: a DPoP request gets 503 replay_cache_unavailable (the alert
+    AuthzReplayCacheUnavailable), any other passes."""
     others = ""
     if introspection:
         others = f"""  - name: opaque
@@ -70,6 +79,9 @@ def config_text(
 """
     return f"""apiVersion: authz-server/v1
 kind: AuthzConfig
+server:
+  replayCache:
+    redis: {{url: "{DEAD_REDIS}", timeout: 100ms}}
 providers:
   - name: {PROVIDER}
     issuer: {ISSUER}
@@ -79,6 +91,7 @@ providers:
     minRefreshInterval: 1s
     maxStale: {max_stale}
     timeout: 500ms
+    dpop: {{mode: optional}}
 {others}policies:
   - name: api
     rules:
@@ -130,6 +143,16 @@ class MonitoredStack:
 
     def status(self, path: str, token: str | None = None) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return http_request(f"{self.envoy_url}{path}", headers=headers)[0]
+
+    def dpop_status(self, path: str) -> int:
+        """A DPoP request: a token bound to a new client key, with its proof."""
+        client = devkeys.generate_key("EC-P256")
+        token = self.token(cnf={"jkt": client.thumbprint()})
+        proof = devkeys.dpop_proof(
+            client, method="GET", url=f"http://{DPOP_HOST}{path}", access_token=token
+        )
+        headers = {"Host": DPOP_HOST, "Authorization": f"DPoP {token}", "DPoP": proof}
         return http_request(f"{self.envoy_url}{path}", headers=headers)[0]
 
     def status_with(self, path: str, headers: dict[str, str]) -> int:

@@ -2,11 +2,11 @@
 
 One story, run once for the module: the server under ``--workers 2`` behind a real Envoy;
 Envoy traffic with valid, forged, malformed and missing tokens, allowed, denied and
-dry-run-denied; a configuration reload; a key set outage (the JWKS endpoint answers 500); a
-refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
-of the dashboard and every alert expression goes through Prometheus' HTTP query API: each must
-parse and return data, so a query that names a metric or a label the server does not export
-fails here.
+dry-run-denied, and DPoP requests while the replay cache's Redis is away (503); a
+configuration reload; a key set outage (the JWKS endpoint answers 500); a refused reload.
+Prometheus scrapes every second with the rules file loaded. Then every query of the dashboard
+and every alert expression goes through Prometheus' HTTP query API: each must parse and return
+data, so a query that names a metric or a label the server does not export fails here.
 """
 
 from __future__ import annotations
@@ -96,10 +96,13 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         # One of each first: rate() sees a counter move only after its first sample, so
         # Prometheus scrapes every new series before the rest of the traffic.
         statuses = {name: [stack.status(path, token)] for name, (path, token, _) in traffic.items()}
-        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 5')
+        # A DPoP request while the replay cache's Redis is away: 503, the others unaffected.
+        statuses["replay cache down"] = [stack.dpop_status("/api/orders")]
+        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 6')
         prometheus.wait_for(f'authz_dry_run_total{{job="{JOB}", would="deny"}}')
         for name, (path, token, count) in traffic.items():
             statuses[name] += [stack.status(path, token) for _ in range(count - 1)]
+        statuses["replay cache down"] += [stack.dpop_status("/api/orders") for _ in range(2)]
         # Opaque tokens (one active, asked once then cached; new ones while the IdP fails:
         # 503) and an API key. As above, each new series is scraped before it moves again.
         opaque = secrets.token_urlsafe(32)
@@ -150,6 +153,7 @@ def test_the_story_happened_as_told(story: Story) -> None:
         "malformed": [401] * 2,
         "missing": [401] * 3,
         "allowed on stale keys": [200] * 3,
+        "replay cache down": [503] * 3,
         "opaque token": [200] * 9,
         "api key": [200] * 3,
         "idp failing": [503] * 2,
@@ -175,7 +179,7 @@ def test_every_dashboard_query_parses_and_returns_data(story: Story) -> None:
 
 def test_every_alert_expression_parses_and_sees_the_series_it_compares(story: Story) -> None:
     alerts = rule_exprs(RULES)
-    assert len(alerts) == 11
+    assert len(alerts) == 12
     blind = []
     for name, expr in alerts:
         answer = story.stack.prometheus.query(expr)
@@ -236,6 +240,7 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
         "invalid_signature",
         "malformed_token",
         "missing_credentials",
+        "replay_cache_unavailable",
         "introspection_unavailable",
     }
     assert all(rate > 0 for rate in decisions.values()), decisions
@@ -243,7 +248,7 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
     doors = story.by("door", panel("Checks per second by door")[0])
     assert doors["grpc"] > 0 and doors["http"] == 0
     (deny_ratio,) = story.by("", panel("Deny ratio")[0]).values()
-    assert 0.2 < deny_ratio < 0.7  # after the first of each: 7 of 17 Checks
+    assert 0.2 < deny_ratio < 0.7  # after the first of each: 8 of 18 Checks
     (hit_ratio,) = story.by("", panel("Token cache hit ratio")[0]).values()
     assert hit_ratio > 0  # the same valid token, again and again
     p50, p90, p99 = (story.by("", expr)[""] for expr in panel("Check latency"))

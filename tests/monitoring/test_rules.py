@@ -301,6 +301,28 @@ def worker_restarting() -> list[dict[str, Any]]:
     ]
 
 
+def replay_cache_unavailable() -> list[dict[str, Any]]:
+    fapi = {**POD, "provider": "fapi", "door": "grpc", "decision": "deny", "policy": ""}
+    return [
+        # Redis down from minute 5 on: 503s for two minutes before it fires; other 401s of
+        # DPoP (a replayed proof) never make it fire.
+        case_group(
+            series(
+                "authz_checks_total", {**fapi, "reason": "replay_cache_unavailable"}, "0x5 0+60x15"
+            ),
+            series("authz_checks_total", {**fapi, "reason": "dpop_proof_replayed"}, "0+30x20"),
+            tests=[
+                quiet("AuthzReplayCacheUnavailable", "6m"),
+                fires("AuthzReplayCacheUnavailable", "9m", {**SERVICE, "provider": "fapi"}),
+            ],
+        ),
+        case_group(
+            series("authz_checks_total", {**fapi, "reason": "dpop_proof_replayed"}, "0+30x20"),
+            tests=[quiet("AuthzReplayCacheUnavailable", "15m")],
+        ),
+    ]
+
+
 CASES = {
     "AuthzKeySetRefreshFailing": key_set_refresh_failing,
     "AuthzKeysNearMaxStale": keys_near_max_stale,
@@ -313,6 +335,7 @@ CASES = {
     "AuthzCheckLatencyHigh": check_latency_high,
     "AuthzNoChecks": no_checks,
     "AuthzWorkerRestarting": worker_restarting,
+    "AuthzReplayCacheUnavailable": replay_cache_unavailable,
 }
 
 

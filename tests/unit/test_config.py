@@ -1071,9 +1071,42 @@ def test_provider_named_like_another_issuer_is_a_duplicate(tmp_path: Path) -> No
     ]
 
 
-def test_server_in_two_documents(tmp_path: Path) -> None:
-    found = problems(tmp_path, native(server={}), native(server={"threads": 2}))
-    assert [(p.document.split("#")[1], p.path) for p in found] == [("1 (AuthzConfig)", "server")]
+def test_a_server_field_set_in_two_documents_is_refused(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        native(server={"threads": 4, "realm": "a"}),
+        native(server={"threads": 2, "replayCache": {"maxEntries": 500}}),
+    )
+    assert [(p.document.split("#")[1], p.path) for p in found] == [
+        ("1 (AuthzConfig)", "server.threads")
+    ]
+
+
+def test_server_fields_from_several_documents_make_one_server(tmp_path: Path) -> None:
+    # As k8s/components/replay-cache-redis adds a file beside the base's config.yaml.
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "password").write_text("secret\n")
+    write(
+        tmp_path / "config.yaml", native(server={"threads": 4, "realm": "shop", "allowEmpty": True})
+    )
+    write(
+        tmp_path / "replay-cache.yaml",
+        native(
+            server={
+                "replayCache": {
+                    "redis": {"url": "redis://r:6379/0", "passwordFile": "redis/password"}
+                }
+            }
+        ),
+    )
+
+    server = config.load(tmp_path).server
+
+    assert (server.threads, server.realm) == (4, "shop")
+    assert server.replay_cache.redis is not None
+    assert server.replay_cache.redis.url == "redis://r:6379/0"
+    assert server.replay_cache.redis.password_file == str(tmp_path / "redis" / "password")
+    assert server.listen == specs.ServerSpec().listen  # unset anywhere: the default
 
 
 # ----------------------------------------------------------------------- key file paths
