@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview redis-tools
 
 help: ## List the targets
@@ -89,13 +89,6 @@ run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=
 
 bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~7 min (BENCH_QUICK=1: ~2): bench/results/latest.md
 	$(BIN)/python bench/envoy_bench.py
-
-bench-variants: $(STAMP) bench-tools ## gRPC door variants (threads, Unix socket, options), ~8 min (BENCH_QUICK=1: ~2): bench/results/variants.md
-	$(BIN)/python bench/variants.py
-
-bench-floors: $(STAMP) bench-tools ## HTTP ext_authz floors (uvloop+httptools, uvicorn, granian) via Envoy, ~5 min: bench/results/http_candidates.md
-	$(BIN)/pip install --quiet -e '.[dev,bench-candidates]'
-	$(BIN)/python bench/http_candidates.py
 
 FUZZ_SECONDS ?= 120
 fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 2,000: ~10 min
