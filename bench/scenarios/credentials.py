@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from check_loop import _free_port, _process_cpu
-from common import AUDIENCE, ISSUER, bench_config, check_request, interleaved
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.service import AuthorizationService, Engine
+from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config, check_request, interleaved
+from bench.harness.procs import cpu_seconds, free_port
 
 ANSWER = {"active": True, "iss": ISSUER, "sub": "alice", "aud": AUDIENCE, "groups": ["dev"]}
 
@@ -71,7 +71,7 @@ def measure_server(
     config_path: Path, requests: dict[str, Any], calls: int, rounds: int
 ) -> dict[str, float]:
     """Best server CPU seconds per Check of each kind, the server in its own process."""
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
     argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
     argv += ["--log-level", "WARNING"]
@@ -85,10 +85,10 @@ def measure_server(
                 assert stub.Check(request, timeout=5).status.code == 0
             for _ in range(rounds):
                 for name, request in requests.items():
-                    before = _process_cpu(process.pid)
+                    before = cpu_seconds([process.pid])
                     for _ in range(calls):
                         stub.Check(request, timeout=5)
-                    best[name] = min(best[name], (_process_cpu(process.pid) - before) / calls)
+                    best[name] = min(best[name], (cpu_seconds([process.pid]) - before) / calls)
     finally:
         process.terminate()
         process.wait(timeout=15)

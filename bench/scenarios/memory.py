@@ -4,14 +4,13 @@ Starts `authz-server serve` (one worker) on the bench configuration, sends one C
 of N distinct tokens (RS256, realistic claims) over loopback gRPC, checks every one was
 allowed and is cached, and prints the server's VmRSS (from /proc) before and after.
 
-    .venv/bin/python bench/memory.py [--tokens 10000]
+    .venv/bin/python -m bench.scenarios.memory [--tokens 10000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,11 @@ import time
 from pathlib import Path
 
 import grpc
-from common import AUDIENCE, ISSUER, bench_config
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server import devkeys
+from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config
+from bench.harness.procs import free_port
 
 
 def _rss_mib(pid: int) -> float:
@@ -30,13 +30,6 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _metric(url: str, name: str) -> float:
@@ -82,7 +75,7 @@ def main() -> int:
             external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
         )
 
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     server = subprocess.Popen(
         [
             sys.executable,

@@ -34,7 +34,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from common import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 from prometheus_client import CollectorRegistry
 
 from authz_server import config, devkeys
@@ -45,6 +44,7 @@ from authz_server.metrics import Metrics
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 from authz_server.specs import DecisionLogSpec
+from bench.harness.inprocess import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 
 PARTNER = "https://partner.bench"
 PARTNER_PROVIDER = """

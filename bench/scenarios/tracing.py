@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from common import bench_config, check_request, interleaved
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
+from bench.harness.inprocess import bench_config, check_request, interleaved
+from bench.harness.procs import cpu_seconds, free_port
 
 VARIANTS = {"off": None, "on 1%": "0.01", "on 100%": "1.0"}
 
@@ -82,18 +82,6 @@ def _environment(endpoint: str, ratio: str | None) -> dict[str, str]:
     return env
 
 
-def _process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def in_process(
     config_path: Path, request: Any, endpoint: str, calls: int, rounds: int
 ) -> dict[str, float]:
@@ -132,7 +120,7 @@ def server_process(config_path: Path, request: Any, endpoint: str, calls: int, r
     processes: dict[str, tuple[subprocess.Popen[bytes], grpc.Channel]] = {}
     try:
         for name, ratio in VARIANTS.items():
-            grpc_port, http_port = _free_port(), _free_port()
+            grpc_port, http_port = free_port(), free_port()
             argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
             argv += ["--listen", f"127.0.0.1:{grpc_port}"]
             argv += ["--metrics-listen", f"127.0.0.1:{http_port}", "--log-level", "WARNING"]
@@ -149,11 +137,11 @@ def server_process(config_path: Path, request: Any, endpoint: str, calls: int, r
         best = {name: float("inf") for name in processes}
         for _ in range(rounds):
             for name, (process, _) in processes.items():
-                before = _process_cpu(process.pid)
+                before = cpu_seconds([process.pid])
                 for _ in range(calls):
                     stubs[name].Check(request, timeout=5)
                 time.sleep(0.3)  # the export thread's last batch of the round
-                best[name] = min(best[name], (_process_cpu(process.pid) - before) / calls)
+                best[name] = min(best[name], (cpu_seconds([process.pid]) - before) / calls)
     finally:
         for process, channel in processes.values():
             channel.close()
@@ -173,7 +161,7 @@ def render(door: dict[str, float], server: dict[str, float], command: str) -> li
     lines = [
         SECTION,
         "",
-        f"`{command}` (bench/tracing_cost.py): CPU per Check with tracing off, and on with",
+        f"`{command}` (bench/scenarios/tracing.py): CPU per Check with tracing off, and on with",
         "`parentbased_traceidratio` at 1% and 100% (requests without a trace context; spans",
         "exported over OTLP/HTTP to a local sink). Target: on at 1% <= "
         f"{TARGET:.2f}x off in the server: {ratio:.2f}x, {verdict}.",
