@@ -126,7 +126,13 @@ def check_cost(tmp: Path, key: devkeys.SigningKey, args: argparse.Namespace) -> 
     assert metrics is not None
     counted = metrics.registry.get_sample_value(
         "authz_checks_total",
-        {"decision": "allow", "reason": "allowed", "provider": "main", "policy": "read"},
+        {
+            "decision": "allow",
+            "reason": "allowed",
+            "provider": "main",
+            "policy": "read",
+            "door": "grpc",
+        },
     )
     assert counted == 1 + args.calls * args.rounds, counted
 
