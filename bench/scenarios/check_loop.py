@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,8 +25,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.server import AuthzServer
+from bench.harness import servers
 from bench.harness.inprocess import bench_config, check_request
-from bench.harness.procs import cpu_seconds, free_port
 
 
 def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> None:
@@ -43,26 +41,10 @@ def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> No
 
 
 def measure_server_process(config_path: Path, request: object, calls: int, repeats: int) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{http_port}"]
-    argv += ["--log-level", "WARNING"]
-    process = subprocess.Popen(argv)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=20)
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            assert stub.Check(request, timeout=5).status.code == 0
-            best = float("inf")
-            for _ in range(repeats):
-                before = cpu_seconds([process.pid])
-                for _ in range(calls):
-                    stub.Check(request, timeout=5)
-                best = min(best, (cpu_seconds([process.pid]) - before) / calls)
-        print(f"server {best * 1e6:8.1f} us CPU/call (server process only, sequential client)")
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with servers.running(config_path) as server:
+        assert server.check(request) == 0
+        best = min(server.cpu_per_check(request, calls) for _ in range(repeats))
+    print(f"server {best * 1e6:8.1f} us CPU/call (server process only, sequential client)")
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ import argparse
 import hashlib
 import json
 import secrets
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,14 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.service import AuthorizationService, Engine
+from bench.harness import servers
 from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config, check_request, interleaved
-from bench.harness.procs import cpu_seconds, free_port
 
 ANSWER = {"active": True, "iss": ISSUER, "sub": "alice", "aud": AUDIENCE, "groups": ["dev"]}
 
@@ -71,27 +68,13 @@ def measure_server(
     config_path: Path, requests: dict[str, Any], calls: int, rounds: int
 ) -> dict[str, float]:
     """Best server CPU seconds per Check of each kind, the server in its own process."""
-    grpc_port, http_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
-    argv += ["--log-level", "WARNING"]
-    process = subprocess.Popen(argv)
     best = dict.fromkeys(requests, float("inf"))
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            for request in requests.values():
-                assert stub.Check(request, timeout=5).status.code == 0
-            for _ in range(rounds):
-                for name, request in requests.items():
-                    before = cpu_seconds([process.pid])
-                    for _ in range(calls):
-                        stub.Check(request, timeout=5)
-                    best[name] = min(best[name], (cpu_seconds([process.pid]) - before) / calls)
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with servers.running(config_path) as server:
+        for request in requests.values():
+            assert server.check(request) == 0
+        for _ in range(rounds):
+            for name, request in requests.items():
+                best[name] = min(best[name], server.cpu_per_check(request, calls))
     return best
 
 

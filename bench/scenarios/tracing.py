@@ -14,10 +14,9 @@ Prints microseconds per Check and each variant's ratio to tracing off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,14 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
+from bench.harness import servers
 from bench.harness.inprocess import bench_config, check_request, interleaved
-from bench.harness.procs import cpu_seconds, free_port
 
 VARIANTS = {"off": None, "on 1%": "0.01", "on 100%": "1.0"}
 
@@ -114,39 +110,30 @@ def in_process(
     return best
 
 
-def server_process(config_path: Path, request: Any, endpoint: str, calls: int, rounds: int) -> None:
+def server_process(
+    config_path: Path, request: Any, endpoint: str, calls: int, rounds: int
+) -> dict[str, float]:
     """The three servers run side by side and take turns, round after round: the machine's
     noise falls on all of them alike."""
-    processes: dict[str, tuple[subprocess.Popen[bytes], grpc.Channel]] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        running = {}
         for name, ratio in VARIANTS.items():
-            grpc_port, http_port = free_port(), free_port()
-            argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-            argv += ["--listen", f"127.0.0.1:{grpc_port}"]
-            argv += ["--metrics-listen", f"127.0.0.1:{http_port}", "--log-level", "WARNING"]
-            if ratio is not None:
-                argv.append("--tracing")
-            process = subprocess.Popen(argv, env=dict(os.environ, **_environment(endpoint, ratio)))
-            processes[name] = (process, grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        stubs = {}
-        for name, (_, channel) in processes.items():
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stubs[name] = external_auth_pb2_grpc.AuthorizationStub(channel)
+            args = ["--log-level", "WARNING", *(["--tracing"] if ratio is not None else [])]
+            env = dict(os.environ, **_environment(endpoint, ratio))
+            running[name] = stack.enter_context(
+                servers.running(config_path, name=f"tracing-{ratio or 'off'}", args=args, env=env)
+            )
+        for server in running.values():
             for _ in range(200):  # warm up
-                stubs[name].Check(request, timeout=5)
-        best = {name: float("inf") for name in processes}
+                server.check(request)
+        best = {name: float("inf") for name in running}
         for _ in range(rounds):
-            for name, (process, _) in processes.items():
-                before = cpu_seconds([process.pid])
+            for name, server in running.items():
+                before = server.proc.cpu_seconds()
                 for _ in range(calls):
-                    stubs[name].Check(request, timeout=5)
+                    server.check(request)
                 time.sleep(0.3)  # the export thread's last batch of the round
-                best[name] = min(best[name], (cpu_seconds([process.pid]) - before) / calls)
-    finally:
-        for process, channel in processes.values():
-            channel.close()
-            process.terminate()
-            process.wait(timeout=15)
+                best[name] = min(best[name], (server.proc.cpu_seconds() - before) / calls)
     return best
 
 
