@@ -212,10 +212,16 @@ class Proc:
 
 
 class Stack:
-    """Holds started processes; stops them in reverse order on exit."""
+    """Holds started processes (and other context managers, such as an endpoint this process
+    serves); stops them in reverse order on exit."""
 
     def __init__(self) -> None:
         self._procs: list[Proc] = []
+        self._contexts = contextlib.ExitStack()
+
+    def enter(self, context: contextlib.AbstractContextManager[T]) -> T:
+        """Enter `context`; it is exited once every process has stopped."""
+        return self._contexts.enter_context(context)
 
     def start(self, proc: Proc) -> Proc:
         self._procs.append(proc)
@@ -236,5 +242,8 @@ class Stack:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        while self._procs:
-            self._procs.pop().stop()
+        try:
+            while self._procs:
+                self._procs.pop().stop()
+        finally:
+            self._contexts.close()

@@ -19,9 +19,7 @@ import hashlib
 import json
 import secrets
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +28,10 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.service import AuthorizationService, Engine
-from bench.harness import servers
+from bench.harness import endpoints, servers
 from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config, check_request, interleaved
 
 ANSWER = {"active": True, "iss": ISSUER, "sub": "alice", "aud": AUDIENCE, "groups": ["dev"]}
-
-
-class _Introspection(BaseHTTPRequestHandler):
-    calls = 0
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        type(self).calls += 1
-        body = json.dumps({**ANSWER, "exp": int(time.time()) + 3600}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def _request(headers: dict[str, str]) -> Any:
@@ -87,19 +68,20 @@ def main() -> None:
     key = devkeys.generate_key("RSA", kid="bench-1")
     api_key = secrets.token_urlsafe(32)
     opaque = secrets.token_urlsafe(32)
-    idp = ThreadingHTTPServer(("127.0.0.1", 0), _Introspection)
-    threading.Thread(target=idp.serve_forever, daemon=True).start()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            directory = Path(tmp)
-            (directory / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
-            (directory / "secret").write_text("bench-secret")
-            digest = hashlib.sha256(api_key.encode()).hexdigest()
-            (directory / "keys.yaml").write_text(
-                f"keys:\n  - {{sub: alice, sha256: {digest}, claims: {{groups: [dev]}}}}\n"
-            )
-            endpoint = f"http://127.0.0.1:{idp.server_address[1]}/introspect"
-            extra = f"""  - name: opaque
+
+    def introspection_answer() -> bytes:
+        return json.dumps({**ANSWER, "exp": int(time.time()) + 3600}).encode()
+
+    with endpoints.serving(introspection_answer) as idp, tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
+        (directory / "secret").write_text("bench-secret")
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        (directory / "keys.yaml").write_text(
+            f"keys:\n  - {{sub: alice, sha256: {digest}, claims: {{groups: [dev]}}}}\n"
+        )
+        endpoint = f"{idp.url}/introspect"
+        extra = f"""  - name: opaque
     issuer: {ISSUER}
     introspection: {{endpoint: {endpoint}, clientId: bench, clientSecretFile: secret}}
     outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
@@ -109,38 +91,36 @@ def main() -> None:
     fromHeaders: [{{name: x-api-key}}]
     outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-groups, claim: groups}}]
 """
-            (directory / "config.yaml").write_text(bench_config(extra_providers=extra))
-            engine = Engine.build(config.load(directory / "config.yaml"))
-            for cache in engine.caches.values():
-                assert cache.refresh()
-            service = AuthorizationService(engine)
-            servicer = AuthorizationServicer(service)
-            requests = {
-                "jwt": check_request(key),
-                "introspected": _request({"authorization": f"Bearer {opaque}"}),
-                "api key": _request({"x-api-key": api_key}),
-            }
-            variants = []
-            for name, request in requests.items():
-                attributes = to_attributes(request)
-                decision = service.check(attributes)
-                assert decision.allowed, (name, decision.reason)
-                assert servicer.Check(request, None).status.code == 0
+        (directory / "config.yaml").write_text(bench_config(extra_providers=extra))
+        engine = Engine.build(config.load(directory / "config.yaml"))
+        for cache in engine.caches.values():
+            assert cache.refresh()
+        service = AuthorizationService(engine)
+        servicer = AuthorizationServicer(service)
+        requests = {
+            "jwt": check_request(key),
+            "introspected": _request({"authorization": f"Bearer {opaque}"}),
+            "api key": _request({"x-api-key": api_key}),
+        }
+        variants = []
+        for name, request in requests.items():
+            attributes = to_attributes(request)
+            decision = service.check(attributes)
+            assert decision.allowed, (name, decision.reason)
+            assert servicer.Check(request, None).status.code == 0
 
-                def core(attrs: Any = attributes) -> object:
-                    return service.check(attrs)
+            def core(attrs: Any = attributes) -> object:
+                return service.check(attrs)
 
-                def door(req: Any = request) -> object:
-                    return servicer.Check(req, None)
+            def door(req: Any = request) -> object:
+                return servicer.Check(req, None)
 
-                variants += [(f"core {name}", core), (f"door {name}", door)]
-            best = interleaved(variants, args.calls, args.rounds)
-            assert _Introspection.calls == 1, _Introspection.calls
-            engine.close()
-            server = measure_server(directory / "config.yaml", requests, args.calls, args.rounds)
-            best.update({f"server {name}": value for name, value in server.items()})
-    finally:
-        idp.shutdown()
+            variants += [(f"core {name}", core), (f"door {name}", door)]
+        best = interleaved(variants, args.calls, args.rounds)
+        assert idp.calls == 1, idp.calls
+        engine.close()
+        server = measure_server(directory / "config.yaml", requests, args.calls, args.rounds)
+        best.update({f"server {name}": value for name, value in server.items()})
     for layer in ("core", "door", "server"):
         base = best[f"{layer} jwt"]
         for name in requests:

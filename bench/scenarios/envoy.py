@@ -32,19 +32,16 @@ import secrets
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz_server import config, devkeys
 from authz_server.envoy_config import output_headers
-from bench.harness import loadgen
+from bench.harness import endpoints, loadgen
 from bench.harness.envoy_bootstrap import bootstrap
 from bench.harness.loadgen import LoadResult
 from bench.harness.procs import Proc, Stack, free_port, http_get, http_status, wait_until
@@ -303,7 +300,12 @@ def build(bench: Bench) -> Setup:
     http_floor_proc, http_floor_port_file = bench.http_floor()
     ours = bench.authz_server("ours", istio, cpus=WORK_CPU, http_door=True)
     # Credentials other than JWTs, each against a cached JWT on the same server (issue 21).
-    idp_url = start_introspection_endpoint()
+    # An RFC 7662 endpoint in this process answering every token active with issuer A's
+    # claims: asked once per token, then the server's cache answers.
+    introspection = bench.stack.enter(
+        endpoints.serving(lambda: json.dumps(reference.introspection_answer()).encode())
+    )
+    idp_url = f"{introspection.url}/introspect"
     api_key, opaque = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     bench.file("bench-keys.yaml", reference.api_keys_file(api_key))
     bench.file("bench-client-secret", "bench-secret\n")
@@ -474,28 +476,6 @@ CREDENTIAL_SCENARIOS = {
     "creds-introspected": "opaque token, introspection answer cached",
     "creds-apikey": "API key",
 }
-
-
-class _IntrospectionEndpoint(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps(reference.introspection_answer()).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def start_introspection_endpoint() -> str:
-    """An RFC 7662 endpoint in this process (a daemon thread) answering every token active
-    with issuer A's claims: asked once per token, then the server's cache answers."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _IntrospectionEndpoint)
-    threading.Thread(target=server.serve_forever, name="introspection", daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/introspect"
 
 
 def half_load(setup: Setup, total_rps: float) -> list[Scenario]:

@@ -18,18 +18,14 @@ import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
-from bench.harness import servers
+from bench.harness import endpoints, servers
 from bench.harness.inprocess import bench_config, check_request, interleaved
 
 VARIANTS = {"off": None, "on 1%": "0.01", "on 100%": "1.0"}
@@ -42,29 +38,6 @@ class _Call:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
-
-
-class _Sink(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-@contextmanager
-def otlp_sink() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _environment(endpoint: str, ratio: str | None) -> dict[str, str]:
@@ -184,7 +157,11 @@ def replace_section(text: str, section: list[str]) -> str:
 def run(*, calls: int, rounds: int, command: str) -> list[str]:
     """Measure and return the markdown section."""
     key = devkeys.generate_key("RSA", kid="bench-1")
-    with tempfile.TemporaryDirectory() as tmp, otlp_sink() as endpoint:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        endpoints.serving(lambda: b"", "application/x-protobuf") as sink,
+    ):
+        endpoint = sink.url
         (Path(tmp) / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
         path = Path(tmp) / "config.yaml"
         path.write_text(bench_config(server="{threads: 4, decisionLog: {enabled: false}}"))
