@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-variants bench-floors bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview redis-tools
 
 help: ## List the targets
@@ -87,15 +87,10 @@ DOOR ?= grpc
 run: $(STAMP) ## Demo: Envoy in front of the server, prints curl commands (DOOR=http: HTTP door)
 	$(BIN)/python examples/demo/run.py --door $(DOOR)
 
-bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~7 min (BENCH_QUICK=1: ~2): bench/results/latest.md
-	$(BIN)/python bench/envoy_bench.py
-
-bench-variants: $(STAMP) bench-tools ## gRPC door variants (threads, Unix socket, options), ~8 min (BENCH_QUICK=1: ~2): bench/results/variants.md
-	$(BIN)/python bench/variants.py
-
-bench-floors: $(STAMP) bench-tools ## HTTP ext_authz floors (uvloop+httptools, uvicorn, granian) via Envoy, ~5 min: bench/results/http_candidates.md
-	$(BIN)/pip install --quiet -e '.[dev,bench-candidates]'
-	$(BIN)/python bench/http_candidates.py
+# BENCH_QUICK=1: a few minutes, for development; its report goes to a temporary file, never to
+# bench/results/latest.md. BENCH_OUTPUT=FILE writes the report there instead.
+bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~8 min (BENCH_QUICK=1: ~3, to /tmp): bench/results/latest.md
+	$(BIN)/python -m bench $(if $(BENCH_OUTPUT),--output $(BENCH_OUTPUT))
 
 FUZZ_SECONDS ?= 120
 fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 2,000: ~10 min
@@ -110,10 +105,10 @@ soak: $(STAMP) ## Real Envoy under load for SOAK_MINUTES (5), key rotation + con
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --door $(SOAK_DOOR)
 
 bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
-	$(BIN)/python bench/check_loop.py
+	$(BIN)/python -m bench.scenarios.check_loop
 
 bench-tracing: $(STAMP) ## Per-Check CPU with tracing off, on at 1% and at 100% sampling (in process and the server's own), ~2 min
-	$(BIN)/python bench/tracing_cost.py --write bench/results/latest.md
+	$(BIN)/python -m bench.scenarios.tracing --write bench/results/latest.md
 
 bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \

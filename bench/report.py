@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import authz_server
 
 if TYPE_CHECKING:
-    from envoy_bench import Sample, Scenario
+    from bench.harness.rounds import Sample, Scenario
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,8 @@ class Run:
     new_tokens: tuple[int, int]  # distinct tokens cycled, that server's token cache size
     placement: tuple[str, str, str]  # Envoy's CPU, the servers' and load's CPU, both
     loads: tuple[int, int, int, int]  # wrk connections, h2load clients, streams, half-load clients
-    scoping: Sequence[str] = ()  # bench/scoping_cost.py's section, when it ran
-    tracing: Sequence[str] = ()  # bench/tracing_cost.py's section, when it ran
+    scoping: Sequence[str] = ()  # bench/scenarios/scoping.py's section, when it ran
+    tracing: Sequence[str] = ()  # bench/scenarios/tracing.py's section, when it ran
 
 
 def write(text: str, output: Path, log: Callable[[str], None]) -> None:
@@ -327,7 +327,7 @@ def render(run: Run) -> str:
         f"runs put the server and h2load on CPUs {all_cpus}.",
         f"- Through Envoy: `wrk -t1 -c{connections} -d{run.duration_s}s --latency -H "
         "'Authorization: Bearer <token>' http://127.0.0.1:<port>/api/orders?page=2`; the new-token"
-        " runs add `-s bench/new_token.lua -- <tokens file> <offset>`.",
+        " runs add `-s bench/harness/new_token.lua -- <tokens file> <offset>`.",
         f"- Direct gRPC: `h2load -t1 -c{clients} -m{streams} -D{run.duration_s} -d <framed "
         "CheckRequest> -H 'content-type: application/grpc' -H 'te: trailers' "
         "http://127.0.0.1:<port>/envoy.service.auth.v3.Authorization/Check`; one call with "
@@ -336,16 +336,16 @@ def render(run: Run) -> str:
         f"- Half load: wrk 4.1 has no rate limit (that is wrk2), so `h2load --h1 -t1 "
         f"-c{half_clients} --rps=<rate/{half_clients}>` at half the median max req/s of "
         "Envoy → floor.",
-        "- The floor: bench/floor_server.py, grpcio with a generic handler, raw bytes in, one "
-        "prebuilt OK CheckResponse out, the same thread count as authz-server.",
+        "- The floor: bench/harness/floor_server.py, grpcio with a generic handler, raw bytes "
+        "in, one prebuilt OK CheckResponse out, the same thread count as authz-server.",
         "- The HTTP door: the same authz-server process (`--http-authz-listen`), Envoy with "
         '`render_bootstrap(door="http")` (`http_service`, the output headers in '
-        "`allowed_upstream_headers`). The HTTP floor: bench/http_floor.py, uvloop + httptools, "
-        "200 with no body to every request (the fastest of the candidates in "
+        "`allowed_upstream_headers`). The HTTP floor: bench/harness/http_floor.py, uvloop + "
+        "httptools, 200 with no body to every request (the fastest of the candidates in "
         "bench/results/http_candidates.md).",
         "- authz-server: default settings (decision log on, to the log file), but for the "
         "new-token server's smaller token cache (see above). Reference "
-        "configuration (bench/reference.py): Istio RequestAuthentication with 2 issuers "
+        "configuration (bench/scenarios/reference.py): Istio RequestAuthentication with 2 issuers "
         "(3 output headers), a DENY policy and a 4-rule ALLOW policy; one cached RS256 token, "
         "allowed by the last rule. In-proxy baseline: the same rules as Envoy jwt_authn + 2 RBAC "
         "filters. Policy scale: N ALLOW policies (distinct host, path prefix, method) + 3 DENY; "

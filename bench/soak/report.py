@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.loadgen import percentile
+from bench.harness.loadgen import percentile
 from bench.soak import traffic
 from bench.soak.run import EVENT_TIMEOUT_S, Event, SoakOptions, SoakResult, discard_workdir
 from bench.soak.samples import Sample
@@ -367,7 +367,7 @@ def _how_it_ran(result: SoakResult) -> list[str]:
         " default settings but a token cache of"
         f" {traffic.TOKEN_CACHE_ENTRIES} entries and key refresh every 2 s, 1 s at least"
         " between unknown-kid refreshes), Envoy (`--concurrency 2`, the shipped bootstrap of"
-        " `render_bootstrap` with a direct-response route, `bench/envoy_bootstrap.py`),"
+        " `render_bootstrap` with a direct-response route, `bench/harness/envoy_bootstrap.py`),"
         " ext_authz through the "
         + ("gRPC door." if options.door == "grpc" else "HTTP door (`--http-authz-listen`)."),
         "- Load: asyncio + httptools, HTTP/1.1 keep-alive, one request in flight per"

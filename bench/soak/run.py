@@ -6,8 +6,8 @@
 
 The JWKS endpoint, Envoy and the server are the end-to-end tests' own helpers
 (``tests/e2e/harness.py``); Envoy's bootstrap is the shipped one with a direct-response route
-(``bench/envoy_bootstrap.py``). Everything listens on 127.0.0.1, on ports picked at run time,
-and every process is stopped by its PID at the end, whatever happens.
+(``bench/harness/envoy_bootstrap.py``). Everything listens on 127.0.0.1, on ports picked at run
+time, and every process is stopped by its PID at the end, whatever happens.
 
 Timeline, as fractions of the run (each change waits for the one before it):
 
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.envoy_bootstrap import bootstrap
+from bench.harness.envoy_bootstrap import bootstrap
 from bench.soak import traffic
 from bench.soak.load import Load, Recorder, probe
 from bench.soak.samples import Sample, Sampler

@@ -1,7 +1,5 @@
-"""What the bench scripts share: one realistic configuration and the interleaved timing loop.
-
-Run the scripts as ``python bench/NAME.py``: this directory is then on ``sys.path``.
-"""
+"""What the in-process scenarios share: one realistic configuration, a CheckRequest, and the
+interleaved timing loop."""
 
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ server      ``one`` and ``fifty`` each in its own ``authz-server serve``; sequen
             over loopback gRPC from here (context extension), the server's own CPU
             (/proc/PID/stat) per Check, the two servers in 10 turns each round; median ratio
 
-Target (issue 13): fifty <= 1.2x one. ``python bench/scoping_cost.py`` prints the section;
-``--write FILE`` also puts it into FILE (bench/results/latest.md) in place of its previous
-copy. ``make bench`` (envoy_bench.py) runs it after the Envoy rounds, into latest.md.
+Target (issue 13): fifty <= 1.2x one. ``python -m bench.scenarios.scoping`` prints the
+section; ``--write FILE`` also puts it into FILE (bench/results/latest.md) in place of its
+previous copy. ``make bench`` (bench/__main__.py) runs it after the Envoy rounds, into latest.md.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from common import AUDIENCE, ISSUER
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from procs import Proc, Stack, free_port, http_status
 
 from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.service import AuthorizationService, Engine
+from bench.harness.inprocess import AUDIENCE, ISSUER
+from bench.harness.procs import Proc, Stack, free_port, http_status
 
 WORKLOADS = 50
 NAMESPACES = 5
@@ -371,7 +371,7 @@ def render(results: Results, *, command: str, standalone: bool = False) -> list[
         f"- Scoping itself, in process: 1 declared workload ÷ the same {POLICIES} policies "
         f"with no workloads declared: {_ratio_text(scoped)} ({_median(none):.1f} µs without).",
         "- In process: `AuthorizationService.check` on `RequestAttributes` built from fixed "
-        "fields for each call (bench/scoping_cost.py). Server: `authz-server serve "
+        "fields for each call (bench/scenarios/scoping.py). Server: `authz-server serve "
         "--log-level WARNING`, its CPU from /proc/PID/stat over each round's Checks.",
         "",
     ]
@@ -436,7 +436,7 @@ def main() -> int:
         budget=args.budget,
         server_calls=args.server_calls,
         cpus=args.cpus,
-        command="python bench/scoping_cost.py",
+        command="python -m bench.scenarios.scoping",
         standalone=True,
     )
     print("\n".join(section))

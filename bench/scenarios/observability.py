@@ -27,14 +27,11 @@ import logging
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from common import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 from prometheus_client import CollectorRegistry
 
 from authz_server import config, devkeys
@@ -45,6 +42,8 @@ from authz_server.metrics import Metrics
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 from authz_server.specs import DecisionLogSpec
+from bench.harness import endpoints
+from bench.harness.inprocess import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 
 PARTNER = "https://partner.bench"
 PARTNER_PROVIDER = """
@@ -126,7 +125,13 @@ def check_cost(tmp: Path, key: devkeys.SigningKey, args: argparse.Namespace) -> 
     assert metrics is not None
     counted = metrics.registry.get_sample_value(
         "authz_checks_total",
-        {"decision": "allow", "reason": "allowed", "provider": "main", "policy": "read"},
+        {
+            "decision": "allow",
+            "reason": "allowed",
+            "provider": "main",
+            "policy": "read",
+            "door": "grpc",
+        },
     )
     assert counted == 1 + args.calls * args.rounds, counted
 
@@ -139,23 +144,6 @@ def check_cost(tmp: Path, key: devkeys.SigningKey, args: argparse.Namespace) -> 
     for name, seconds in best.items():
         us = seconds * 1e6
         print(f"{name:<14} {us:9.2f} {us - base:+9.2f} {100 * (us - base) / base:+6.1f}%")
-
-
-class _JWKSHandler(BaseHTTPRequestHandler):
-    body = b""
-    # NOTE: headers and body go out in two writes; with Nagle on, the client's delayed ACK
-    # would add ~20 ms to every fetch, a cost of this test server, not of a reload.
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 def bound(
@@ -175,11 +163,15 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def reload_cost(tmp: Path, key: devkeys.SigningKey, args: argparse.Namespace) -> None:
     partner_key = devkeys.generate_key("RSA", kid="bench-partner")
-    _JWKSHandler.body = json.dumps(devkeys.jwks(partner_key)).encode()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _JWKSHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json"
+    jwks = json.dumps(devkeys.jwks(partner_key)).encode()
+    with endpoints.serving(lambda: jwks) as jwks_endpoint:
+        _reload_cost(tmp, args, partner_key, f"{jwks_endpoint.url}/jwks.json")
+
+
+def _reload_cost(
+    tmp: Path, args: argparse.Namespace, partner_key: devkeys.SigningKey, url: str
+) -> None:
+    """Time config.load and AuthzServer.apply; the partner provider's keys are at `url`."""
     partner = PARTNER_PROVIDER.format(issuer=PARTNER, audience=AUDIENCE, url=url)
 
     path_a = write(tmp, "a.yaml", ["/api/*"])
@@ -219,8 +211,6 @@ def reload_cost(tmp: Path, key: devkeys.SigningKey, args: argparse.Namespace) ->
             assert server.service.check(request).reason == "invalid_issuer"
     finally:
         server.stop(grace=0)
-        httpd.shutdown()
-        httpd.server_close()
 
     print(f"\nReload latency, wall ms over {args.reloads} reloads")
     print(f"{'step':<18} {'median':>8} {'best':>8}")

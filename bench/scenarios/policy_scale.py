@@ -9,7 +9,7 @@ group claim. Measured, indexed evaluation against linear (PolicySet(..., indexed
 pair interleaved round by round, best CPU per call of --rounds:
   evaluate  PolicySet.evaluate on the request's attributes and the verified identity
   check     the whole in-process Check: CheckRequest -> attributes -> token (cached) ->
-            evaluate -> CheckResponse, as the gRPC door runs it (bench/check_loop.py's "door")
+            evaluate -> CheckResponse, as the gRPC door runs it (check_loop.py's "door")
   load      building the PolicySet from the parsed configuration (once per load or reload)
 Prints a table and the ratios N=1000 / N=1. The target (issue 9): check at N=1000 <= 2x N=1.
 """
@@ -24,13 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import AUDIENCE, ISSUER
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.policy import PolicySet
 from authz_server.server import AuthzServer
+from bench.harness.inprocess import AUDIENCE, ISSUER
 
 SIZES = (1, 10, 100, 1000)
 METHODS = ("GET", "POST", "PUT", "DELETE")

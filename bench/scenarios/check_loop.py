@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from common import bench_config, check_request
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.server import AuthzServer
+from bench.harness import servers
+from bench.harness.inprocess import bench_config, check_request
 
 
 def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> None:
@@ -43,40 +40,11 @@ def measure(name: str, fn: Callable[[], object], calls: int, repeats: int) -> No
     print(f"{name:<6} {best_cpu * 1e6:8.1f} us CPU/call {best_wall * 1e6:8.1f} us wall/call")
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure_server_process(config_path: Path, request: object, calls: int, repeats: int) -> None:
-    grpc_port, http_port = _free_port(), _free_port()
-    argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{http_port}"]
-    argv += ["--log-level", "WARNING"]
-    process = subprocess.Popen(argv)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=20)
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            assert stub.Check(request, timeout=5).status.code == 0
-            best = float("inf")
-            for _ in range(repeats):
-                before = _process_cpu(process.pid)
-                for _ in range(calls):
-                    stub.Check(request, timeout=5)
-                best = min(best, (_process_cpu(process.pid) - before) / calls)
-        print(f"server {best * 1e6:8.1f} us CPU/call (server process only, sequential client)")
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with servers.running(config_path) as server:
+        assert server.check(request) == 0
+        best = min(server.cpu_per_check(request, calls) for _ in range(repeats))
+    print(f"server {best * 1e6:8.1f} us CPU/call (server process only, sequential client)")
 
 
 def main() -> None:

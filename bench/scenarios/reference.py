@@ -1,4 +1,4 @@
-"""The configurations and requests that bench/envoy_bench.py measures.
+"""The configurations and requests that bench/scenarios/envoy.py measures.
 
 The reference configuration is the one a mesh user would write: Istio ``RequestAuthentication``
 with two issuers (the first copies three claims to headers) and two ``AuthorizationPolicy``

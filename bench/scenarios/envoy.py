@@ -1,10 +1,10 @@
-"""The real-Envoy benchmark behind ``make bench``: authz-server next to its floor, side by side.
+"""The scenarios of ``make bench`` (bench/__main__.py): authz-server next to its floor.
 
 What runs (all on 127.0.0.1, ports picked at run time, every process stopped by its PID):
   Envoy (``--concurrency 1``, pinned to CPU 0), one per HTTP scenario, answering with a direct
   response: no auth; Envoy's own jwt_authn + RBAC with the reference rules; ext_authz (gRPC)
   to the floor; ext_authz to authz-server (one cached token, then a new token per request).
-  The floor (bench/floor_server.py: a bare grpcio server answering a prebuilt OK) and
+  The floor (bench/harness/floor_server.py: a bare grpcio server answering a prebuilt OK) and
   authz-server (default settings, decision log on) pinned to CPU 1 with the load generator.
   Direct gRPC (h2load, no Envoy): the floor; authz-server with the reference configuration;
   authz-server with 1 / 100 / 1,000 generated ALLOW policies (the request matches the last);
@@ -12,57 +12,43 @@ What runs (all on 127.0.0.1, ports picked at run time, every process stopped by 
   Then p99 at half the floor's maximum rate through Envoy (``h2load --h1 --rps``).
   The HTTP door (issue 10): Envoy → authz-server over ext_authz ``http_service`` (the same
   server process, its HTTP door open, the same cached token), next to Envoy → the bare HTTP
-  floor (bench/http_floor.py: uvloop + httptools answering 200).
-  Last, with every other process stopped, scoping (issue 13, bench/scoping_cost.py): the
+  floor (bench/harness/http_floor.py: uvloop + httptools answering 200).
+  Last, with every other process stopped, scoping (issue 13, bench/scenarios/scoping.py): the
   per-Check CPU with 50 workloads x 20 policies against 1 workload with 20, in process and in
-  two servers of its own. Then tracing (issue 23, bench/tracing_cost.py): CPU per Check with
+  two servers of its own. Then tracing (issue 23, bench/scenarios/tracing.py): CPU per Check with
   tracing off, on at 1% and at 100% sampling, in process and in three servers of its own.
 
-Each round runs every scenario once (the order reversed on odd rounds), so a busy moment of
-the shared machine falls on all of them alike; the report gives medians with min-max and the
-ratios of each round's interleaved pairs. Per request: req/s, latency p50/p99 and the CPU the
-server used (utime + stime of the process and its children over the measured window, from
-/proc/PID/stat, divided by the requests answered).
-
-Writes bench/results/latest.md (or --output) and prints it. BENCH_QUICK=1: a 1-2 min smoke run.
+`build` starts every process and checks every path answers as it must; bench.harness.rounds
+runs the scenarios it returns. Per request: req/s, latency p50/p99 and the CPU the server used
+(utime + stime of the process and its children over the measured window, from /proc/PID/stat,
+divided by the requests answered). BENCH_QUICK=1: fewer and shorter rounds.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
-import loadgen
-import reference
-import report
-import scoping_cost
-import tracing_cost
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy_bootstrap import bootstrap
-from loadgen import LoadResult
-from procs import Proc, Stack, free_port, http_get, http_status, wait_until
-from prometheus_client.parser import text_string_to_metric_families
 
 from authz_server import config, devkeys
 from authz_server.envoy_config import output_headers
+from bench.harness import endpoints, loadgen
+from bench.harness.envoy_bootstrap import bootstrap
+from bench.harness.loadgen import LoadResult
+from bench.harness.procs import Proc, Stack, free_port, http_get, http_status, wait_until
+from bench.harness.rounds import Load, Scenario, log
+from bench.scenarios import reference
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results" / "latest.md"
+HARNESS = Path(__file__).resolve().parents[1] / "harness"
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 # On a shared machine, more short rounds give steadier medians than a few long ones.
 DURATION_S = 2 if QUICK else 5
@@ -90,118 +76,6 @@ apiVersion: authz-server/v1
 kind: AuthzConfig
 server: {{tokenCache: {{maxEntries: {NEW_TOKEN_CACHE}}}}}
 """
-
-Load = Callable[[Path, int], LoadResult]  # (h2load log file, seconds) -> result
-
-
-_STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _STARTED:5.0f}s] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ scenarios
-
-
-@dataclass(frozen=True)
-class Sample:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    failures: int  # non-2xx, socket errors, failed streams, and Checks the server denied
-    server_us: float | None  # server CPU per request
-    envoy_us: float | None  # Envoy CPU per request
-    load1: float  # the machine's 1-minute load average when the run ended
-
-
-@dataclass
-class Scenario:
-    key: str
-    label: str
-    load: Load
-    server: Proc | None = None
-    envoy: Proc | None = None
-    metrics_url: str | None = None  # authz-server's /metrics: every Check must be an allow
-    after: Callable[[LoadResult], None] | None = None
-    samples: list[Sample] = field(default_factory=list)
-    cache_hits: int = 0
-    cache_misses: int = 0
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Allowed and denied Checks and token cache hits/misses from authz-server's /metrics."""
-    status, body = http_get(url)
-    if status != 200:
-        raise RuntimeError(f"{url} answered {status}")
-    totals = {"allow": 0.0, "deny": 0.0, "hits": 0.0, "misses": 0.0}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == "authz_checks_total":
-                totals[sample.labels["decision"]] += sample.value
-            elif sample.name == "authz_token_cache_hits_total":
-                totals["hits"] += sample.value
-            elif sample.name == "authz_token_cache_misses_total":
-                totals["misses"] += sample.value
-    return totals
-
-
-def measure(scenario: Scenario, scratch: Path, seconds: int, *, record: bool = True) -> Sample:
-    """Run `scenario`'s load once for `seconds`; return its sample (kept when `record`)."""
-    before = scrape(scenario.metrics_url) if scenario.metrics_url else None
-    server0 = scenario.server.cpu_seconds() if scenario.server else 0.0
-    envoy0 = scenario.envoy.cpu_seconds() if scenario.envoy else 0.0
-    result = scenario.load(scratch, seconds)
-    server1 = scenario.server.cpu_seconds() if scenario.server else 0.0
-    envoy1 = scenario.envoy.cpu_seconds() if scenario.envoy else 0.0
-    failures = result.failures
-    if scenario.metrics_url and before is not None:
-        after = scrape(scenario.metrics_url)
-        failures += int(after["deny"] - before["deny"])
-        if record:
-            scenario.cache_hits += int(after["hits"] - before["hits"])
-            scenario.cache_misses += int(after["misses"] - before["misses"])
-    if scenario.after is not None:
-        scenario.after(result)
-    per_request = 1e6 / max(result.requests, 1)
-    sample = Sample(
-        rps=result.rps,
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        requests=result.requests,
-        failures=failures,
-        server_us=(server1 - server0) * per_request if scenario.server else None,
-        envoy_us=(envoy1 - envoy0) * per_request if scenario.envoy else None,
-        load1=os.getloadavg()[0],
-    )
-    if record:
-        scenario.samples.append(sample)
-    return sample
-
-
-def run_rounds(
-    scenarios: list[Scenario],
-    scratch: Path,
-    *,
-    warm_up: bool,
-    rounds: int = ROUNDS,
-    duration_s: int = DURATION_S,
-) -> None:
-    """Optionally warm every scenario up; then `rounds` rounds, each running every scenario
-    for `duration_s`."""
-    if warm_up:
-        for scenario in scenarios:
-            measure(scenario, scratch, WARMUP_S, record=False)
-    for index in range(rounds):
-        for scenario in scenarios if index % 2 == 0 else scenarios[::-1]:
-            sample = measure(scenario, scratch, duration_s)
-            cpu = f"server {sample.server_us:5.0f} µs/req" if sample.server_us is not None else ""
-            log(
-                f"round {index + 1}/{rounds} {scenario.key:<15} {sample.rps:8.0f} req/s  "
-                f"p99 {sample.p99_ms:7.2f} ms  {cpu}  failures {sample.failures}"
-            )
-
 
 # --------------------------------------------------------------------------- the processes
 
@@ -266,15 +140,15 @@ class Bench:
         return Server(proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", door)
 
     def http_floor(self) -> tuple[Proc, Path]:
-        """bench/http_floor.py on a free port (written to the returned file once bound)."""
+        """bench/harness/http_floor.py on a free port (written to the returned file once bound)."""
         port_file = self.tmp / "http-floor.port"
-        argv = [sys.executable, str(BENCH / "http_floor.py"), "--listen", "127.0.0.1:0"]
+        argv = [sys.executable, str(HARNESS / "http_floor.py"), "--listen", "127.0.0.1:0"]
         argv += ["--port-file", str(port_file)]
         proc = Proc("http-floor", argv, self.tmp / "http-floor.log", WORK_CPU, pin_late=True)
         return self.stack.start(proc), port_file
 
     def floor(self) -> Proc:
-        argv = [sys.executable, str(BENCH / "floor_server.py"), "--listen", "127.0.0.1:0"]
+        argv = [sys.executable, str(HARNESS / "floor_server.py"), "--listen", "127.0.0.1:0"]
         proc = Proc("floor", argv, self.tmp / "floor.log", WORK_CPU, pin_late=True)
         return self.stack.start(proc)
 
@@ -426,7 +300,12 @@ def build(bench: Bench) -> Setup:
     http_floor_proc, http_floor_port_file = bench.http_floor()
     ours = bench.authz_server("ours", istio, cpus=WORK_CPU, http_door=True)
     # Credentials other than JWTs, each against a cached JWT on the same server (issue 21).
-    idp_url = start_introspection_endpoint()
+    # An RFC 7662 endpoint in this process answering every token active with issuer A's
+    # claims: asked once per token, then the server's cache answers.
+    introspection = bench.stack.enter(
+        endpoints.serving(lambda: json.dumps(reference.introspection_answer()).encode())
+    )
+    idp_url = f"{introspection.url}/introspect"
     api_key, opaque = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     bench.file("bench-keys.yaml", reference.api_keys_file(api_key))
     bench.file("bench-client-secret", "bench-secret\n")
@@ -533,7 +412,7 @@ def build(bench: Bench) -> Setup:
             envoys["new_tokens"].url + reference.PATH,
             duration_s=seconds,
             connections=WRK_CONNECTIONS,
-            script=BENCH / "new_token.lua",
+            script=HARNESS / "new_token.lua",
             script_args=[str(tokens_file), str(bench.new_token_offset)],
             cpus=WORK_CPU,
         )
@@ -599,28 +478,6 @@ CREDENTIAL_SCENARIOS = {
 }
 
 
-class _IntrospectionEndpoint(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps(reference.introspection_answer()).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def start_introspection_endpoint() -> str:
-    """An RFC 7662 endpoint in this process (a daemon thread) answering every token active
-    with issuer A's claims: asked once per token, then the server's cache answers."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _IntrospectionEndpoint)
-    threading.Thread(target=server.serve_forever, name="introspection", daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/introspect"
-
-
 def half_load(setup: Setup, total_rps: float) -> list[Scenario]:
     """Envoy → floor and Envoy → authz-server, both at `total_rps`."""
     headers = [setup.auth_header]
@@ -632,68 +489,3 @@ def half_load(setup: Setup, total_rps: float) -> list[Scenario]:
                  rate_load(ours.url, headers, total_rps), setup.ours.proc, ours.proc,
                  f"{setup.ours.http}/metrics"),
     ]  # fmt: skip
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"default: {RESULTS}")
-    args = parser.parse_args()
-    # SIGTERM unwinds like Ctrl-C, so the Stack stops every process it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    missing = loadgen.missing_tools()
-    if missing:
-        packages = " ".join(missing)
-        log(f"missing load generators; `make bench` installs them: apt-get install -y {packages}")
-        return 2
-    started = time.monotonic()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp_dir, Stack() as stack:
-        tmp = Path(tmp_dir)
-        scratch = tmp / "h2load-requests.log"
-        setup = build(Bench(stack, tmp))
-        run_rounds(setup.scenarios, scratch, warm_up=True)
-        by_key = {scenario.key: scenario for scenario in setup.scenarios}
-        floor_max = report.median([sample.rps for sample in by_key["envoy-floor"].samples])
-        half = half_load(setup, floor_max / 2)
-        log(f"half load: {floor_max / 2:.0f} req/s through Envoy, floor then authz-server")
-        run_rounds(half, scratch, warm_up=False)
-    # In process and two servers of its own, once every other process has stopped.
-    log("scoping: 50 workloads x 20 policies against 1 workload (bench/scoping_cost.py)")
-    scoping = scoping_cost.run(
-        rounds=5 if QUICK else 15,
-        budget=0.05 if QUICK else 0.1,
-        server_calls=300 if QUICK else 1000,
-        cpus=WORK_CPU,
-        command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
-    )
-    log("tracing: off, 1% and 100% sampling (bench/tracing_cost.py)")
-    tracing = tracing_cost.run(
-        calls=500 if QUICK else 2000,
-        rounds=3 if QUICK else 5,
-        command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
-    )
-    text = report.render(
-        report.Run(
-            scenarios=setup.scenarios,
-            half_load=half,
-            half_rate=floor_max / 2,
-            workers_supported=setup.workers,
-            quick=QUICK,
-            rounds=ROUNDS,
-            duration_s=DURATION_S,
-            wall_s=time.monotonic() - started,
-            load_before=load_before,
-            load_after=os.getloadavg(),
-            new_tokens=(NEW_TOKENS, NEW_TOKEN_CACHE),
-            placement=(ENVOY_CPU, WORK_CPU, ALL_CPUS),
-            loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
-            scoping=scoping,
-            tracing=tracing,
-        )
-    )
-    report.write(text, args.output, log)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

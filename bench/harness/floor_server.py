@@ -5,15 +5,15 @@ that takes the request as raw bytes (never parsed) and answers with one OK Check
 serialized once at start. Whatever authz-server spends above this per Check is its own cost;
 what this server spends is grpcio's.
 
-    python bench/floor_server.py --listen 127.0.0.1:0 --threads 8
-    python bench/floor_server.py --listen unix:/tmp/floor.sock
-    python bench/floor_server.py --option grpc.optimization_target=throughput --option ...
-    python bench/floor_server.py --aio
+    python bench/harness/floor_server.py --listen 127.0.0.1:0 --threads 8
+    python bench/harness/floor_server.py --listen unix:/tmp/floor.sock
+    python bench/harness/floor_server.py --option grpc.optimization_target=throughput --option ...
+    python bench/harness/floor_server.py --aio
 
 ``--option KEY=VALUE`` adds a grpc core channel argument to the server's options (an integer
 when VALUE is one); ``--aio`` serves with ``grpc.aio`` on one event loop instead of a thread
-pool (bench/variants.py compares them). Prints ``port N`` on stdout once it listens (for a
-``unix:`` address N is whatever grpcio returns); stops on SIGTERM or SIGINT.
+pool (bench/results/variants.md compared them). Prints ``port N`` on stdout once it listens
+(for a ``unix:`` address N is whatever grpcio returns); stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations

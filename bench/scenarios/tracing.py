@@ -14,27 +14,19 @@ Prints microseconds per Check and each variant's ratio to tracing off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import grpc
-from common import bench_config, check_request, interleaved
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import config, devkeys
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
+from bench.harness import endpoints, servers
+from bench.harness.inprocess import bench_config, check_request, interleaved
 
 VARIANTS = {"off": None, "on 1%": "0.01", "on 100%": "1.0"}
 
@@ -48,29 +40,6 @@ class _Call:
         return self._metadata
 
 
-class _Sink(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-@contextmanager
-def otlp_sink() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _environment(endpoint: str, ratio: str | None) -> dict[str, str]:
     env = {
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -80,18 +49,6 @@ def _environment(endpoint: str, ratio: str | None) -> dict[str, str]:
     if ratio is not None:
         env["OTEL_TRACES_SAMPLER_ARG"] = ratio
     return env
-
-
-def _process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def in_process(
@@ -126,39 +83,30 @@ def in_process(
     return best
 
 
-def server_process(config_path: Path, request: Any, endpoint: str, calls: int, rounds: int) -> None:
+def server_process(
+    config_path: Path, request: Any, endpoint: str, calls: int, rounds: int
+) -> dict[str, float]:
     """The three servers run side by side and take turns, round after round: the machine's
     noise falls on all of them alike."""
-    processes: dict[str, tuple[subprocess.Popen[bytes], grpc.Channel]] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        running = {}
         for name, ratio in VARIANTS.items():
-            grpc_port, http_port = _free_port(), _free_port()
-            argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-            argv += ["--listen", f"127.0.0.1:{grpc_port}"]
-            argv += ["--metrics-listen", f"127.0.0.1:{http_port}", "--log-level", "WARNING"]
-            if ratio is not None:
-                argv.append("--tracing")
-            process = subprocess.Popen(argv, env=dict(os.environ, **_environment(endpoint, ratio)))
-            processes[name] = (process, grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        stubs = {}
-        for name, (_, channel) in processes.items():
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stubs[name] = external_auth_pb2_grpc.AuthorizationStub(channel)
+            args = ["--log-level", "WARNING", *(["--tracing"] if ratio is not None else [])]
+            env = dict(os.environ, **_environment(endpoint, ratio))
+            running[name] = stack.enter_context(
+                servers.running(config_path, name=f"tracing-{ratio or 'off'}", args=args, env=env)
+            )
+        for server in running.values():
             for _ in range(200):  # warm up
-                stubs[name].Check(request, timeout=5)
-        best = {name: float("inf") for name in processes}
+                server.check(request)
+        best = {name: float("inf") for name in running}
         for _ in range(rounds):
-            for name, (process, _) in processes.items():
-                before = _process_cpu(process.pid)
+            for name, server in running.items():
+                before = server.proc.cpu_seconds()
                 for _ in range(calls):
-                    stubs[name].Check(request, timeout=5)
+                    server.check(request)
                 time.sleep(0.3)  # the export thread's last batch of the round
-                best[name] = min(best[name], (_process_cpu(process.pid) - before) / calls)
-    finally:
-        for process, channel in processes.values():
-            channel.close()
-            process.terminate()
-            process.wait(timeout=15)
+                best[name] = min(best[name], (server.proc.cpu_seconds() - before) / calls)
     return best
 
 
@@ -173,7 +121,7 @@ def render(door: dict[str, float], server: dict[str, float], command: str) -> li
     lines = [
         SECTION,
         "",
-        f"`{command}` (bench/tracing_cost.py): CPU per Check with tracing off, and on with",
+        f"`{command}` (bench/scenarios/tracing.py): CPU per Check with tracing off, and on with",
         "`parentbased_traceidratio` at 1% and 100% (requests without a trace context; spans",
         "exported over OTLP/HTTP to a local sink). Target: on at 1% <= "
         f"{TARGET:.2f}x off in the server: {ratio:.2f}x, {verdict}.",
@@ -209,7 +157,11 @@ def replace_section(text: str, section: list[str]) -> str:
 def run(*, calls: int, rounds: int, command: str) -> list[str]:
     """Measure and return the markdown section."""
     key = devkeys.generate_key("RSA", kid="bench-1")
-    with tempfile.TemporaryDirectory() as tmp, otlp_sink() as endpoint:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        endpoints.serving(lambda: b"", "application/x-protobuf") as sink,
+    ):
+        endpoint = sink.url
         (Path(tmp) / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
         path = Path(tmp) / "config.yaml"
         path.write_text(bench_config(server="{threads: 4, decisionLog: {enabled: false}}"))

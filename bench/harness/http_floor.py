@@ -4,7 +4,7 @@ A raw ``asyncio.Protocol`` feeds every byte to httptools' C parser and answers e
 request ``200`` with ``content-length: 0``; nothing about the request is kept or looked at.
 Whatever the HTTP door of authz-server spends above this per request is its own cost.
 
-    python bench/http_floor.py --listen 127.0.0.1:0 --port-file /tmp/floor.port
+    python bench/harness/http_floor.py --listen 127.0.0.1:0 --port-file /tmp/floor.port
 
 Keep-alive and pipelining: the answers to every request completed by one read go out in one
 write, in order; a request that does not keep the connection alive (``Connection: close``,

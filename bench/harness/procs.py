@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -112,7 +112,8 @@ def _cpu_set(cpus: str) -> set[int]:
 
 
 class Proc:
-    """One child process, pinned to `cpus` (a list such as "1" or "0,1") when given.
+    """One child process, pinned to `cpus` (a list such as "1" or "0,1") when given, with the
+    environment `env` when given (else this process's).
 
     With `pin_late`, the process starts on every CPU (so several slow starts run side by side)
     and is pinned by `pin`, thread by thread, once it is ready: threads it starts later
@@ -127,8 +128,10 @@ class Proc:
         cpus: str | None,
         *,
         pin_late: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.env = dict(env) if env is not None else None
         pin_now = cpus is not None and not pin_late
         self.argv = [*(["taskset", "-c", cpus] if pin_now and cpus else []), *argv]
         self.log_path = log_path
@@ -144,7 +147,9 @@ class Proc:
     def start(self) -> Self:
         with open(self.log_path, "wb") as log:
             # taskset execs the command, so the PID is the command's own.
-            self._proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         return self
 
     def log_tail(self, limit: int = 3000) -> str:
@@ -207,10 +212,16 @@ class Proc:
 
 
 class Stack:
-    """Holds started processes; stops them in reverse order on exit."""
+    """Holds started processes (and other context managers, such as an endpoint this process
+    serves); stops them in reverse order on exit."""
 
     def __init__(self) -> None:
         self._procs: list[Proc] = []
+        self._contexts = contextlib.ExitStack()
+
+    def enter(self, context: contextlib.AbstractContextManager[T]) -> T:
+        """Enter `context`; it is exited once every process has stopped."""
+        return self._contexts.enter_context(context)
 
     def start(self, proc: Proc) -> Proc:
         self._procs.append(proc)
@@ -231,5 +242,8 @@ class Stack:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        while self._procs:
-            self._procs.pop().stop()
+        try:
+            while self._procs:
+                self._procs.pop().stop()
+        finally:
+            self._contexts.close()

@@ -14,27 +14,24 @@ not CPU):
   redis-set    RedisReplayCache.first_use alone: one SET NX PX through redis-py
 Proofs are made before the timing (each request needs its own jti) and sent once each.
 
-Run: python bench/dpop_cost.py [--calls 2000] [--rounds 5] [--proof-alg ES256|EdDSA|RS256]
+Run: python -m bench.scenarios.dpop [--calls 2000] [--rounds 5] [--proof-alg ES256|EdDSA|RS256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from common import AUDIENCE, ISSUER, bench_config
-
 from authz_server import binding, config, devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.service import AuthorizationService, Engine
+from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config
 
-# NOTE: the repository root, for the tests' real redis-server (one way to start it).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The tests' real redis-server (started and stopped by PID): one way to start it.
 from tests.redis_server import PASSWORD, running_redis
 
 KINDS = {"ES256": "EC-P256", "EdDSA": "Ed25519", "RS256": "RSA"}

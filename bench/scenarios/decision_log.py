@@ -26,7 +26,7 @@ speed, in turn.
 baseline tree (`git archive <commit> authz_server | tar -x -C DIR`) runs side by side with
 this one. Default: this checkout, labelled "this".
 
-    .venv/bin/python bench/decision_log_cost.py [--requests 20000] [--rounds 5]
+    .venv/bin/python -m bench.scenarios.decision_log [--requests 20000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,22 +46,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from common import bench_config, check_request
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server import devkeys
 from authz_server.log import WRITER_THREAD
+from bench.harness.inprocess import bench_config, check_request
+from bench.harness.procs import cpu_seconds, free_port
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 DECISION_MARK = b'"logger": "authz_server.decision"'
-THIS = Path(__file__).resolve().parent.parent
+THIS = Path(__file__).resolve().parents[2]
 LINES_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu(stat_path: str) -> float:
@@ -70,11 +64,6 @@ def _cpu(stat_path: str) -> float:
     with open(stat_path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all threads) so far."""
-    return _cpu(f"/proc/{pid}/stat")
 
 
 def _writer_cpu(pid: int) -> float | None:
@@ -128,7 +117,7 @@ class Server:
         )
         if not Path(probe.stdout.strip()).is_relative_to(self.source):
             raise SystemExit(f"{self.label}: authz_server resolves to {probe.stdout.strip()}")
-        self.grpc_port, self.http_port = _free_port(), _free_port()
+        self.grpc_port, self.http_port = free_port(), free_port()
         argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
         argv += ["--listen", f"127.0.0.1:{self.grpc_port}"]
         argv += ["--metrics-listen", f"127.0.0.1:{self.http_port}"]
@@ -220,14 +209,14 @@ class Load:
 
 def measure(servers: list[Server], body: Path, args: argparse.Namespace) -> None:
     """One run of --requests Checks against each of ``servers`` at the same time."""
-    cpu0 = [_process_cpu(s.pid) for s in servers]
+    cpu0 = [cpu_seconds([s.pid]) for s in servers]
     writer0 = [_writer_cpu(s.pid) for s in servers]
     loads = [start_h2load(s, body, args.requests, args) for s in servers]
     rates = [load.finish() for load in loads]
     for server in servers:
         server.wait_for_lines()  # the writer thread's formatting and writes count too
     for server, before, writer_before, rate in zip(servers, cpu0, writer0, rates, strict=True):
-        server.cpu_per_check.append((_process_cpu(server.pid) - before) / args.requests)
+        server.cpu_per_check.append((cpu_seconds([server.pid]) - before) / args.requests)
         writer = _writer_cpu(server.pid)
         if writer is not None and writer_before is not None:
             server.writer_per_check.append((writer - writer_before) / args.requests)

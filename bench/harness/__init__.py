@@ -1,0 +1,1 @@
+"""What every measurement stands on: processes, load generators, Envoy bootstraps, rounds."""

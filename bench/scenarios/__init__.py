@@ -1,0 +1,1 @@
+"""What is measured: each module builds its processes or in-process variants on bench.harness."""
