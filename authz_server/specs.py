@@ -822,7 +822,7 @@ class ServerSpec(_Model):
     # Absent: the gRPC listener is plaintext (behind a mesh sidecar, or on a Unix socket).
     tls: TlsSpec | None = None
     grpc: GrpcLimitsSpec = Field(default_factory=GrpcLimitsSpec)
-    # Measured (bench/grpc_edge.py): more threads buy nothing under the GIL; 8 leaves room
+    # Measured (bench/results/grpc_edge.md): more threads buy nothing under the GIL; 8 leaves room
     # for Checks that wait on I/O (a JWKS refresh) without queueing the rest.
     threads: int = Field(default=8, ge=1, le=1024)
     realm: str = Field(default="authz-server", pattern=r'^[^"\\\r\n]*$')
