@@ -54,7 +54,7 @@ bench-floors: $(STAMP) bench-tools ## HTTP ext_authz floors (uvloop+httptools, u
 	$(BIN)/python bench/http_candidates.py
 
 FUZZ_SECONDS ?= 120
-fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 2,000: ~10 min
+fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 5,000: ~12 min
 	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py \
