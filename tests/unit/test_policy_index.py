@@ -553,13 +553,18 @@ _UNSEEN_CASES = [
 ]
 
 
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "suite")
+
+
 @settings(
     # 300 in the suite (~10 s of CPU): this property guards every decision the index makes;
-    # `make fuzz` runs it with 5,000.
-    max_examples=5000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 300,
+    # `make fuzz` runs it with 5,000, `make mutate` (once per mutant) with 40 besides the
+    # examples below.
+    max_examples={"fuzz": 5000, "mutate": 40}.get(_PROFILE, 300),
     deadline=None,
-    # NOTE: CI replays the same examples every run; locally each run explores new ones.
-    derandomize=bool(os.environ.get("CI")),
+    # NOTE: CI (and each mutant) replays the same examples every run; locally each run
+    # explores new ones.
+    derandomize=bool(os.environ.get("CI")) or _PROFILE == "mutate",
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
