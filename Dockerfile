@@ -16,18 +16,35 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+
+# The locked dependency set first, in its own layer: a change to the code rebuilds only what
+# follows. requirements/runtime.txt pins every runtime dependency with its hashes (and the pip
+# and setuptools that build the package); --only-binary: every one ships manylinux wheels
+# (grpcio, cryptography, pydantic-core), so no compiler is needed either. The venv gets no pip
+# of its own from ensurepip: the base image's pip installs into it (--python). Then the lock's
+# opentelemetry-proto once more, last: xds-protos ships an old copy of its files at the same
+# paths and pip installs xds-protos after it (the Makefile's otlp-protos says more).
+COPY requirements/runtime.txt ./requirements/
+RUN python -m venv --without-pip /opt/venv \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes \
+        --only-binary=:all: -r requirements/runtime.txt \
+    && awk '/^opentelemetry-proto==/ {on = 1; print; next} on && /^[^ ]/ {exit} on {print}' \
+        requirements/runtime.txt > /tmp/otlp-protos.txt \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes --no-deps \
+        --force-reinstall --only-binary=:all: -r /tmp/otlp-protos.txt \
+    && rm /tmp/otlp-protos.txt
+
+# The package itself, built by the locked setuptools (--no-build-isolation: nothing fetched)
+# and installed without dependencies (they are all above). Then pip and setuptools leave: the
+# final image carries only the package and what it runs on. Byte code is compiled at install
+# time, so the read-only final image never writes any.
 COPY pyproject.toml README.md ./
 COPY authz_server ./authz_server
-
-# The venv gets no pip or setuptools of its own: the base image's pip installs into it
-# (--python), so the final image carries only the package and its runtime dependencies.
-# Every dependency ships manylinux wheels (grpcio, cryptography, pydantic-core), so no
-# compiler is needed here either. Byte code is compiled at install time, so the read-only
-# final image never writes any.
-RUN python -m venv --without-pip /opt/venv \
-    && pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
-    && pip --python /opt/venv/bin/python install --no-cache-dir /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels
+RUN /opt/venv/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-isolation \
+        --wheel-dir /tmp/wheels . \
+    && /opt/venv/bin/python -m pip install --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl \
+    && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
+    && rm -rf /tmp/wheels /src/build
 
 # ---- final: the venv on a clean base, run as an unprivileged numeric user ----
 FROM python:3.11-slim

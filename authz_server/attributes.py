@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
@@ -81,6 +81,32 @@ def split_authority(authority: str) -> tuple[str, str]:
     return authority, ""
 
 
+def cookie_name(crumb: str) -> str:
+    """The name of one cookie (``name=value``) as the most lenient upstream matches it:
+    trimmed (``session =x`` is ``session`` to Python, Node and Go) and in lower case (ASP.NET
+    reads ``Session`` as ``session``); ``""`` when it has no ``=``."""
+    name, sep, _ = crumb.partition("=")
+    return name.strip().lower() if sep else ""
+
+
+def read_cookies(header: str) -> dict[str, list[str]]:
+    """Every value of each cookie in the Cookie header ``header`` by ``cookie_name``, in
+    order, values trimmed and unquoted: ``;`` and ``,`` both separate cookies (Envoy joins
+    two Cookie headers with ``,``; older servers split on it)."""
+    jar: dict[str, list[str]] = {}
+    crumbs = header.split(";")
+    if "," in header:
+        crumbs = [crumb for part in crumbs for crumb in part.split(",")]
+    for crumb in crumbs:
+        name, sep, value = crumb.partition("=")
+        if sep:
+            # NOTE: cookie_name, inlined: this runs on every Check with a Cookie header.
+            name = name.strip().lower()
+            if name:
+                jar.setdefault(name, []).append(value.strip().strip('"'))
+    return jar
+
+
 def _parse_ip(value: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(value.strip().strip("[]"))
@@ -114,6 +140,13 @@ class _computed_once(Generic[_T]):  # noqa: N801 (used as a decorator, like cach
 class RequestAttributes:
     """One request as the decision sees it. Header names are lower case."""
 
+    # The trace context of the call that brought the request, when it is not in the request's
+    # own headers: Envoy's gRPC ext_authz puts its span's context in the call's metadata. Set
+    # by a door only while tracing is on (a class default: no cost per request otherwise).
+    trace_carrier: Sequence[tuple[str, str]] | None = None
+    # The span of a Check that raised WouldWait, resumed when the door decides it again.
+    trace_span: Any = None
+
     def __init__(
         self,
         *,
@@ -132,6 +165,8 @@ class RequestAttributes:
         trusted_proxy_hops: int = 0,
         door: str = "grpc",
         unknown: frozenset[str] = frozenset(),
+        scheme: str = "",
+        client_certificate: str = "",
     ) -> None:
         self.method = method
         self.host = host
@@ -149,6 +184,11 @@ class RequestAttributes:
         self.trusted_proxy_hops = trusted_proxy_hops
         self.door = door  # which door brought it: "grpc" or "http" (metrics, decision log)
         self.unknown = unknown
+        # The scheme Envoy saw ("http"/"https"; "" when the door cannot tell) and the client's
+        # certificate as Envoy sends it (URL-encoded PEM; "" when none or not sent): what a
+        # DPoP proof's htu and a certificate-bound token are checked against.
+        self.scheme = scheme
+        self.client_certificate = client_certificate
 
     @_computed_once
     def normalized_path(self) -> str:
@@ -178,26 +218,50 @@ class RequestAttributes:
 
     @_computed_once
     def query_params(self) -> dict[str, list[str]]:
-        """Every value of each query parameter, URL-decoded, in order (a token location
+        """Every value of each query parameter, URL-decoded, in order, with ``&`` and ``;``
+        both separating parameters, as the most lenient upstream reads them (a token location
         repeated with two values is ambiguous, not first-come)."""
         query = self.query_string
         if not query:
             return {}
         params: dict[str, list[str]] = {}
-        for key, value in parse_qsl(query, keep_blank_values=True):
+        for key, value in parse_qsl(query.replace(";", "&"), keep_blank_values=True):
             params.setdefault(key, []).append(value)
         return params
 
     @_computed_once
+    def query_names_beside_semicolon(self) -> frozenset[str]:
+        """The (URL-decoded) names of the query parameters that share an ``&``-separated
+        part with a ``;``: upstreams that split on ``&`` only read another parameter, or
+        another value, there than those that split on ``;`` too."""
+        query = self.query_string
+        if ";" not in query:
+            return frozenset()
+        return frozenset(
+            key
+            for part in query.split("&")
+            if ";" in part
+            for key, _ in parse_qsl(part.replace(";", "&"), keep_blank_values=True)
+        )
+
+    @_computed_once
     def cookies(self) -> dict[str, list[str]]:
-        """Every value of each cookie in the ``cookie`` header, in order."""
+        """Every value of each cookie in the ``cookie`` header by ``cookie_name`` (trimmed,
+        lower case), in order, read as the most lenient upstream reads them."""
+        return read_cookies(self.headers.get("cookie", ""))
+
+    @_computed_once
+    def cookies_beside_comma(self) -> frozenset[str]:
+        """The names of the cookies that share a ``;``-separated part of the ``cookie``
+        header with a ``,``: upstreams that split on ``;`` only read another cookie, or
+        another value, there than those that split on ``,`` too (and Envoy joins two
+        ``Cookie`` headers with ``,``)."""
         raw = self.headers.get("cookie", "")
-        jar: dict[str, list[str]] = {}
-        for part in raw.split(";"):
-            name, sep, value = part.strip().partition("=")
-            if sep and name:
-                jar.setdefault(name, []).append(value.strip().strip('"'))
-        return jar
+        if "," not in raw:
+            return frozenset()
+        return frozenset(
+            name for part in raw.split(";") if "," in part for name in read_cookies(part)
+        )
 
     @_computed_once
     def source_address(self) -> IPAddress | None:

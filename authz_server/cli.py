@@ -1,4 +1,4 @@
-"""Command line: ``authz-server serve | validate | check | test | token | version``.
+"""Command line: ``authz-server serve | validate | check | test | token | envoy-config | version``.
 
 ``serve`` speaks in log lines (``--log-format``, JSON by default), start-up errors included, so
 that a log pipeline sees every line of a pod; ``validate``, ``check``, ``test`` and ``token`` are
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, config, devtoken, specs
+from authz_server import __version__, apikeys, cli_envoy_config, config, devtoken, specs
 from authz_server.errors import ConfigError
 from authz_server.log import setup_logging
 from authz_server.tls import TlsFileError, TlsFiles, read_material
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="authz-server",
         description="Envoy external authorization server: JWT + Istio-style policies.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"authz-server {__version__}", help="the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC Check server and the HTTP side port")
@@ -38,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC address, host:port or unix:/path (default: server.listen, 0.0.0.0:9001)",
     )
     serve.add_argument(
-        "--http-listen", help="HTTP side port host:port (default: server.httpListen, 0.0.0.0:9090)"
+        "--metrics-listen",
+        help="the side port for /metrics, /healthz and /readyz, host:port "
+        "(default: server.metricsListen, 0.0.0.0:9090)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        dest="deprecated_http_listen",
+        help="deprecated name of --metrics-listen (warns)",
     )
     serve.add_argument(
         "--http-authz-listen",
@@ -60,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         default="1",
         help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own caches; "
         "'auto' = one per CPU (default 1)",
+    )
+    serve.add_argument(
+        "--tracing",
+        action="store_true",
+        help="export an OpenTelemetry span per Check (as server.tracing.enabled: true); "
+        "exporter, sampler and service name from the OTEL_* environment variables",
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
@@ -88,8 +104,42 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--token-file",
         type=Path,
-        help="a file holding a JWT (not on the command line), sent where its provider reads "
-        "a token first (default 'Authorization: Bearer')",
+        help="a file holding a JWT (not on the command line; '-' reads standard input), sent "
+        "where its provider reads a token first (default 'Authorization: Bearer')",
+    )
+    check.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an API key (not on the command line), sent where the first "
+        "apiKeys provider reads one",
+    )
+    check.add_argument(
+        "--introspection-response",
+        type=Path,
+        metavar="FILE",
+        help="decide an opaque --token-file offline: the introspection answer (JSON) the IdP "
+        "would give for it, instead of calling the introspection endpoint",
+    )
+    check.add_argument(
+        "--dpop-proof",
+        type=Path,
+        metavar="FILE",
+        help="a file holding a DPoP proof (`token dpop-proof`): sent as the DPoP header, and "
+        "the --token-file token as 'Authorization: DPoP'",
+    )
+    check.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="FILE",
+        help="a PEM client certificate, as Envoy sends the one of the client's mTLS connection "
+        "(include_peer_certificate): for certificate-bound tokens",
+    )
+    check.add_argument(
+        "--scheme",
+        default="",
+        choices=["http", "https"],
+        help="the scheme Envoy saw (a DPoP proof's htu names it; default http)",
     )
     check.add_argument("--source-ip", default="", help="the direct peer address")
     check.add_argument(
@@ -136,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _token_parser(sub)
+    _apikey_parser(sub)
+    cli_envoy_config.add_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -145,6 +197,52 @@ def _duration(text: str) -> float:
         return specs.parse_duration(float(text) if text.isdecimal() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _apikey_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    apikey = sub.add_parser(
+        "apikey",
+        help="issue API keys for an apiKeys provider",
+        description="`apikey new` prints a new random key (256 bits, URL-safe) once, on "
+        "stdout, and on stderr the keys-file entry to paste: the file holds only its SHA-256.",
+    )
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", required=True)
+    new = apikey_sub.add_parser("new", help="print a new key and its keys-file entry")
+    new.add_argument("--sub", required=True, help="the key's subject (principal <issuer>/<sub>)")
+    new.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim of the key (repeatable); a JSON value is JSON: groups='[\"partners\"]'",
+    )
+    new.add_argument(
+        "--expires", metavar="DATETIME", help="when the key stops working: 2027-06-30T00:00:00Z"
+    )
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    """``apikey new``: the key on stdout (once: only its hash is kept), the entry on stderr."""
+    try:
+        claims = devtoken.parse_claims(args.claim)
+    except devtoken.DevTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    key = apikeys.new_key()
+    entry = apikeys.key_entry(args.sub, key, claims, args.expires)
+    try:
+        apikeys.parse_keys_file(f"keys:\n{entry}".encode(), provider="", issuer="")
+    except apikeys.KeysFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        "# Give the key above to its holder (it is not stored anywhere); add this entry under "
+        "`keys:` in the provider's keys file:",
+        file=sys.stderr,
+    )
+    print(entry, end="", file=sys.stderr)
+    return 0
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,7 +266,12 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reads DIR/jwks.json (jwksFile): save it beside your policies or paste the provider "
         "into your configuration. " + warning,
     )
-    init.add_argument("--dir", required=True, type=Path, help="where to write the key files")
+    init.add_argument(
+        "--dir",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"where to write the key files (default {devtoken.DEFAULT_DIR})",
+    )
     init.add_argument(
         "--kind",
         choices=list(devtoken.KINDS),
@@ -193,9 +296,16 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "every --claim, which may also replace those (a null value removes one). " + warning,
     )
     mint.add_argument(
-        "--key", required=True, type=Path, help="DIR/private.pem from `token init` (or DIR)"
+        "--key",
+        type=Path,
+        default=devtoken.DEFAULT_DIR,
+        help=f"DIR/private.pem from `token init` (or DIR; default {devtoken.DEFAULT_DIR})",
     )
-    mint.add_argument("--issuer", required=True, help="the iss claim; must equal the provider's")
+    mint.add_argument(
+        "--issuer",
+        help="the iss claim; must equal the provider's (default: the issuer `token init` "
+        f"recorded beside the key, {devtoken.ISSUER_FILE})",
+    )
     mint.add_argument("--sub", help="the sub claim (the principal is ISSUER/SUB)")
     mint.add_argument(
         "--aud", action="append", default=[], help="an audience (repeatable; several make a list)"
@@ -216,23 +326,71 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     mint.add_argument("--alg", help="signing algorithm (default RS256, ES256 or EdDSA by key)")
     mint.add_argument("--kid", help="kid in the header (default: the key's kid in jwks.json)")
+    mint.add_argument(
+        "--dpop-key",
+        type=Path,
+        metavar="KEY",
+        help="bind the token to this DPoP key (a PEM private key, e.g. another `token init` "
+        "DIR/private.pem): cnf.jkt is its RFC 7638 thumbprint",
+    )
+    mint.add_argument(
+        "--cert-file",
+        type=Path,
+        metavar="CERT",
+        help='bind the token to this PEM client certificate: cnf["x5t#S256"] (RFC 8705)',
+    )
+
+    proof = token_sub.add_parser(
+        "dpop-proof",
+        help="print a DPoP proof (RFC 9449) for one request",
+        description="Print a DPoP proof JWT signed with KEY (its public JWK in the header) for "
+        "METHOD and URL, issued now, with a fresh jti and, with --token, the token's hash "
+        "(ath). Send it as the DPoP header, with the token as 'Authorization: DPoP'. A proof "
+        "is accepted once, within the provider's dpop.proofLifetime. " + warning,
+    )
+    proof.add_argument(
+        "--key", required=True, type=Path, help="the DPoP private key (PEM, or a `token init` DIR)"
+    )
+    proof.add_argument("--method", default="GET", help="the request's method (htm; default GET)")
+    proof.add_argument(
+        "--url",
+        required=True,
+        help="the URL the client addresses, without query (htu): https://api.example.com/orders",
+    )
+    proof.add_argument("--token", help="the access token the proof goes with (ath)")
 
 
 def _token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
             files = devtoken.init_keys(args.dir, kind=args.kind, kid=args.kid, force=args.force)
+            devtoken.record_issuer(files, args.issuer)
             document = devtoken.provider_document(files, issuer=args.issuer, name=args.name)
             print(document, end="")
             return 0
+        if args.token_command == "dpop-proof":
+            key = devtoken.load_signing_key(args.key)
+            print(devtoken.dpop_proof(key, method=args.method, url=args.url, token=args.token))
+            return 0
         key = devtoken.load_signing_key(args.key, kid=args.kid)
+        issuer = args.issuer or devtoken.recorded_issuer(args.key)
+        claims = devtoken.parse_claims(args.claim)
+        dpop_key = (
+            devtoken.load_signing_key(args.dpop_key, flag="--dpop-key")
+            if args.dpop_key is not None
+            else None
+        )
+        cnf = devtoken.confirmation(dpop_key, args.cert_file)
+        if cnf:
+            given = claims.get("cnf")
+            claims["cnf"] = {**(given if isinstance(given, dict) else {}), **cnf}
         print(
             devtoken.mint(
                 key,
-                issuer=args.issuer,
+                issuer=issuer,
                 subject=args.sub,
                 audiences=args.aud,
-                claims=devtoken.parse_claims(args.claim),
+                claims=claims,
                 ttl=args.ttl,
                 alg=args.alg,
             )
@@ -245,13 +403,17 @@ def _token(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     import json  # noqa: PLC0415
+    from urllib.parse import quote  # noqa: PLC0415
 
+    from authz_server.binding import certificate_der_from_pem  # noqa: PLC0415
+    from authz_server.credentials import DPOP_LOCATION  # noqa: PLC0415
     from authz_server.explain import (  # noqa: PLC0415
         explain,
         place_token,
         provider_for_token,
         render_text,
         request_attributes,
+        substitute_introspection,
         substitute_keys,
         token_location,
     )
@@ -273,12 +435,58 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         extensions[key] = value
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            # `-`: `authz-server token mint … | authz-server check … --token-file -`.
+            stdin = str(args.token_file) == "-"
+            token = (sys.stdin.read() if stdin else args.token_file.read_text()).strip()
         except OSError as exc:
             print(f"--token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+    proof = client_certificate = ""
+    if args.dpop_proof is not None:
+        try:
+            proof = args.dpop_proof.read_text().strip()
+        except OSError as exc:
+            print(f"--dpop-proof {args.dpop_proof}: {exc.strerror}", file=sys.stderr)
+            return 2
+        headers["dpop"] = proof
+    if args.client_cert is not None:
+        try:
+            pem = args.client_cert.read_text()
+            certificate_der_from_pem(pem)
+        except OSError as exc:
+            print(f"--client-cert {args.client_cert}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--client-cert {args.client_cert}: {exc}", file=sys.stderr)
+            return 2
+        client_certificate = quote(pem, safe="")  # as Envoy sends it: URL-encoded PEM
+    api_key: str | None = None
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"--api-key-file {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    answer: object = None
+    if args.introspection_response is not None:
+        if args.token_file is None:
+            print("--introspection-response answers for the --token-file token", file=sys.stderr)
+            return 2
+        try:
+            answer = json.loads(args.introspection_response.read_text())
+        except OSError as exc:
+            print(f"--introspection-response: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"--introspection-response: not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(answer, dict):
+            print("--introspection-response: expected a JSON object", file=sys.stderr)
+            return 2
     engine = Engine.build(settings)
     try:
+        if isinstance(answer, dict):
+            substitute_introspection(engine, {token: answer})
         if args.jwks_file is not None:
             try:
                 document = args.jwks_file.read_text()
@@ -296,8 +504,16 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
         path = args.path
         if args.token_file is not None:
             # Where the token's provider reads one (Authorization: Bearer unless it says).
-            location = token_location(provider_for_token(settings, token))
+            location = (
+                DPOP_LOCATION if proof else token_location(provider_for_token(settings, token))
+            )
             headers, path = place_token(headers, path, location, token)
+        if api_key is not None:
+            keys_provider = next((p for p in settings.providers if p.spec.kind == "apiKey"), None)
+            if keys_provider is None:
+                print("--api-key-file: the configuration has no apiKeys provider", file=sys.stderr)
+                return 2
+            headers, path = place_token(headers, path, token_location(keys_provider), api_key)
         try:
             request = request_attributes(
                 method=args.method,
@@ -307,6 +523,8 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
                 source_ip=args.source_ip,
                 context_extensions=extensions,
                 destination_principal=args.destination_principal,
+                scheme=args.scheme,
+                client_certificate=client_certificate,
             )
         except ValueError as exc:
             print(f"--source-ip: {exc}", file=sys.stderr)
@@ -396,6 +614,13 @@ def _tls_from_flags(args: argparse.Namespace) -> TlsFiles | None:
     return files
 
 
+def _check_addresses(flags: dict[str, str | None]) -> None:
+    """Raises ValueError naming the first flag whose address cannot be listened on."""
+    for flag, address in flags.items():
+        if address is not None and (problem := specs.listen_address_problem(address)):
+            raise ValueError(f"{flag} {problem}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Every line, start-up errors included, is a log line in ``--log-format``."""
     # Before any thread exists (grpc starts some when imported): see server.serve.
@@ -427,10 +652,22 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     from authz_server.server import serve  # noqa: PLC0415 (keeps `validate` free of grpc)
 
+    if args.deprecated_http_listen is not None:
+        log.warning("--http-listen is deprecated, use --metrics-listen (the same side port)")
     listen = args.listen or settings.server.listen
-    http_listen = args.http_listen or settings.server.http_listen
+    http_listen = (
+        args.metrics_listen or args.deprecated_http_listen or settings.server.metrics_listen
+    )
     http_authz_listen = args.http_authz_listen or settings.server.http_authz.listen
     try:
+        _check_addresses(
+            {
+                "--listen": args.listen,
+                "--metrics-listen": args.metrics_listen,
+                "--http-listen": args.deprecated_http_listen,
+                "--http-authz-listen": args.http_authz_listen,
+            }
+        )
         tls = _tls_from_flags(args)
         workers = worker_count(args.workers)
         if workers > 1:
@@ -444,6 +681,7 @@ def _serve(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
                 log_format=args.log_format,
                 drain_seconds=settings.server.drain_delay + settings.server.shutdown_grace + 5,
+                tracing=args.tracing,
             ).run()
         return serve(
             settings,
@@ -452,11 +690,12 @@ def _serve(args: argparse.Namespace) -> int:
             config_path=Path(args.config),
             http_authz_listen=http_authz_listen,
             tls=tls,
+            tracing=args.tracing,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         # A port in use, an address that does not parse: the message says what, the fields where.
         log.error(
-            "exiting: %s (gRPC %s, HTTP side port %s, HTTP door %s)",
+            "exiting: %s (gRPC %s, metrics side port %s, HTTP door %s)",
             exc,
             listen,
             http_listen,
@@ -464,7 +703,8 @@ def _serve(args: argparse.Namespace) -> int:
             extra={
                 "fields": {
                     "listen": listen,
-                    "http_listen": http_listen,
+                    "metrics_listen": http_listen,
+                    "http_listen": http_listen,  # the deprecated name of the same field
                     "http_authz_listen": http_authz_listen,
                 }
             },
@@ -491,6 +731,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == "apikey":
+        return _apikey(args)
+    if args.command == cli_envoy_config.COMMAND:
+        return cli_envoy_config.run(args)
     if args.command == "check":
         settings = _load(args.config)
         return 2 if settings is None else _check(args, settings)

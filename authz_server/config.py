@@ -16,6 +16,7 @@ document, field path and reason. Nothing here touches the network.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import ssl
@@ -26,7 +27,9 @@ from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
+from authz_server.apikeys import KeysFileError, parse_keys_file
 from authz_server.errors import ConfigError, ConfigProblem
 from authz_server.istio import (
     ISTIO_SECURITY_VERSIONS,
@@ -55,6 +58,7 @@ from authz_server.workloads import (
     IstioScope,
     NativeScope,
     Workload,
+    client_chosen_scopes,
     istio_selection,
     native_selection,
     workload_problems,
@@ -73,6 +77,11 @@ class Provider:
     jwks_file: Path | None = None
     ca_file: Path | None = None
     shared_secret_file: Path | None = None
+    # Introspection's client secret and the API keys file, resolved.
+    client_secret_file: Path | None = None
+    api_keys_file: Path | None = None
+    # The DPoP nonce secret (dpop.nonceSecretFile), resolved.
+    nonce_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,25 @@ def _resolve_provider(
             problems=problems,
         )
         ok = ok and found
+    for attr, field_name, value in (
+        (
+            "client_secret_file",
+            "introspection.clientSecretFile",
+            spec.introspection.client_secret_file if spec.introspection else None,
+        ),
+        ("api_keys_file", "apiKeys.file", spec.api_keys.file if spec.api_keys else None),
+        ("nonce_secret_file", "dpop.nonceSecretFile", spec.dpop.nonce_secret_file),
+    ):
+        paths[attr], found = _resolve_file(
+            value,
+            field_name=field_name,
+            document=document,
+            prefix=prefix,
+            base_dir=base_dir,
+            problems=problems,
+        )
+        ok = ok and found
+    ok = _check_opaque_files(spec, paths, document, prefix, problems) and ok
     ca_file = paths["ca_file"]
     if ca_file is not None:
         try:
@@ -208,6 +236,16 @@ def _resolve_provider(
                 ConfigProblem(document, f"{prefix}.caFile", f"not a usable CA bundle: {exc}")
             )
             ok = False
+    nonce_secret = paths["nonce_secret_file"]
+    if nonce_secret is not None and len(nonce_secret.read_bytes().strip()) < 32:
+        problems.append(
+            ConfigProblem(
+                document,
+                f"{prefix}.dpop.nonceSecretFile",
+                "the secret must be at least 32 bytes (nonces derived from it must be unguessable)",
+            )
+        )
+        ok = False
     secret = paths["shared_secret_file"]
     if secret is not None and len(secret.read_bytes().strip()) < 32:
         problems.append(
@@ -219,6 +257,66 @@ def _resolve_provider(
         )
         ok = False
     return paths, ok
+
+
+def _check_opaque_files(
+    spec: ProviderSpec,
+    paths: dict[str, Path | None],
+    document: str,
+    prefix: str,
+    problems: list[ConfigProblem],
+) -> bool:
+    """The introspection client secret is not empty; the keys file is a valid keys file
+    (each problem with its place in the file). Returns whether both are fine."""
+    ok = True
+    secret = paths.get("client_secret_file")
+    if secret is not None and not secret.read_bytes().strip():
+        problems.append(
+            ConfigProblem(document, f"{prefix}.introspection.clientSecretFile", "the file is empty")
+        )
+        ok = False
+    keys_file = paths.get("api_keys_file")
+    if keys_file is not None:
+        try:
+            parse_keys_file(keys_file.read_bytes(), provider="", issuer=spec.issuer)
+        except KeysFileError as exc:
+            problems.extend(
+                ConfigProblem(
+                    document,
+                    f"{prefix}.apiKeys.file",
+                    f"{keys_file}: {where + ': ' if where else ''}{message}",
+                )
+                for where, message in exc.problems
+            )
+            ok = False
+    return ok
+
+
+def _opaque_location_problems(providers: list[FoundProvider]) -> list[ConfigProblem]:
+    """A location read by two introspection or API keys providers is refused: trying them in
+    turn would hand one party's tokens (or keys) to another party's endpoint, and which answer
+    decides would depend on the order."""
+    readers: dict[tuple[str, str, str], tuple[str, str]] = {}
+    problems: list[ConfigProblem] = []
+    for spec, document, prefix, _ in providers:
+        if spec.kind == "jwt":
+            continue
+        for kind, name, location_prefix in spec.locations():
+            location = (kind, name, location_prefix.lower())
+            first = readers.get(location)
+            if first is None:
+                readers[location] = (spec.name or spec.issuer, f"{document}: {prefix}")
+                continue
+            problems.append(
+                ConfigProblem(
+                    document,
+                    prefix,
+                    f"{kind} {name!r} is read by another introspection or apiKeys provider "
+                    f"({first[0]!r}, {first[1]}): give each its own header, parameter or "
+                    "cookie",
+                )
+            )
+    return problems
 
 
 # TlsFiles attribute -> the field's name in the configuration.
@@ -249,6 +347,33 @@ def _resolve_server_tls(
     return server.model_copy(update={"tls": tls})
 
 
+def _resolve_replay_cache(
+    server: ServerSpec, doc: Document, problems: list[ConfigProblem]
+) -> ServerSpec:
+    """``server`` with the replay cache's Redis files (password, CA) made absolute, after
+    checking they can be read; each problem names its field."""
+    redis = server.replay_cache.redis
+    if redis is None:
+        return server
+    absolute: dict[str, str] = {}
+    for attr, field_name in (("password_file", "passwordFile"), ("ca_file", "caFile")):
+        value = getattr(redis, attr)
+        if value is None:
+            continue
+        path = (doc.base_dir / value).absolute()
+        if not path.is_file():
+            problems.append(
+                ConfigProblem(
+                    doc.label, f"server.replayCache.redis.{field_name}", f"no such file: {path}"
+                )
+            )
+        absolute[attr] = str(path)
+    replay_cache = server.replay_cache.model_copy(
+        update={"redis": redis.model_copy(update=absolute)}
+    )
+    return server.model_copy(update={"replay_cache": replay_cache})
+
+
 _Item = TypeVar("_Item", bound=BaseModel)
 
 
@@ -261,8 +386,80 @@ def _valid_items(raw: object, model: type[_Item]) -> Iterator[tuple[int, _Item]]
             continue
 
 
-def load(path: str | Path) -> Settings:
+# RFC 9110's methods and PATCH (RFC 5789): anything else in `methods` is most likely a typo
+# (`DELTE`), which would match no request (or, under notMethods, every one).
+STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def _unusual_methods(policy: PolicySpec, document: str, prefix: str) -> Iterator[str]:
+    """A warning for each method a rule of ``policy`` names that is not a standard HTTP
+    method; ``prefix`` is the policy's field path in ``document``."""
+    for r, rule in enumerate(policy.rules or []):
+        for t, to in enumerate(rule.to or []):
+            for field_name in ("methods", "not_methods"):
+                for method in getattr(to.operation, field_name) or []:
+                    # NOTE: methods match exactly, as Istio's do: `get` never matches GET.
+                    if "*" in method or method in STANDARD_METHODS:
+                        continue
+                    where = f"{prefix}.rules[{r}].to[{t}].operation.{to_camel(field_name)}"
+                    close = difflib.get_close_matches(method.upper(), STANDARD_METHODS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    yield (
+                        f"{document}: {where}: {method!r} is not a standard HTTP method"
+                        f"{hint}: it matches only requests with exactly that method"
+                    )
+
+
+def _workloads_without_policy(
+    workloads: tuple[Workload, ...],
+    policies: list[PolicySpec],
+    policy_scopes: dict[str, frozenset[str]],
+) -> Iterator[str]:
+    """A warning for each workload no policy applies to: its requests are all allowed, with or
+    without credentials (a policy not in ``policy_scopes`` applies to every workload)."""
+    if any(p.name not in policy_scopes for p in policies):
+        return
+    covered = frozenset().union(*(policy_scopes[p.name] for p in policies))
+    for workload in workloads:
+        if workload.name not in covered:
+            yield (
+                f"workload {workload.name!r} (namespace {workload.namespace!r}) has no policy "
+                "in its scope: every request for it is allowed, with or without credentials"
+            )
+
+
+def _referenced_files(providers: list[FoundProvider], server: ServerSpec | None) -> list[Path]:
+    """Every local file the configuration names, found or not (``jwksFile``, ``caFile``,
+    ``sharedSecretFile``, ``introspection.clientSecretFile``, ``apiKeys.file``,
+    ``server.tls``)."""
+    files = [
+        base_dir / value  # an absolute value stays itself
+        for spec, _, _, base_dir in providers
+        for value in (
+            spec.jwks_file,
+            spec.ca_file,
+            spec.shared_secret_file,
+            spec.introspection.client_secret_file if spec.introspection else None,
+            spec.api_keys.file if spec.api_keys else None,
+            spec.dpop.nonce_secret_file,
+        )
+        if value is not None
+    ]
+    if server is not None and server.tls is not None:
+        tls = server.tls.files()
+        files += [tls.cert_file, tls.key_file]
+        if tls.client_ca_file is not None:
+            files.append(tls.client_ca_file)
+    return files
+
+
+def load(path: str | Path, *, referenced: list[Path] | None = None) -> Settings:
     """Read, validate and resolve the configuration at ``path`` (file or directory).
+    ``referenced``, when given, receives every local file the configuration names, found or
+    not, whether it is accepted or refused (a reload watches them: a configuration refused for
+    a file that is not there yet is tried again when it appears).
 
     Returns Settings. Raises ConfigError listing every problem found.
     """
@@ -270,6 +467,7 @@ def load(path: str | Path) -> Settings:
     problems: list[ConfigProblem] = []
     warnings: list[str] = []
     server: ServerSpec | None = None
+    server_fields_set: set[str] = set()
     providers: list[FoundProvider] = []
     policies: list[PolicySpec] = []
     # (name, document label, field path of the name) of every policy, valid or not, so that a
@@ -317,11 +515,29 @@ def load(path: str | Path) -> Settings:
                 )
                 continue
             if native.server is not None:
-                if server is not None:
+                server_part = _resolve_server_tls(native.server, doc, problems)
+                server_part = _resolve_replay_cache(server_part, doc, problems)
+                # A document may set some server fields, another the others (a kustomize
+                # component adds a file to the ConfigMap: k8s/components/replay-cache-redis);
+                # a field set twice is refused, never silently merged.
+                given = native.server.model_fields_set
+                for field_name in sorted(given & server_fields_set):
+                    alias = ServerSpec.model_fields[field_name].alias or field_name
                     problems.append(
-                        ConfigProblem(doc.label, "server", "set in more than one document")
+                        ConfigProblem(doc.label, f"server.{alias}", "set in more than one document")
                     )
-                server = _resolve_server_tls(native.server, doc, problems)
+                server = (
+                    server_part
+                    if server is None
+                    else server.model_copy(update={f: getattr(server_part, f) for f in given})
+                )
+                server_fields_set |= given
+                if server_part.http_listen is not None:
+                    warnings.append(
+                        f"{doc.label}: server.httpListen is deprecated, use "
+                        "server.metricsListen (the /metrics, /healthz and /readyz port; the "
+                        "HTTP door is server.httpAuthz.listen)"
+                    )
             for key, value in (("scoping", native.scoping), ("istio", native.istio)):
                 if value is None:
                     continue
@@ -352,6 +568,8 @@ def load(path: str | Path) -> Settings:
                 for i, p in enumerate(native.providers)
             )
             policies.extend(native.policies)
+            for i, native_policy in enumerate(native.policies):
+                warnings.extend(_unusual_methods(native_policy, doc.label, f"policies[{i}]"))
             policy_names.extend(
                 (p.name, doc.label, f"policies[{i}].name") for i, p in enumerate(native.policies)
             )
@@ -376,6 +594,7 @@ def load(path: str | Path) -> Settings:
                 policy = authorization_policy(doc, problems, warnings)
                 if policy is not None:
                     policies.append(policy)
+                    warnings.extend(_unusual_methods(policy, doc.label, "spec"))
                     istio_policy_scopes[policy.name] = (istio_scope(doc, problems), doc.label)
                 name = istio_name(doc.body)
                 if name is not None:
@@ -430,6 +649,7 @@ def load(path: str | Path) -> Settings:
             origin = f"{document}: {prefix}"
             resolved.append(Provider(spec=spec, name=name, origin=origin, **paths))
 
+    problems.extend(_opaque_location_problems(providers))
     seen_names: set[str] = set()
     for name, document, name_path in policy_names:
         if name in seen_names:
@@ -461,6 +681,27 @@ def load(path: str | Path) -> Settings:
                 f"{root}: server.allowEmpty is set and there are no providers and no "
                 "policies: every request is allowed"
             )
+    elif not policies and not problems:
+        # Providers but no policy: every request is allowed, with or without a token (a token
+        # present is verified, an absent one is not asked for). That is what a lost or emptied
+        # policy file beside a provider file looks like, so it too needs saying.
+        if server is None or not server.allow_empty:
+            problems.append(
+                ConfigProblem(
+                    str(root),
+                    "policies",
+                    f"{len(providers)} provider(s) but no policy: this configuration would "
+                    "allow every request, with or without credentials, which is what a lost "
+                    "or emptied policy file looks like. Add a policy (a DENY policy with "
+                    'notRequestPrincipals: ["*"] requires a valid token), or set '
+                    "server.allowEmpty: true if allowing everything is meant",
+                )
+            )
+        else:
+            warnings.append(
+                f"{root}: server.allowEmpty is set and there is no policy: every request is "
+                "allowed, with or without credentials"
+            )
     workloads = tuple(spec.workload() for spec, _, _ in workload_specs)
     policy_scopes: dict[str, frozenset[str]] = {}
     provider_scopes: dict[str, frozenset[str]] = {}
@@ -469,6 +710,9 @@ def load(path: str | Path) -> Settings:
             _, document, path = workload_specs[index]
             where = f"{path}.{field_name}" if field_name else path
             problems.append(ConfigProblem(document, where, message))
+        for index, message in client_chosen_scopes(workloads):
+            _, document, path = workload_specs[index]
+            warnings.append(f"{document}: {path}.hosts: {message}")
         root_namespace = (istio_spec or IstioSpec()).root_namespace
         istio_scopes: list[tuple[str, IstioScope, str, dict[str, frozenset[str]]]] = [
             (name, scope, document, policy_scopes)
@@ -499,6 +743,8 @@ def load(path: str | Path) -> Settings:
                     "applies nowhere"
                 )
             policy_scopes[name] = selected
+        if policies:
+            warnings.extend(_workloads_without_policy(workloads, policies, policy_scopes))
     else:
         for document, key in scoped_documents:
             warnings.append(
@@ -515,6 +761,8 @@ def load(path: str | Path) -> Settings:
                 )
             )
 
+    if referenced is not None:
+        referenced.extend(_referenced_files(providers, server))
     if problems:
         raise ConfigError(problems)
     return Settings(

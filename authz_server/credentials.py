@@ -12,8 +12,10 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import unquote_plus
 
-from authz_server.attributes import RequestAttributes
+from authz_server import errors
+from authz_server.attributes import RequestAttributes, cookie_name
 from authz_server.tokens import ProviderRuntime
 
 LocationKind = Literal["header", "param", "cookie"]
@@ -24,6 +26,11 @@ class TokenLocation:
     kind: LocationKind
     name: str  # header names are lower case
     prefix: str = ""
+
+    @property
+    def is_dpop(self) -> bool:
+        """The token came as ``Authorization: DPoP <token>`` (RFC 9449 7.1)."""
+        return self.kind == "header" and self.prefix.strip().lower() == "dpop"
 
     def describe(self) -> str:
         if self.kind == "header":
@@ -67,22 +74,32 @@ class _CompiledLocation:
     providers: tuple[ProviderRuntime, ...]
     prefix_lower: str = field(default="")
     scope: bytes = b""
+    cookie_name: str = ""  # as RequestAttributes.cookies keys it (attributes.cookie_name)
 
 
 DEFAULT_LOCATIONS = (
     TokenLocation("header", "authorization", "Bearer "),
     TokenLocation("param", "access_token"),
 )
+DPOP_LOCATION = TokenLocation("header", "authorization", "DPoP ")
 
 
 def provider_locations(provider: ProviderRuntime) -> tuple[TokenLocation, ...]:
     spec = provider.provider.spec
+    # A provider with DPoP also reads `Authorization: DPoP <token>` (RFC 9449 7.1).
+    dpop = (DPOP_LOCATION,) if spec.dpop.mode != "disabled" else ()
     if not (spec.from_headers or spec.from_params or spec.from_cookies):
-        return DEFAULT_LOCATIONS
+        return DEFAULT_LOCATIONS + dpop
     return (
         *(TokenLocation("header", h.name.lower(), h.prefix) for h in spec.from_headers),
         *(TokenLocation("param", p) for p in spec.from_params),
         *(TokenLocation("cookie", c) for c in spec.from_cookies),
+        *(
+            loc
+            for loc in dpop
+            if loc
+            not in {TokenLocation("header", h.name.lower(), h.prefix) for h in spec.from_headers}
+        ),
     )
 
 
@@ -95,10 +112,68 @@ class CredentialExtractor:
             for location in provider_locations(provider):
                 readers.setdefault(location, []).append(provider)
         self._locations = tuple(
-            _CompiledLocation(loc, tuple(ps), loc.prefix.lower(), verification_scope(tuple(ps)))
+            _CompiledLocation(
+                loc,
+                tuple(ps),
+                loc.prefix.lower(),
+                verification_scope(tuple(ps)),
+                cookie_name(f"{loc.name}=") if loc.kind == "cookie" else "",
+            )
             for loc, ps in readers.items()
         )
         self.token_headers = frozenset(loc.name for loc in readers if loc.kind == "header")
+        self._cookie_names = frozenset(c.cookie_name for c in self._locations if c.cookie_name)
+        self._param_names = frozenset(loc.name for loc in readers if loc.kind == "param")
+        self._param_names_lower = frozenset(name.lower() for name in self._param_names)
+        # A query in lower case can respell a name only if a name has capitals.
+        self._param_names_folded = self._param_names == self._param_names_lower
+
+    def ambiguity(self, request: RequestAttributes) -> str | None:
+        """The reason to refuse ``request`` because upstreams read one of its token locations
+        differently: ``ambiguous_cookie`` when a token cookie shares a ``;``-separated part of
+        the Cookie header with a ``,`` (as Envoy joins two Cookie headers), ``ambiguous_query``
+        when a token parameter shares an ``&``-separated part of the query with a ``;``, or is
+        named other than exactly (escaped, another case); else None. (Every reading is
+        searched for tokens; this is where the readings disagree on which cookie or
+        parameter, or which value, is there, or where Envoy could not remove it.)"""
+        # NOTE: on every Check: look at the raw texts first, and derive views only when a
+        # separator or an escape is there.
+        if self._cookie_names:
+            cookie = request.headers.get("cookie")
+            if (
+                cookie is not None
+                and "," in cookie
+                and not self._cookie_names.isdisjoint(request.cookies_beside_comma)
+            ):
+                return errors.AMBIGUOUS_COOKIE
+        if self._param_names and "?" in request.path:
+            query = request.query_string
+            if ";" in query and not self._param_names.isdisjoint(
+                request.query_names_beside_semicolon
+            ):
+                return errors.AMBIGUOUS_QUERY
+            if self._respelled_param(query):
+                return errors.AMBIGUOUS_QUERY
+        return None
+
+    def _respelled_param(self, query: str) -> bool:
+        """Whether ``query`` names a token parameter other than exactly: escaped
+        (``access%5Ftoken``, which upstreams decode) or in another case (``ACCESS_TOKEN``,
+        which ASP.NET reads as ``access_token``). Envoy removes parameters by their exact
+        name, so it would pass such a token on to the upstream."""
+        if "%" not in query and "+" not in query:
+            lowered = query.lower()
+            if (lowered == query and self._param_names_folded) or not any(
+                name in lowered for name in self._param_names_lower
+            ):
+                return False  # no escape, and no name in another case: nothing to split
+        for part in query.replace(";", "&").split("&"):
+            raw = part.partition("=")[0]
+            if raw not in self._param_names and (
+                unquote_plus(raw).lower() in self._param_names_lower
+            ):
+                return True
+        return False
 
     def extract(self, request: RequestAttributes) -> list[FoundToken]:
         """Return the tokens found, in configuration order, one per location and value (the
@@ -127,7 +202,7 @@ class CredentialExtractor:
                     continue
                 values = request.query_params.get(location.name, ())
             else:
-                values = request.cookies.get(location.name, ())
+                values = request.cookies.get(compiled.cookie_name, ())
             for value in values:
                 token = value.strip()
                 if token:

@@ -15,6 +15,8 @@ import base64
 import enum
 import hashlib
 import json
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -285,3 +287,31 @@ def hmac_token(
 def jwks(*keys: SigningKey) -> dict[str, list[dict[str, str]]]:
     """Return the JWK Set `{"keys": [...]}` of the public halves of `keys`."""
     return {"keys": [key.public_jwk() for key in keys]}
+
+
+def dpop_proof(
+    key: SigningKey,
+    *,
+    method: str,
+    url: str,
+    access_token: str | None = None,
+    iat: float | None = None,
+    jti: str | None = None,
+    nonce: str | None = None,
+    alg: str | None = None,
+) -> str:
+    """Return a DPoP proof (RFC 9449 4.2) for ``method`` and ``url`` signed with ``key``, its
+    public JWK in the header; ``ath`` when an access token is given. ``iat`` defaults to now,
+    ``jti`` to 128 random bits."""
+    claims: dict[str, Any] = {
+        "jti": jti or b64url_encode(secrets.token_bytes(16)),
+        "htm": method,
+        "htu": url,
+        "iat": int(time.time() if iat is None else iat),
+    }
+    if access_token is not None:
+        claims["ath"] = b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
+    if nonce is not None:
+        claims["nonce"] = nonce
+    headers = {"typ": "dpop+jwt", "jwk": _public_members(key.private_key)}
+    return key.sign(claims, alg=alg, headers=headers, kid=None)

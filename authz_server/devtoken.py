@@ -3,7 +3,9 @@
 ``init_keys`` makes a key pair in a directory (the private key as PEM, readable by its owner
 only, and the public half as a JWKS file a provider's ``jwksFile`` can point at);
 ``provider_document`` is the configuration that trusts it; ``mint`` signs a token with the
-claims asked for. Signing is `devkeys`' (``cryptography`` alone).
+claims asked for, bound to a DPoP key or a client certificate when asked (``confirmation``);
+``dpop_proof`` makes the proof a DPoP request carries. Signing is `devkeys`' (``cryptography``
+alone).
 
 NOT for production: the private key is written unencrypted, nothing rotates it, and anyone
 who can read the file can mint tokens the configuration accepts.
@@ -22,21 +24,27 @@ from typing import Any
 
 import yaml
 
-from authz_server import devkeys
+from authz_server import binding, devkeys
 from authz_server.devkeys import SigningKey
 
 __all__ = [
+    "DEFAULT_DIR",
     "DEFAULT_ISSUER",
+    "ISSUER_FILE",
     "JWKS_FILE",
     "KINDS",
     "PRIVATE_KEY_FILE",
     "DevKeyFiles",
     "DevTokenError",
+    "confirmation",
+    "dpop_proof",
     "init_keys",
     "load_signing_key",
     "mint",
     "parse_claims",
     "provider_document",
+    "record_issuer",
+    "recorded_issuer",
 ]
 
 # What `--kind` accepts: the key kinds the server verifies with their default algorithm
@@ -44,6 +52,11 @@ __all__ = [
 KINDS = {"RSA": "RSA", "EC": "EC-P256", "Ed25519": "Ed25519"}
 PRIVATE_KEY_FILE = "private.pem"
 JWKS_FILE = "jwks.json"
+# The issuer `token init` printed the provider with, so that `token mint` signs for it unless
+# told otherwise (one place to say it, not two that must agree).
+ISSUER_FILE = "issuer.txt"
+# Where `token init` writes and `token mint` reads when no directory is given.
+DEFAULT_DIR = Path("dev-keys")
 # NOTE: `.invalid` is reserved (RFC 2606): this issuer can never be a real identity provider.
 DEFAULT_ISSUER = "https://dev-issuer.invalid"
 # Members of a public JWK that identify the key itself (RFC 7638), not its metadata.
@@ -107,7 +120,7 @@ def provider_document(files: DevKeyFiles, issuer: str = DEFAULT_ISSUER, name: st
         "providers": [{"name": name, "issuer": issuer, "jwksFile": str(files.jwks)}],
     }
     mint_command = shlex.join(
-        ("authz-server", "token", "mint", "--key", str(files.private_key), "--issuer", issuer,
+        ("authz-server", "token", "mint", "--key", str(files.private_key.parent),
          "--sub", "alice", "--claim", 'groups=["admin"]')
     )  # fmt: skip
     return (
@@ -117,11 +130,33 @@ def provider_document(files: DevKeyFiles, issuer: str = DEFAULT_ISSUER, name: st
         "# Save this document next to your policies (a directory of *.yaml files is one\n"
         "# configuration), or paste the provider into the `providers:` of your AuthzConfig.\n"
         + yaml.safe_dump(document, sort_keys=False)
-        + f"# Then mint a token:\n#   {mint_command}\n"
+        + f"# Then mint a token (for issuer {issuer}, recorded beside the key):\n"
+        f"#   {mint_command}\n"
     )
 
 
-def load_signing_key(path: Path, kid: str | None = None) -> SigningKey:
+def record_issuer(files: DevKeyFiles, issuer: str) -> None:
+    """Write ``issuer`` beside the key, for ``token mint`` to sign for by default."""
+    (files.private_key.parent / ISSUER_FILE).write_text(issuer + "\n")
+
+
+def recorded_issuer(key_path: Path) -> str:
+    """The issuer ``token init`` recorded beside the key at ``key_path`` (a PEM file or its
+    directory). Raises DevTokenError when there is none, saying to pass --issuer."""
+    directory = key_path if key_path.is_dir() else key_path.parent
+    try:
+        issuer = (directory / ISSUER_FILE).read_text().strip()
+    except OSError:
+        issuer = ""
+    if not issuer:
+        raise DevTokenError(
+            f"--issuer: none given and no {ISSUER_FILE} beside the key in {directory} "
+            "(`token init` writes it): pass --issuer, the provider's issuer"
+        )
+    return issuer
+
+
+def load_signing_key(path: Path, kid: str | None = None, flag: str = "--key") -> SigningKey:
     """The private key at ``path`` (a PEM file, or a directory holding ``private.pem``).
 
     Its kid is ``kid`` if given; else the kid the key has in the ``jwks.json`` beside it, so
@@ -133,11 +168,11 @@ def load_signing_key(path: Path, kid: str | None = None) -> SigningKey:
     try:
         pem = path.read_bytes()
     except OSError as exc:
-        raise DevTokenError(f"--key {path}: cannot read it ({exc.strerror})") from None
+        raise DevTokenError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
     try:
         key = devkeys.load_pem_key(pem)
     except (ValueError, TypeError) as exc:
-        raise DevTokenError(f"--key {path}: not an unencrypted PEM private key ({exc})") from None
+        raise DevTokenError(f"{flag} {path}: not an unencrypted PEM private key ({exc})") from None
     chosen = kid or _kid_in_key_set(key, path.parent / JWKS_FILE)
     return SigningKey(kind=key.kind, kid=chosen or key.kid, private_key=key.private_key)
 
@@ -206,3 +241,38 @@ def mint(
         return key.sign(payload, alg=alg)
     except ValueError as exc:
         raise DevTokenError(f"--alg {alg}: {exc}") from None
+
+
+def confirmation(
+    dpop_key: SigningKey | None = None, certificate_file: Path | None = None
+) -> dict[str, str]:
+    """The ``cnf`` claim (RFC 7800) binding a token to ``dpop_key`` (``jkt``: its RFC 7638
+    thumbprint, RFC 9449) and/or to the certificate in ``certificate_file`` (``x5t#S256``:
+    SHA-256 of its DER, RFC 8705). Raises DevTokenError for an unreadable certificate."""
+    cnf: dict[str, str] = {}
+    if dpop_key is not None:
+        cnf["jkt"] = dpop_key.thumbprint()
+    if certificate_file is not None:
+        try:
+            der = binding.certificate_der_from_pem(certificate_file.read_text())
+        except OSError as exc:
+            raise DevTokenError(
+                f"--cert-file {certificate_file}: cannot read it ({exc.strerror})"
+            ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DevTokenError(f"--cert-file {certificate_file}: {exc}") from None
+        cnf["x5t#S256"] = binding.certificate_thumbprint(der)
+    return cnf
+
+
+def dpop_proof(key: SigningKey, *, method: str, url: str, token: str | None = None) -> str:
+    """A DPoP proof (RFC 9449 4.2) signed with ``key`` for ``method`` and ``url`` (absolute,
+    without query or fragment), issued now, with ``ath`` of ``token`` when given. Raises
+    DevTokenError for a URL a server would not compare."""
+    try:
+        binding.normalize_htu(url)
+    except ValueError as exc:
+        raise DevTokenError(
+            f"--url {url!r}: {exc} (the proof's htu is the URL without it)"
+        ) from None
+    return devkeys.dpop_proof(key, method=method.upper(), url=url, access_token=token)

@@ -22,11 +22,24 @@ class AuthzError(Exception):
     """Base of every error a Check can end in. ``reason`` is a fixed snake_case code."""
 
     status: int = 403
+    # Set when one provider's check of one kind of credential raised it (an API key, an
+    # introspected token): what the trace says decided.
+    provider: str | None = None
+    credential: str | None = None
 
-    def __init__(self, reason: str, detail: str = "", *, description: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        description: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        # Headers the denial carries to the client besides the fixed ones (a DPoP-Nonce).
+        self.headers = headers
         # Shown to the client (WWW-Authenticate error_description) instead of the reason's
         # fixed text: built from configuration only, never from request data.
         self.description = description
@@ -59,6 +72,8 @@ class WouldWait(Exception):  # noqa: N818 (a signal, not an error)
 MISSING_CREDENTIALS = "missing_credentials"
 MALFORMED_TOKEN = "malformed_token"
 AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"
+AMBIGUOUS_COOKIE = "ambiguous_cookie"
+AMBIGUOUS_QUERY = "ambiguous_query"
 UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
 UNKNOWN_KID = "unknown_kid"
 INVALID_SIGNATURE = "invalid_signature"
@@ -71,6 +86,19 @@ POLICY_DENIED = "policy_denied"
 NO_ALLOW_POLICY_MATCHED = "no_allow_policy_matched"
 UNKNOWN_WORKLOAD = "unknown_workload"
 JWKS_UNAVAILABLE = "jwks_unavailable"
+# Sender-constrained tokens (binding, replay).
+INVALID_DPOP_PROOF = "invalid_dpop_proof"
+DPOP_PROOF_REPLAYED = "dpop_proof_replayed"
+USE_DPOP_NONCE = "use_dpop_nonce"
+BOUND_TOKEN_WITHOUT_PROOF = "bound_token_without_proof"
+CERTIFICATE_MISMATCH = "certificate_mismatch"
+REPLAY_CACHE_UNAVAILABLE = "replay_cache_unavailable"
+# API keys and introspected (opaque) tokens.
+MALFORMED_API_KEY = "malformed_api_key"
+UNKNOWN_API_KEY = "unknown_api_key"
+API_KEY_EXPIRED = "api_key_expired"
+TOKEN_INACTIVE = "token_inactive"
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 INTERNAL_ERROR = "internal_error"
 
 

@@ -13,26 +13,34 @@ and claim values appear only when asked for (``show_claims``).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
+import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
-from authz_server.credentials import DEFAULT_LOCATIONS, TokenLocation
+from authz_server.credentials import DEFAULT_LOCATIONS, FoundToken, TokenLocation
 from authz_server.errors import AuthenticationError, AuthzError
 from authz_server.identity import Identity
+from authz_server.introspection import Introspector
 from authz_server.keysources import InlineSource
 from authz_server.policy import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
-from authz_server.tokens import decode_segments
+from authz_server.tokens import ProviderRuntime, decode_segments
 
 REDACTED = "(redacted: holds a token)"
 # An identity header's value (claims, the payload) without show_claims.
 HIDDEN = "(hidden: claims are shown only when asked for)"
+# How the text form names a kind of credential (a JWT goes unnamed: the usual kind).
+_CREDENTIAL_NAMES = {"introspection": "opaque token, introspected", "apiKey": "API key"}
 # What the reasons that end a decision before the policies mean, for the text form.
 _EARLY = "no policy was evaluated: the credentials decided"
+# A token present is still verified (a bad one is 401), but none is asked for.
+NO_POLICY = "no policy: every request is allowed, with or without credentials"
 
 
 def request_attributes(
@@ -44,9 +52,12 @@ def request_attributes(
     source_ip: str = "",
     context_extensions: Mapping[str, str] | None = None,
     destination_principal: str = "",
+    scheme: str = "",
+    client_certificate: str = "",
 ) -> RequestAttributes:
-    """A request as ``check``, ``test`` and the Explain API describe one. Raises ValueError
-    for a source address that is not an IP address (it would silently match no ipBlocks)."""
+    """A request as ``check``, ``test`` and the Explain API describe one (``client_certificate``
+    as Envoy sends it: URL-encoded PEM). Raises ValueError for a source address that is not an
+    IP address (it would silently match no ipBlocks)."""
     if source_ip:
         try:
             ipaddress.ip_address(source_ip)
@@ -60,6 +71,8 @@ def request_attributes(
         source_ip=source_ip,
         context_extensions=dict(context_extensions or {}),
         destination_principal=destination_principal,
+        scheme=scheme,
+        client_certificate=client_certificate,
     )
 
 
@@ -68,10 +81,26 @@ def substitute_keys(
 ) -> None:
     """Verify tokens with the keys of the JWKS document ``jwks`` instead of each provider's
     own key source (every provider's, or those named), to decide without the IdP. Takes
-    effect at the next refresh of each key cache."""
+    effect at the next refresh of each key cache. Providers of opaque tokens and API keys
+    verify no JWT: they keep their own."""
+    jwt = {p.name for p in engine.providers if p.provider.spec.kind == "jwt"}
     for cache in engine.caches.values():
-        if providers is None or cache.provider in providers:
+        if cache.provider in jwt and (providers is None or cache.provider in providers):
             cache.source = InlineSource(jwks, description=description)
+
+
+def substitute_introspection(
+    engine: Engine,
+    answers: Mapping[str, Mapping[str, Any]],
+    providers: Collection[str] | None = None,
+) -> None:
+    """Decide opaque tokens without the IdP: every introspection provider (or those named)
+    answers from ``answers`` (the introspection answer by token; others are inactive)."""
+    for cache in engine.caches.values():
+        if isinstance(cache.source, Introspector) and (
+            providers is None or cache.provider in providers
+        ):
+            cache.source.answer_offline(answers)
 
 
 def token_location(provider: Provider | None) -> TokenLocation:
@@ -103,9 +132,13 @@ def provider_for_token(settings: Settings, token: str) -> Provider | None:
     """The provider a token is for, by the ``iss`` it names, or the only provider; None when
     neither tells."""
     issuer = unverified_issuer(token)
-    named = [p for p in settings.providers if p.spec.issuer == issuer]
+    named = [p for p in settings.providers if p.spec.issuer == issuer and p.spec.kind == "jwt"]
     if named:
         return named[0]
+    # Not a JWT of ours: an opaque token, for the (first) introspection provider.
+    opaque = [p for p in settings.providers if p.spec.kind == "introspection"]
+    if opaque:
+        return opaque[0]
     return settings.providers[0] if len(settings.providers) == 1 else None
 
 
@@ -184,7 +217,149 @@ def _policy(
     }
 
 
-def _tokens(trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------ why a token was refused
+#
+# A 401 over the wire says little (``error_description`` is short and never echoes the
+# token). Offline (``check``, ``test``) and to an operator (the Explain API), the facts of the
+# caller's own token against the configuration are said: its iss and aud (shown), how its
+# times stand against now and the skew (absolute times only with show_claims), its alg and
+# kid against what is configured and loaded. Nothing here runs on the serving path.
+
+# The ways an iss may differ from a configured issuer and still be "the same" to a person.
+_ISSUER_SLIPS = {
+    "a trailing slash": lambda value: value.rstrip("/"),
+    "the scheme (http/https)": lambda value: value.split("://", 1)[-1],
+    "letter case": str.lower,
+}
+
+
+def closest_issuer(issuer: str, configured: Sequence[str]) -> tuple[str, str] | None:
+    """The configured issuer that ``issuer`` differs from only by a trailing slash, the
+    scheme or letter case, and how it differs ("a trailing slash and letter case"); None
+    when none is that close."""
+    for size in range(1, len(_ISSUER_SLIPS) + 1):
+        for slips in itertools.combinations(_ISSUER_SLIPS, size):
+
+            def normal(value: str, slips: tuple[str, ...] = slips) -> str:
+                for slip in slips:
+                    value = _ISSUER_SLIPS[slip](value)
+                return value
+
+            for candidate in configured:
+                if candidate != issuer and normal(candidate) == normal(issuer):
+                    return candidate, " and ".join(slips)
+    return None
+
+
+def _span(seconds: float) -> str:
+    """``seconds`` as 1h2m3s (whole seconds), or in days and hours beyond two days."""
+    left = round(abs(seconds))
+    if left >= 2 * 86400:
+        return f"{left // 86400}d{left % 86400 // 3600}h"
+    hours, left = divmod(left, 3600)
+    minutes, left = divmod(left, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    return text + (f"{left}s" if left or not text else "")
+
+
+def _when(value: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+
+
+def _time_facts(
+    payload: Mapping[str, Any], provider: ProviderRuntime, now: float, *, show_claims: bool
+) -> list[str]:
+    """How exp, nbf and iat stand against now and the provider's clock skew."""
+    facts = []
+    for claim, late in (("exp", False), ("nbf", True), ("iat", True)):
+        value = payload.get(claim)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        offset = float(value) - now
+        if not late and offset + provider.clock_skew <= 0:
+            where = f"{_span(offset)} before now: expired"
+        elif late and offset - provider.clock_skew > 0:
+            where = f"{_span(offset)} after now: not valid yet"
+        else:
+            continue
+        shown = f" ({_when(float(value))}, now {_when(now)})" if show_claims else ""
+        facts.append(
+            f"{claim} is {where}{shown}, beyond the clock skew of {provider.name} "
+            f"({_span(provider.clock_skew)})"
+        )
+    return facts
+
+
+def _json_list(values: Collection[str]) -> str:
+    return ", ".join(json.dumps(v) for v in sorted(values)) or "none"
+
+
+def rejection_details(
+    engine: Engine, found: FoundToken, error: AuthzError, *, show_claims: bool
+) -> list[str]:
+    """What was wrong with the token ``found`` that ``error`` rejected, as sentences: the
+    facts of the caller's token against the configuration. The token itself never appears;
+    of its claims only iss and aud are quoted unless ``show_claims``."""
+    details = [error.detail] if error.detail else []
+    if error.credential not in (None, "jwt"):
+        return details  # an API key or an opaque token: nothing to read in it
+    token = found.token
+    if token[:7].lower() == "bearer ":
+        details.append(
+            "the token starts with 'Bearer ': a token file (or a case's token) holds the "
+            "token alone; the prefix is added where the provider reads it"
+        )
+        token = token[7:]
+    try:
+        header, payload, _ = decode_segments(token.strip())
+    except AuthenticationError:
+        return details
+    issuer = payload.get("iss")
+    configured = {p.issuer: p.name for p in found.providers}
+    provider = next((p for p in found.providers if p.issuer == issuer), None)
+    if provider is None and error.reason != errors.INVALID_ISSUER:
+        return details  # refused before its issuer mattered (too long, say)
+    if provider is None:
+        listed = ", ".join(f"{json.dumps(i)} ({n})" for i, n in configured.items()) or "none"
+        if not isinstance(issuer, str):
+            details.append(f"the token has no iss (a string); issuers read here: {listed}")
+            return details
+        details.append(
+            f"the token's iss {json.dumps(issuer)} is none of the issuers read here: {listed}"
+        )
+        close = closest_issuer(issuer, list(configured))
+        if close is not None:
+            details.append(
+                f"closest: {json.dumps(close[0])} ({configured[close[0]]}), which differs "
+                f"only by {close[1]}"
+            )
+        return details
+    reason = error.reason
+    if reason == errors.INVALID_AUDIENCE:
+        aud = payload.get("aud")
+        had = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        details.append(
+            f"the token's aud [{_json_list([str(a) for a in had])}] is none of the audiences "
+            f"{provider.name} accepts: [{_json_list(provider.audiences)}]"
+        )
+    elif reason in (errors.TOKEN_EXPIRED, errors.TOKEN_NOT_YET_VALID):
+        details.extend(_time_facts(payload, provider, engine.clock(), show_claims=show_claims))
+    elif reason == errors.UNSUPPORTED_ALGORITHM:
+        details.append(
+            f"the token's alg {json.dumps(str(header.get('alg')))}; {provider.name} allows "
+            f"{', '.join(sorted(provider.algorithms))}"
+        )
+    elif reason == errors.UNKNOWN_KID:
+        keyset = provider.keys.keyset
+        kids = sorted(keyset.by_kid) if keyset is not None else []
+        details.append(
+            f"the token's kid {json.dumps(header.get('kid'))} is none of the key ids "
+            f"{provider.name}'s key set has: {', '.join(kids) or 'none'}"
+        )
+    return details
+
+
+def _tokens(engine: Engine, trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
     outcomes = {id(found): outcome for found, outcome in trace.tokens}
     entries: list[dict[str, Any]] = []
     for found in trace.found:
@@ -200,9 +375,16 @@ def _tokens(trace: CheckTrace, *, show_claims: bool) -> list[dict[str, Any]]:
             entry["error"] = outcome.reason
             if outcome.description:
                 entry["description"] = outcome.description
+            if outcome.provider is not None:
+                entry["provider"] = outcome.provider
+                entry["credential"] = outcome.credential
+            details = rejection_details(engine, found, outcome, show_claims=show_claims)
+            if details:
+                entry["details"] = details
         else:
             entry["result"] = "verified"
             entry["provider"] = outcome.provider
+            entry["credential"] = outcome.credential
             entry["principal"] = outcome.principal
             if show_claims:
                 entry["claims"] = _jsonable(dict(outcome.claims))
@@ -266,11 +448,13 @@ def explain(
             "path": request.normalized_path,
         },
         "workload": _workload(engine, trace),
-        "tokens": _tokens(trace, show_claims=show_claims),
+        "tokens": _tokens(engine, trace, show_claims=show_claims),
         "policies_evaluated": trace.policies_evaluated,
         # None in scope when an unknown workload was denied before any policy.
         "enforced_allow_policies": len(policies.allow) if trace.scope is not None else 0,
         "policies": traced,
+        # Said in words when no policy applies: a token is not even asked for.
+        "note": NO_POLICY if trace.policies_evaluated and not traced else "",
         "audited": list(decision.audited),
         "dry_run": dict(decision.dry_run),
         # Identity headers carry claims (outputClaimToHeaders, the whole payload).
@@ -328,11 +512,20 @@ def render_text(result: Mapping[str, Any]) -> str:
     for token in result["tokens"]:
         providers = ", ".join(token["providers"])
         outcome = token["result"]
+        kind = _CREDENTIAL_NAMES.get(token.get("credential") or "jwt")
+        by = f"{token.get('provider')}" + (f" ({kind})" if kind else "")
         if outcome == "verified":
-            outcome = f"verified by {token['provider']}: {token['principal']}"
+            outcome = f"verified by {by}: {token['principal']}"
+        elif outcome == "rejected" and "provider" in token:
+            outcome = f"rejected by {by}: {token['error']}"
         elif outcome == "rejected":
             outcome = f"rejected: {token['error']}"
+            if token.get("description"):
+                # Which check failed (a DPoP proof's htm, htu, iat, ...): the reason alone
+                # does not say.
+                outcome += f" ({token['description']})"
         lines.append(f"token: {token['location']} (providers {providers}): {outcome}")
+        lines.extend(f"    {detail}" for detail in token.get("details", ()))
         for name, value in (token.get("claims") or {}).items():
             lines.append(f"    claim {name} = {_value(value)}")
     if not result["policies_evaluated"]:
@@ -353,8 +546,8 @@ def render_text(result: Mapping[str, Any]) -> str:
             lines.extend(f"          or {describe_miss(m)}" for m in others)
         if not policy["rules"]:
             lines.append("      (no rules: matches nothing)")
-    if result["policies_evaluated"] and not result["policies"]:
-        lines.append("no policies: every request with valid credentials is allowed")
+    if result.get("note"):
+        lines.append(result["note"])
     for name, value in result["headers_to_set"].items():
         lines.append(f"upstream header {name}: {value}")
     return "\n".join(lines)

@@ -24,6 +24,9 @@ class Identity:
     # (a cached token would carry it for nothing otherwise).
     payload_segment: str
     space_delimited: frozenset[str] = DEFAULT_SPACE_DELIMITED
+    # Which kind of credential it came from: "jwt", "introspection" (an opaque token the IdP
+    # vouched for) or "apiKey". Recorded (trace, explain), never decided on.
+    credential: str = "jwt"
     principal: str = field(init=False)  # Istio's request principal: ``iss/sub``
     # What Envoy's dynamic metadata carries: built once per verified token, and its identity
     # keys the rendered answer.

@@ -14,6 +14,7 @@ that ``config.load`` reports every problem at once.
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any
 
 from pydantic import ValidationError
@@ -155,7 +156,9 @@ def request_authentication(
             continue
         unknown = sorted(set(rule) - _ISTIO_JWT_RULE_FIELDS)
         for key in unknown:
-            problems.append(ConfigProblem(doc.label, f"{prefix}.{key}", "unknown field"))
+            close = difflib.get_close_matches(key, sorted(_ISTIO_JWT_RULE_FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(ConfigProblem(doc.label, f"{prefix}.{key}", f"unknown field{hint}"))
         if unknown:
             continue
         fields = dict(rule)

@@ -10,6 +10,7 @@ the last good keys.
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import logging
 import random
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -179,6 +180,14 @@ class KeySet:
     keys: tuple[VerificationKey, ...]
     by_kid: Mapping[str, VerificationKey] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    # A set that holds no verification keys by nature (an API keys table, an introspection
+    # provider's marker): loaded, hence ready, even when ``keys`` is empty.
+    may_be_empty: ClassVar[bool] = False
+
+    @property
+    def summary(self) -> str:
+        """What was loaded, for the log: ``3 key(s)``."""
+        return f"{len(self.keys)} key(s)"
 
     @classmethod
     def from_jwks(
@@ -352,8 +361,12 @@ class JWKSCache:
                     return False
                 self._last_kid_refresh = now
                 flight = self._flight = _Flight()
+                # In a copy of the request's context: the fetch carries its trace context.
                 threading.Thread(
-                    target=self._fly, args=(flight,), name=f"jwks-kid-{self.provider}", daemon=True
+                    target=contextvars.copy_context().run,
+                    args=(self._fly, flight),
+                    name=f"jwks-kid-{self.provider}",
+                    daemon=True,
                 ).start()
         flight.done.wait(wait)
         return self._has(kid)
@@ -371,7 +384,7 @@ class JWKSCache:
         origin = f"{self.provider} JWKS"
         try:
             keyset, age = self.source.load(self.allowed_algs, origin)
-            if not keyset.keys:
+            if not keyset.keys and not keyset.may_be_empty:
                 raise ValueError("the key set has no usable keys")
             keyset = keyset.reusing(self.keyset)
         except Exception as exc:  # any failure (even http.client's) keeps the old keys
@@ -389,9 +402,9 @@ class JWKSCache:
         self.last_success_wall = time.time()
         self._publish(keyset)
         log.info(
-            "provider %s: loaded %d key(s) from %s (next refresh in %.0fs)",
+            "provider %s: loaded %s from %s (next refresh in %.0fs)",
             self.provider,
-            len(keyset.keys),
+            keyset.summary,
             self.source.description,
             self.next_refresh - now,
         )

@@ -30,7 +30,11 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
+from authz_server import request_trace
+from authz_server.apikeys import ApiKeysFileSource
 from authz_server.config import Provider
+from authz_server.identity import DEFAULT_SPACE_DELIMITED
+from authz_server.introspection import Introspector
 from authz_server.jwks import KeySet, KeySource, VerificationKey, VerifyFn
 from authz_server.specs import HMAC_ALGORITHMS
 
@@ -178,7 +182,9 @@ def fetch_json(
 
     ``timeout`` bounds the whole fetch, redirects included, not each read.
     """
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    # A fetch made on a traced Check's behalf carries its trace context (traceparent).
+    headers = {"Accept": "application/json", **request_trace.outgoing_headers()}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
     with _Deadline(timeout) as deadline:
         opener = urllib.request.build_opener(
             _SafeRedirects(url),
@@ -379,6 +385,17 @@ class SecretSource:
 def source_for(provider: Provider) -> KeySource:
     """The key source a provider's configuration names."""
     spec = provider.spec
+    if spec.introspection is not None and provider.client_secret_file is not None:
+        return Introspector(
+            provider.name, spec.introspection, provider.client_secret_file, provider.ca_file
+        )
+    if spec.api_keys is not None and provider.api_keys_file is not None:
+        return ApiKeysFileSource(
+            provider.api_keys_file,
+            provider=provider.name,
+            issuer=spec.issuer,
+            space_delimited=DEFAULT_SPACE_DELIMITED | frozenset(spec.space_delimited_claims),
+        )
     context = None
     url = spec.jwks_uri or (spec.issuer if spec.discovery else "")
     if provider.ca_file is not None:

@@ -53,15 +53,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# What a decision line adds to its message in text form: who, and which policy decided.
+_TEXT_DECISION_FIELDS = ("principal", "policy")
+
+
+def _text_value(value: Any) -> str:
+    """``value`` as one token of a text line: bare when it is plain, else JSON-quoted (so a
+    principal with a space or a line break can neither split nor forge a line)."""
+    text = "-" if value is None else str(value)
+    plain = text and text.isprintable() and not any(c in text for c in ' "=')
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger message`` for a person, always on one line, as JSON lines are: a
+    message or traceback with line breaks (a YAML error quoting the file) keeps them escaped.
+    A decision line also says who the caller was and which policy decided."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping) and "decision" in fields:
+            line += "".join(
+                f" {name}={_text_value(fields.get(name))}" for name in _TEXT_DECISION_FIELDS
+            )
+        return line.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Log to stderr at ``level``, as JSON lines (``fmt="json"``) or plain text."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -114,7 +139,8 @@ class _Rules:
 # object kept alive until the writer runs), in a plain tuple (a NamedTuple costs a Python call
 # per Check). Fields, in order: time, rules.line, allowed, status, reason, provider, principal,
 # policy, audited, dry_run, method, host, path (with its query), source_ip, request_id,
-# seconds, claims (the identity's claims when some are to be logged, else None), door.
+# seconds, claims (the identity's claims when some are to be logged, else None), door,
+# trace ids ((trace id, span id) of the Check's span when it is traced, else None).
 _Entry = tuple[
     float,
     tuple[str, int, tuple[str, ...]],
@@ -134,13 +160,15 @@ _Entry = tuple[
     float,
     Mapping[str, Any] | None,
     str,
+    tuple[str, str] | None,
 ]
 
 
 def _fields(entry: _Entry) -> dict[str, Any]:
     """The fields of ``entry``'s line after time, level, logger and message."""
-    (_, (_, _, claim_names), allowed, status, reason, provider, principal, policy, audited, dry_run,
-     method, host, path, source_ip, request_id, seconds, claims, door) = entry  # fmt: skip
+    (_, (_, _, claim_names), allowed, status, reason, provider, principal, policy, audited,
+     dry_run, method, host, path, source_ip, request_id, seconds, claims, door,
+     trace_ids) = entry  # fmt: skip
     fields: dict[str, Any] = {
         "decision": "allow" if allowed else "deny",
         "status": status,
@@ -162,6 +190,8 @@ def _fields(entry: _Entry) -> dict[str, Any]:
         fields["dry_run"] = dict(dry_run)
     if claims is not None:
         fields["claims"] = {c: claims[c] for c in claim_names if c in claims}
+    if trace_ids is not None:
+        fields["trace_id"], fields["span_id"] = trace_ids
     return fields
 
 
@@ -179,8 +209,9 @@ def _render_json(entries: list[_Entry], end: str) -> str:
     last_second = -1
     stamp = ""
     for entry in entries:
-        (when, (head, _, _), allowed, status, reason, provider, principal, policy, audited, dry_run,
-         method, host, path, source_ip, request_id, seconds, claims, door) = entry  # fmt: skip
+        (when, (head, _, _), allowed, status, reason, provider, principal, policy, audited,
+         dry_run, method, host, path, source_ip, request_id, seconds, claims, door,
+         trace_ids) = entry  # fmt: skip
         second = int(when)
         if second != last_second:
             last_second = second
@@ -207,6 +238,8 @@ def _render_json(entries: list[_Entry], end: str) -> str:
                 if name in fields:
                     value = json.dumps(fields[name], default=str, ensure_ascii=False)
                     line += f', "{name}": {value}'
+        if trace_ids is not None:  # hex digits only: nothing to escape
+            line += f', "trace_id": "{trace_ids[0]}", "span_id": "{trace_ids[1]}"'
         out.append(line + "}" + end)
     return "".join(out)
 
@@ -341,8 +374,10 @@ class DecisionLog:
         decision: Decision,
         identity: Identity | None,
         seconds: float,
+        trace_ids: tuple[str, str] | None = None,
     ) -> None:
-        """Queue one line. Never blocks: with the queue full the line is dropped and counted."""
+        """Queue one line. Never blocks: with the queue full the line is dropped and counted.
+        ``trace_ids``: the Check's (trace id, span id), when it is traced."""
         queue = self._queue
         if len(queue) >= self._capacity:
             self._count_dropped(1)
@@ -368,6 +403,7 @@ class DecisionLog:
                 seconds,
                 identity.claims if identity is not None and rules.claims else None,
                 request.door,
+                trace_ids,
             )
         )
         if not self._awake:

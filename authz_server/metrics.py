@@ -36,9 +36,15 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from authz_server.apikeys import ApiKeyTable
+from authz_server.introspection import LATENCY_BUCKETS, Introspector
 from authz_server.jwks import JWKSCache
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
@@ -115,12 +121,68 @@ class _EngineCollector(Collector):
             for result, count in jwks.fetches.items():
                 fetches.add_metric([name, result], count)
             keyset = jwks.keyset
-            keys.add_metric([name], len(keyset.keys) if keyset is not None else 0)
+            # NOTE: an introspection or API keys provider holds no signing keys: a 0 here
+            # would read as "no keys, 503s" (until its keys file is read, it does say that).
+            if keyset is None or not keyset.may_be_empty:
+                keys.add_metric([name], len(keyset.keys) if keyset is not None else 0)
             if jwks.last_success_wall is not None:
                 last.add_metric([name], jwks.last_success_wall)
             stale.add_metric([name], jwks.stale_for())
             max_stale.add_metric([name], jwks.max_stale)
         yield from (fetches, keys, last, stale, max_stale)
+        yield from _credential_families(engine.caches)
+
+
+def _credential_families(caches: Mapping[str, JWKSCache]) -> Iterator[Any]:
+    """Introspection providers' calls (by result), call latency and answer cache; API keys
+    providers' key counts. Read from each provider's key source (``introspection``,
+    ``apikeys``)."""
+    calls = CounterMetricFamily(
+        "authz_introspection_calls",
+        "Introspection calls to the IdP by provider and result (active, inactive, or a failure).",
+        labels=["provider", "result"],
+    )
+    latency = HistogramMetricFamily(
+        "authz_introspection_duration_seconds",
+        "Latency of introspection calls to the IdP.",
+        labels=["provider"],
+    )
+    hits = CounterMetricFamily(
+        "authz_introspection_cache_hits",
+        "Checks answered from the introspection cache.",
+        labels=["provider"],
+    )
+    misses = CounterMetricFamily(
+        "authz_introspection_cache_misses",
+        "Checks that needed an introspection call (or joined one in flight).",
+        labels=["provider"],
+    )
+    entries = GaugeMetricFamily(
+        "authz_introspection_cache_entries",
+        "Answers held in the introspection cache.",
+        labels=["provider"],
+    )
+    api_keys = GaugeMetricFamily(
+        "authz_api_keys", "API keys loaded from the provider's keys file.", labels=["provider"]
+    )
+    for name, cache in caches.items():
+        source = cache.source
+        if isinstance(source, Introspector):
+            stats = source.stats
+            for result, count in stats.calls.items():
+                calls.add_metric([name, result], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, stats.bucket_counts, strict=True):
+                cumulative += count
+                buckets.append((repr(bound), float(cumulative)))
+            buckets.append(("+Inf", float(stats.latency_count)))
+            latency.add_metric([name], buckets, stats.latency_sum)
+            hits.add_metric([name], stats.cache_hits)
+            misses.add_metric([name], stats.cache_misses)
+            entries.add_metric([name], len(source))
+        elif isinstance(cache.keyset, ApiKeyTable):
+            api_keys.add_metric([name], len(cache.keyset.by_digest))
+    yield from (calls, latency, hits, misses, entries, api_keys)
 
 
 class _DroppedLinesCollector(Collector):
@@ -135,6 +197,24 @@ class _DroppedLinesCollector(Collector):
             "Decision log lines dropped: the queue was full or the destination failed.",
             value=self._dropped(),
         )
+
+
+class _TracingCollector(Collector):
+    """Scrape-time view of the spans tracing exported and dropped (read, never imported)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "authz_tracing_spans",
+            "Spans handed to the OTLP exporter (exported) or lost: the export queue was full "
+            "or the exporter failed (dropped).",
+            labels=["outcome"],
+        )
+        for outcome, value in self._counts().items():
+            family.add_metric([outcome], value)
+        yield family
 
 
 class Metrics:
@@ -225,6 +305,10 @@ class Metrics:
     def watch_decision_log(self, dropped: Callable[[], int]) -> None:
         """Expose ``dropped()``, the decision log lines lost so far, at each scrape."""
         self._watch(_DroppedLinesCollector(dropped))
+
+    def watch_tracing(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Expose ``counts()``, spans by outcome (exported, dropped), at each scrape."""
+        self._watch(_TracingCollector(counts))
 
     def _watch(self, collector: Collector) -> None:
         if self._published is not None:
@@ -358,6 +442,8 @@ _GAUGE_MODES = {
     "authz_jwks_last_success_timestamp_seconds": "livemin",  # the stalest worker
     "authz_jwks_stale_seconds": "livemax",
     "authz_jwks_max_stale_seconds": "livemin",
+    "authz_introspection_cache_entries": "livesum",
+    "authz_api_keys": "livemax",
 }
 
 
@@ -369,12 +455,17 @@ class _Published:
         self._registry = registry
         self._counters: dict[str, Counter] = {}
         self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._histogram_last: dict[tuple[Any, ...], float] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
 
     def publish(self) -> None:
         with self._lock:
             for family in (f for source in self.sources for f in source.collect()):
+                if family.type == "histogram":
+                    self._add_histogram(family)
+                    continue
                 for sample in family.samples:
                     labels = tuple(sample.labels.values())
                     if family.type == "counter":
@@ -398,6 +489,51 @@ class _Published:
         self._last[(name, labels)] = value
         if delta > 0:
             (counter.labels(*labels) if labels else counter).inc(delta)
+
+    def _add_histogram(self, family: Any) -> None:
+        """A scrape-time histogram added into a multi-process ``Histogram``: the growth of
+        each bucket and of the sum since the last publish."""
+        buckets = sorted(
+            {float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")}
+            - {float("inf")}
+        )
+        if not buckets:
+            return
+        labelnames = [k for k in family.samples[0].labels if k != "le"]
+        histogram = self._histograms.get(family.name)
+        if histogram is None:
+            histogram = self._histograms[family.name] = Histogram(
+                family.name,
+                family.documentation,
+                labelnames,
+                buckets=buckets,
+                registry=self._registry,
+            )
+        cumulative: dict[tuple[str, ...], dict[float, float]] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        for sample in family.samples:
+            labels = tuple(v for k, v in sample.labels.items() if k != "le")
+            if sample.name.endswith("_bucket"):
+                cumulative.setdefault(labels, {})[float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_sum"):
+                sums[labels] = sample.value
+        for labels, counts in cumulative.items():
+            child = histogram.labels(*labels) if labels else histogram
+            below = 0.0
+            # NOTE: prometheus-client keeps one (non-cumulative) value per bucket in
+            # `_buckets` and the sum in `_sum`; there is no public way to add counts in bulk.
+            for index, bound in enumerate([*buckets, float("inf")]):
+                count = counts.get(bound, below)
+                self._grow(child._buckets[index], (family.name, labels, bound), count - below)
+                below = count
+            self._grow(child._sum, (family.name, labels, "sum"), sums.get(labels, 0.0))
+
+    def _grow(self, value: Any, key: tuple[Any, ...], current: float) -> None:
+        previous = self._histogram_last.get(key, 0.0)
+        delta = current - previous if current >= previous else current  # a new engine: anew
+        self._histogram_last[key] = current
+        if delta > 0:
+            value.inc(delta)
 
     def _gauge(self, family: Any) -> Gauge:
         gauge = self._gauges.get(family.name)

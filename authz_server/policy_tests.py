@@ -20,30 +20,34 @@ from the configuration as the server builds its own, with the trace of how it wa
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
+import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from pydantic import field_validator as _field_validator
 from pydantic.alias_generators import to_camel
 
-from authz_server import devkeys
+from authz_server import binding, devkeys
 from authz_server.attributes import RequestAttributes
 from authz_server.config import Provider, Settings
-from authz_server.credentials import TokenLocation
+from authz_server.credentials import DPOP_LOCATION, TokenLocation
 from authz_server.explain import (
     explain,
     place_token,
     provider_for_token,
     render_text,
     request_attributes,
+    substitute_introspection,
     substitute_keys,
     token_location,
     unverified_issuer,
@@ -116,6 +120,11 @@ class CaseRequest(_Model):
     context_extensions: dict[str, str] = {}
     # Which workload the request is for, when workloads are recognised by it (an mTLS sidecar).
     destination_principal: str = ""
+    # The scheme Envoy saw (a DPoP proof's htu names it; "": http).
+    scheme: Literal["", "http", "https"] = ""
+    # A PEM file (relative to the cases file): the client certificate of the connection, as
+    # Envoy sends it with include_peer_certificate (certificate-bound tokens).
+    client_certificate: str = ""
 
     @_field_validator("path")
     @classmethod
@@ -175,13 +184,38 @@ class Case(_Model):
     request: CaseRequest = CaseRequest()
     claims: dict[str, JsonValue] | None = None
     token: str | None = Field(default=None, min_length=1)
+    # An API key (its hash must be in the provider's keys file), or the introspection answer
+    # for an opaque token the runner makes up (decided offline: the IdP is not called).
+    api_key: str | None = Field(default=None, min_length=1)
+    introspection: dict[str, JsonValue] | None = None
     provider: str | None = Field(default=None, min_length=1)
+    # Sender-constrained minted tokens: bound to a throwaway DPoP key and sent with a fresh
+    # proof for the request; bound to the certificate in this PEM file (cnf x5t#S256).
+    dpop: bool = False
+    bound_to_certificate: str = ""
     expect: Expectation
 
     @model_validator(mode="after")
     def _one_identity(self) -> Case:
-        if self.claims is not None and self.token is not None:
-            raise ValueError("give claims (a token is minted) or token, not both")
+        given = [
+            name
+            for name, value in (
+                ("claims", self.claims),
+                ("token", self.token),
+                ("apiKey", self.api_key),
+                ("introspection", self.introspection),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of claims (a token is minted), token, apiKey, introspection, not "
+                f"{' and '.join(given)}"
+            )
+        if (self.dpop or self.bound_to_certificate) and self.claims is None:
+            raise ValueError("dpop and boundToCertificate bind a minted token: give claims")
+        if self.dpop and "dpop" in self.request.headers:
+            raise ValueError("dpop: true makes the proof: remove request.headers.dpop")
         return self
 
 
@@ -254,13 +288,36 @@ def load_cases(path: Path) -> CasesFile:
     if not isinstance(raw, dict):
         raise CasesError(["expected a mapping with `groups` and/or `cases`"])
     try:
-        return CasesFile.model_validate(raw)
+        cases = CasesFile.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{_where(error['loc'], raw)}: {message}")
         raise CasesError(problems) from None
+    return _files_resolved(cases, path.parent)
+
+
+def _files_resolved(cases: CasesFile, base: Path) -> CasesFile:
+    """``cases`` with its certificate files made absolute, relative to ``base``."""
+
+    def resolved(case: Case) -> Case:
+        request = case.request
+        if request.client_certificate:
+            request = request.model_copy(
+                update={"client_certificate": str(base / request.client_certificate)}
+            )
+        bound = str(base / case.bound_to_certificate) if case.bound_to_certificate else ""
+        return case.model_copy(update={"request": request, "bound_to_certificate": bound})
+
+    return cases.model_copy(
+        update={
+            "cases": [resolved(c) for c in cases.cases],
+            "groups": [
+                g.model_copy(update={"cases": [resolved(c) for c in g.cases]}) for g in cases.groups
+            ],
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ preparing
@@ -275,6 +332,12 @@ class _Prepared:
     token: str | None = None
     minted: bool = False
     location: TokenLocation | None = None  # where the token goes; None: nowhere
+    offline: bool = False  # an opaque token whose introspection answer the case gives
+    # DPoP: the origin the proof's htu names instead of the request's (the provider's
+    # externalUrl), and whether a proof goes with the token.
+    dpop: bool = False
+    external_url: str | None = None
+    client_certificate: str = ""  # as Envoy sends it: URL-encoded PEM
 
 
 @dataclass
@@ -285,6 +348,8 @@ class _Keys:
         default_factory=dict
     )
     providers: set[str] = field(default_factory=set)
+    # The introspection answers of the `introspection` cases, by the opaque token made up.
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def key_for(self, issuer: str, alg: str) -> devkeys.SigningKey:
         entry = self.keys.get((issuer, alg))
@@ -296,6 +361,11 @@ class _Keys:
 
     def jwks(self) -> str:
         return json.dumps({"keys": [jwk for _, jwk in self.keys.values()]})
+
+    @functools.cached_property
+    def dpop_key(self) -> devkeys.SigningKey:
+        """The throwaway client key the DPoP cases' tokens are bound to and proofs signed with."""
+        return devkeys.generate_key("EC-P256")
 
 
 def _mint(
@@ -356,6 +426,33 @@ def _mint(
     return key.sign(payload, alg=alg), target
 
 
+def _opaque_target(
+    where: str, case: Case, kind: str, settings: Settings, problems: list[str]
+) -> Provider | None:
+    """The provider an ``apiKey`` or ``introspection`` case is for: the one it names, or the
+    only provider of that kind."""
+    field = "apiKey" if kind == "apiKey" else "introspection"
+    of_kind = [p for p in settings.providers if p.spec.kind == kind]
+    if case.provider is not None:
+        target = next(p for p in settings.providers if p.name == case.provider)
+        if target.spec.kind != kind:
+            problems.append(f"{where}.{field}: provider {target.name} is no {field} provider")
+            return None
+        return target
+    if len(of_kind) == 1:
+        return of_kind[0]
+    problems.append(
+        f"{where}.{field}: "
+        + (
+            f"{len(of_kind)} {field} providers ({', '.join(p.name for p in of_kind)}): "
+            "name one with `provider`"
+            if of_kind
+            else f"the configuration has no {field} provider"
+        )
+    )
+    return None
+
+
 def _placement_problem(where: str, request: CaseRequest, location: TokenLocation) -> str | None:
     if location.kind == "header" and location.name in request.headers:
         return (
@@ -363,6 +460,21 @@ def _placement_problem(where: str, request: CaseRequest, location: TokenLocation
             "remove it, or give the token there yourself (no claims/token)"
         )
     return None
+
+
+def _certificate(where: str, path: str, problems: list[str]) -> str | None:
+    """The PEM text of the certificate file at ``path``; None (a problem added) when it cannot
+    be read or holds no certificate."""
+    try:
+        pem = Path(path).read_text()
+        binding.certificate_der_from_pem(pem)
+    except OSError as exc:
+        problems.append(f"{where}: {path}: {exc.strerror}")
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"{where}: {path}: {exc}")
+        return None
+    return pem
 
 
 def _prepare(
@@ -392,11 +504,31 @@ def _prepare(
                 f"{where}.expect.policy: no policy named {expected!r} in the configuration "
                 f"({hint}policies: {', '.join(sorted(policies)) or 'none'})"
             )
+        client_certificate = ""
+        if case.request.client_certificate:
+            pem = _certificate(
+                f"{where}.request.clientCertificate", case.request.client_certificate, problems
+            )
+            client_certificate = quote(pem, safe="") if pem else ""
         if case.claims is not None:
+            claims = dict(case.claims)
+            cnf: dict[str, JsonValue] = {}
+            if case.dpop:
+                cnf["jkt"] = keys.dpop_key.thumbprint()
+            if case.bound_to_certificate:
+                pem = _certificate(
+                    f"{where}.boundToCertificate", case.bound_to_certificate, problems
+                )
+                if pem:
+                    der = binding.certificate_der_from_pem(pem)
+                    cnf["x5t#S256"] = binding.certificate_thumbprint(der)
+            if cnf:
+                given = claims.get("cnf")
+                claims["cnf"] = {**(given if isinstance(given, dict) else {}), **cnf}
             minted = _mint(
                 where,
                 case,
-                claims=case.claims,
+                claims=claims,
                 settings=settings,
                 keys=keys,
                 now=now,
@@ -405,20 +537,77 @@ def _prepare(
             if minted is None:
                 continue
             token, target = minted
+            location = DPOP_LOCATION if case.dpop else token_location(target)
+            problem = _placement_problem(where, case.request, location)
+            if problem:
+                problems.append(problem)
+            external_url = target.spec.dpop.external_url if target is not None else None
+            prepared.append(
+                _Prepared(
+                    group,
+                    case,
+                    token,
+                    True,
+                    location,
+                    dpop=case.dpop,
+                    external_url=external_url,
+                    client_certificate=client_certificate,
+                )
+            )
+        elif case.api_key is not None or case.introspection is not None:
+            kind = "apiKey" if case.api_key is not None else "introspection"
+            target = _opaque_target(where, case, kind, settings, problems)
+            if target is None:
+                continue
             location = token_location(target)
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
-            prepared.append(_Prepared(group, case, token, True, location))
+            if case.api_key is not None:
+                prepared.append(
+                    _Prepared(
+                        group,
+                        case,
+                        case.api_key,
+                        False,
+                        location,
+                        client_certificate=client_certificate,
+                    )
+                )
+                continue
+            token = f"opaque-case-{len(keys.answers)}-{secrets.token_urlsafe(16)}"
+            answer: dict[str, Any] = {
+                "active": True,
+                "iss": target.spec.issuer,
+                "aud": target.spec.audiences[0] if target.spec.audiences else None,
+                "exp": int(now) + TOKEN_TTL,
+            }
+            answer.update(case.introspection or {})
+            keys.answers[token] = {k: v for k, v in answer.items() if v is not None}
+            prepared.append(
+                _Prepared(
+                    group,
+                    case,
+                    token,
+                    False,
+                    location,
+                    offline=True,
+                    client_certificate=client_certificate,
+                )
+            )
         elif case.token is not None:
             target = by_name.get(case.provider) if case.provider else None
             location = token_location(target or provider_for_token(settings, case.token))
             problem = _placement_problem(where, case.request, location)
             if problem:
                 problems.append(problem)
-            prepared.append(_Prepared(group, case, case.token, False, location))
+            prepared.append(
+                _Prepared(
+                    group, case, case.token, False, location, client_certificate=client_certificate
+                )
+            )
         else:
-            prepared.append(_Prepared(group, case))
+            prepared.append(_Prepared(group, case, client_certificate=client_certificate))
     if problems:
         raise CasesError(problems)
     return prepared, keys
@@ -457,7 +646,18 @@ class _Engines:
         self._warn = warn
         self._minted: Engine | None = None
         self._configured: Engine | None = None
+        self._offline: Engine | None = None
         self._loaded: set[str] = set()
+
+    def offline(self) -> Engine:
+        """The engine whose introspection providers answer from the cases' answers."""
+        if self._offline is None:
+            engine = self._offline = Engine.build(self._settings)
+            substitute_introspection(engine, self._keys.answers)
+            for runtime in engine.providers:
+                if runtime.provider.spec.kind == "introspection":
+                    engine.caches[runtime.name].refresh()  # nothing to fetch: ready at once
+        return self._offline
 
     def minted(self) -> Engine:
         if self._minted is None:
@@ -470,6 +670,11 @@ class _Engines:
     def configured(self, request: RequestAttributes) -> Engine:
         if self._configured is None:
             self._configured = Engine.build(self._settings)
+            for runtime in self._configured.providers:
+                if runtime.provider.spec.kind == "apiKey":
+                    cache = self._configured.caches[runtime.name]
+                    if not cache.refresh():  # a local file: read at once
+                        self._warn(f"provider {runtime.name}: {cache.last_error}")
         engine = self._configured
         # The keys of the issuers the request's tokens name (unverified), once each.
         issuers = {unverified_issuer(found.token) for found in engine.extractor.extract(request)}
@@ -482,7 +687,7 @@ class _Engines:
         return engine
 
     def close(self) -> None:
-        for engine in (self._minted, self._configured):
+        for engine in (self._minted, self._configured, self._offline):
             if engine is not None:
                 engine.close()
 
@@ -490,6 +695,19 @@ class _Engines:
 def _with_token(request: CaseRequest, location: TokenLocation, token: str) -> CaseRequest:
     headers, path = place_token(request.headers, request.path, location, token)
     return request.model_copy(update={"headers": headers, "path": path})
+
+
+def _with_proof(
+    request: CaseRequest, item: _Prepared, key: devkeys.SigningKey, token: str
+) -> CaseRequest:
+    """``request`` with a fresh DPoP proof for it (made now: a proof is short-lived and
+    accepted once), for the URL the server compares the proof's htu with."""
+    try:
+        url = binding.request_htu(request.scheme, request.host, request.path, item.external_url)
+    except ValueError:
+        url = "http://invalid/"  # no URL can be formed: the server refuses the proof too
+    proof = devkeys.dpop_proof(key, method=request.method.upper(), url=url, access_token=token)
+    return request.model_copy(update={"headers": {**request.headers, "dpop": proof}})
 
 
 def _shown(value: object) -> str:
@@ -539,6 +757,8 @@ def run(
             request = item.case.request
             if item.token is not None and item.location is not None:
                 request = _with_token(request, item.location, item.token)
+            if item.dpop and item.token is not None:
+                request = _with_proof(request, item, keys.dpop_key, item.token)
             attributes = request_attributes(
                 method=request.method,
                 host=request.host,
@@ -547,8 +767,15 @@ def run(
                 source_ip=request.source_ip,
                 context_extensions=request.context_extensions,
                 destination_principal=request.destination_principal,
+                scheme=request.scheme,
+                client_certificate=item.client_certificate,
             )
-            engine = engines.minted() if item.minted else engines.configured(attributes)
+            if item.minted:
+                engine = engines.minted()
+            elif item.offline:
+                engine = engines.offline()
+            else:
+                engine = engines.configured(attributes)
             result = explain(
                 engine,
                 attributes,

@@ -1,7 +1,11 @@
 """Hot reload: watch the configuration path and swap in a new engine when it changes.
 
 The path is polled (stat of the file, or of every ``*.yaml`` in the directory plus where a
-ConfigMap's ``..data`` link points), so the atomic symlink swap Kubernetes does is seen.
+ConfigMap's ``..data`` link points), so the atomic symlink swap Kubernetes does is seen, and so
+are the local files the last configuration read names (``jwksFile``, a secret, a CA, the TLS
+files): a configuration refused because such a file was not there yet (a Secret mounted a
+moment after its ConfigMap) is tried again when the file appears or changes, so processes
+that polled at different moments do not stay split between two configurations.
 SIGHUP asks for a reload too. A new configuration is validated exactly as ``validate`` does;
 an invalid one is refused, counted and logged, and the old one keeps serving.
 """
@@ -24,16 +28,17 @@ Snapshot = tuple[object, ...]
 _SETTLE_READS = 3
 
 
+def _stat(path: Path) -> object:
+    try:
+        st = os.stat(path)  # follows symlinks: a Secret's ..data swap is a new inode
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def snapshot(path: Path) -> Snapshot:
     """What the configuration at ``path`` looks like on disk, cheaply (no reading)."""
-
-    def stat(p: Path) -> object:
-        try:
-            st = os.stat(p)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
+    stat = _stat
     if path.is_dir():
         data = path / "..data"
         entries = sorted(
@@ -62,11 +67,16 @@ class ConfigReloader:
         self.on_rejected = on_rejected
         self.interval = interval
         self.digest: str | None = None
-        self._seen = snapshot(path)
+        self._referenced: tuple[Path, ...] = ()  # the files the last configuration read names
+        self._seen = self._snapshot()
         self._lock = threading.Lock()
         self._requested = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _snapshot(self) -> Snapshot:
+        """The configuration and the files it names, as they look on disk (no reading)."""
+        return (snapshot(self.path), tuple(_stat(p) for p in self._referenced))
 
     def request(self) -> None:
         """Ask for a reload (safe from a signal handler)."""
@@ -114,15 +124,25 @@ class ConfigReloader:
         Returns the Settings; raises ConfigError as ``config.load`` does."""
         attempt = 1
         while True:
-            before = self._seen = snapshot(self.path)
+            # NOTE: looked at before reading, so a file that changes while it is read (or a
+            # newly named one, looked at in the next round) is seen changed at the next poll.
+            before = self._seen = self._snapshot()
             settled = attempt == _SETTLE_READS
+            referenced: list[Path] = []
             try:
-                settings = config.load(self.path)
+                settings = config.load(self.path, referenced=referenced)
             except ConfigError:
-                if settled or snapshot(self.path) == before:
+                # Refused: judged on files looked at before they were read (a file it names
+                # for the first time is looked at in one more round), so the poll that sees
+                # one of them appear or change is sure to try again.
+                self._referenced = tuple(referenced)
+                if settled or self._snapshot() == before:
                     raise
             else:
-                if settled or snapshot(self.path) == before:
+                self._referenced = tuple(referenced)
+                after = self._snapshot()
+                if settled or after[0] == before[0]:
+                    self._seen = after  # the files it names: as they are now
                     return settings
             attempt += 1
 
@@ -137,7 +157,7 @@ class ConfigReloader:
                 return
             self._requested.clear()
             try:
-                if requested or snapshot(self.path) != self._seen:
+                if requested or self._snapshot() != self._seen:
                     self.reload()
             except Exception:  # the watcher must never die
                 log.exception("configuration reload failed")

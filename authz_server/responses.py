@@ -26,6 +26,8 @@ GRPC_UNAUTHENTICATED = 16
 _DESCRIPTIONS = {
     errors.MALFORMED_TOKEN: "malformed token",
     errors.AMBIGUOUS_CREDENTIALS: "more than one token",
+    errors.AMBIGUOUS_COOKIE: "token cookie next to a comma",
+    errors.AMBIGUOUS_QUERY: "token parameter next to a semicolon",
     errors.UNSUPPORTED_ALGORITHM: "algorithm not allowed",
     errors.UNKNOWN_KID: "signing key not found",
     errors.INVALID_SIGNATURE: "invalid signature",
@@ -34,6 +36,16 @@ _DESCRIPTIONS = {
     errors.INVALID_ISSUER: "issuer not accepted",
     errors.INVALID_AUDIENCE: "audience not accepted",
     errors.MISSING_CLAIM: "required claim missing",
+    errors.MALFORMED_API_KEY: "malformed API key",
+    errors.UNKNOWN_API_KEY: "unknown API key",
+    errors.API_KEY_EXPIRED: "API key expired",
+    errors.TOKEN_INACTIVE: "token inactive",
+}
+# Refusals of a DPoP proof answer with a DPoP challenge (RFC 9449 7.1), naming the algorithms.
+_DPOP_ERRORS = {
+    errors.INVALID_DPOP_PROOF: "invalid_dpop_proof",
+    errors.DPOP_PROOF_REPLAYED: "invalid_dpop_proof",
+    errors.USE_DPOP_NONCE: "use_dpop_nonce",
 }
 _ERROR_NAMES = {401: "unauthorized", 403: "forbidden", 500: "internal_error", 503: "unavailable"}
 _GRPC_CODES = {
@@ -105,7 +117,16 @@ def _quoted_string_safe(text: str) -> str:
     return "".join(c for c in text if c.isprintable() and c not in '"\\')
 
 
-def _www_authenticate(realm: str, reason: str, token_present: bool, description: str) -> str:
+def _www_authenticate(
+    realm: str, reason: str, token_present: bool, description: str, dpop_algs: str = ""
+) -> str:
+    dpop_error = _DPOP_ERRORS.get(reason) if dpop_algs else None
+    if dpop_error is not None:
+        description = _quoted_string_safe(description or "invalid DPoP proof")
+        return (
+            f'DPoP realm="{realm}", algs="{dpop_algs}", error="{dpop_error}", '
+            f'error_description="{description}"'
+        )
     value = f'Bearer realm="{realm}"'
     if token_present:
         description = _quoted_string_safe(description or _DESCRIPTIONS.get(reason, "invalid token"))
@@ -115,13 +136,18 @@ def _www_authenticate(realm: str, reason: str, token_present: bool, description:
 
 @lru_cache(maxsize=256)
 def _denial(
-    status: int, reason: str, realm: str, token_present: bool, description: str = ""
+    status: int,
+    reason: str,
+    realm: str,
+    token_present: bool,
+    description: str = "",
+    *,
+    dpop_algs: str = "",
 ) -> Decision:
     headers: list[tuple[str, str]] = [("content-type", "application/json")]
     if status == 401:
-        headers.append(
-            ("www-authenticate", _www_authenticate(realm, reason, token_present, description))
-        )
+        challenge = _www_authenticate(realm, reason, token_present, description, dpop_algs)
+        headers.append(("www-authenticate", challenge))
     body = json.dumps({"error": _ERROR_NAMES.get(status, "denied"), "reason": reason})
     return Decision(
         allowed=False,
@@ -133,15 +159,22 @@ def _denial(
     )
 
 
-def deny(error: AuthzError, *, realm: str, token_present: bool) -> Decision:
-    """The denial for ``error``: 401 with WWW-Authenticate, 403, or 503 (shared, prebuilt)."""
+def deny(error: AuthzError, *, realm: str, token_present: bool, dpop_algs: str = "") -> Decision:
+    """The denial for ``error``: 401 with WWW-Authenticate, 403, or 503 (shared, prebuilt).
+    ``dpop_algs``: the provider's DPoP algorithms, for a DPoP challenge on a proof refused."""
     if isinstance(error, AuthenticationError):
         status = 401
     elif isinstance(error, DependencyError):
         status = 503
     else:
         status = error.status
-    return _denial(status, error.reason, realm, token_present, error.description or "")
+    decision = _denial(
+        status, error.reason, realm, token_present, error.description or "", dpop_algs=dpop_algs
+    )
+    if error.headers:
+        # This denial's own headers (a fresh DPoP-Nonce): never in the shared one.
+        decision = replace(decision, response_headers=decision.response_headers + error.headers)
+    return decision
 
 
 def internal_error() -> Decision:

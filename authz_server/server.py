@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic.alias_generators import to_camel
 
 from authz_server.config import Settings
 from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
@@ -28,8 +29,9 @@ from authz_server.metrics import CONTENT_TYPE, Metrics
 from authz_server.policy import unknown_attribute_uses
 from authz_server.reload import ConfigReloader
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import GrpcLimitsSpec
+from authz_server.specs import GrpcLimitsSpec, ServerSpec
 from authz_server.tls import CertificateReloader, TlsFiles
+from authz_server.tracing import Tracing  # the SDK is loaded only when tracing is on
 from authz_server.workloads import http_door_gaps
 
 log = logging.getLogger("authz_server.server")
@@ -59,6 +61,45 @@ def grpc_options(limits: GrpcLimitsSpec) -> list[tuple[str, int]]:
     if limits.max_concurrent_streams is not None:
         options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
     return options
+
+
+# The server fields a reload cannot change: they shape listeners and thread pools made once.
+RESTART_FIELDS = (
+    "listen",
+    "metrics_listen",
+    "threads",
+    "http_authz",
+    "explain",
+    "tls",
+    "grpc",
+    "tracing",
+)
+
+
+def restart_fields_changed(old: ServerSpec, new: ServerSpec) -> list[str]:
+    """The fields of ``RESTART_FIELDS`` that differ from ``old`` in ``new``, as dotted paths
+    of the configuration (``server.explain.enabled``), down to the leaf that changed."""
+
+    def leaves(value: Any, path: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {
+                k: v
+                for key, item in value.items()
+                for k, v in leaves(item, f"{path}.{key}").items()
+            }
+        return {path: value}
+
+    before = old.model_dump(by_alias=True, include=set(RESTART_FIELDS))
+    after = new.model_dump(by_alias=True, include=set(RESTART_FIELDS))
+    changed: list[str] = []
+    for name in RESTART_FIELDS:
+        alias = to_camel(name)
+        was, now = (
+            leaves(before.get(alias), f"server.{alias}"),
+            leaves(after.get(alias), f"server.{alias}"),
+        )
+        changed += [p for p in sorted(was.keys() | now.keys()) if was.get(p) != now.get(p)]
+    return changed
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:
@@ -151,15 +192,25 @@ class AuthzServer:
         share_readiness: Callable[[bool], bool] | None = None,
         http_authz_listen: str | None = None,
         tls: TlsFiles | None = None,
+        share_config: Callable[[str], None] | None = None,
+        tracing: bool = False,
+        worker: int | None = None,
     ) -> None:
-        """``http_listen`` None: no side port (a worker's supervisor serves it).
+        """``tracing``: trace Checks even if server.tracing.enabled is false (``--tracing``);
+        ``worker``: this process' number among ``--workers`` (the trace resource says it).
+        ``http_listen`` None: no side port (a worker's supervisor serves it).
         ``http_authz_listen``: the HTTP door's address (default: server.httpAuthz.listen;
         neither: the door stays closed).
         ``tls``: the gRPC listener's certificate files (default: server.tls; neither:
         plaintext).
         ``share_readiness``: publishes this server's readiness and returns whether every
-        server sharing the port is ready (workers), which is what health then reports."""
+        server sharing the port is ready (workers), which is what health then reports.
+        ``share_config``: told the digest of each configuration put in force (workers: the
+        supervisor compares them)."""
         self.settings = settings
+        # What the listeners and pools were made with: a reload that differs from it in a
+        # restart field says so at every reload, until a restart.
+        self.started_with = settings.server
         self.listen = listen
         self.http_listen = http_listen
         self.http_authz_listen = http_authz_listen or settings.server.http_authz.listen
@@ -174,12 +225,19 @@ class AuthzServer:
         self._watch_caches(engine)
         # One decision log (queue and writer thread) for the server's life; a reload swaps its spec.
         self.decision_log = DecisionLog(settings.server.decision_log)
+        self.tracing: Tracing | None = None
+        if tracing or settings.server.tracing.enabled:
+            self.tracing = Tracing.from_environment(worker=worker)
+            self.metrics.watch_tracing(self.tracing.counts_by_outcome)
         self.service = AuthorizationService(
-            engine, metrics=self.metrics, decision_log=self.decision_log
+            engine, metrics=self.metrics, decision_log=self.decision_log, tracing=self.tracing
         )
         self.metrics.watch_engine(lambda: self.service.engine)
         self.metrics.watch_decision_log(lambda: self.decision_log.dropped)
         self.metrics.config_loaded(settings.digest, reload=False)
+        self.share_config = share_config
+        if share_config is not None:
+            share_config(settings.digest)
         self.reloader = (
             ConfigReloader(
                 config_path, self.apply, on_rejected=lambda _e: self.metrics.config_rejected()
@@ -224,11 +282,7 @@ class AuthzServer:
         for cache in fresh:
             cache.start()
         self._watch_caches(engine)
-        ignored = [
-            f"server.{name}"
-            for name in ("listen", "http_listen", "threads", "http_authz", "explain", "tls", "grpc")
-            if getattr(settings.server, name) != getattr(self.settings.server, name)
-        ]
+        ignored = restart_fields_changed(self.started_with, settings.server)
         self.decision_log.configure(settings.server.decision_log)
         self.service.engine = engine
         self.settings = settings
@@ -240,13 +294,21 @@ class AuthzServer:
         self._update_health()
         self._warn_http_door_gaps()
         self.metrics.config_loaded(settings.digest, reload=True)
+        if self.share_config is not None:
+            self.share_config(settings.digest)
         log.info(
-            "configuration %s in force: %d provider(s), %d polic(ies)%s",
+            "configuration %s in force: %d provider(s), %d polic(ies)",
             settings.digest,
             len(settings.providers),
             len(settings.policies),
-            f"; {', '.join(ignored)} changed but need a restart" if ignored else "",
         )
+        if ignored:
+            log.warning(
+                "%s changed but needs a restart: a reload cannot change it, the server keeps "
+                "what it started with until it is restarted",
+                ", ".join(ignored),
+                extra={"fields": {"needs_restart": ignored}},
+            )
 
     def _warn_http_door_gaps(self) -> None:
         """Through the HTTP door, a clause on an attribute it never receives fails closed:
@@ -269,7 +331,13 @@ class AuthzServer:
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
         ready, providers = self.readiness()
-        return ready, {"ready": ready, "providers": providers}
+        report: dict[str, Any] = {"ready": ready, "providers": providers}
+        engine = self.engine
+        if any(c.dpop_mode != "disabled" for c in engine.constraints.values()):
+            # NOTE: said, not counted against readiness: without its replay cache only DPoP
+            # requests fail (503), and a pod taken out of the Service would fail every request.
+            report["replayCache"] = engine.replay_cache.ready() or "ready"
+        return ready, report
 
     def exposition(self) -> bytes:
         return self.metrics.exposition()
@@ -360,7 +428,7 @@ class AuthzServer:
 
         side = "no side port"
         if self.http_listen is not None:
-            host, port = split_host_port(self.http_listen, "--http-listen")
+            host, port = split_host_port(self.http_listen, "--metrics-listen")
             self.side_port = SidePort((host, port), self)
             self.http_port = self.side_port.server_address[1]
             threading.Thread(
@@ -431,6 +499,8 @@ class AuthzServer:
             grpc_stopped.wait()
         # Every Check has finished: write out the decision lines still queued.
         self.decision_log.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued, within a bounded wait
         if self.side_port is not None:
             self.side_port.shutdown()
             self.side_port.server_close()

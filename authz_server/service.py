@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
-from authz_server.attributes import RequestAttributes
+from authz_server.attributes import RequestAttributes, cookie_name
+from authz_server.binding import DpopRules, NonceSource, SenderConstraint
 from authz_server.config import Provider, Settings
 from authz_server.credentials import CredentialExtractor, FoundToken
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
@@ -27,10 +30,15 @@ from authz_server.keysources import source_for
 from authz_server.log import DecisionLog
 from authz_server.metrics import Metrics
 from authz_server.policy import CompiledPolicy, PolicySet
+from authz_server.replay import MemoryReplayCache, RedisReplayCache, RedisSettings, ReplayCache
 from authz_server.responses import Decision
 from authz_server.token_cache import TokenCache
 from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
+from authz_server.verification import CredentialVerifier
 from authz_server.workloads import WorkloadIndex
+
+if TYPE_CHECKING:
+    from authz_server.tracing import Tracing
 
 log = logging.getLogger("authz_server.service")
 
@@ -48,9 +56,12 @@ def _list_element_ok(item: object) -> bool:
 def _header_value(value: Any) -> str | None:
     """A claim as a header value: strings as-is, scalars as JSON text, string lists joined
     by commas. Objects, lists with an element that would split differently (``"x,admins"``
-    in ``["eng", "x,admins"]`` would read as two groups), and anything with control
-    characters give no header."""
+    in ``["eng", "x,admins"]`` would read as two groups), strings with a space at either end
+    (the policies saw ``" root "``, the upstream would read ``root``: HTTP trims header
+    values) and anything with control characters give no header."""
     if isinstance(value, str):
+        if value != value.strip():
+            return None
         text = value
     elif isinstance(value, bool | int | float):
         text = json.dumps(value)
@@ -92,12 +103,18 @@ def header_twins(header: str, limit: int = 64) -> list[str]:
 
 
 def _without_cookies(header: str, names: set[str]) -> str:
-    """The Cookie header ``header`` without the cookies named in ``names``."""
-    kept = [
-        part.strip()
-        for part in header.split(";")
-        if part.strip() and part.strip().partition("=")[0] not in names
-    ]
+    """The Cookie header ``header`` without the cookies named in ``names``, read as
+    ``RequestAttributes.cookies`` reads them (``,`` separates too, names trimmed and in any
+    case), so that every cookie read as a token is taken out; the others are kept as sent."""
+    taken = {cookie_name(f"{name}=") for name in names}
+    kept: list[str] = []
+    for part in header.split(";"):
+        if "," in part:
+            text = ",".join(c for c in part.split(",") if cookie_name(c) not in taken).strip()
+        else:
+            text = "" if cookie_name(part) in taken else part.strip()
+        if text:
+            kept.append(text)
     return "; ".join(kept)
 
 
@@ -158,8 +175,11 @@ class Engine:
         clock: Callable[[], float] = time.time,
         token_cache: TokenCache | None = None,
         threads: int | None = None,
+        *,
+        replay_cache: ReplayCache | None = None,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.realm = settings.server.realm
         self.missing_token_status = settings.server.missing_token_status
         self.trusted_proxy_hops = settings.server.trusted_proxy_hops
@@ -171,6 +191,14 @@ class Engine:
             realm=self.realm,
             token_present=True,
         )
+        # A token location read two ways (a token cookie beside a comma, a token parameter
+        # beside a semicolon): refused by reason.
+        self.ambiguous_readings = {
+            reason: responses.deny(
+                AuthenticationError(reason), realm=self.realm, token_present=True
+            )
+            for reason in (errors.AMBIGUOUS_COOKIE, errors.AMBIGUOUS_QUERY)
+        }
         self.threads = threads or settings.server.threads
         self.providers = tuple(ProviderRuntime.build(p, caches[p.name]) for p in settings.providers)
         self.caches = dict(caches)
@@ -187,6 +215,8 @@ class Engine:
             # NOTE: the running pool's size: a reload cannot resize it.
             max_waiting=max(1, (threads or server.threads) // 2),
         )
+        # JWTs, API keys and opaque tokens, each to the provider of its kind.
+        self.credentials = CredentialVerifier(self.verifier, clock)
         for cache in self.caches.values():
             # A key that left its set stops validating at once; this frees its entries too.
             if self.token_cache.purge not in cache.listeners:
@@ -211,6 +241,16 @@ class Engine:
             AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
         )
         self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
+        # Sender-constrained tokens: the rules of each provider that has them, and where seen
+        # proofs are remembered (kept across reloads, so a reload never re-admits a replay).
+        self.constraints = {
+            c.provider: c
+            for c in (
+                _sender_constraint(p, server.trust_forwarded_client_cert) for p in self.providers
+            )
+            if c is not None
+        }
+        self.replay_cache: ReplayCache = replay_cache or make_replay_cache(settings)
         # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
         self._allows: dict[
             tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
@@ -219,7 +259,10 @@ class Engine:
         # Every header a token is read from, present in a request: removed before the upstream
         # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
         # unless it held a token its provider forwards.
-        self.token_header_names = tuple(sorted(self.extractor.token_headers))
+        proof_headers = (
+            {"dpop"} if any(c.dpop_mode != "disabled" for c in self.constraints.values()) else set()
+        )
+        self.token_header_names = tuple(sorted(self.extractor.token_headers | proof_headers))
         # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
@@ -276,7 +319,12 @@ class Engine:
         ):
             token_cache = previous.token_cache
         threads = previous.threads if previous is not None else settings.server.threads
-        return cls(settings, caches, clock, token_cache, threads)
+        replay_cache = None
+        if previous is not None and (
+            previous.settings.server.replay_cache == settings.server.replay_cache
+        ):
+            replay_cache = previous.replay_cache
+        return cls(settings, caches, clock, token_cache, threads, replay_cache=replay_cache)
 
     def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
         return {_cache_identity(p.provider): p.keys for p in self.providers}
@@ -292,6 +340,8 @@ class Engine:
                 cache.listeners.remove(self.token_cache.purge)
             if id(cache) not in kept:
                 cache.stop()
+        if successor is None or successor.replay_cache is not self.replay_cache:
+            self.replay_cache.close()
 
     def allow_for(
         self,
@@ -379,13 +429,17 @@ _KEY_FIELDS = {
 
 def _cache_identity(provider: Provider) -> tuple[object, ...]:
     """What a key cache depends on: a reload keeps the cache when none of it changed."""
-    keys = provider.spec.model_dump_json(include=_KEY_FIELDS)
+    # An introspection or API keys provider's cache holds identities made with all of it.
+    jwt = provider.spec.kind == "jwt"
+    keys = provider.spec.model_dump_json(include=_KEY_FIELDS if jwt else None)
     return (
         provider.name,
         keys,
         provider.jwks_file,
         provider.ca_file,
         provider.shared_secret_file,
+        provider.client_secret_file,
+        provider.api_keys_file,
     )
 
 
@@ -398,7 +452,51 @@ def make_cache(provider: Provider) -> JWKSCache:
         source=source_for(provider),
         refresh_interval=spec.refresh_interval,
         min_refresh_interval=spec.min_refresh_interval,
-        max_stale=spec.max_stale,
+        # NOTE: a broken keys file keeps the last good keys for good (there is nothing stale
+        # about an API key the way there is about a rotated signing key).
+        max_stale=spec.max_stale if spec.kind == "jwt" else math.inf,
+    )
+
+
+def _sender_constraint(runtime: ProviderRuntime, trust_xfcc: bool) -> SenderConstraint | None:
+    spec = runtime.provider.spec
+    secret = runtime.provider.nonce_secret_file
+    nonces = NonceSource(secret.read_bytes().strip()) if spec.dpop.nonce and secret else None
+    if spec.dpop.mode == "disabled" and spec.certificate_bound == "disabled":
+        return None
+    return SenderConstraint(
+        provider=runtime.name,
+        dpop_mode=spec.dpop.mode,
+        dpop=DpopRules(
+            algorithms=frozenset(spec.dpop.algorithms),
+            proof_lifetime=spec.dpop.proof_lifetime,
+            clock_skew=spec.clock_skew,
+            external_url=spec.dpop.external_url,
+        ),
+        certificate_mode=spec.certificate_bound,
+        trust_forwarded_client_cert=trust_xfcc,
+        nonces=nonces,
+    )
+
+
+def _read_secret(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path is not None else None
+
+
+def make_replay_cache(settings: Settings) -> ReplayCache:
+    """The replay cache ``server.replayCache`` describes: Redis when configured, else memory."""
+    spec = settings.server.replay_cache
+    if spec.redis is None:
+        return MemoryReplayCache(spec.max_entries)
+    return RedisReplayCache(
+        RedisSettings(
+            url=spec.redis.url,
+            username=spec.redis.username,
+            password=_read_secret(spec.redis.password_file),
+            key_prefix=spec.redis.key_prefix,
+            timeout=spec.redis.timeout,
+            ca_file=spec.redis.ca_file,
+        )
     )
 
 
@@ -425,10 +523,12 @@ class AuthorizationService:
         *,
         metrics: Metrics | None = None,
         decision_log: DecisionLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.decision_log = decision_log
+        self.tracing = tracing  # None: tracing off, and no cost per Check beyond this check
 
     def check(
         self,
@@ -444,9 +544,14 @@ class AuthorizationService:
         started = time.perf_counter()
         engine = self.engine  # one engine for the whole decision, even across a reload
         identity: Identity | None = None
+        span = self.tracing.begin(request) if self.tracing is not None else None
+        if span is not None and trace is None:
+            trace = CheckTrace()  # what the span reports: workload, credential, cache use
         try:
             decision, identity = self._decide(engine, request, wait, trace)
         except WouldWait:
+            if span is not None:
+                span.suspend(request)  # the door decides it again: the same span goes on
             raise
         except Exception:
             # NOTE: the exception text may quote request data; log type and place, not values.
@@ -455,9 +560,12 @@ class AuthorizationService:
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.record(decision, elapsed, request.door)
+        if span is not None:
+            span.finish(request, decision, trace, engine.token_cache, identity)
         decision_log = self.decision_log
         if decision_log is not None and decision_log.wants(decision):
-            decision_log.write(request, decision, identity, elapsed)  # queues: no I/O here
+            ids = span.ids if span is not None else None
+            decision_log.write(request, decision, identity, elapsed, ids)  # queues: no I/O here
         return decision
 
     def _decide(
@@ -473,6 +581,9 @@ class AuthorizationService:
             trace.scope = scope
         if scope is None:
             return engine.unknown_workload, None
+        ambiguity = scope.extractor.ambiguity(request)
+        if ambiguity is not None:
+            return engine.ambiguous_readings[ambiguity], None
         found = scope.extractor.extract(request)
         if trace is not None:
             trace.found = tuple(found)
@@ -489,16 +600,32 @@ class AuthorizationService:
             key = (token.token, token.scope)
             current = verified.get(key)
             if current is None:
+                constraint = None
                 try:
-                    current = engine.verifier.verify(
-                        token.token, token.providers, token.scope, wait=wait
-                    )
+                    current = engine.credentials.verify(token, wait=wait)
+                    constraint = engine.constraints.get(current.provider)
+                    if constraint is not None:
+                        constraint.check(
+                            current.claims,
+                            token=token.token,
+                            presented_as_dpop=token.location.is_dpop,
+                            request=request,
+                            now=engine.clock(),
+                            replay=engine.replay_cache,
+                        )
                 except AuthzError as exc:
                     if trace is not None:
                         trace.tokens.append((token, exc))
                     denial = responses.with_context(
-                        responses.deny(exc, realm=engine.realm, token_present=True),
-                        provider=token.providers[0].name if len(token.providers) == 1 else None,
+                        responses.deny(
+                            exc,
+                            realm=engine.realm,
+                            token_present=True,
+                            dpop_algs=constraint.algs if constraint is not None else "",
+                        ),
+                        provider=exc.provider
+                        or (constraint.provider if constraint is not None else None)
+                        or (token.providers[0].name if len(token.providers) == 1 else None),
                         principal=None,
                         policy=None,
                     )
@@ -510,6 +637,8 @@ class AuthorizationService:
             if engine.outputs[current.provider].forward_token:
                 if token.location.kind == "header":
                     forwarded.add(token.location.name)
+                    if token.location.is_dpop:
+                        forwarded.add("dpop")  # the upstream may verify the proof itself
             elif token.location.kind == "param" and token.location.name not in query_strip:
                 query_strip.append(token.location.name)
             elif token.location.kind == "cookie":

@@ -15,15 +15,18 @@ Nothing here reads a file or touches the network.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -121,6 +124,117 @@ class ClaimToHeader(_Model):
     claim: str = Field(min_length=1)
 
 
+BindingMode = Literal["disabled", "optional", "required"]
+# RFC 9449 4.2: a proof is signed with an asymmetric key; HMAC would need a shared secret.
+DPOP_DEFAULT_ALGORITHMS: tuple[Algorithm, ...] = ("ES256", "EdDSA", "RS256", "PS256")
+
+
+class DpopSpec(_Model):
+    """DPoP (RFC 9449) for one provider: ``optional`` checks the proof of a token bound to a
+    key (``cnf.jkt``) and lets unbound tokens pass as bearer tokens; ``required`` accepts
+    bound, proven tokens only."""
+
+    mode: BindingMode = "disabled"
+    proof_lifetime: Duration = 60.0
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(DPOP_DEFAULT_ALGORITHMS))
+    # The origin clients address (https://api.example.com) when Envoy's view of scheme and
+    # host differs from it (behind a load balancer): a proof's htu names the client's URL.
+    external_url: str | None = None
+    # Server nonces (RFC 9449 8): a proof must carry a nonce this server handed out, derived
+    # from the secret in nonceSecretFile and the time, so every replica sharing the secret
+    # accepts every other's nonce without shared memory.
+    nonce: bool = False
+    nonce_secret_file: str | None = Field(default=None, min_length=1)
+
+    @field_validator("proof_lifetime")
+    @classmethod
+    def _bounded_lifetime(cls, value: float) -> float:
+        if not 1.0 <= value <= 300.0:
+            raise ValueError(
+                "must be between 1s and 5m (the replay cache holds every proof so long)"
+            )
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        symmetric = [a for a in value if a in HMAC_ALGORITHMS]
+        if symmetric:
+            raise ValueError(f"{symmetric[0]}: a DPoP proof is signed with an asymmetric key")
+        return value
+
+    @model_validator(mode="after")
+    def _nonce_needs_a_secret(self) -> DpopSpec:
+        if self.nonce and self.nonce_secret_file is None:
+            raise ValueError(
+                "nonce: true needs nonceSecretFile (a secret every replica shares, at least "
+                "32 bytes), so that any replica accepts another's nonce"
+            )
+        return self
+
+    @field_validator("external_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s?#]+(/[^?#\s]*)?$", value):
+            raise ValueError(
+                "an absolute http(s) URL without query or fragment, like https://api.example.com"
+            )
+        return value
+
+
+class IntrospectionSpec(_Model):
+    """Opaque tokens, asked about at the IdP by OAuth2 Token Introspection (RFC 7662)."""
+
+    endpoint: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    # client_secret_basic: the secret is read from this file (a mounted Secret), never inline.
+    client_secret_file: str = Field(min_length=1)
+    # An active answer is reused this long, never past the token's `exp`; an inactive one,
+    # `negativeCacheTtl`. Revocation at the IdP takes effect here within `cacheTtl`.
+    cache_ttl: Duration = 60.0
+    negative_cache_ttl: Duration = 5.0
+    timeout: Duration = 1.0
+    cache_max_entries: int = Field(default=10_000, ge=0, le=10_000_000)  # 0: no cache
+    # Introspection calls in flight at once for this provider; more wait up to `timeout`.
+    max_concurrent_calls: int = Field(default=16, ge=1, le=1024)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _secure_endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("url must have scheme http:// or https:// and a host")
+        if not _secure_or_loopback(value):
+            raise ValueError(
+                "tokens and the client secret must travel over https (http is accepted on "
+                "loopback only)"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _sane_timeout(cls, value: float) -> float:
+        if not 0.001 <= value <= 10.0:
+            raise ValueError("between 1ms and 10s: a Check waits for it, and Envoy waits less")
+        return value
+
+    @field_validator("cache_ttl", "negative_cache_ttl")
+    @classmethod
+    def _bounded_ttl(cls, value: float) -> float:
+        if value > 3600.0:
+            raise ValueError(
+                "at most 1h: a revoked token stays accepted for as long as its answer is cached"
+            )
+        return value
+
+
+class ApiKeysSpec(_Model):
+    """API keys: a file (a mounted Secret) of SHA-256 hashes, each with a `sub` and claims."""
+
+    file: str = Field(min_length=1)
+
+
 class ProviderSpec(_Model):
     """One JWT issuer: every field of Istio's ``JWTRule`` plus the native extras."""
 
@@ -153,6 +267,21 @@ class ProviderSpec(_Model):
     # value it must equal (a list claim must contain it), or to null for "must be present".
     require_expiration: bool = True
     required_claims: dict[str, str | int | bool | None] = {}
+    # Sender-constrained tokens (RFC 9449, RFC 8705): see docs/sender-constrained.md.
+    dpop: DpopSpec = Field(default_factory=DpopSpec)
+    certificate_bound: BindingMode = "disabled"
+    # Credentials other than JWTs (native only): one of these instead of a key source.
+    introspection: IntrospectionSpec | None = None
+    api_keys: ApiKeysSpec | None = None
+
+    @property
+    def kind(self) -> Literal["jwt", "introspection", "apiKey"]:
+        """Which kind of credential this provider verifies."""
+        if self.introspection is not None:
+            return "introspection"
+        if self.api_keys is not None:
+            return "apiKey"
+        return "jwt"
 
     @field_validator("refresh_interval", "min_refresh_interval")
     @classmethod
@@ -222,6 +351,8 @@ class ProviderSpec(_Model):
             for s in ("jwks_uri", "jwks", "jwks_file", "shared_secret_file")
             if getattr(self, s) is not None
         ] + (["discovery"] if self.discovery else [])
+        if self.introspection is not None or self.api_keys is not None:
+            return self._opaque_provider(sources)
         if len(sources) != 1:
             raise ValueError(
                 "exactly one of jwksUri, jwks, jwksFile, discovery: true, sharedSecretFile "
@@ -237,6 +368,40 @@ class ProviderSpec(_Model):
         if self.shared_secret_file is not None and "algorithms" not in self.model_fields_set:
             object.__setattr__(self, "algorithms", list(HMAC_ALGORITHMS))
         return self
+
+    def _opaque_provider(self, sources: list[str]) -> ProviderSpec:
+        """An introspection or API keys provider: no JWT key source, nothing JWT-only."""
+        kind = "introspection" if self.introspection is not None else "apiKeys"
+        if self.introspection is not None and self.api_keys is not None:
+            raise ValueError("introspection and apiKeys are two providers: give each its own")
+        jwt_only = sources + [
+            to_camel(f)
+            for f in ("output_payload_to_header", "algorithms")
+            if f in self.model_fields_set
+        ]
+        if jwt_only:
+            raise ValueError(f"{kind} providers read no JWT: remove {', '.join(jwt_only)}")
+        if self.api_keys is not None:
+            jwt_checks = [
+                to_camel(f) for f in ("audiences", "required_claims", "ca_file") if getattr(self, f)
+            ]
+            if jwt_checks:
+                raise ValueError(
+                    f"an apiKeys provider checks no {', '.join(jwt_checks)}: a key's claims "
+                    "come from the keys file"
+                )
+        return self
+
+    def locations(self) -> tuple[tuple[str, str, str], ...]:
+        """Where this provider reads its credential: (kind, name, prefix), header names in
+        lower case; Istio's defaults when none is given."""
+        if not (self.from_headers or self.from_params or self.from_cookies):
+            return (("header", "authorization", "Bearer "), ("param", "access_token", ""))
+        return (
+            *(("header", h.name.lower(), h.prefix) for h in self.from_headers),
+            *(("param", p, "") for p in self.from_params),
+            *(("cookie", c, "") for c in self.from_cookies),
+        )
 
 
 # ------------------------------------------------------------------------------ policies
@@ -497,12 +662,50 @@ class TokenCacheSpec(_Model):
     max_ttl: Duration = 3600.0
 
 
+def listen_address_problem(address: str) -> str | None:
+    """What is wrong with ``address`` as a place to listen (``host:port``, ``[v6]:port`` or
+    ``unix:/path``), or None when it is fine. Checked here so that a mistake gets a sentence
+    that says what to write, not gRPC's C-core line ("Failed to bind to address")."""
+    if address.startswith("unix:"):
+        return None if address.removeprefix("unix:") else "unix: needs a path (unix:/run/x.sock)"
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return f"{address!r}: expected host:port or unix:/path (e.g. 0.0.0.0:{address or 9001})"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"{address!r}: the port must be a number from 0 to 65535"
+    if not host:
+        return (
+            f"{address!r}: no host: write 0.0.0.0:{port} (every interface) or "
+            f"127.0.0.1:{port} (this machine only)"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{address!r}: {host} is not an IPv6 address"
+        return None
+    if ":" in host:
+        return f"{address!r}: an IPv6 host goes in brackets: [{host}]:{port}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+        return f"{address!r}: {host!r} is not a host name or an IP address"
+    return None
+
+
+def _listen_address(value: str) -> str:
+    if (problem := listen_address_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+
+
 class HttpAuthzSpec(_Model):
     """The HTTP door: Envoy's ``http_service`` ext_authz protocol (Istio's
     ``envoyExtAuthzHttp``), beside the gRPC door, on the same decision core."""
 
     # host:port or unix:/path; absent = the door is closed (the default).
-    listen: str | None = None
+    listen: ListenAddress | None = None
     # Envoy's `http_service.path_prefix`: removed from the path before deciding.
     path_prefix: str = Field(default="", pattern=r"^(/[^?#\s]*)?$")
     # Oversized requests: 414 (request target), 431 (headers), 413 (body).
@@ -531,7 +734,15 @@ class ExplainSpec(_Model):
 
     enabled: bool = False
     # host:port or unix:/path: its own gRPC server there; absent = on the gRPC port (`listen`).
-    listen: str | None = None
+    listen: ListenAddress | None = None
+
+
+class TracingSpec(_Model):
+    """OpenTelemetry tracing: one span per Check. Off by default; everything else (exporter
+    endpoint, protocol, sampler, service name) comes from the standard OTEL_* environment
+    variables. Read at start: a reload does not turn it on or off."""
+
+    enabled: bool = False
 
 
 class TlsSpec(_Model):
@@ -569,9 +780,39 @@ class GrpcLimitsSpec(_Model):
     max_metadata_bytes: int = Field(default=8 << 10, ge=1 << 10, le=1 << 24)
 
 
+class RedisSpec(_Model):
+    """The Redis a replay cache shares between processes and replicas."""
+
+    url: str = Field(pattern=r"^(rediss?|unix)://")
+    username: str | None = Field(default=None, min_length=1)
+    password_file: str | None = Field(default=None, min_length=1)
+    key_prefix: str = Field(default="authz-server:dpop:", max_length=128)
+    timeout: Duration = 0.25
+    ca_file: str | None = Field(default=None, min_length=1)
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded_timeout(cls, value: float) -> float:
+        if not 0.001 <= value <= 5.0:
+            raise ValueError("must be between 1ms and 5s: every DPoP request waits for it")
+        return value
+
+
+class ReplayCacheSpec(_Model):
+    """Where DPoP proofs' ``jti`` are remembered: in process (default; one process only) or
+    in a Redis every process and replica shares."""
+
+    max_entries: int = Field(default=100_000, ge=100, le=10_000_000)
+    redis: RedisSpec | None = None
+
+
 class ServerSpec(_Model):
-    listen: str = "0.0.0.0:9001"
-    http_listen: str = "0.0.0.0:9090"
+    listen: ListenAddress = "0.0.0.0:9001"
+    # The side port: /metrics, /healthz, /readyz (not the HTTP door, `httpAuthz.listen`).
+    metrics_listen: ListenAddress = "0.0.0.0:9090"
+    # Deprecated alias of `metricsListen` (its name was mistaken for the HTTP door's):
+    # accepted with a warning, moved into `metrics_listen` by the validator below.
+    http_listen: ListenAddress | None = None
     http_authz: HttpAuthzSpec = Field(default_factory=HttpAuthzSpec)
     # Absent: the gRPC listener is plaintext (behind a mesh sidecar, or on a Unix socket).
     tls: TlsSpec | None = None
@@ -601,6 +842,26 @@ class ServerSpec(_Model):
     # emptiness is meant.
     allow_empty: bool = False
     explain: ExplainSpec = Field(default_factory=ExplainSpec)
+    tracing: TracingSpec = Field(default_factory=TracingSpec)
+    replay_cache: ReplayCacheSpec = Field(default_factory=ReplayCacheSpec)
+    # Read the client certificate of a certificate-bound token from X-Forwarded-Client-Cert
+    # (Hash= or Cert=) when Envoy's CheckRequest has none: only when every hop in front of
+    # Envoy sets (or strips) that header, since a client could send it otherwise.
+    trust_forwarded_client_cert: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_http_listen(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        old = next((data[k] for k in ("httpListen", "http_listen") if k in data), None)
+        if old is None:
+            return data
+        if "metricsListen" in data or "metrics_listen" in data:
+            raise ValueError(
+                "httpListen is the deprecated name of metricsListen: set only metricsListen"
+            )
+        return {**data, "metricsListen": old}
 
     @field_validator("unknown_kid_wait")
     @classmethod
@@ -711,15 +972,75 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The models an annotation holds: itself, or inside Optional, list, dict, Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _field_names(model: type[BaseModel]) -> dict[str, str]:
+    """Every spelling a field of ``model`` accepts (alias and Python name) -> its alias."""
+    names: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        alias = info.alias or name
+        names[name] = names[alias] = alias
+    return names
+
+
+def known_fields(model: type[BaseModel], loc: Sequence[int | str]) -> list[str] | None:
+    """The field names of the model at ``loc`` under ``model`` (list indexes and dict keys
+    skipped), or None when the path leaves the models."""
+    candidates = [model]
+    for part in loc:
+        if isinstance(part, int) or not candidates:
+            continue
+        following = [
+            found
+            for current in candidates
+            if (alias := _field_names(current).get(part)) is not None
+            for name, info in current.model_fields.items()
+            if (info.alias or name) == alias
+            for found in _models_in(info.annotation)
+        ]
+        if following:
+            candidates = following
+    return sorted(set(_field_names(candidates[0]).values())) if candidates else None
+
+
+def _models_by_title() -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+    pending: list[type[BaseModel]] = [_Model]
+    while pending:
+        model = pending.pop()
+        found.setdefault(model.__name__, model)
+        pending.extend(model.__subclasses__())
+    return found
+
+
+def _unknown_field(err: Any, model: type[BaseModel] | None) -> str:
+    """ "unknown field", with the closest known field when one is close (as `test` says it)."""
+    loc = tuple(err["loc"])
+    known = known_fields(model, loc[:-1]) if model is not None and loc else None
+    if not known or not isinstance(loc[-1], str):
+        return "unknown field"
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    return f"unknown field (did you mean {close[0]!r}?)" if close else "unknown field"
+
+
 def problems_from(exc: ValidationError, document: str, prefix: str) -> list[ConfigProblem]:
-    """One ConfigProblem per error of ``exc``, its field path under ``prefix`` in ``document``."""
+    """One ConfigProblem per error of ``exc``, its field path under ``prefix`` in ``document``;
+    an unknown field says which known one it is closest to."""
     problems = []
+    model = _models_by_title().get(exc.title)
     for err in exc.errors():
         path = _loc(tuple(err["loc"]))
         full = f"{prefix}.{path}" if prefix and path else (prefix or path)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown field"
+            message = _unknown_field(err, model)
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         problems.append(ConfigProblem(document, full, message))

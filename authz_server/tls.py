@@ -7,6 +7,9 @@ hands grpcio a fetcher it calls before every TLS handshake: a few ``stat`` calls
 file changed (its inode, size or times, so the atomic ``..data`` symlink swap of a Kubernetes
 Secret volume counts), and only then are the files read again. A new set that fails the checks
 is logged and the last good one stays in force; connections already open are never touched.
+Every listener sharing the files (the gRPC port, the Explain API's own port) has a fetcher of
+its own: a new set read at a handshake on one listener is handed to each of the others at its
+next handshake, so no port keeps a retired certificate or client CA.
 Nothing here logs key material.
 """
 
@@ -175,9 +178,34 @@ def _stamps(files: TlsFiles) -> tuple[_Stamp, ...]:
     return (_stamp(files.cert_file), _stamp(files.key_file), _stamp(files.client_ca_file))
 
 
+class _ListenerFetcher:
+    """What one listener was handed: grpcio asks ``fetch`` before each of its handshakes."""
+
+    def __init__(self, reloader: CertificateReloader, generation: int) -> None:
+        self._reloader = reloader
+        self._generation = generation  # of the material this listener serves
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The configuration of material newer than this listener's (read now if the files
+        changed), else None (keep the current). Never raises: grpcio would fail the handshake."""
+        try:
+            generation, material = self._reloader.current()
+            if generation == self._generation:
+                return None
+            self._generation = generation
+            return CertificateReloader._configuration(material)
+        except Exception:  # a bug here must not take the listener down
+            log.error(
+                "TLS files: unexpected error while checking them; keeping the current certificate",
+                exc_info=True,
+            )
+            return None
+
+
 class CertificateReloader:
-    """The listener's credentials: grpcio asks ``fetch`` before each handshake, which returns
-    new material when the files changed and pass the checks, else None (keep the current)."""
+    """The TLS files of one or more listeners: ``credentials`` gives each listener a fetcher
+    that grpcio asks before each handshake, which returns new material when the files changed
+    and pass the checks (once per listener), else None (keep the current)."""
 
     def __init__(self, files: TlsFiles) -> None:
         """Reads the files now. Raises TlsFileError if they cannot be used."""
@@ -185,19 +213,34 @@ class CertificateReloader:
         self._lock = threading.Lock()
         self._seen = _stamps(files)
         self.material = read_material(files)
+        # (generation, material), replaced whole: the generation is bumped with every new
+        # material, and each listener's fetcher compares it with the one it serves.
+        self._state = (0, self.material)
         self.reloads = 0
         self.failures = 0
+        self._own = _ListenerFetcher(self, 0)  # what ``fetch`` hands out (one listener's view)
 
     def credentials(self) -> grpc.ServerCredentials:
-        """Server credentials for ``add_secure_port``; with a client CA, a client certificate
-        signed by it is required."""
+        """Server credentials for ``add_secure_port``, one per listener; with a client CA, a
+        client certificate signed by it is required."""
         import grpc  # noqa: PLC0415 (specs imports this module; `validate` needs no grpc)
 
+        generation, material = self._state
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(self.material),
-            self.fetch,
+            self._configuration(material),
+            _ListenerFetcher(self, generation).fetch,
             require_client_authentication=self.files.mutual,
         )
+
+    def current(self) -> tuple[int, TlsMaterial]:
+        """(generation, material) in force, read again first when the files changed: cheap
+        when nothing did (three stats)."""
+        stamps = _stamps(self.files)
+        if stamps != self._seen:
+            with self._lock:  # handshakes on several threads and ports: one reads the files
+                if stamps != self._seen:
+                    self._reload(stamps)
+        return self._state
 
     @staticmethod
     def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -208,24 +251,11 @@ class CertificateReloader:
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by grpcio before every handshake: cheap when nothing changed (three stats).
-        Never raises: grpcio would fail the handshake."""
-        try:
-            stamps = _stamps(self.files)
-            if stamps == self._seen:
-                return None
-            with self._lock:  # handshakes on several threads: one of them reads the files
-                if stamps == self._seen:
-                    return None
-                return self._reload(stamps)
-        except Exception:  # a bug here must not take the listener down
-            log.error(
-                "TLS files: unexpected error while checking them; keeping the current certificate",
-                exc_info=True,
-            )
-            return None
+        """As a listener's fetcher (one listener's view: new material once, then None)."""
+        return self._own.fetch()
 
-    def _reload(self, stamps: tuple[_Stamp, ...]) -> grpc.ServerCertificateConfiguration | None:
+    def _reload(self, stamps: tuple[_Stamp, ...]) -> None:
+        """Read the files (under the lock): new material bumps the generation."""
         try:
             material = read_material(self.files)
         except TlsFileError as exc:
@@ -239,13 +269,13 @@ class CertificateReloader:
                     self.material.describe(),
                     exc,
                 )
-            return None
+            return
         if _stamps(self.files) != stamps:
-            return None  # changed while being read: the next handshake reads them again
+            return  # changed while being read: the next handshake reads them again
         self._seen = stamps
         if material == self.material:
-            return None  # touched, not changed
+            return  # touched, not changed
         self.material = material
+        self._state = (self._state[0] + 1, material)
         self.reloads += 1
         log.info("TLS files reloaded: now serving %s", material.describe())
-        return self._configuration(material)

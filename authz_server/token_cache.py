@@ -85,6 +85,15 @@ class TokenCache:
                 self._entries.move_to_end(key)
             return entry
 
+    def now(self) -> float:
+        """The time on the cache's clock (what ``stored_at`` is measured on)."""
+        return self._clock()
+
+    def peek(self, key: bytes) -> CachedToken | None:
+        """The entry for ``key`` as it is, uncounted and unchecked (tracing reads whether a
+        Check's identity came from here)."""
+        return self._entries.get(key)
+
     def put(self, key: bytes, entry: CachedToken) -> None:
         if not self.max_entries:
             return

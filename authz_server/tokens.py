@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from authz_server import errors
+from authz_server import errors, request_trace
 from authz_server.config import Provider
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
@@ -163,6 +163,12 @@ def _check_times(exp: float | None, nbf: float | None, skew: float, now: float) 
         raise AuthenticationError(errors.TOKEN_NOT_YET_VALID, "the token is not valid yet")
 
 
+def check_times(exp: float | None, nbf: float | None, skew: float, now: float) -> None:
+    """Raise AuthenticationError (token_expired, token_not_yet_valid) unless ``now`` is
+    within [nbf, exp) give or take ``skew``: what a cached credential is checked against."""
+    _check_times(exp, nbf, skew, now)
+
+
 def _claim_equals(value: Any, expected: str | int | bool) -> bool:
     # NOTE: type-exact, so that `true` never equals `1` and `"1"` never equals `1`.
     if isinstance(value, list):
@@ -196,6 +202,12 @@ class TokenVerifier:
         # NOTE: a hanging IdP must not hold every Check thread: beyond this many, Checks that
         # need a refresh trigger it but do not wait for it.
         self._waiting = threading.BoundedSemaphore(max(1, max_waiting))
+
+    @property
+    def waiting(self) -> threading.BoundedSemaphore:
+        """The slots of Checks that may wait on an identity provider (a key-set refresh, an
+        introspection call): beyond them, a Check does not wait."""
+        return self._waiting
 
     def verify(
         self,
@@ -270,10 +282,17 @@ class TokenVerifier:
             return False
         if not self._waiting.acquire(blocking=False):
             return cache.refresh_for_kid(kid, 0.0)
+        trace = request_trace.current.get()
+        started = time.time_ns() if trace is not None else 0
+        found = False
         try:
-            return cache.refresh_for_kid(kid, self.unknown_kid_wait)
+            found = cache.refresh_for_kid(kid, self.unknown_kid_wait)
+            return found
         finally:
             self._waiting.release()
+            if trace is not None:
+                outcome = request_trace.KEY_FOUND if found else request_trace.KEY_NOT_FOUND
+                trace.waited("jwks.refresh", started, time.time_ns(), outcome)
 
     def _keys_for(
         self, provider: ProviderRuntime, kid: str | None, alg: str, wait: WaitMode
@@ -328,6 +347,15 @@ class TokenVerifier:
             raise AuthenticationError(errors.INVALID_SIGNATURE, "signature does not verify")
         identity, exp, nbf = self._check_claims(provider, payload, segments[1])
         return identity, key, exp, nbf
+
+    def identity_from_claims(
+        self, provider: ProviderRuntime, claims: Mapping[str, Any]
+    ) -> tuple[Identity, float | None, float | None]:
+        """The identity that ``claims`` (vouched for by other means than a signature: an
+        introspection answer) give for ``provider``, checked as a JWT's payload is: times
+        with the skew, audiences, required claims. Returns (identity, exp, nbf); raises
+        AuthenticationError."""
+        return self._check_claims(provider, claims, "")
 
     def _check_claims(
         self, provider: ProviderRuntime, payload: Mapping[str, Any], payload_segment: str

@@ -6,7 +6,9 @@ token caches, its own reloader watching the configuration, and no side port. The
 holds no gRPC object. It
 
 - serves the side port: ``/metrics`` summed over every worker (prometheus-client multi-process
-  mode, in a directory it creates and removes), ``/readyz`` ready only when every worker is;
+  mode, in a directory it creates and removes), ``/readyz`` ready only when every worker is,
+  and not while the workers have disagreed on the configuration for longer than
+  ``CONFIG_SPLIT_GRACE`` (each publishes the digest of the one it serves on a second board);
 - keeps a readiness board, one byte per worker in shared memory, that each worker's gRPC health
   reads, so health too says SERVING only when every worker is ready;
 - forwards SIGHUP (reload) to every worker, and on SIGTERM or SIGINT drains every worker and
@@ -43,6 +45,9 @@ _HEALTHY_RUN = 5.0
 _MAX_RESTART_DELAY = 30.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# How long workers may serve different configurations before /readyz fails: each polls the
+# configuration every second, and a reload may wait for a new provider's keys.
+CONFIG_SPLIT_GRACE = 10.0
 
 
 def worker_count(value: str) -> int:
@@ -77,9 +82,18 @@ class _WorkerPlan:
     supervisor_pid: int
     http_authz_listen: str | None = None
     tls: TlsFiles | None = None  # from the command line; None: the configuration's
+    tracing: bool = False  # --tracing
 
 
-def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
+def _digest_number(digest: str) -> int:
+    """A configuration digest (16 hex digits) as the number a board slot holds (0: none)."""
+    try:
+        return int(digest[:16], 16)
+    except ValueError:
+        return 0
+
+
+def _worker_main(slot: int, board: Any, configs: Any, plan: _WorkerPlan) -> None:
     """The body of one worker process (spawned: imports happen here, after the environment
     carries the metrics directory, as prometheus-client requires)."""
     from authz_server import config  # noqa: PLC0415
@@ -100,6 +114,9 @@ def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
         board[slot] = 1 if ready else 0
         return all(board)
 
+    def share_config(digest: str) -> None:
+        configs[slot] = _digest_number(digest)
+
     raise SystemExit(
         serve(
             settings,
@@ -111,6 +128,9 @@ def _worker_main(slot: int, board: Any, plan: _WorkerPlan) -> None:
             share_readiness=share_readiness,
             http_authz_listen=plan.http_authz_listen,
             tls=plan.tls,
+            share_config=share_config,
+            tracing=plan.tracing,
+            worker=slot,
         )
     )
 
@@ -140,6 +160,7 @@ class Supervisor:
         log_level: str = "INFO",
         log_format: str = "json",
         drain_seconds: float = 10.0,
+        tracing: bool = False,
     ) -> None:
         for flag, address in (("--listen", listen), ("--http-authz-listen", http_authz_listen)):
             if address is not None and address.startswith("unix:"):
@@ -156,8 +177,13 @@ class Supervisor:
         self.log_level = log_level
         self.log_format = log_format
         self.drain_seconds = drain_seconds
+        self.tracing = tracing
         self._context = multiprocessing.get_context("spawn")
         self.board = self._context.RawArray("B", workers)
+        # The digest (as a number, 0: none yet) of the configuration each worker serves.
+        self.configs = self._context.RawArray("Q", workers)
+        self.split_since: float | None = None  # since when the workers' configurations differ
+        self._split_reported = False
         self.slots = [_Slot(i) for i in range(workers)]
         self._stop = threading.Event()
         self._stopping = False
@@ -172,8 +198,49 @@ class Supervisor:
 
     def readiness_report(self) -> tuple[bool, dict[str, Any]]:
         states = {str(s.index): "ready" if self.board[s.index] else "not ready" for s in self.slots}
-        ready = not self._stopping and all(self.board)
-        return ready, {"ready": ready, "workers": states}
+        configs = {
+            str(s.index): f"{self.configs[s.index]:016x}" if self.configs[s.index] else "none"
+            for s in self.slots
+        }
+        split = self.config_split_for()
+        ready = not self._stopping and all(self.board) and split <= CONFIG_SPLIT_GRACE
+        report: dict[str, Any] = {"ready": ready, "workers": states, "configs": configs}
+        if split > CONFIG_SPLIT_GRACE:
+            report["problem"] = f"the workers have served different configurations for {split:.0f}s"
+        return ready, report
+
+    def config_split_for(self, now: float | None = None) -> float:
+        """For how many seconds the workers have served different configurations (0: they
+        agree; a worker still starting, with none yet, does not count)."""
+        if self.split_since is None:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self.split_since
+
+    def _follow_configs(self) -> None:
+        """Note when the workers' configurations start and stop differing; log a split that
+        lasts past CONFIG_SPLIT_GRACE once, and its end."""
+        now = time.monotonic()
+        digests = {self.configs[s.index] for s in self.slots} - {0}
+        if len(digests) <= 1:
+            if self._split_reported:
+                log.info("the workers serve one configuration again")
+            self.split_since, self._split_reported = None, False
+            return
+        if self.split_since is None:
+            self.split_since = now
+        if not self._split_reported and self.config_split_for(now) > CONFIG_SPLIT_GRACE:
+            self._split_reported = True
+            log.error(
+                "the workers have served different configurations for more than %.0fs (%s): "
+                "/readyz fails until they agree; see each worker's 'configuration ... refused' "
+                "line",
+                CONFIG_SPLIT_GRACE,
+                ", ".join(
+                    f"worker {s.index}: {self.configs[s.index]:016x}"
+                    for s in self.slots
+                    if self.configs[s.index]
+                ),
+            )
 
     def exposition(self) -> bytes:
         from authz_server.metrics import SupervisorCollector, aggregated_exposition  # noqa: PLC0415
@@ -203,12 +270,14 @@ class Supervisor:
 
     def _start_worker(self, slot: _Slot) -> None:
         self.board[slot.index] = 0
+        self.configs[slot.index] = 0
         slot.process = self._context.Process(
             target=_worker_main,
             name=f"authz-worker-{slot.index}",
             args=(
                 slot.index,
                 self.board,
+                self.configs,
                 _WorkerPlan(
                     str(self.config_path),
                     self.listen,
@@ -217,6 +286,7 @@ class Supervisor:
                     os.getpid(),
                     self.http_authz_listen,
                     self.tls,
+                    self.tracing,
                 ),
             ),
         )
@@ -234,6 +304,7 @@ class Supervisor:
 
         process = slot.process
         self.board[slot.index] = 0
+        self.configs[slot.index] = 0
         self.restarts += 1
         multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         ran = time.monotonic() - slot.started
@@ -270,6 +341,7 @@ class Supervisor:
                     self._reap(slot)
                 if slot.process is None and time.monotonic() >= slot.restart_at:
                     self._start_worker(slot)
+            self._follow_configs()
 
     def _forward(self, signum: int) -> None:
         for slot in self.slots:
@@ -321,7 +393,7 @@ class Supervisor:
 
             for slot in self.slots:
                 self._start_worker(slot)
-            host, port = split_host_port(self.http_listen, "--http-listen")
+            host, port = split_host_port(self.http_listen, "--metrics-listen")
             side_port = SidePort((host, port), self)
             self.http_port = side_port.server_address[1]
             threading.Thread(target=side_port.serve_forever, name="side-port", daemon=True).start()

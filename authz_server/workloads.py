@@ -22,7 +22,8 @@ namespace N, with a selector          the workloads of N whose labels match
 A native policy applies everywhere unless its ``appliesTo`` names workloads, namespaces,
 hosts or context extensions. A request is recognised by, in this order: the route's
 context extensions (every key/value a workload lists present; the workload listing the most
-wins), the destination principal Envoy sends (an mTLS sidecar's SPIFFE ID), then the host.
+wins), the destination principal Envoy sends (an mTLS sidecar's SPIFFE ID), then, only when
+the request carried neither, the host.
 
 Everything here is plain data and pure functions; ``config`` resolves scopes at load time and
 the service keeps a ``WorkloadIndex``.
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from authz_server.attributes import RequestAttributes
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+# A destination principal with this scheme is a sidecar's mTLS identity (Istio's SPIFFE ID).
+SPIFFE_SCHEME = "spiffe://"
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,61 @@ def http_door_gaps(workloads: Sequence[Workload]) -> list[str]:
     ]
 
 
+def _is_service_host(host: str) -> bool:
+    """Whether ``host`` (a ``hosts`` entry) is a Kubernetes Service name, as in-mesh callers
+    send it to a sidecar: one label (``orders``), or a ``svc`` label after the first
+    (``orders.shop.svc``, ``orders.shop.svc.cluster.local``, ``*.shop.svc.cluster.local``)."""
+    name = _host_key(host)
+    if name.startswith("["):  # an IPv6 address
+        return False
+    labels = name.partition(":")[0].split(".")
+    return len(labels) == 1 or "svc" in labels[1:]
+
+
+def client_chosen_scopes(workloads: Sequence[Workload]) -> list[tuple[int, str]]:
+    """Where the client's Host header would pick a sidecar's scope, as (index, message).
+
+    A sidecar receives a request whatever its Host header says, so recognising a sidecar's
+    workload by host lets the client name another workload's policies. The host decides only
+    where nothing else was sent (``WorkloadIndex.identify``): a plaintext request, or any
+    request through the HTTP door. Warned, for each workload listing ``hosts``: when some
+    workload is a sidecar (lists ``destinationPrincipals``); or when it is recognised by
+    hosts alone and one of them is a Kubernetes Service name (``_is_service_host``)."""
+    sidecars = [w.name for w in workloads if w.destination_principals]
+    found: list[tuple[int, str]] = []
+    for index, workload in enumerate(workloads):
+        if not workload.hosts:
+            continue
+        if sidecars:
+            found.append(
+                (
+                    index,
+                    f"workload {workload.name!r} is recognised by its hosts while "
+                    f"{', '.join(repr(n) for n in sidecars)} are sidecars "
+                    "(destinationPrincipals): a request that reaches a sidecar without a "
+                    "destination principal (plaintext, or through the HTTP door) is scoped by "
+                    "its Host header, which the client chooses. Make mTLS STRICT and use "
+                    "hosts only for gateways (docs/scoping.md)",
+                )
+            )
+            continue
+        if workload.context_extensions:
+            continue
+        service_hosts = [h for h in workload.hosts if _is_service_host(h)]
+        if service_hosts:
+            found.append(
+                (
+                    index,
+                    f"workload {workload.name!r} is recognised by host {service_hosts[0]!r}, "
+                    "a Kubernetes Service name: a sidecar receives a request whatever its Host "
+                    "header says, so the client picks the scope by naming a workload's host. "
+                    "At sidecars, recognise workloads by destinationPrincipals over the gRPC "
+                    "door (docs/scoping.md)",
+                )
+            )
+    return found
+
+
 def _principal_key(principal: str) -> str:
     return principal.removeprefix("spiffe://")
 
@@ -268,6 +326,11 @@ class WorkloadIndex:
         return (-len(workload.context_extensions), self._order[workload.name])
 
     def identify(self, request: RequestAttributes) -> Workload | None:
+        """The workload ``request`` is for, or None. By its context extensions, then by its
+        destination principal; by its host only when neither was sent (a SPIFFE ID counts as
+        sent; another principal, such as the DNS name of the certificate a TLS gateway
+        served, names no workload and does not): the Host header is the client's to choose,
+        so it never decides where a route or an mTLS sidecar said something (issue 20)."""
         extensions = request.context_extensions
         if extensions and self._by_extension:
             best: Workload | None = None
@@ -279,10 +342,13 @@ class WorkloadIndex:
                         break  # the rest of this list ranks lower
             if best is not None:
                 return best
-        if self._by_principal and request.destination_principal:
-            found = self._by_principal.get(_principal_key(request.destination_principal))
+        principal = request.destination_principal
+        if self._by_principal and principal:
+            found = self._by_principal.get(_principal_key(principal))
             if found is not None:
                 return found
+        if extensions or principal.startswith(SPIFFE_SCHEME):
+            return None
         if self._by_host or self._by_host_suffix:
             forms = request.host_forms
             for form in forms:

@@ -59,7 +59,7 @@ def _free_port() -> int:
 def measure_server_process(config_path: Path, request: object, calls: int, repeats: int) -> None:
     grpc_port, http_port = _free_port(), _free_port()
     argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+    argv += ["--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{http_port}"]
     argv += ["--log-level", "WARNING"]
     process = subprocess.Popen(argv)
     try:

@@ -131,7 +131,7 @@ class Server:
         self.grpc_port, self.http_port = _free_port(), _free_port()
         argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
         argv += ["--listen", f"127.0.0.1:{self.grpc_port}"]
-        argv += ["--http-listen", f"127.0.0.1:{self.http_port}"]
+        argv += ["--metrics-listen", f"127.0.0.1:{self.http_port}"]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir

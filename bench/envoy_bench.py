@@ -15,7 +15,8 @@ What runs (all on 127.0.0.1, ports picked at run time, every process stopped by 
   floor (bench/http_floor.py: uvloop + httptools answering 200).
   Last, with every other process stopped, scoping (issue 13, bench/scoping_cost.py): the
   per-Check CPU with 50 workloads x 20 policies against 1 workload with 20, in process and in
-  two servers of its own.
+  two servers of its own. Then tracing (issue 23, bench/tracing_cost.py): CPU per Check with
+  tracing off, on at 1% and at 100% sampling, in process and in three servers of its own.
 
 Each round runs every scenario once (the order reversed on odd rounds), so a busy moment of
 the shared machine falls on all of them alike; the report gives medians with min-max and the
@@ -29,22 +30,28 @@ Writes bench/results/latest.md (or --output) and prints it. BENCH_QUICK=1: a 1-2
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
 import loadgen
 import reference
 import report
 import scoping_cost
+import tracing_cost
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy_bootstrap import bootstrap
 from loadgen import LoadResult
@@ -248,7 +255,7 @@ class Bench:
         config_path = self.file(f"{name}.yaml", config_text)
         grpc_port, http_port = free_port(), free_port()
         argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-        argv += ["--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}"]
+        argv += ["--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{http_port}"]
         door = f"127.0.0.1:{free_port()}" if http_door else ""
         if http_door:
             argv += ["--http-authz-listen", door]
@@ -418,6 +425,18 @@ def build(bench: Bench) -> Setup:
     floor_proc = bench.floor()
     http_floor_proc, http_floor_port_file = bench.http_floor()
     ours = bench.authz_server("ours", istio, cpus=WORK_CPU, http_door=True)
+    # Credentials other than JWTs, each against a cached JWT on the same server (issue 21).
+    idp_url = start_introspection_endpoint()
+    api_key, opaque = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    bench.file("bench-keys.yaml", reference.api_keys_file(api_key))
+    bench.file("bench-client-secret", "bench-secret\n")
+    creds = bench.authz_server(
+        "ours-creds",
+        istio
+        + "---\n"
+        + reference.credentials_config(idp_url, "bench-keys.yaml", "bench-client-secret"),
+        cpus=WORK_CPU,
+    )
     fresh = bench.authz_server("ours-new-tokens", istio + SMALL_CACHE, cpus=WORK_CPU)
     scaled = {
         n: bench.authz_server(
@@ -452,7 +471,7 @@ def build(bench: Bench) -> Setup:
         "ours_http": bench.envoy("envoy-ours-http", "ext_authz_http", ours.http_door, output),
     }
 
-    servers = [ours, fresh, *scaled.values(), *workers.values()]
+    servers = [ours, fresh, creds, *scaled.values(), *workers.values()]
     for server in servers:
         server.proc.wait_ready(ready(f"{server.http}/readyz"))
     for envoy in envoys.values():
@@ -488,6 +507,16 @@ def build(bench: Bench) -> Setup:
         )
     for n, server in workers.items():
         direct[f"workers{n}"] = (server, frame, request)
+    for name, message in (
+        ("creds-jwt", request),
+        ("creds-introspected", reference.check_request(opaque)),
+        ("creds-apikey", reference.check_request(None, credential_headers={"x-api-key": api_key})),
+    ):
+        direct[name] = (
+            creds,
+            bench.file(f"check-{name}.bin", reference.grpc_frame(message)),
+            message,
+        )
     for name, (server, data, message) in direct.items():
         url = f"http://{server.grpc_address}{CHECK_PATH}"
         grpc_status = loadgen.grpc_status_of_one_call(url, data, GRPC_HEADERS)
@@ -547,6 +576,12 @@ def build(bench: Bench) -> Setup:
                      grpc_load(server.grpc_address, direct[f"{n}p"][1], WORK_CPU), server.proc,
                      metrics_url=metrics(server))
         )  # fmt: skip
+    for name, label in CREDENTIAL_SCENARIOS.items():
+        scenarios.append(
+            Scenario(f"direct-{name}", f"direct gRPC → authz-server, {label}",
+                     grpc_load(creds.grpc_address, direct[name][1], WORK_CPU), creds.proc,
+                     metrics_url=metrics(creds))
+        )  # fmt: skip
     for n, server in workers.items():
         scenarios.append(
             Scenario(f"workers{n}", f"direct gRPC → authz-server --workers {n} (both CPUs)",
@@ -554,6 +589,36 @@ def build(bench: Bench) -> Setup:
                      metrics_url=metrics(server))
         )  # fmt: skip
     return Setup(scenarios, floor, ours, envoys, auth[0], with_workers)
+
+
+# The credential scenarios: one server, a cached JWT, a cached introspection answer, an API key.
+CREDENTIAL_SCENARIOS = {
+    "creds-jwt": "cached JWT (beside the providers below)",
+    "creds-introspected": "opaque token, introspection answer cached",
+    "creds-apikey": "API key",
+}
+
+
+class _IntrospectionEndpoint(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps(reference.introspection_answer()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_introspection_endpoint() -> str:
+    """An RFC 7662 endpoint in this process (a daemon thread) answering every token active
+    with issuer A's claims: asked once per token, then the server's cache answers."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _IntrospectionEndpoint)
+    threading.Thread(target=server.serve_forever, name="introspection", daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/introspect"
 
 
 def half_load(setup: Setup, total_rps: float) -> list[Scenario]:
@@ -601,6 +666,12 @@ def main() -> int:
         cpus=WORK_CPU,
         command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
     )
+    log("tracing: off, 1% and 100% sampling (bench/tracing_cost.py)")
+    tracing = tracing_cost.run(
+        calls=500 if QUICK else 2000,
+        rounds=3 if QUICK else 5,
+        command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
+    )
     text = report.render(
         report.Run(
             scenarios=setup.scenarios,
@@ -617,6 +688,7 @@ def main() -> int:
             placement=(ENVOY_CPU, WORK_CPU, ALL_CPUS),
             loads=(WRK_CONNECTIONS, H2_CLIENTS, H2_STREAMS, HALF_LOAD_CLIENTS),
             scoping=scoping,
+            tracing=tracing,
         )
     )
     report.write(text, args.output, log)

@@ -93,7 +93,7 @@ def main() -> int:
             str(directory / "config.yaml"),
             "--listen",
             f"127.0.0.1:{grpc_port}",
-            "--http-listen",
+            "--metrics-listen",
             f"127.0.0.1:{http_port}",
         ],
         stderr=subprocess.DEVNULL,

@@ -6,6 +6,10 @@ objects, a DENY (blocked users, internal paths) and an ALLOW with four rules. Th
 request (``GET /api/orders?page=2`` with an issuer-A token) is allowed by the last ALLOW rule,
 so every rule is evaluated.
 
+`credentials_config` adds an introspection provider (issuer A's opaque tokens, read where its
+JWTs are) and an API keys provider beside it, with the same output headers, so that a Check
+with each kind of credential does the same work once the credential is verified.
+
 `envoy_jwt_rbac_filters` renders the same rules as Envoy's own ``jwt_authn`` + ``rbac`` HTTP
 filters: the in-proxy baseline. `scale_config` generates N ALLOW policies (distinct hosts, path
 prefixes and methods, plus three DENY) whose last one matches `scale_request`.
@@ -13,8 +17,10 @@ prefixes and methods, plus three DENY) whose last one matches `scale_request`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2
@@ -115,6 +121,43 @@ spec:
     when:
     - {{key: "request.auth.claims[scope]", values: ["orders:read"]}}
 """
+
+
+def credentials_config(endpoint: str, keys_file: str, secret_file: str) -> str:
+    """A native document to append to `istio_config`: issuer A's opaque tokens, introspected at
+    `endpoint` (HTTP Basic with the secret in `secret_file`), and API keys from `keys_file`
+    in `x-api-key`, each with issuer A's output headers."""
+    outputs = (
+        "[{header: x-user, claim: sub}, {header: x-tenant, claim: tenant}, "
+        "{header: x-email, claim: email}]"
+    )
+    return f"""\
+apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - name: opaque-a
+    issuer: {ISSUER_A}
+    audiences: [{AUDIENCE}]
+    introspection: {{endpoint: {endpoint}, clientId: bench, clientSecretFile: {secret_file}}}
+    outputClaimToHeaders: {outputs}
+  - name: keys-a
+    issuer: {ISSUER_A}
+    apiKeys: {{file: {keys_file}}}
+    fromHeaders: [{{name: x-api-key}}]
+    outputClaimToHeaders: {outputs}
+"""
+
+
+def introspection_answer() -> dict[str, Any]:
+    """What the bench's introspection endpoint answers: issuer A's claims, active."""
+    return {"active": True, **claims(0)}
+
+
+def api_keys_file(key: str) -> str:
+    """A keys file holding `key`, whose identity has issuer A's claims (`claims`)."""
+    claims_of = {k: v for k, v in claims(0).items() if k not in ("iss", "sub", "exp", "aud")}
+    entry = {"sub": "alice", "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    return "keys:\n  - " + json.dumps({**entry, "claims": claims_of}) + "\n"
 
 
 def scale_host(n: int) -> str:
@@ -330,8 +373,16 @@ def envoy_jwt_rbac_filters(jwks_a: str, jwks_b: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------- direct gRPC requests
 
 
-def check_request(token: str, *, host: str = HOST, path: str = PATH, method: str = "GET") -> bytes:
-    """A serialized CheckRequest with the fields Envoy's ext_authz sends for an HTTP/1.1 GET."""
+def check_request(
+    token: str | None,
+    *,
+    host: str = HOST,
+    path: str = PATH,
+    method: str = "GET",
+    credential_headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """A serialized CheckRequest with the fields Envoy's ext_authz sends for an HTTP/1.1 GET:
+    `token` as a bearer token (None: no Authorization), `credential_headers` besides."""
     ctx = attribute_context_pb2.AttributeContext
 
     def peer(port: int) -> Any:
@@ -352,7 +403,10 @@ def check_request(token: str, *, host: str = HOST, path: str = PATH, method: str
         "authorization": f"Bearer {token}",
         "x-forwarded-proto": "http",
         "x-request-id": request_id,
+        **(credential_headers or {}),
     }
+    if token is None:
+        del headers["authorization"]
     http = ctx.HttpRequest(
         id="1234567890123456789",
         method=method,

@@ -40,6 +40,7 @@ class Run:
     placement: tuple[str, str, str]  # Envoy's CPU, the servers' and load's CPU, both
     loads: tuple[int, int, int, int]  # wrk connections, h2load clients, streams, half-load clients
     scoping: Sequence[str] = ()  # bench/scoping_cost.py's section, when it ran
+    tracing: Sequence[str] = ()  # bench/tracing_cost.py's section, when it ran
 
 
 def write(text: str, output: Path, log: Callable[[str], None]) -> None:
@@ -198,7 +199,7 @@ def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
     no_auth, fresh = by_key["envoy-no-auth"], by_key["envoy-ours-new"]
     looked_up = fresh.cache_hits + fresh.cache_misses
     floors = paired(by_key["envoy-http-floor"], by_key["envoy-floor"], rps)
-    return [
+    lines = [
         f"- Through Envoy, authz-server ÷ Envoy's own jwt_authn + RBAC, req/s: "
         f"{ratio_text(paired(ours, jwt, rps))}; Envoy CPU per request with "
         f"jwt_authn + RBAC ÷ no auth: {ratio_text(paired(jwt, no_auth, envoy_cpu))}.",
@@ -215,6 +216,15 @@ def _other_ratios(run: Run, by_key: dict[str, Scenario]) -> list[str]:
         f"{ratio_text(paired(by_key['envoy-ours-http'], ours, envoy_cpu))}. HTTP floor ÷ gRPC "
         f"floor, Envoy req/s: {ratio_text(floors)}.",
     ]
+    if "direct-creds-jwt" in by_key:
+        jwt_check = by_key["direct-creds-jwt"]
+        intro, api_key = by_key["direct-creds-introspected"], by_key["direct-creds-apikey"]
+        lines.append(
+            f"- Credential kinds on one server (direct gRPC), server CPU per Check ÷ a cached "
+            f"JWT's: cached introspection answer {ratio_text(paired(intro, jwt_check, cpu))}, "
+            f"API key {ratio_text(paired(api_key, jwt_check, cpu))} (target: at most 1.2x)."
+        )
+    return lines
 
 
 def _command_output(argv: list[str]) -> str:
@@ -307,6 +317,7 @@ def render(run: Run) -> str:
         *_other_ratios(run, by_key),
         "",
         *run.scoping,
+        *([*run.tracing, ""] if run.tracing else []),
         "## How it ran",
         "",
         f"- Envoy `--concurrency 1` pinned to CPU {envoy_cpu} (taskset), one Envoy per HTTP "

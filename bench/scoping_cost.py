@@ -263,7 +263,7 @@ def measure_servers(
             argv += [
                 "--listen",
                 f"127.0.0.1:{grpc_port}",
-                "--http-listen",
+                "--metrics-listen",
                 f"127.0.0.1:{http_port}",
             ]
             proc = stack.start(Proc(f"scoping-{name}", argv, tmp / f"{name}.log", cpus))

@@ -114,7 +114,7 @@ def start_ours(bench: Bench, name: str, threads: int, listen: str) -> Server:
     config_path = bench.file(f"{name}.yaml", istio + server_threads_config(threads))
     http_port = free_port()
     argv = [sys.executable, "-m", "authz_server", "serve", "--config", str(config_path)]
-    argv += ["--listen", listen, "--http-listen", f"127.0.0.1:{http_port}"]
+    argv += ["--listen", listen, "--metrics-listen", f"127.0.0.1:{http_port}"]
     proc = Proc(name, argv, bench.tmp / f"{name}.log", WORK_CPU, pin_late=True)
     bench.stack.start(proc)
     return Server(proc, listen, f"http://127.0.0.1:{http_port}")

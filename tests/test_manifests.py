@@ -1,8 +1,8 @@
 """The Kubernetes manifests, proven offline: they render, they validate, they agree.
 
 - ``kubectl kustomize`` renders ``k8s/base``, ``k8s/istio`` and ``k8s/istio-http``, and
-  ``k8s/base`` with the ``k8s/components/http-door`` component, and with
-  ``k8s/components/grpc-tls``.
+  ``k8s/base`` with the ``k8s/components/http-door`` component, with
+  ``k8s/components/grpc-tls``, and with ``k8s/components/replay-cache-redis``.
 - Kubernetes objects validate with kubernetes-validate in strict mode (unknown fields are errors).
 - Istio objects validate against the openAPIV3Schema of Istio's CRDs
   (``tests/data/istio-crd-schemas.yaml``, made by ``tests/data/istio_crd_schemas.py``), made
@@ -34,7 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_server import cli, config, specs
+from authz_server import cli, config, specs, tracing
 from authz_server.envoy_config import output_headers
 from authz_server.server import LIVENESS_SERVICE
 from tests.helpers import load_script, without_comment_lines
@@ -467,7 +467,7 @@ def test_container_serves_the_configured_ports_and_reads_the_mounted_config(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {
         "grpc": _port(settings.server.listen),
-        "http-metrics": _port(settings.server.http_listen),
+        "http-metrics": _port(settings.server.metrics_listen),
     }
     assert container["image"] == f"authz-server:{_package_version()}"
     # The command is explicit, so the args do not depend on the image's ENTRYPOINT.
@@ -640,12 +640,29 @@ def test_custom_policy_names_the_mesh_provider_on_the_gateway() -> None:
 
 def test_custom_policy_checks_every_path_but_a_few_exact_exceptions() -> None:
     rules = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
-    # One rule, only notPaths: no host, method or path narrows what is sent to us, so a path
-    # nobody thought of (or spelt differently) is checked too.
-    assert rules == [{"to": [{"operation": {"notPaths": ["/healthz"]}}]}]
+    # One rule: the API's hosts and notPaths. No method or path narrows what is sent to us, so
+    # a path nobody thought of (or spelt differently) is checked too.
+    (rule,) = rules
+    (to,) = rule["to"]
+    assert set(rule) == {"to"}
+    assert set(to["operation"]) == {"hosts", "notPaths"}
+    assert to["operation"]["notPaths"] == ["/healthz"]
     # Exact paths: a `*` or `{**}` template would exempt a whole subtree.
-    exceptions = rules[0]["to"][0]["operation"]["notPaths"]
+    exceptions = to["operation"]["notPaths"]
     assert all(p.startswith("/") and "*" not in p and "{" not in p for p in exceptions)
+
+
+def test_custom_policy_names_the_apis_hosts_each_with_and_without_a_port() -> None:
+    """On a gateway shared with other teams, only the API's hosts are sent to the server."""
+    (rule,) = _one(_objects("istio"), "AuthorizationPolicy")["spec"]["rules"]
+    hosts = rule["to"][0]["operation"].get("hosts")
+    assert hosts, "the CUSTOM policy names no hosts: it catches every host of the gateway"
+    # Names, never a wildcard that would take in other teams' hosts again.
+    bare = [h for h in hosts if not h.endswith(":*")]
+    assert bare and all("*" not in h for h in bare), hosts
+    # Istio compares hosts exactly, and the gateway routes `host` and `host:<port>` alike: a
+    # host without its port twin would let `Host: api.example.com:443` past the check.
+    assert sorted(hosts) == sorted(bare + [f"{h}:*" for h in bare])
 
 
 def test_mesh_normalises_paths_before_any_policy_sees_them() -> None:
@@ -811,7 +828,7 @@ def test_serve_accepts_the_door_flag_the_component_adds(
     # Its own port: not the gRPC door's, nor the side port's.
     assert HTTP_DOOR_PORT not in {
         _port(settings.server.listen),
-        _port(settings.server.http_listen),
+        _port(settings.server.metrics_listen),
     }
 
 
@@ -936,7 +953,8 @@ def test_http_provider_reaches_the_door_and_fails_closed(settings: config.Settin
 
 def _headers_the_server_reads(settings: config.Settings) -> set[str]:
     """The request headers a decision of ``settings`` may read, lower case: each provider's
-    token headers (Authorization by default) and cookies, X-Forwarded-For (remoteIpBlocks,
+    token headers (Authorization by default) and cookies, DPoP proofs and trusted
+    X-Forwarded-Client-Cert (sender-constrained tokens), X-Forwarded-For (remoteIpBlocks,
     remote.ip), X-Request-Id (the decision log) and the headers policies test. (Not the
     headers the server sets, nor their underscore twins: every allow removes them, sent or
     not.)"""
@@ -948,6 +966,10 @@ def _headers_the_server_reads(settings: config.Settings) -> set[str]:
         needed.update(h.name.lower() for h in spec.from_headers)
         if spec.from_cookies:
             needed.add("cookie")
+        if spec.dpop.mode != "disabled":
+            needed.update(("authorization", "dpop"))  # Authorization: DPoP and the proof
+        if spec.certificate_bound != "disabled" and settings.server.trust_forwarded_client_cert:
+            needed.add("x-forwarded-client-cert")
     for policy in settings.policies:
         for rule in policy.rules or ():
             for condition in rule.when or ():
@@ -1067,9 +1089,145 @@ def test_tls_probes_ask_the_side_port_what_the_grpc_probes_asked(
     # service (up while the process runs, whatever the IdP does), /readyz like "".
     container = _http_door_container(base_with_grpc_tls)
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert named["http-metrics"] == _port(settings.server.http_listen)
+    assert named["http-metrics"] == _port(settings.server.metrics_listen)
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "grpc" not in container[probe]
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+@pytest.fixture(scope="module")
+def base_with_tracing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the tracing component, as an overlay of one's own lists it."""
+    tree = tmp_path_factory.mktemp("k8s-copy") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-tracing"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/tracing]\n"
+    )
+    return _render(overlay)
+
+
+def test_tracing_component_turns_tracing_on_with_the_otel_variables_and_nothing_else(
+    base_with_tracing: tuple[Obj, ...],
+) -> None:
+    objects = _by_label(base_with_tracing)
+    (container,) = objects["Deployment/authz-server"]["spec"]["template"]["spec"]["containers"]
+    args = cli._parser().parse_args(container["args"])
+    assert args.tracing
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] in tracing.PROTOCOLS
+    assert env["OTEL_TRACES_SAMPLER"] in tracing.SAMPLERS
+    assert 0.0 <= float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1.0
+    # Everything else is the base's.
+    expected = copy.deepcopy(_by_label(_objects("base")))
+    (original,) = expected["Deployment/authz-server"]["spec"]["template"]["spec"]["containers"]
+    original["args"].append("--tracing")
+    original["env"] = container["env"]
+    assert objects == expected
+    problems = all_problems(base_with_tracing)
+    assert not problems, "\n".join(problems)
+
+
+def test_tracing_is_off_unless_the_component_turns_it_on(settings: config.Settings) -> None:
+    assert not settings.server.tracing.enabled
+    for overlay in OVERLAYS:
+        (container,) = _one(_objects(overlay), "Deployment")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        assert "--tracing" not in container["args"]
+        assert "env" not in container
+
+
+# -------------------------------------------------------------------- replay cache in Redis
+
+REPLAY_CACHE_REDIS = K8S / "components" / "replay-cache-redis"
+REDIS_MOUNT = "/etc/authz-server-redis"
+REDIS_SECRET = "authz-server-redis"
+
+
+@pytest.fixture(scope="module")
+def base_with_replay_cache_redis(tmp_path_factory: pytest.TempPathFactory) -> tuple[Obj, ...]:
+    """k8s/base with the replay-cache-redis component, in an overlay of one's own."""
+    tree = tmp_path_factory.mktemp("k8s-copy-redis") / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "with-replay-cache-redis"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../base]\n"
+        "components: [../components/replay-cache-redis]\n"
+    )
+    return _render(overlay)
+
+
+def test_replay_cache_redis_component_adds_a_file_and_the_secret_and_nothing_else(
+    base_with_replay_cache_redis: tuple[Obj, ...],
+) -> None:
+    expected = copy.deepcopy(_by_label(_objects("base")))
+    configmap = expected["ConfigMap/authz-server-config"]
+    configmap["data"]["replay-cache.yaml"] = (REPLAY_CACHE_REDIS / "replay-cache.yaml").read_text()
+    pod = expected["Deployment/authz-server"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["volumeMounts"].insert(
+        0, {"name": "redis", "mountPath": REDIS_MOUNT, "readOnly": True}
+    )
+    pod["volumes"].insert(
+        0, {"name": "redis", "secret": {"secretName": REDIS_SECRET, "defaultMode": 0o440}}
+    )
+    assert _by_label(base_with_replay_cache_redis) == expected
+
+
+def test_replay_cache_redis_objects_validate_against_their_schemas(
+    base_with_replay_cache_redis: tuple[Obj, ...],
+) -> None:
+    changed = tuple(
+        o for o in base_with_replay_cache_redis if o["kind"] in ("Deployment", "ConfigMap")
+    )
+    problems = all_problems(changed)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_configmap_with_the_replay_cache_is_one_configuration_reading_the_secret(
+    base_with_replay_cache_redis: tuple[Obj, ...], tmp_path: Path, settings: config.Settings
+) -> None:
+    # The ConfigMap's files as the pod sees them, and the Secret's file where the Deployment
+    # mounts it (moved under tmp_path: the mount path is absolute).
+    data = _one(base_with_replay_cache_redis, "ConfigMap")["data"]
+    secret_dir = tmp_path / REDIS_MOUNT.lstrip("/")
+    secret_dir.mkdir(parents=True)
+    (secret_dir / "password").write_text("from-the-secret\n")
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for name, text in data.items():
+        (config_dir / name).write_text(text.replace(REDIS_MOUNT, str(secret_dir)))
+
+    with_redis = config.load(config_dir)
+
+    redis = with_redis.server.replay_cache.redis
+    assert redis is not None
+    assert redis.url.startswith("redis://") and ".svc.cluster.local:" in redis.url
+    assert redis.password_file == str(secret_dir / "password")
+    # The base's own server fields are kept: the component adds, it replaces nothing.
+    unchanged = with_redis.server.model_copy(update={"replay_cache": specs.ReplayCacheSpec()})
+    assert unchanged == settings.server
+    assert [p.spec for p in with_redis.providers] == [p.spec for p in settings.providers]
+    container = _http_door_container(base_with_replay_cache_redis)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == REDIS_MOUNT]
+    pod = _one(base_with_replay_cache_redis, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == REDIS_SECRET
+    assert (data["replay-cache.yaml"].count(f"{REDIS_MOUNT}/password"), mount["readOnly"]) == (
+        1,
+        True,
+    )

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 from google.protobuf import json_format
 
 from authz_server.attributes import RequestAttributes
+from authz_server.binding import certificate_der_from_pem
 from authz_server.doors import grpc as grpc_door
 from authz_server.explain import explain, request_attributes
 from authz_server.service import Engine
@@ -42,6 +44,16 @@ def to_attributes(request: explain_pb2.ExplainRequest) -> RequestAttributes:
         return grpc_door.to_attributes(request.check_request)
     if subject == "request":
         fields = request.request
+        if fields.scheme not in ("", "http", "https"):
+            raise ValueError(f"request.scheme {fields.scheme!r}: 'http' or 'https'")
+        certificate = ""
+        if fields.client_certificate:
+            try:
+                certificate_der_from_pem(fields.client_certificate)
+            except ValueError as exc:
+                raise ValueError(f"request.client_certificate: {exc}") from None
+            # As Envoy sends it (include_peer_certificate): URL-encoded PEM.
+            certificate = quote(fields.client_certificate, safe="")
         return request_attributes(
             method=fields.method or "GET",
             host=fields.host,
@@ -50,6 +62,8 @@ def to_attributes(request: explain_pb2.ExplainRequest) -> RequestAttributes:
             source_ip=fields.source_ip,
             context_extensions=fields.context_extensions,
             destination_principal=fields.destination_principal,
+            scheme=fields.scheme,
+            client_certificate=certificate,
         )
     raise NoSubjectError(NO_SUBJECT)
 

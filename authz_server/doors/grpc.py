@@ -67,6 +67,8 @@ def to_attributes(request: Any) -> RequestAttributes:
         destination_principal=attrs.destination.principal,
         sni=attrs.tls_session.sni,
         context_extensions=attrs.context_extensions,
+        scheme=http.scheme,
+        client_certificate=attrs.source.certificate,
     )
 
 
@@ -170,7 +172,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
         try:
-            decision = self.service.check(to_attributes(request))
+            attributes = to_attributes(request)
+            if self.service.tracing is not None and context is not None:
+                attributes.trace_carrier = context.invocation_metadata()
+            decision = self.service.check(attributes)
             return self.renderer.render(decision)
         except Exception:
             log.exception("internal error in the gRPC door")
@@ -186,7 +191,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             context.set_details("not a serialized envoy.service.auth.v3.CheckRequest")
             return b""
         try:
-            decision = self.service.check(to_attributes(request))
+            attributes = to_attributes(request)
+            if self.service.tracing is not None:  # Envoy's span context is in the metadata
+                attributes.trace_carrier = context.invocation_metadata()
+            decision = self.service.check(attributes)
             return self.renderer.wire(decision)
         except Exception:
             log.exception("internal error in the gRPC door")

@@ -19,7 +19,10 @@ Defences: limits on the request line (414), header count and size (431) and body
 malformed request gets 400 and the connection is closed; a request must arrive whole within
 ``requestTimeout`` (else 408 and close: a slow client holds nothing for long); idle keep-alive
 connections are closed after ``idleTimeout``; past ``maxConnections``, new connections are
-closed at once.
+closed at once. A client that stops reading its answers: once the connection's write buffer
+is past its high-water mark, the door stops answering, parsing and reading it (what waits is
+``_MAX_PIPELINED`` requests and a parse slice, and one buffer of answers), and closes it when
+the answers are not taken within ``requestTimeout``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ _CLOSE = b"connection: close\r\n"
 _SWEEP_INTERVAL = 1.0
 # Requests parsed ahead (pipelined) before the door stops reading from that connection.
 _MAX_PIPELINED = 64
+# What is parsed at a time: how far past _MAX_PIPELINED the requests waiting can go.
+_PARSE_SLICE = 4096
 
 
 def _status_line(status: int) -> bytes:
@@ -101,13 +106,16 @@ def render_allow(decision: Decision) -> bytes:
     return b"".join(parts)
 
 
-def render_denial(decision: Decision) -> bytes:
-    """The denial's status, headers and body, for Envoy to send to the client."""
+def render_denial(decision: Decision, *, head: bool = False) -> bytes:
+    """The denial's status, headers and body, for Envoy to send to the client. ``head``: the
+    answer to a HEAD request, which has no body (its content-length is what GET would get;
+    Envoy reads none, and bytes after the headers would break the connection)."""
     body = decision.body.encode()
     parts = [_status_line(decision.status)]
     parts.extend(_header_line(name, value) for name, value in decision.response_headers)
     parts.append(f"content-length: {len(body)}\r\n\r\n".encode("ascii"))
-    parts.append(body)
+    if not head:
+        parts.append(body)
     return b"".join(parts)
 
 
@@ -138,7 +146,8 @@ class HttpRenderer:
         self._allows: dict[tuple[Any, ...], bytes] = {}
         self._allow_entries = allow_entries
 
-    def wire(self, decision: Decision) -> bytes:
+    def wire(self, decision: Decision, *, head: bool = False) -> bytes:
+        """The answer to send; ``head``: the request was a HEAD (a denial goes without body)."""
         if decision.allowed:
             key: tuple[Any, ...] = (decision.headers_to_set, decision.headers_to_remove)
             answer = self._allows.get(key)
@@ -147,10 +156,10 @@ class HttpRenderer:
                     self._allows.clear()  # the busy callers come back at once
                 answer = self._allows[key] = render_allow(decision)
             return answer
-        key = (decision.status, decision.reason, decision.response_headers, decision.body)
+        key = (decision.status, decision.reason, decision.response_headers, decision.body, head)
         answer = self._denials.get(key)
         if answer is None:
-            answer = self._denials[key] = render_denial(decision)
+            answer = self._denials[key] = render_denial(decision, head=head)
         return answer
 
 
@@ -176,12 +185,21 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: deque[_Pending] = deque()
         self.busy = False  # a Check of this connection is on the waiting pool
-        self.paused = False
+        self.rejected = False  # a protocol error is queued: nothing after it is read
+        self.reading = True
+        # The transport's write buffer is above its high-water mark (the client is not
+        # reading): answers wait, and so does reading, so memory stays bounded.
+        self.write_paused = False
+        self.write_paused_at = 0.0
         self.closed = False
         # Loop time the request being received began (0: between requests); a new
         # connection must send its first request within requestTimeout too.
         self.started = door.loop_time()
         self.last_active = self.started
+        self.completed = 0  # requests completed in the slice being parsed
+        # Received, not parsed yet (from offset on): parsing waits while answers do.
+        self.unparsed = b""
+        self.offset = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -206,9 +224,48 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.door.connections.discard(self)
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_at = self.door.loop_time()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._work()
+
     def data_received(self, data: bytes) -> None:
         if self.started == 0.0:
             self.started = self.door.loop_time()
+        if self.offset < len(self.unparsed):  # bytes still held: these come after them
+            self.unparsed = self.unparsed[self.offset :] + data
+        else:
+            self.unparsed = data
+        self.offset = 0
+        self._work()
+
+    def _holding(self) -> bool:
+        """Whether parsing (and reading) waits: a Check of this connection is on the pool,
+        the client is not taking its answers, many requests wait, or nothing more is read."""
+        return self.busy or self.write_paused or self.rejected or len(self.pending) > _MAX_PIPELINED
+
+    def _work(self) -> None:
+        """Answer what is parsed, and parse what was received a slice at a time while the
+        answers are taken: what waits for a client that stops reading is bounded by
+        _MAX_PIPELINED requests and a slice, not by what one read brought."""
+        while True:
+            self._answer_pending()
+            if self.closed or self.offset >= len(self.unparsed) or self._holding():
+                break
+            end = self.offset + _PARSE_SLICE
+            piece = self.unparsed[self.offset : end]  # the whole of a small read: no copy
+            self.offset = end
+            self._parse(piece)
+        if self.rejected or self.offset >= len(self.unparsed):
+            self.unparsed, self.offset = b"", 0
+        self._update_reading()
+
+    def _parse(self, data: bytes) -> None:
+        self.completed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -217,6 +274,7 @@ class _Connection(asyncio.Protocol):
             last = self.pending[-1] if self.pending else None
             if isinstance(last, tuple):
                 self.pending[-1] = (last[0], False)
+                self.rejected = True
             else:
                 self._reject(_Rejected(400, "malformed request"))
         except httptools.HttpParserError as exc:
@@ -226,19 +284,44 @@ class _Connection(asyncio.Protocol):
             else:
                 self._reject(_Rejected(400, "malformed request"))
         else:
-            # NOTE: the parser buffers a header until its end: bound what a head that never
-            # ends can make it hold (whole chunks count: an over-estimate, never an under-).
             if self.in_head:
-                self.head_bytes += len(data)
-                limits = self.limits
-                if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
-                    self._reject(_Rejected(431, "request head too large"))
-        self._answer_pending()
+                self._count_head_bytes(len(data))
+
+    def _count_head_bytes(self, received: int) -> None:
+        """Bound what a head that never ends can make the parser hold (it buffers a header
+        until its end): 431 past the limits. Only head bytes count: a body, or requests
+        answered already, never make a later head "too large"."""
+        if self.completed:
+            # The slice also held the end of earlier requests (their bodies included): the
+            # head being received counts what the parser has handed over of it so far. Its
+            # unfinished header line (at most this slice) counts from the next slice on.
+            self.head_bytes = len(self.url) + sum(
+                len(name) + len(value) + 4 for name, value in self.raw_headers
+            )
+        else:
+            self.head_bytes += received  # no request ended in this slice: all of it is head
+        limits = self.limits
+        if self.head_bytes > limits.max_header_bytes + limits.max_request_line_bytes:
+            self._reject(_Rejected(431, "request head too large"))
 
     def _reject(self, rejected: _Rejected) -> None:
         self.pending.append(_protocol_error(rejected.status, rejected.reason))
-        if self.transport is not None:
-            self.transport.pause_reading()  # nothing after a bad request is read
+        self.rejected = True
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the connection only when nothing received waits to be parsed and
+        parsing may go on (see ``_holding``)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not self._holding() and self.offset >= len(self.unparsed)
+        if wanted != self.reading:
+            self.reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     # --------------------------------------------------------------- parser callbacks
 
@@ -301,42 +384,39 @@ class _Connection(asyncio.Protocol):
             )
         )
         self._reset()
+        self.completed += 1
         self.started = 0.0
-        if len(self.pending) > _MAX_PIPELINED and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
 
     # ------------------------------------------------------------------------ answers
 
     def _answer_pending(self) -> None:
         door = self.door
-        while self.pending and not self.busy:
+        while self.pending and not self.busy and not self.write_paused:
             item = self.pending.popleft()
             if isinstance(item, bytes):  # a protocol error: answer it and close
                 self._send(item, keep_alive=False)
                 return
             attrs, keep_alive = item
+            head = attrs.method == "HEAD"
             try:
                 decision = door.service.check(attrs, wait="defer")
             except WouldWait:
                 if door.waiting >= door.waiting_threads:
                     decision = door.service.check(attrs, wait="no")
-                    if not self._send(door.renderer.wire(decision), keep_alive):
+                    if not self._send(door.renderer.wire(decision, head=head), keep_alive):
                         return
                     continue
                 self.busy = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self._update_reading()
                 future = door.decide_waiting(attrs)
-                future.add_done_callback(functools.partial(self._waited, keep_alive=keep_alive))
+                future.add_done_callback(
+                    functools.partial(self._waited, keep_alive=keep_alive, head=head)
+                )
                 return
-            if not self._send(door.renderer.wire(decision), keep_alive):
+            if not self._send(door.renderer.wire(decision, head=head), keep_alive):
                 return
-        if self.paused and not self.busy and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
 
-    def _waited(self, future: asyncio.Future[Decision], keep_alive: bool) -> None:
+    def _waited(self, future: asyncio.Future[Decision], keep_alive: bool, head: bool) -> None:
         self.busy = False
         self.door.waiting -= 1
         if self.closed:
@@ -346,10 +426,8 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("internal error in the HTTP door")
             decision = responses.internal_error()
-        if self._send(self.door.renderer.wire(decision), keep_alive):
-            if self.transport is not None and not self.paused:
-                self.transport.resume_reading()
-            self._answer_pending()
+        if self._send(self.door.renderer.wire(decision, head=head), keep_alive):
+            self._work()
 
     def _send(self, answer: bytes, keep_alive: bool) -> bool:
         """Write ``answer``; close after it when the request or the door says so. Returns
@@ -501,7 +579,9 @@ class HttpDoor:
             transport = connection.transport
             if transport is None:
                 continue
-            if connection.started and now - connection.started > request_timeout:
+            if connection.write_paused and now - connection.write_paused_at > request_timeout:
+                transport.abort()  # its answers were not taken in time: it stopped reading
+            elif connection.started and now - connection.started > request_timeout:
                 if not connection.busy and not connection.pending:
                     transport.write(_protocol_error(408, "request not received in time"))
                     transport.close()

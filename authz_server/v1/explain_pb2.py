@@ -26,7 +26,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as envoy_dot_service_dot_aut
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61uthz_server/v1/explain.proto\x12\x0f\x61uthz_server.v1\x1a)envoy/service/auth/v3/external_auth.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9f\x01\n\x0e\x45xplainRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authz_server.v1.HttpRequestH\x00\x12<\n\rcheck_request\x18\x02 \x01(\x0b\x32#.envoy.service.auth.v3.CheckRequestH\x00\x12\x13\n\x0bshow_claims\x18\x03 \x01(\x08\x42\t\n\x07subject\"\xe2\x02\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12:\n\x07headers\x18\x04 \x03(\x0b\x32).authz_server.v1.HttpRequest.HeadersEntry\x12\x11\n\tsource_ip\x18\x05 \x01(\t\x12O\n\x12\x63ontext_extensions\x18\x06 \x03(\x0b\x32\x33.authz_server.v1.HttpRequest.ContextExtensionsEntry\x12\x1d\n\x15\x64\x65stination_principal\x18\x07 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16\x43ontextExtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb6\x06\n\x0f\x45xplainResponse\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12/\n\x07request\x18\x07 \x01(\x0b\x32\x1e.authz_server.v1.JudgedRequest\x12-\n\x06tokens\x18\x08 \x03(\x0b\x32\x1d.authz_server.v1.TokenOutcome\x12\x1a\n\x12policies_evaluated\x18\t \x01(\x08\x12\x1f\n\x17\x65nforced_allow_policies\x18\n \x01(\x05\x12.\n\x08policies\x18\x0b \x03(\x0b\x32\x1c.authz_server.v1.PolicyTrace\x12\x0f\n\x07\x61udited\x18\x0c \x03(\t\x12=\n\x07\x64ry_run\x18\r \x03(\x0b\x32,.authz_server.v1.ExplainResponse.DryRunEntry\x12J\n\x0eheaders_to_set\x18\x0e \x03(\x0b\x32\x32.authz_server.v1.ExplainResponse.HeadersToSetEntry\x12\x19\n\x11headers_to_remove\x18\x0f \x03(\t\x12\x1e\n\x16query_params_to_remove\x18\x10 \x03(\t\x12O\n\x10response_headers\x18\x11 \x03(\x0b\x32\x35.authz_server.v1.ExplainResponse.ResponseHeadersEntry\x12+\n\x08workload\x18\x12 \x01(\x0b\x32\x19.authz_server.v1.Workload\x1a-\n\x0b\x44ryRunEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11HeadersToSetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07unknown\x18\x02 \x01(\t\x12\x19\n\x11policies_in_scope\x18\x03 \x03(\t\x12\x1a\n\x12providers_in_scope\x18\x04 \x03(\t\";\n\rJudgedRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xb5\x01\n\x0cTokenOutcome\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\'\n\x06\x63laims\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x89\x01\n\x0bPolicyTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0f\n\x07matched\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65\x63ided\x18\x05 \x01(\x08\x12)\n\x05rules\x18\x06 \x03(\x0b\x32\x1a.authz_server.v1.RuleTrace\"Y\n\tRuleTrace\x12\x0c\n\x04rule\x18\x01 \x01(\x05\x12\x0f\n\x07matched\x18\x02 \x01(\x08\x12-\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x1d.authz_server.v1.FailedClause\"s\n\x0c\x46\x61iledClause\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x03(\t\x12#\n\x03had\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06hidden\x18\x04 \x01(\x08\x12\x0f\n\x07unknown\x18\x05 \x01(\t2W\n\x07\x45xplain\x12L\n\x07\x45xplain\x12\x1f.authz_server.v1.ExplainRequest\x1a .authz_server.v1.ExplainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61uthz_server/v1/explain.proto\x12\x0f\x61uthz_server.v1\x1a)envoy/service/auth/v3/external_auth.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9f\x01\n\x0e\x45xplainRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.authz_server.v1.HttpRequestH\x00\x12<\n\rcheck_request\x18\x02 \x01(\x0b\x32#.envoy.service.auth.v3.CheckRequestH\x00\x12\x13\n\x0bshow_claims\x18\x03 \x01(\x08\x42\t\n\x07subject\"\x8e\x03\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12:\n\x07headers\x18\x04 \x03(\x0b\x32).authz_server.v1.HttpRequest.HeadersEntry\x12\x11\n\tsource_ip\x18\x05 \x01(\t\x12O\n\x12\x63ontext_extensions\x18\x06 \x03(\x0b\x32\x33.authz_server.v1.HttpRequest.ContextExtensionsEntry\x12\x1d\n\x15\x64\x65stination_principal\x18\x07 \x01(\t\x12\x0e\n\x06scheme\x18\x08 \x01(\t\x12\x1a\n\x12\x63lient_certificate\x18\t \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16\x43ontextExtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x06\n\x0f\x45xplainResponse\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12/\n\x07request\x18\x07 \x01(\x0b\x32\x1e.authz_server.v1.JudgedRequest\x12-\n\x06tokens\x18\x08 \x03(\x0b\x32\x1d.authz_server.v1.TokenOutcome\x12\x1a\n\x12policies_evaluated\x18\t \x01(\x08\x12\x1f\n\x17\x65nforced_allow_policies\x18\n \x01(\x05\x12.\n\x08policies\x18\x0b \x03(\x0b\x32\x1c.authz_server.v1.PolicyTrace\x12\x0f\n\x07\x61udited\x18\x0c \x03(\t\x12=\n\x07\x64ry_run\x18\r \x03(\x0b\x32,.authz_server.v1.ExplainResponse.DryRunEntry\x12J\n\x0eheaders_to_set\x18\x0e \x03(\x0b\x32\x32.authz_server.v1.ExplainResponse.HeadersToSetEntry\x12\x19\n\x11headers_to_remove\x18\x0f \x03(\t\x12\x1e\n\x16query_params_to_remove\x18\x10 \x03(\t\x12O\n\x10response_headers\x18\x11 \x03(\x0b\x32\x35.authz_server.v1.ExplainResponse.ResponseHeadersEntry\x12+\n\x08workload\x18\x12 \x01(\x0b\x32\x19.authz_server.v1.Workload\x12\x0c\n\x04note\x18\x13 \x01(\t\x1a-\n\x0b\x44ryRunEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11HeadersToSetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x36\n\x14ResponseHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x08Workload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07unknown\x18\x02 \x01(\t\x12\x19\n\x11policies_in_scope\x18\x03 \x03(\t\x12\x1a\n\x12providers_in_scope\x18\x04 \x03(\t\";\n\rJudgedRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xda\x01\n\x0cTokenOutcome\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\'\n\x06\x63laims\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x64\x65tails\x18\t \x03(\t\x12\x12\n\ncredential\x18\n \x01(\t\"\x89\x01\n\x0bPolicyTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0f\n\x07matched\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65\x63ided\x18\x05 \x01(\x08\x12)\n\x05rules\x18\x06 \x03(\x0b\x32\x1a.authz_server.v1.RuleTrace\"Y\n\tRuleTrace\x12\x0c\n\x04rule\x18\x01 \x01(\x05\x12\x0f\n\x07matched\x18\x02 \x01(\x08\x12-\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x1d.authz_server.v1.FailedClause\"s\n\x0c\x46\x61iledClause\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06wanted\x18\x02 \x03(\t\x12#\n\x03had\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06hidden\x18\x04 \x01(\x08\x12\x0f\n\x07unknown\x18\x05 \x01(\t2W\n\x07\x45xplain\x12L\n\x07\x45xplain\x12\x1f.authz_server.v1.ExplainRequest\x1a .authz_server.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPLAINREQUEST']._serialized_start=124
   _globals['_EXPLAINREQUEST']._serialized_end=283
   _globals['_HTTPREQUEST']._serialized_start=286
-  _globals['_HTTPREQUEST']._serialized_end=640
-  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_start=536
-  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_end=582
-  _globals['_HTTPREQUEST_CONTEXTEXTENSIONSENTRY']._serialized_start=584
-  _globals['_HTTPREQUEST_CONTEXTEXTENSIONSENTRY']._serialized_end=640
-  _globals['_EXPLAINRESPONSE']._serialized_start=643
-  _globals['_EXPLAINRESPONSE']._serialized_end=1465
-  _globals['_EXPLAINRESPONSE_DRYRUNENTRY']._serialized_start=1311
-  _globals['_EXPLAINRESPONSE_DRYRUNENTRY']._serialized_end=1356
-  _globals['_EXPLAINRESPONSE_HEADERSTOSETENTRY']._serialized_start=1358
-  _globals['_EXPLAINRESPONSE_HEADERSTOSETENTRY']._serialized_end=1409
-  _globals['_EXPLAINRESPONSE_RESPONSEHEADERSENTRY']._serialized_start=1411
-  _globals['_EXPLAINRESPONSE_RESPONSEHEADERSENTRY']._serialized_end=1465
-  _globals['_WORKLOAD']._serialized_start=1467
-  _globals['_WORKLOAD']._serialized_end=1563
-  _globals['_JUDGEDREQUEST']._serialized_start=1565
-  _globals['_JUDGEDREQUEST']._serialized_end=1624
-  _globals['_TOKENOUTCOME']._serialized_start=1627
-  _globals['_TOKENOUTCOME']._serialized_end=1808
-  _globals['_POLICYTRACE']._serialized_start=1811
-  _globals['_POLICYTRACE']._serialized_end=1948
-  _globals['_RULETRACE']._serialized_start=1950
-  _globals['_RULETRACE']._serialized_end=2039
-  _globals['_FAILEDCLAUSE']._serialized_start=2041
-  _globals['_FAILEDCLAUSE']._serialized_end=2156
-  _globals['_EXPLAIN']._serialized_start=2158
-  _globals['_EXPLAIN']._serialized_end=2245
+  _globals['_HTTPREQUEST']._serialized_end=684
+  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_start=580
+  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_end=626
+  _globals['_HTTPREQUEST_CONTEXTEXTENSIONSENTRY']._serialized_start=628
+  _globals['_HTTPREQUEST_CONTEXTEXTENSIONSENTRY']._serialized_end=684
+  _globals['_EXPLAINRESPONSE']._serialized_start=687
+  _globals['_EXPLAINRESPONSE']._serialized_end=1523
+  _globals['_EXPLAINRESPONSE_DRYRUNENTRY']._serialized_start=1369
+  _globals['_EXPLAINRESPONSE_DRYRUNENTRY']._serialized_end=1414
+  _globals['_EXPLAINRESPONSE_HEADERSTOSETENTRY']._serialized_start=1416
+  _globals['_EXPLAINRESPONSE_HEADERSTOSETENTRY']._serialized_end=1467
+  _globals['_EXPLAINRESPONSE_RESPONSEHEADERSENTRY']._serialized_start=1469
+  _globals['_EXPLAINRESPONSE_RESPONSEHEADERSENTRY']._serialized_end=1523
+  _globals['_WORKLOAD']._serialized_start=1525
+  _globals['_WORKLOAD']._serialized_end=1621
+  _globals['_JUDGEDREQUEST']._serialized_start=1623
+  _globals['_JUDGEDREQUEST']._serialized_end=1682
+  _globals['_TOKENOUTCOME']._serialized_start=1685
+  _globals['_TOKENOUTCOME']._serialized_end=1903
+  _globals['_POLICYTRACE']._serialized_start=1906
+  _globals['_POLICYTRACE']._serialized_end=2043
+  _globals['_RULETRACE']._serialized_start=2045
+  _globals['_RULETRACE']._serialized_end=2134
+  _globals['_FAILEDCLAUSE']._serialized_start=2136
+  _globals['_FAILEDCLAUSE']._serialized_end=2251
+  _globals['_EXPLAIN']._serialized_start=2253
+  _globals['_EXPLAIN']._serialized_end=2340
 # @@protoc_insertion_point(module_scope)

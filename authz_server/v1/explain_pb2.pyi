@@ -19,7 +19,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[HttpRequest, _Mapping]] = ..., check_request: _Optional[_Union[_external_auth_pb2.CheckRequest, _Mapping]] = ..., show_claims: _Optional[bool] = ...) -> None: ...
 
 class HttpRequest(_message.Message):
-    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions", "destination_principal")
+    __slots__ = ("method", "host", "path", "headers", "source_ip", "context_extensions", "destination_principal", "scheme", "client_certificate")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class HttpRequest(_message.Message):
     SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     method: str
     host: str
     path: str
@@ -48,10 +50,12 @@ class HttpRequest(_message.Message):
     source_ip: str
     context_extensions: _containers.ScalarMap[str, str]
     destination_principal: str
-    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., destination_principal: _Optional[str] = ...) -> None: ...
+    scheme: str
+    client_certificate: str
+    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., source_ip: _Optional[str] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., destination_principal: _Optional[str] = ..., scheme: _Optional[str] = ..., client_certificate: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("decision", "status", "reason", "policy", "provider", "principal", "request", "tokens", "policies_evaluated", "enforced_allow_policies", "policies", "audited", "dry_run", "headers_to_set", "headers_to_remove", "query_params_to_remove", "response_headers", "workload")
+    __slots__ = ("decision", "status", "reason", "policy", "provider", "principal", "request", "tokens", "policies_evaluated", "enforced_allow_policies", "policies", "audited", "dry_run", "headers_to_set", "headers_to_remove", "query_params_to_remove", "response_headers", "workload", "note")
     class DryRunEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +95,7 @@ class ExplainResponse(_message.Message):
     QUERY_PARAMS_TO_REMOVE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_HEADERS_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     decision: str
     status: int
     reason: str
@@ -109,7 +114,8 @@ class ExplainResponse(_message.Message):
     query_params_to_remove: _containers.RepeatedScalarFieldContainer[str]
     response_headers: _containers.ScalarMap[str, str]
     workload: Workload
-    def __init__(self, decision: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., request: _Optional[_Union[JudgedRequest, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenOutcome, _Mapping]]] = ..., policies_evaluated: _Optional[bool] = ..., enforced_allow_policies: _Optional[int] = ..., policies: _Optional[_Iterable[_Union[PolicyTrace, _Mapping]]] = ..., audited: _Optional[_Iterable[str]] = ..., dry_run: _Optional[_Mapping[str, str]] = ..., headers_to_set: _Optional[_Mapping[str, str]] = ..., headers_to_remove: _Optional[_Iterable[str]] = ..., query_params_to_remove: _Optional[_Iterable[str]] = ..., response_headers: _Optional[_Mapping[str, str]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ...) -> None: ...
+    note: str
+    def __init__(self, decision: _Optional[str] = ..., status: _Optional[int] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., request: _Optional[_Union[JudgedRequest, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[TokenOutcome, _Mapping]]] = ..., policies_evaluated: _Optional[bool] = ..., enforced_allow_policies: _Optional[int] = ..., policies: _Optional[_Iterable[_Union[PolicyTrace, _Mapping]]] = ..., audited: _Optional[_Iterable[str]] = ..., dry_run: _Optional[_Mapping[str, str]] = ..., headers_to_set: _Optional[_Mapping[str, str]] = ..., headers_to_remove: _Optional[_Iterable[str]] = ..., query_params_to_remove: _Optional[_Iterable[str]] = ..., response_headers: _Optional[_Mapping[str, str]] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Workload(_message.Message):
     __slots__ = ("name", "unknown", "policies_in_scope", "providers_in_scope")
@@ -134,7 +140,7 @@ class JudgedRequest(_message.Message):
     def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class TokenOutcome(_message.Message):
-    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims")
+    __slots__ = ("location", "providers", "result", "provider", "principal", "error", "description", "claims", "details", "credential")
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +149,8 @@ class TokenOutcome(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     location: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     result: str
@@ -151,7 +159,9 @@ class TokenOutcome(_message.Message):
     error: str
     description: str
     claims: _struct_pb2.Struct
-    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    details: _containers.RepeatedScalarFieldContainer[str]
+    credential: str
+    def __init__(self, location: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., result: _Optional[str] = ..., provider: _Optional[str] = ..., principal: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., details: _Optional[_Iterable[str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class PolicyTrace(_message.Message):
     __slots__ = ("name", "action", "dry_run", "matched", "decided", "rules")

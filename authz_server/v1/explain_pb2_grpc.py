@@ -5,7 +5,7 @@ import warnings
 
 from authz_server.v1 import explain_pb2 as authz__server_dot_v1_dot_explain__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -1,7 +1,7 @@
 """Demo: Envoy in front of a tiny upstream, asking authz-server about every request.
 
     .venv/bin/python examples/demo/run.py             # start, print commands, wait for Ctrl-C
-    .venv/bin/python examples/demo/run.py --selftest  # start, run the commands, exit 0/1
+    .venv/bin/python examples/demo/run.py --selftest  # start, print and run the commands, exit 0/1
     .venv/bin/python examples/demo/run.py --door http # Envoy asks through the HTTP door
 
 Starts an echo upstream (in this process), `python -m authz_server serve` with
@@ -266,6 +266,17 @@ def _check_body(token: str) -> str:
     return json.dumps({"attributes": {"request": {"http": http}}})
 
 
+def _explain_command(grpcurl: str, grpc_address: str) -> str:
+    """The shell lines that ask the running demo's Explain API why alice may not POST (the
+    here-document expands $ALICE, exported by the printed `export` lines)."""
+    request = {"method": "POST", "path": PATH, "headers": {"authorization": "Bearer $ALICE"}}
+    return (
+        f"{grpcurl} -plaintext -d @ {grpc_address} authz_server.v1.Explain/Explain <<EOF\n"
+        f"{json.dumps({'request': request})}\n"
+        "EOF"
+    )
+
+
 def _print_commands(base_url: str, grpc_address: str, tokens: Tokens) -> None:
     curl = "curl -sS -i"
     grpcurl = _shown(_binary("grpcurl") or "grpcurl")
@@ -285,6 +296,8 @@ def _print_commands(base_url: str, grpc_address: str, tokens: Tokens) -> None:
     print(
         f"{grpcurl} -plaintext -d '{body}' {grpc_address} envoy.service.auth.v3.Authorization/Check"
     )
+    print(f"\nWhy alice may not POST: the Explain API (server.explain in {_shown(str(CONFIG))}):\n")
+    print(_explain_command(grpcurl, grpc_address))
     print()
 
 
@@ -321,12 +334,48 @@ def _selftest(base_url: str, grpc_address: str, tokens: Tokens) -> bool:
         )
         allowed = '"ok_response"' in answer or '"okResponse"' in answer  # grpcurl prints either
         results.append(("grpcurl Check as alice: ok_response", str(allowed), "True"))
+        why = _explain_outcome(grpc_address, tokens)
+        results.append(("printed Explain command: alice's POST", why, _WHY))
 
     width = max(len(what) for what, _, _ in results)
     for what, got, expected in results:
         mark = "ok  " if got == expected else "FAIL"
         print(f"[{mark}] {what:<{width}}  got {got:<8} expected {expected}")
     return all(got == expected for _, got, expected in results)
+
+
+# What the Explain API says of alice's POST: denied, and the clause of the admins' policy
+# that failed.
+_WHY = "deny 403, api-write-admins failed on when[request.auth.claims[groups]]"
+
+
+def _explain_outcome(grpc_address: str, tokens: Tokens) -> str:
+    """Run the Explain command exactly as printed (through a shell, with $ALICE exported) and
+    return its answer in the words of `_WHY`, or what went wrong."""
+    grpcurl = _shown(_binary("grpcurl") or "grpcurl")
+    result = subprocess.run(  # noqa: S603 (the command this script prints)
+        ["/bin/sh", "-c", _explain_command(grpcurl, grpc_address)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        env=dict(os.environ, ALICE=tokens.alice),
+    )
+    try:
+        answer = json.loads(result.stdout)
+    except ValueError:
+        return "no JSON answer: " + " ".join((result.stdout + result.stderr).split())[:300]
+    failed = [
+        clause["field"]
+        for policy in answer.get("policies", [])
+        if policy.get("name") == "api-write-admins"
+        for rule in policy.get("rules", [])
+        for clause in rule.get("failed", [])
+    ]
+    return (
+        f"{answer.get('decision')} {answer.get('status')}, api-write-admins failed on "
+        f"{', '.join(failed) or 'nothing'}"
+    )
 
 
 def _run(argv: list[str]) -> str:
@@ -386,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(CONFIG),
                 "--listen",
                 grpc_address,
-                "--http-listen",
+                "--metrics-listen",
                 f"127.0.0.1:{http_port}",
                 *door_args,
             ],
@@ -431,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             doors += f", HTTP ext_authz http://{door_address} (Envoy asks here)"
         print(f"authz-server {doors}, http://127.0.0.1:{http_port}/metrics /readyz")
         print(f"upstream     http://127.0.0.1:{upstream.port}   logs in {workdir}")
+        _print_commands(base_url, grpc_address, tokens)
         if args.selftest:
             ok = _selftest(base_url, grpc_address, tokens)
             return 0 if ok else 1
-        _print_commands(base_url, grpc_address, tokens)
         print("Ctrl-C to stop.")
         while not stop.wait(0.5):
             for child in children:

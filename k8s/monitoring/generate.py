@@ -45,6 +45,8 @@ MIN_CHECKS_PER_SECOND = 0.2
 UNAUTHENTICATED_REASONS = (
     "missing_credentials",
     "ambiguous_credentials",
+    "ambiguous_cookie",
+    "ambiguous_query",
     "malformed_token",
     "unsupported_algorithm",
     "unknown_kid",
@@ -54,7 +56,19 @@ UNAUTHENTICATED_REASONS = (
     "invalid_issuer",
     "invalid_audience",
     "missing_claim",
+    "token_inactive",
+    "malformed_api_key",
+    "unknown_api_key",
+    "api_key_expired",
+    # Sender-constrained tokens (docs/sender-constrained.md).
+    "invalid_dpop_proof",
+    "dpop_proof_replayed",
+    "use_dpop_nonce",
+    "bound_token_without_proof",
+    "certificate_mismatch",
 )
+# Share of an introspection provider's calls that fail (no usable answer: its tokens get 503).
+INTROSPECTION_FAILURE_SHARE = 0.05
 
 # -------------------------------------------------------------------------------- alerts
 
@@ -138,6 +152,27 @@ ALERTS = (
             "{{ $labels.instance }} and the pod is unready: its keys never loaded, or stayed "
             "stale past maxStale. /readyz on the pod's side port names the error; see "
             "docs/troubleshooting.md, '/readyz says not ready'."
+        ),
+    ),
+    Alert(
+        name="AuthzIntrospectionFailing",
+        expr=(
+            "sum by (namespace, job, provider) "
+            '(rate(authz_introspection_calls_total{result!~"active|inactive"}[5m]))\n'
+            "  / sum by (namespace, job, provider) (rate(authz_introspection_calls_total[5m]))"
+            f"\n  > {INTROSPECTION_FAILURE_SHARE}"
+        ),
+        for_="5m",
+        severity="critical",
+        summary="Introspection for provider {{ $labels.provider }} is failing: 503s",
+        description=(
+            "More than 5% of the calls authz-server ({{ $labels.namespace }}/{{ $labels.job }}) "
+            "makes to the introspection endpoint of provider {{ $labels.provider }} get no "
+            "usable answer, so opaque tokens not in the cache get 503 introspection_unavailable "
+            "(other providers keep working). authz_introspection_calls_total's result label "
+            "says how (timeout, unreachable, http_error, redirect, bad_response, busy); the "
+            "server logs name the endpoint. Check the IdP, egress to it, its CA (caFile) and "
+            "the client secret."
         ),
     ),
     Alert(
@@ -234,6 +269,27 @@ ALERTS = (
             "or the AuthorizationPolicy with action CUSTOM no longer selects the gateway. "
             "Envoy's stats (ext_authz ok/denied/error) say whether it asks at all. A service "
             "that is idle at times will fire this then: silence it, or drop the rule."
+        ),
+    ),
+    Alert(
+        name="AuthzReplayCacheUnavailable",
+        expr=(
+            "sum by (namespace, job, provider) "
+            '(rate(authz_checks_total{reason="replay_cache_unavailable"}[5m])) > 0'
+        ),
+        for_="2m",
+        severity="critical",
+        summary=(
+            "DPoP requests of provider {{ $labels.provider }} get 503: the replay cache "
+            "cannot answer"
+        ),
+        description=(
+            "{{ $labels.namespace }}/{{ $labels.job }} refuses DPoP requests of provider "
+            "{{ $labels.provider }} with 503 replay_cache_unavailable (fail closed); other "
+            "requests pass. With server.replayCache.redis, the Redis is down, slower than its "
+            "timeout, or refuses the password: /readyz on the side port says which "
+            "(replayCache). Without Redis, the in-process cache is full (maxEntries): raise it "
+            "or shorten dpop.proofLifetime. See docs/sender-constrained.md."
         ),
     ),
     Alert(
@@ -366,6 +422,15 @@ def _hit_ratio() -> str:
 DENIED = m("authz_checks_total", 'decision="deny"')
 WOULD_DENY = m("authz_dry_run_total", 'would="deny"')
 FETCH_FAILURES = m("authz_jwks_fetches_total", 'result="failure"')
+
+INTROSPECTION_CALLS = m("authz_introspection_calls_total")
+
+
+def _introspection_hit_ratio() -> str:
+    hits = f"sum by (provider) (rate({m('authz_introspection_cache_hits_total')}[{RATE}]))"
+    misses = f"sum by (provider) (rate({m('authz_introspection_cache_misses_total')}[{RATE}]))"
+    return f"{hits} / ({hits} + {misses})"
+
 
 ROWS = (
     Row(
@@ -506,6 +571,53 @@ ROWS = (
                 unit="reqps",
                 width=6,
                 main=True,
+            ),
+        ),
+    ),
+    Row(
+        "Opaque tokens and API keys",
+        (
+            Panel(
+                "Introspection calls by result",
+                "Calls to each introspection provider's IdP per second (all pods), by result: "
+                "active, inactive, or how it failed (its tokens then get 503).",
+                (
+                    Target(
+                        f"sum by (provider, result) (rate({INTROSPECTION_CALLS}[{RATE}]))",
+                        "{{provider}} {{result}}",
+                    ),
+                ),
+                unit="reqps",
+                width=6,
+            ),
+            Panel(
+                "Introspection latency p99",
+                "p99 of a call to the IdP, per provider; keep it well below the provider's "
+                "introspection timeout.",
+                (
+                    Target(
+                        "histogram_quantile(0.99, sum by (provider, le) (rate("
+                        f"{m('authz_introspection_duration_seconds_bucket')}[{RATE}])))",
+                        "{{provider}}",
+                    ),
+                ),
+                unit="s",
+                width=6,
+            ),
+            Panel(
+                "Introspection cache hit ratio",
+                "Share of opaque-token Checks answered from the cache (cacheTtl bounds how long "
+                "a revoked token still passes).",
+                (Target(_introspection_hit_ratio(), "{{provider}}"),),
+                unit="percentunit",
+                width=6,
+            ),
+            Panel(
+                "API keys loaded",
+                "Keys in each apiKeys provider's keys file, on the pod with the fewest (a bad "
+                "file keeps the last good keys: see key set fetch failures).",
+                (Target(f"min by (provider) ({m('authz_api_keys')})", "{{provider}}"),),
+                width=6,
             ),
         ),
     ),

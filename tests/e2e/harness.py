@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,12 +42,40 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------- small helpers
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, checked by binding it.
+
+    NOTE: drawn at random below the kernel's ephemeral range, not by binding port 0: a port
+    the kernel hands out for port 0 is also what the next outgoing connection (Envoy's, a
+    client's, another test process's) gets, so between this call and the server's bind it was
+    taken often enough under load ("Address already in use"). Ports below the range are never
+    picked for outgoing connections, and a random draw rarely meets the other test process's.
+    """
+    low, high = 15000, _EPHEMERAL_LOW - 1
+    for _ in range(200):
+        port = random.randint(low, high) if high > low else 0  # noqa: S311 (not a secret)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        _HANDED_OUT.add(chosen)
+        return chosen
+    raise RuntimeError("no free TCP port on 127.0.0.1 after 200 tries")
 
 
 def wait_until(
@@ -162,6 +193,32 @@ def http_request(
             return error.code, _lower_headers(error.headers.items()), error.read()
     with response:
         return response.status, _lower_headers(response.headers.items()), response.read()
+
+
+def http_request_lines(
+    url: str, header_lines: Sequence[tuple[str, str]], timeout: float = 5
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` with ``header_lines`` sent one line each, in order, repeats kept (two
+    ``Cookie`` lines stay two); return as ``http_request`` does."""
+    TOKEN_LEDGER.saw_request(url, {})
+    for name, value in header_lines:
+        TOKEN_LEDGER.saw_request("", {name: value})
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None:
+        raise ValueError(f"an http:// URL with a host, not {url!r}")
+    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    target = parts.path or "/"
+    if parts.query:
+        target += f"?{parts.query}"
+    try:
+        connection.putrequest("GET", target, skip_accept_encoding=True)
+        for name, value in header_lines:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, _lower_headers(response.getheaders()), response.read()
+    finally:
+        connection.close()
 
 
 def _lower_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -725,7 +782,7 @@ class AuthzServerProcess(_Process):
             sys.executable, "-m", "authz_server", "serve",
             "--config", str(self.config_path),
             "--listen", self.grpc_address,
-            "--http-listen", f"127.0.0.1:{self.http_port}",
+            "--metrics-listen", f"127.0.0.1:{self.http_port}",
             *self.extra_args,
         ]  # fmt: skip
         self._spawn(argv, cwd=REPO_ROOT)  # cwd: `-m authz_server` works without an install

@@ -90,6 +90,7 @@ class Stack:
     jwks: JWKSServer
     server: AuthzServerProcess
     keys: dict[str, SigningKey]
+    envoy: EnvoyProcess
 
     def get_raw(self, path: str, headers: dict[str, str]) -> Any:
         """GET with ``headers`` sent exactly as named."""
@@ -139,7 +140,7 @@ def stack(
             bootstrap = render_bootstrap(
                 listen_port=listen, admin_port=admin, upstream_port=upstream.port, **envoy_args
             )
-            with EnvoyProcess(bootstrap, admin, workdir / "envoy.log"):
+            with EnvoyProcess(bootstrap, admin, workdir / "envoy.log") as envoy:
                 yield Stack(
                     door=door,
                     envoy_url=f"http://127.0.0.1:{listen}",
@@ -148,6 +149,7 @@ def stack(
                     jwks=jwks,
                     server=server,
                     keys=keys,
+                    envoy=envoy,
                 )
 
 
@@ -313,6 +315,7 @@ def test_server_drains_and_exits_zero_on_sigterm(tmp_path: Path, door: str) -> N
     (tmp_path / "config.yaml").write_text(
         f"apiVersion: authz-server/v1\nkind: AuthzConfig\nserver: {{shutdownGrace: 1s}}\n"
         f"providers: [{{issuer: {ISSUER}, jwksFile: jwks.json}}]\n"
+        "policies: [{name: everyone, rules: [{}]}]\n"
     )
     grpc_port = free_port()
     door_port = grpc_port if door == "grpc" else free_port()

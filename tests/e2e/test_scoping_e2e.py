@@ -54,7 +54,8 @@ workloads:
   - name: catalog
     namespace: web
     labels: {{app: catalog}}
-    hosts: ["{catalog_host}"]
+    # Also catalog.internal, for which this Envoy has no virtual host of its own.
+    hosts: ["{catalog_host}", "catalog.internal"]
 ---
 # Every workload accepts the main issuer's tokens.
 apiVersion: security.istio.io/v1
@@ -303,3 +304,22 @@ def test_a_virtual_host_without_context_extensions_is_recognised_by_its_host(
         None,
     )
     assert mesh.call("/items", host="Catalog.Example.com") == (401, "missing_credentials", None)
+
+
+def test_the_host_never_picks_the_scope_of_a_route_that_sent_context_extensions(
+    mesh: Mesh,
+) -> None:
+    developer = mesh.token(groups=["dev"])
+    # Envoy takes this host to its catch-all virtual host (the shop routes, each with context
+    # extensions), while the catalog workload lists it: the client would pick catalog's
+    # lenient policies for a request that goes to the orders upstream.
+    catalog_by_name = "catalog.internal"
+
+    assert mesh.call("/billing/invoices", developer, host=catalog_by_name) == (
+        403,
+        "unknown_workload",
+        None,
+    )
+    assert mesh.call("/", developer, host=catalog_by_name) == (403, "unknown_workload", None)
+    # Where Envoy sent no context extensions (catalog's own virtual host), the host decides.
+    assert mesh.call("/items", developer, host=CATALOG_HOST) == (200, None, "catalog")

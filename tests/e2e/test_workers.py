@@ -6,6 +6,7 @@ and real HTTP ext_authz requests to the shared ports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz_server import devkeys
 from authz_server.devkeys import SigningKey
+from authz_server.workers import CONFIG_SPLIT_GRACE
 from tests.e2e.harness import AuthzServerProcess, free_port, http_request, wait_until
 from tests.helpers import AUDIENCE, ISSUER, claims_for, grpc_check_code
 
@@ -29,19 +32,38 @@ pytestmark = pytest.mark.e2e
 WORKERS = 2
 
 
-def config_text(paths: list[str]) -> str:
+def config_text(paths: list[str], *, providers: str = "", policies: str = "") -> str:
     return f"""apiVersion: authz-server/v1
 kind: AuthzConfig
 providers:
   - issuer: {ISSUER}
     audiences: [{AUDIENCE}]
     jwksFile: jwks.json
+{providers}
 policies:
   - name: users
     rules:
       - from: [{{source: {{requestPrincipals: ["*"]}}}}]
         to: [{{operation: {{paths: {json.dumps(paths)}}}}}]
+{policies}
 """
+
+
+def digest(text: str) -> str:
+    """The configuration hash the server reports for a one-file configuration of ``text``."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically, as a ConfigMap or Secret update does."""
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def readiness(server: AuthzServerProcess) -> tuple[int, dict[str, Any]]:
+    status, _, body = http_request(f"{server.http_url}/readyz")
+    return status, json.loads(body)
 
 
 def worker_pids(server: AuthzServerProcess) -> dict[int, int]:
@@ -127,6 +149,7 @@ def test_every_worker_is_ready_and_health_says_so(server: AuthzServerProcess) ->
     assert json.loads(body) == {
         "ready": True,
         "workers": {str(i): "ready" for i in range(WORKERS)},
+        "configs": {str(i): digest(config_text(["/orders"])) for i in range(WORKERS)},
     }
     assert sorted(worker_pids(server)) == list(range(WORKERS))
 
@@ -222,6 +245,100 @@ def test_a_config_change_reaches_every_worker(
     # Whichever worker a new connection lands on, either door decides with the new configuration.
     assert all(grpc_check_code(server.grpc_address, token, "/admin") == 0 for _ in range(40))
     assert all(http_door_status(http_door_port, token, "/admin") == 200 for _ in range(40))
+
+
+# A second provider whose keys file is named before it exists (a Secret mounted after the
+# ConfigMap that names it), and a DENY policy the switch drops.
+LATE_PROVIDER = f"""  - issuer: https://late.test
+    audiences: [{AUDIENCE}]
+    jwksFile: late-jwks.json"""
+DENY_ADMIN = """  - name: deny-admin
+    action: DENY
+    rules: [{to: [{operation: {paths: ["/admin/*"]}}]}]"""
+
+
+def every_worker_on(server: AuthzServerProcess, text: str) -> bool:
+    return set(readiness(server)[1]["configs"].values()) == {digest(text)}
+
+
+def test_a_config_refused_for_a_file_not_there_yet_reaches_every_worker_when_it_appears(
+    server: AuthzServerProcess,
+    config_path: Path,
+    key: SigningKey,
+    token: str,
+    http_door_port: int,
+) -> None:
+    late = config_path.with_name("late-jwks.json")
+    v1 = config_text(["/orders", "/admin/*"], policies=DENY_ADMIN)
+    v2 = config_text(["/orders", "/admin/*"], providers=LATE_PROVIDER)
+    replace_text(config_path, v1)
+    wait_until(lambda: every_worker_on(server, v1), timeout=20, what="every worker on v1")
+    assert {http_door_status(http_door_port, token, "/admin/users") for _ in range(10)} == {403}
+
+    refused = metric_sum(server, "authz_config_reloads_total", result="failure")
+    replace_text(config_path, v2)
+    wait_until(
+        lambda: (
+            metric_sum(server, "authz_config_reloads_total", result="failure") >= refused + WORKERS
+        ),
+        timeout=20,
+        what="every worker refusing v2 (its jwksFile is not there yet)",
+    )
+    replace_text(late, json.dumps(devkeys.jwks(key)))
+    # Each worker tries v2 again when the file appears: none stays on v1.
+    wait_until(lambda: every_worker_on(server, v2), timeout=20, what="every worker on v2")
+    assert [http_door_status(http_door_port, token, "/admin/users") for _ in range(40)] == [
+        200
+    ] * 40
+    assert readiness(server)[0] == 200
+
+
+def test_workers_split_between_configurations_fail_readiness_until_they_agree(
+    server: AuthzServerProcess, config_path: Path, key: SigningKey
+) -> None:
+    # Worker 1 is held (SIGSTOP) while worker 0 takes v3; v3's keys file then goes, so worker
+    # 1, released, refuses v3 and keeps v2: a lasting split, which /readyz must show.
+    late = config_path.with_name("late-jwks.json")
+    v3 = config_text(["/orders", "/admin/*"], providers=LATE_PROVIDER, policies=DENY_ADMIN)
+    held = worker_pids(server)[1]
+    os.kill(held, signal.SIGSTOP)
+    try:
+        replace_text(config_path, v3)
+        wait_until(
+            lambda: readiness(server)[1]["configs"]["0"] == digest(v3),
+            timeout=20,
+            what="worker 0 on v3",
+        )
+        late.unlink()
+        refused = metric_sum(server, "authz_config_reloads_total", result="failure")
+    finally:
+        os.kill(held, signal.SIGCONT)
+    try:
+        wait_until(
+            lambda: metric_sum(server, "authz_config_reloads_total", result="failure") > refused,
+            timeout=20,
+            what="worker 1 refusing v3",
+        )
+        _, report = wait_until(
+            lambda: (r := readiness(server))[0] == 503 and r,
+            timeout=CONFIG_SPLIT_GRACE + 15,
+            what="/readyz failing for the split",
+        )
+        assert report["workers"] == {str(i): "ready" for i in range(WORKERS)}  # each is ready
+        assert len(set(report["configs"].values())) == 2
+        assert "different configurations" in report["problem"]
+        wait_until(
+            lambda: "the workers have served different configurations" in server.log_text(),
+            timeout=5,
+            what="the split logged",
+        )
+    finally:
+        # The file comes back (the later tests need one configuration again).
+        replace_text(late, json.dumps(devkeys.jwks(key)))
+    # Worker 1 takes v3, and the pod is ready again.
+    wait_until(lambda: every_worker_on(server, v3), timeout=20, what="every worker on v3")
+    wait_until(lambda: readiness(server)[0] == 200, timeout=10, what="ready again")
+    assert "the workers serve one configuration again" in server.log_text()
 
 
 def test_a_worker_that_dies_is_restarted_and_logged(server: AuthzServerProcess) -> None:

@@ -29,7 +29,6 @@ from tests.monitoring.stack import (
     NAMESPACE,
     REFUSED,
     MonitoredStack,
-    config_text,
     monitored_stack,
 )
 
@@ -91,9 +90,7 @@ def run_story(stack: MonitoredStack, pause: Callable[[float], None]) -> list[tup
         traffic.mix = lambda: normal + [("/api/orders", forged)] * 10
         pause(10)
         traffic.mix = lambda: normal
-        stack.reload_and_wait(
-            config_text(stack.jwks.jwks_url, ["/api/admin*", "/api/v0*"], max_stale="40s")
-        )
+        stack.reload_and_wait(stack.config_text(["/api/admin*", "/api/v0*"], max_stale="40s"))
         mark("reload")
         pause(7)
         mark("worker killed")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from authz_server import devkeys
 from authz_server.devkeys import SigningKey
 from authz_server.envoy_config import render_bootstrap
 from tests.e2e.harness import (
+    TOKEN_LEDGER,
     AuthzServerProcess,
     EchoUpstream,
     EnvoyProcess,
@@ -34,6 +36,7 @@ from tests.e2e.harness import (
     wait_until,
 )
 from tests.helpers import AUDIENCE, ISSUER, claims_for
+from tests.introspection_idp import CLIENT_SECRET, IntrospectionServer
 from tests.monitoring.prometheus import MONITORING, PrometheusProcess
 
 PROVIDER = "corp"
@@ -46,12 +49,39 @@ REFUSED = (
 )
 
 
-def config_text(jwks_url: str, dry_run_paths: list[str], max_stale: str = "10m") -> str:
+# The replay cache's Redis: a Unix socket nothing listens on.
+DEAD_REDIS = "unix:///nonexistent/authz-replay.sock"
+# What a DPoP client addresses (the Host it sends; Envoy's scheme is http): its proofs' htu.
+DPOP_HOST = "api.monitoring.test"
+
+
+def config_text(
+    jwks_url: str, dry_run_paths: list[str], max_stale: str = "10m", *, introspection: str = ""
+) -> str:
     """The server's configuration: one provider on ``jwks_url`` (refreshed every second, so an
     outage shows at once), an ALLOW policy for signed-in callers on /api/*, and a dry-run
-    DENY policy on ``dry_run_paths``."""
+    DENY policy on ``dry_run_paths``. With an ``introspection`` endpoint, also an
+    introspection provider reading ``x-opaque-token`` and an API keys provider reading
+    ``x-api-key`` (its keys file and the client secret are the stack's). The JWT provider
+    takes DPoP-bound tokens too (``optional``), and the replay cache is a Redis that is not
+    there: a DPoP request gets 503 replay_cache_unavailable (the alert
+    AuthzReplayCacheUnavailable), any other passes."""
+    others = ""
+    if introspection:
+        others = f"""  - name: opaque
+    issuer: https://idp.monitoring
+    introspection: {{endpoint: {introspection}, clientId: c, clientSecretFile: client-secret}}
+    fromHeaders: [{{name: x-opaque-token}}]
+  - name: keys
+    issuer: apikeys.monitoring
+    apiKeys: {{file: keys.yaml}}
+    fromHeaders: [{{name: x-api-key}}]
+"""
     return f"""apiVersion: authz-server/v1
 kind: AuthzConfig
+server:
+  replayCache:
+    redis: {{url: "{DEAD_REDIS}", timeout: 100ms}}
 providers:
   - name: {PROVIDER}
     issuer: {ISSUER}
@@ -61,7 +91,8 @@ providers:
     minRefreshInterval: 1s
     maxStale: {max_stale}
     timeout: 500ms
-policies:
+    dpop: {{mode: optional}}
+{others}policies:
   - name: api
     rules:
       - from: [{{source: {{requestPrincipals: ["*"]}}}}]
@@ -102,6 +133,8 @@ class MonitoredStack:
     envoy_url: str
     prometheus: PrometheusProcess
     config: Path
+    idp: IntrospectionServer
+    api_key: str
 
     # ------------------------------------------------------------------------ traffic
 
@@ -111,6 +144,26 @@ class MonitoredStack:
     def status(self, path: str, token: str | None = None) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         return http_request(f"{self.envoy_url}{path}", headers=headers)[0]
+
+    def dpop_status(self, path: str) -> int:
+        """A DPoP request: a token bound to a new client key, with its proof."""
+        client = devkeys.generate_key("EC-P256")
+        token = self.token(cnf={"jkt": client.thumbprint()})
+        proof = devkeys.dpop_proof(
+            client, method="GET", url=f"http://{DPOP_HOST}{path}", access_token=token
+        )
+        headers = {"Host": DPOP_HOST, "Authorization": f"DPoP {token}", "DPoP": proof}
+        return http_request(f"{self.envoy_url}{path}", headers=headers)[0]
+
+    def status_with(self, path: str, headers: dict[str, str]) -> int:
+        """The status of a request carrying ``headers`` (an opaque token, an API key)."""
+        return http_request(f"{self.envoy_url}{path}", headers=headers)[0]
+
+    def config_text(self, dry_run_paths: list[str], max_stale: str = "10m") -> str:
+        """This stack's configuration (``config_text`` with its JWKS and IdP)."""
+        return config_text(
+            self.jwks.jwks_url, dry_run_paths, max_stale, introspection=self.idp.endpoint
+        )
 
     # ------------------------------------------------------------------ configuration
 
@@ -202,7 +255,13 @@ def monitored_stack(workdir: Path, max_stale: str = "10m") -> Iterator[Monitored
     key = devkeys.generate_key("RSA", kid="monitoring")
     with ExitStack() as stack:
         jwks = stack.enter_context(JWKSServer(devkeys.jwks(key)))
+        idp = stack.enter_context(IntrospectionServer())
         upstream = stack.enter_context(EchoUpstream())
+        api_key = secrets.token_urlsafe(32)
+        TOKEN_LEDGER.saw_token(api_key)
+        (workdir / "client-secret").write_text(CLIENT_SECRET)
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        (workdir / "keys.yaml").write_text(f"keys:\n  - {{sub: partner, sha256: {digest}}}\n")
         grpc_port, http_port = free_port(), free_port()
         prometheus = stack.enter_context(
             PrometheusProcess(
@@ -214,7 +273,9 @@ def monitored_stack(workdir: Path, max_stale: str = "10m") -> Iterator[Monitored
             )
         )
         config = workdir / "config.yaml"
-        config.write_text(config_text(jwks.jwks_url, ["/api/admin*"], max_stale))
+        config.write_text(
+            config_text(jwks.jwks_url, ["/api/admin*"], max_stale, introspection=idp.endpoint)
+        )
         server = stack.enter_context(
             AuthzServerProcess(
                 config,
@@ -242,4 +303,6 @@ def monitored_stack(workdir: Path, max_stale: str = "10m") -> Iterator[Monitored
             envoy_url=f"http://127.0.0.1:{listen}",
             prometheus=prometheus,
             config=config,
+            idp=idp,
+            api_key=api_key,
         )

@@ -58,7 +58,7 @@ def _panels() -> list[dict[str, object]]:
 
 def test_every_panel_says_what_it_shows_and_asks_the_chosen_datasource() -> None:
     panels = _panels()
-    assert len(panels) == 19
+    assert len(panels) == 23
     for panel in panels:
         assert isinstance(panel["description"], str) and len(panel["description"]) > 40
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}

@@ -2,17 +2,18 @@
 
 One story, run once for the module: the server under ``--workers 2`` behind a real Envoy;
 Envoy traffic with valid, forged, malformed and missing tokens, allowed, denied and
-dry-run-denied; a configuration reload; a key set outage (the JWKS endpoint answers 500); a
-refused reload. Prometheus scrapes every second with the rules file loaded. Then every query
-of the dashboard and every alert expression goes through Prometheus' HTTP query API: each must
-parse and return data, so a query that names a metric or a label the server does not export
-fails here.
+dry-run-denied, and DPoP requests while the replay cache's Redis is away (503); a
+configuration reload; a key set outage (the JWKS endpoint answers 500); a refused reload.
+Prometheus scrapes every second with the rules file loaded. Then every query of the dashboard
+and every alert expression goes through Prometheus' HTTP query API: each must parse and return
+data, so a query that names a metric or a label the server does not export fails here.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from authz_server import devkeys
-from tests.e2e.harness import wait_until
+from tests.e2e.harness import TOKEN_LEDGER, wait_until
 from tests.helpers import claims_for
 from tests.monitoring.prometheus import MONITORING, dashboard_exprs, for_grafana, rule_exprs
 from tests.monitoring.stack import (
@@ -30,7 +31,6 @@ from tests.monitoring.stack import (
     PROVIDER,
     REFUSED,
     MonitoredStack,
-    config_text,
     monitored_stack,
 )
 
@@ -96,13 +96,43 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         # One of each first: rate() sees a counter move only after its first sample, so
         # Prometheus scrapes every new series before the rest of the traffic.
         statuses = {name: [stack.status(path, token)] for name, (path, token, _) in traffic.items()}
-        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 5')
+        # A DPoP request while the replay cache's Redis is away: 503, the others unaffected.
+        statuses["replay cache down"] = [stack.dpop_status("/api/orders")]
+        prometheus.wait_for(f'count(authz_checks_total{{job="{JOB}"}}) == 6')
         prometheus.wait_for(f'authz_dry_run_total{{job="{JOB}", would="deny"}}')
         for name, (path, token, count) in traffic.items():
             statuses[name] += [stack.status(path, token) for _ in range(count - 1)]
-        digest = stack.reload_and_wait(
-            config_text(stack.jwks.jwks_url, ["/api/admin*", "/api/internal*"])
+        statuses["replay cache down"] += [stack.dpop_status("/api/orders") for _ in range(2)]
+        # Opaque tokens (one active, asked once then cached; new ones while the IdP fails:
+        # 503) and an API key. As above, each new series is scraped before it moves again.
+        opaque = secrets.token_urlsafe(32)
+        TOKEN_LEDGER.saw_token(opaque)
+        stack.idp.active(opaque, iss="https://idp.monitoring", sub="svc")
+
+        def with_opaque(token: str) -> int:
+            return stack.status_with("/api/orders", {"x-opaque-token": token})
+
+        statuses["opaque token"] = [with_opaque(opaque)]
+        prometheus.wait_for(f'authz_introspection_cache_misses_total{{job="{JOB}"}}')
+        # NOTE: each worker process has its own cache: a few requests make sure that some
+        # land on a worker that already asked.
+        statuses["opaque token"] += [with_opaque(opaque) for _ in range(4)]
+        prometheus.wait_for(f'authz_introspection_cache_hits_total{{job="{JOB}"}}')
+        statuses["opaque token"] += [with_opaque(opaque) for _ in range(4)]
+        statuses["api key"] = [
+            stack.status_with("/api/orders", {"x-api-key": stack.api_key}) for _ in range(3)
+        ]
+        stack.idp.fail(status=500)
+        statuses["idp failing"] = [with_opaque(secrets.token_urlsafe(32))]
+        prometheus.wait_for(
+            f'authz_checks_total{{job="{JOB}", reason="introspection_unavailable"}}'
         )
+        statuses["idp failing"].append(with_opaque(secrets.token_urlsafe(32)))
+        stack.idp.recover()
+        prometheus.wait_for(
+            f'authz_introspection_calls_total{{job="{JOB}", result="http_error"}} >= 2'
+        )
+        digest = stack.reload_and_wait(stack.config_text(["/api/admin*", "/api/internal*"]))
         stack.break_key_set()
         statuses["allowed on stale keys"] = [stack.status("/api/orders", valid) for _ in range(3)]
         stack.refuse(REFUSED)
@@ -123,6 +153,10 @@ def test_the_story_happened_as_told(story: Story) -> None:
         "malformed": [401] * 2,
         "missing": [401] * 3,
         "allowed on stale keys": [200] * 3,
+        "replay cache down": [503] * 3,
+        "opaque token": [200] * 9,
+        "api key": [200] * 3,
+        "idp failing": [503] * 2,
     }
 
 
@@ -145,7 +179,7 @@ def test_every_dashboard_query_parses_and_returns_data(story: Story) -> None:
 
 def test_every_alert_expression_parses_and_sees_the_series_it_compares(story: Story) -> None:
     alerts = rule_exprs(RULES)
-    assert len(alerts) == 10
+    assert len(alerts) == 12
     blind = []
     for name, expr in alerts:
         answer = story.stack.prometheus.query(expr)
@@ -206,17 +240,27 @@ def test_the_decision_panels_show_each_kind_of_request(story: Story) -> None:
         "invalid_signature",
         "malformed_token",
         "missing_credentials",
+        "replay_cache_unavailable",
+        "introspection_unavailable",
     }
     assert all(rate > 0 for rate in decisions.values()), decisions
     assert story.by("policy", panel("Dry-run: would deny, per policy")[0])["block-admin"] > 0
     doors = story.by("door", panel("Checks per second by door")[0])
     assert doors["grpc"] > 0 and doors["http"] == 0
     (deny_ratio,) = story.by("", panel("Deny ratio")[0]).values()
-    assert 0.2 < deny_ratio < 0.7  # after the first of each: 7 of 17 Checks
+    assert 0.2 < deny_ratio < 0.7  # after the first of each: 8 of 18 Checks
     (hit_ratio,) = story.by("", panel("Token cache hit ratio")[0]).values()
     assert hit_ratio > 0  # the same valid token, again and again
     p50, p90, p99 = (story.by("", expr)[""] for expr in panel("Check latency"))
     assert 0 < p50 <= p90 <= p99 < 1
+
+
+def test_the_credential_panels_show_introspection_and_api_keys(story: Story) -> None:
+    calls = story.by("result", panel("Introspection calls by result")[0])
+    assert set(calls) == {"active", "http_error"} | ({"inactive"} & set(calls))
+    assert story.by("provider", panel("API keys loaded")[0]) == {"keys": 1}
+    (hit_ratio,) = story.by("provider", panel("Introspection cache hit ratio")[0]).values()
+    assert 0 < hit_ratio < 1  # the active token asked once, then answered from the cache
 
 
 def test_the_key_set_panels_show_the_outage(story: Story) -> None:

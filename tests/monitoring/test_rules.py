@@ -116,6 +116,26 @@ def provider_without_keys() -> list[dict[str, Any]]:
     ]
 
 
+def introspection_failing() -> list[dict[str, Any]]:
+    opaque = {**POD, "provider": "opaque"}
+    calls = "authz_introspection_calls_total"
+    return [
+        # 10 calls a minute answered; from 2m on, 1 a minute times out (10% > 5%): pending
+        # for 5 minutes after the rate window sees it. Another provider with 1 failure in 100
+        # a minute (1%) stays quiet.
+        case_group(
+            series(calls, {**opaque, "result": "active"}, "0+10x20"),
+            series(calls, {**opaque, "result": "timeout"}, "0 0 0+1x18"),
+            series(calls, {**POD, "provider": "ok", "result": "active"}, "0+100x20"),
+            series(calls, {**POD, "provider": "ok", "result": "http_error"}, "0+1x20"),
+            tests=[
+                quiet("AuthzIntrospectionFailing", "4m"),
+                fires("AuthzIntrospectionFailing", "12m", {**SERVICE, "provider": "opaque"}),
+            ],
+        )
+    ]
+
+
 def config_reload_refused() -> list[dict[str, Any]]:
     return [
         # Loaded at 1000s; a change refused at 3m: firing after 5 minutes.
@@ -281,10 +301,33 @@ def worker_restarting() -> list[dict[str, Any]]:
     ]
 
 
+def replay_cache_unavailable() -> list[dict[str, Any]]:
+    fapi = {**POD, "provider": "fapi", "door": "grpc", "decision": "deny", "policy": ""}
+    return [
+        # Redis down from minute 5 on: 503s for two minutes before it fires; other 401s of
+        # DPoP (a replayed proof) never make it fire.
+        case_group(
+            series(
+                "authz_checks_total", {**fapi, "reason": "replay_cache_unavailable"}, "0x5 0+60x15"
+            ),
+            series("authz_checks_total", {**fapi, "reason": "dpop_proof_replayed"}, "0+30x20"),
+            tests=[
+                quiet("AuthzReplayCacheUnavailable", "6m"),
+                fires("AuthzReplayCacheUnavailable", "9m", {**SERVICE, "provider": "fapi"}),
+            ],
+        ),
+        case_group(
+            series("authz_checks_total", {**fapi, "reason": "dpop_proof_replayed"}, "0+30x20"),
+            tests=[quiet("AuthzReplayCacheUnavailable", "15m")],
+        ),
+    ]
+
+
 CASES = {
     "AuthzKeySetRefreshFailing": key_set_refresh_failing,
     "AuthzKeysNearMaxStale": keys_near_max_stale,
     "AuthzProviderWithoutKeys": provider_without_keys,
+    "AuthzIntrospectionFailing": introspection_failing,
     "AuthzConfigReloadRefused": config_reload_refused,
     "AuthzConfigDiverged": config_diverged,
     "AuthzDenyRatioJump": deny_ratio_jump,
@@ -292,6 +335,7 @@ CASES = {
     "AuthzCheckLatencyHigh": check_latency_high,
     "AuthzNoChecks": no_checks,
     "AuthzWorkerRestarting": worker_restarting,
+    "AuthzReplayCacheUnavailable": replay_cache_unavailable,
 }
 
 

@@ -5,8 +5,10 @@ traceback and stays ready."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -75,3 +77,44 @@ def test_no_token_sent_appears_in_the_server_output(
         for piece in value.split("."):
             if len(piece) >= 16:
                 assert piece not in log, f"a token piece of {len(piece)} chars is in the log"
+
+
+def read_answer(stream: Any, *, head: bool) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from ``stream``: (status, headers, body); a HEAD's has no body."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = b"" if head else stream.read(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def test_head_denials_are_bodiless_and_keep_the_connections_to_the_server(
+    stack: Stack,  # noqa: F811 (the imported fixture)
+) -> None:
+    # A HEAD denial with a body broke Envoy's connection to the HTTP door after every HEAD
+    # (the body is bytes after a complete answer): a client could force connection churn.
+    _, get_headers, get_body = stack.get("/api/orders")
+    port = int(stack.envoy_url.rpartition(":")[2])
+    before = stack.envoy.stats("cluster.authz.")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for _ in range(5):
+            sock.sendall(b"HEAD /api/orders HTTP/1.1\r\nHost: shop.example.com\r\n\r\n")
+            status, headers, _ = read_answer(stream, head=True)
+            # What GET would get, without its body: the next bytes are the next answer.
+            assert status == 401
+            assert headers["www-authenticate"] == get_headers["www-authenticate"]
+            assert int(headers.get("content-length", len(get_body))) == len(get_body)
+        get = f"GET /api/orders HTTP/1.1\r\nHost: shop.example.com\r\nAuthorization: Bearer {token(stack)}"
+        sock.sendall(f"{get}\r\n\r\n".encode())
+        assert read_answer(stream, head=False)[0] == 200
+        stream.close()
+    after = stack.envoy.stats("cluster.authz.")
+    opened = after["cluster.authz.upstream_cx_total"] - before["cluster.authz.upstream_cx_total"]
+    assert opened <= 1, f"Envoy opened {opened} connections to the server for 6 checks"
+    for counter in ("upstream_cx_protocol_error", "upstream_cx_destroy_remote"):
+        name = f"cluster.authz.{counter}"
+        assert after.get(name, 0) == before.get(name, 0), name

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
@@ -22,9 +24,9 @@ from authz_server import config, devkeys
 from authz_server.attributes import normalize_path
 from authz_server.devkeys import b64url_encode
 from authz_server.doors.grpc import AuthorizationServicer
-from authz_server.doors.http import HttpDoor, _Connection
+from authz_server.doors.http import HEADERS_TO_REMOVE, HttpDoor, _Connection
 from authz_server.service import AuthorizationService, Engine
-from tests.helpers import AUDIENCE, ISSUER, write_config
+from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 settings.register_profile(
     "suite",
@@ -201,6 +203,177 @@ def test_grpc_checks_of_random_requests_never_raise_and_never_allow_without_a_to
         )
     if answer.status.code == 0 and host.lower().rstrip(".").split(":")[0] == "admin.example.com":
         pytest.fail(f"allowed a request for {host!r}")
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[AuthorizationService, str]:
+    """A service over a key this test holds, and a valid token for ``alice``."""
+    key = devkeys.generate_key("EC-P256", kid="k")
+    jwks = json.dumps(json.dumps(devkeys.jwks(key)))
+    path = write_config(tmp_path_factory.mktemp("fuzz-signed"), CONFIG.format(jwks=jwks))
+    engine = Engine.build(config.load(path))
+    for cache in engine.caches.values():
+        assert cache.refresh()
+    return AuthorizationService(engine), key.sign(claims_for(time.time()))
+
+
+FORGED = (
+    ".".join(
+        b64url_encode(json.dumps(part).encode()) for part in ({"alg": "none"}, {"sub": "admin"})
+    )
+    + "."
+)
+# Cookie and parameter names as clients spell them: spaces around, another case, a twin.
+cookie_names = st.sampled_from(
+    ["session", " session", "session ", "\tsession", "Session", "a", "a, session"]
+)
+param_names = st.sampled_from(
+    ["access_token", "x", "access_token ", "access%5Ftoken", "Access_Token", "ACCESS%5fTOKEN"]
+)
+crumb_values = st.sampled_from(["VALID", "FORGED", "1", " VALID ", '"VALID"'])
+cookie_separators = st.sampled_from(["; ", ";", ",", ", ", " ,"])
+query_separators = st.sampled_from(["&", ";"])
+
+
+def _upstream_readings(cookie: str) -> list[dict[str, list[str]]]:
+    """The cookies an upstream may read in ``cookie``: split on ``;`` only, or on ``,`` too
+    (as it reads two Cookie headers), names trimmed either way."""
+    readings = []
+    for separators in (";", ";,"):
+        jar: dict[str, list[str]] = {}
+        parts = [cookie]
+        for separator in separators:
+            parts = [piece for part in parts for piece in part.split(separator)]
+        for part in parts:
+            name, sep, value = part.partition("=")
+            if sep:
+                jar.setdefault(name.strip(), []).append(value)
+        readings.append(jar)
+    return readings
+
+
+def _query_readings(query: str, removed: tuple[str, ...]) -> list[list[str]]:
+    """The parameter names an upstream may read in ``query`` once Envoy has removed those in
+    ``removed`` (Envoy splits on ``&`` and matches exact names): split on ``&`` only, or on
+    ``;`` too; decoded (and, unlike cookie names, not trimmed: common upstreams keep a query
+    name's spaces; the caller compares them in any case, as ASP.NET does)."""
+    kept = [p for p in query.split("&") if unquote(p.partition("=")[0]) not in removed]
+    return [
+        [unquote(p.partition("=")[0]) for p in kept],
+        [unquote(p.partition("=")[0]) for part in kept for p in part.split(";")],
+    ]
+
+
+def _through_grpc(
+    service: AuthorizationService, path: str, headers: list[tuple[str, str]]
+) -> tuple[bool, dict[str, str], set[str], tuple[str, ...]]:
+    """(allowed, headers set, headers removed, query parameters removed) from the gRPC door,
+    the request's headers merged as Envoy merges them (repeated names joined with ",")."""
+    merged: dict[str, str] = {}
+    for name, value in headers:
+        merged[name] = f"{merged[name]},{value}" if name in merged else value
+    ctx = attribute_context_pb2.AttributeContext
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            request=ctx.Request(http=ctx.HttpRequest(method="GET", path=path, headers=merged))
+        )
+    )
+    answer = external_auth_pb2.CheckResponse.FromString(
+        AuthorizationServicer(service).check_bytes(request.SerializeToString(), _Context())
+    )
+    ok = answer.ok_response
+    return (
+        answer.status.code == 0,
+        {h.header.key: h.header.value for h in ok.headers},
+        set(ok.headers_to_remove),
+        tuple(ok.query_parameters_to_remove),
+    )
+
+
+def _through_http(
+    door: HttpDoor, path: str, headers: list[tuple[str, str]]
+) -> tuple[bool, dict[str, str], set[str], tuple[str, ...]]:
+    """The same from the HTTP door, each header on its own line (two Cookie lines stay two);
+    this door cannot remove a query parameter."""
+    head = f"GET {path} HTTP/1.1\r\nhost: api.example.com\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+    connection = _Connection(door)
+    transport = _Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received((head + "\r\n").encode())
+    connection.connection_lost(None)
+    answer = b"".join(transport.out).decode()
+    status_line, _, rest = answer.partition("\r\n")
+    lines = rest.partition("\r\n\r\n")[0].split("\r\n")
+    answered = dict(line.split(": ", 1) for line in lines if ": " in line)
+    removed = set(filter(None, answered.pop(HEADERS_TO_REMOVE, "").split(",")))
+    return status_line.startswith("HTTP/1.1 200"), answered, removed, ()
+
+
+@settings(settings.get_profile(PROFILE))
+@given(
+    cookies=st.lists(
+        st.tuples(cookie_names, crumb_values, cookie_separators, st.booleans()), max_size=5
+    ),
+    params=st.lists(st.tuples(param_names, crumb_values, query_separators), max_size=4),
+    bearer=st.booleans(),
+    through=st.sampled_from(["grpc", "http"]),
+)
+def test_no_token_cookie_or_parameter_reaches_the_upstream_in_any_reading(
+    signed: tuple[AuthorizationService, str],
+    signed_door: HttpDoor,
+    *,
+    cookies: list[tuple[str, str, str, bool]],
+    params: list[tuple[str, str, str]],
+    bearer: bool,
+    through: str,
+) -> None:
+    # Two Cookie headers (a crumb flagged True starts another), spaces around names, "," and
+    # ";" between cookies, ";" between parameters, repeated names, through either door's wire
+    # format: whatever the server allows, no upstream reading finds a session cookie or an
+    # access_token parameter in what it passes on (so neither a forged token nor the
+    # verified one).
+    service, valid = signed
+
+    def value(name: str) -> str:
+        return name.replace("VALID", valid).replace("FORGED", FORGED)
+
+    cookie_headers: list[str] = []
+    for number, (name, crumb, separator, new_header) in enumerate(cookies):
+        if new_header or number == 0:
+            cookie_headers.append("")
+        cookie_headers[-1] += f"{name}={value(crumb)}{separator}"
+    query = "".join(f"{n}={value(v)}{sep}" for n, v, sep in params).rstrip("&;")
+    headers = [("cookie", c) for c in cookie_headers if c.strip()]
+    if bearer:
+        headers.append(("authorization", f"Bearer {valid}"))
+    path = f"/public/x?{query}" if query else "/public/x"
+    if through == "grpc":
+        allowed, set_headers, removed, query_removed = _through_grpc(service, path, headers)
+    else:
+        allowed, set_headers, removed, query_removed = _through_http(signed_door, path, headers)
+    if not allowed:
+        return
+    # What Envoy sends on: the Cookie header set, or none, or the client's (two stay two).
+    if "cookie" in set_headers:
+        sent = [set_headers["cookie"]]
+    else:
+        sent = [] if "cookie" in removed else [c for _, c in headers if _ == "cookie"]
+    for cookie in sent:
+        for jar in _upstream_readings(cookie):
+            assert "session" not in {n.lower() for n in jar}, (cookie_headers, sent)
+    if through == "grpc":
+        for names in _query_readings(query, query_removed):
+            assert "access_token" not in {n.lower() for n in names}, (query, names)
+
+
+@pytest.fixture(scope="module")
+def signed_door(signed: tuple[AuthorizationService, str]) -> HttpDoor:
+    from authz_server.specs import HttpAuthzSpec
+
+    door = HttpDoor(signed[0], HttpAuthzSpec(), listen="127.0.0.1:0")
+    door.loop_time = lambda: 1.0  # type: ignore[method-assign]
+    return door
 
 
 @pytest.fixture(scope="module")

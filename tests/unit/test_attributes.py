@@ -82,6 +82,8 @@ def test_normalized_path_and_host_are_views_of_the_request() -> None:
         ("/p?token=a%2Eb%20c", {"token": ["a.b c"]}),
         ("/p?flag&x=", {"flag": [""], "x": [""]}),
         ("/p?a=1#b=2", {"a": ["1"]}),
+        ("/p?x=1;access_token=t", {"x": ["1"], "access_token": ["t"]}),
+        ("/p?a=1;a=2&b=3", {"a": ["1", "2"], "b": ["3"]}),
     ],
 )
 def test_query_params_keep_every_value_decoded(path: str, expected: dict[str, list[str]]) -> None:
@@ -98,10 +100,46 @@ def test_query_params_keep_every_value_decoded(path: str, expected: dict[str, li
         ('jwt="quoted"', {"jwt": ["quoted"]}),
         ("novalue; =x; ok=1", {"ok": ["1"]}),
         ("k=v=w", {"k": ["v=w"]}),
+        ("a=1,session=t", {"a": ["1"], "session": ["t"]}),  # two Cookie headers, joined
+        ("a=1; session =t", {"a": ["1"], "session": ["t"]}),
+        ("  session\t= t ;x=1", {"session": ["t"], "x": ["1"]}),
+        ("session=t, session=u", {"session": ["t", "u"]}),
+        ("Session=t; SESSION=u", {"session": ["t", "u"]}),  # as ASP.NET matches names
     ],
 )
 def test_cookies_keep_every_value(cookie: str, expected: dict[str, list[str]]) -> None:
     assert RequestAttributes(headers={"cookie": cookie}).cookies == expected
+
+
+@pytest.mark.parametrize(
+    ("cookie", "expected"),
+    [
+        ("a=1; session=t", set()),
+        ("prefs=a,b; session=t", {"prefs"}),
+        ("a=1,session=t", {"a", "session"}),
+        ("session=t,x=1; b=2", {"session", "x"}),
+        ("session =t,", {"session"}),
+    ],
+)
+def test_cookies_beside_a_comma_are_those_upstreams_read_two_ways(
+    cookie: str, expected: set[str]
+) -> None:
+    assert RequestAttributes(headers={"cookie": cookie}).cookies_beside_comma == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/p?a=1&access_token=t", set()),
+        ("/p?x=1;access_token=t", {"x", "access_token"}),
+        ("/p?access_token=t;x=1&y=2", {"access_token", "x"}),
+        ("/p?access%5Ftoken=t;", {"access_token"}),
+    ],
+)
+def test_query_names_beside_a_semicolon_are_those_upstreams_read_two_ways(
+    path: str, expected: set[str]
+) -> None:
+    assert RequestAttributes(path=path).query_names_beside_semicolon == expected
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_serve_that_cannot_bind_its_port_says_which_in_a_json_line_and_exits_1(
             str(path),
             "--listen",
             "127.0.0.1:0",
-            "--http-listen",
+            "--metrics-listen",
             f"127.0.0.1:{port}",
         )
 
@@ -128,7 +128,45 @@ def test_serve_that_cannot_bind_its_port_says_which_in_a_json_line_and_exits_1(
     assert "spec.selector is ignored" in warning["message"]
     assert records[-1]["level"] == "ERROR"
     assert "Address already in use" in records[-1]["message"]
-    assert records[-1]["http_listen"] == f"127.0.0.1:{port}"
+    assert records[-1]["metrics_listen"] == f"127.0.0.1:{port}"
+
+
+def test_the_deprecated_http_listen_flag_still_names_the_side_port_and_warns(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path, POLICY_WITH_SELECTOR)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(
+            "serve", "--config", str(path), "--listen", "127.0.0.1:0",
+            "--http-listen", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    records = _json_lines(result.stderr)
+    deprecated = "--http-listen is deprecated, use --metrics-listen"
+    assert any(r["level"] == "WARNING" and deprecated in r["message"] for r in records)
+    assert "Address already in use" in records[-1]["message"]
+    assert records[-1]["metrics_listen"] == f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "address", "said"),
+    [
+        ("--listen", ":29202", "--listen ':29202': no host: write 0.0.0.0:29202"),
+        ("--metrics-listen", "9090", "--metrics-listen '9090': expected host:port or unix:/path"),
+        ("--http-authz-listen", "[x]:1", "--http-authz-listen '[x]:1': [x] is not an IPv6"),
+    ],
+)
+def test_serve_with_a_bad_listen_address_says_what_is_wrong_with_it(
+    tmp_path: Path, flag: str, address: str, said: str
+) -> None:
+    path = write_config(tmp_path, POLICY_WITH_SELECTOR)
+    result = _run("serve", "--config", str(path), flag, address, "--log-format", "text")
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert said in last
+    assert "Failed to bind" not in result.stderr
 
 
 def test_validate_reports_every_problem_as_text_for_a_person(
@@ -204,3 +242,13 @@ def test_validate_warns_when_the_http_door_cannot_see_what_a_rule_reads(
         ]
     else:
         assert warnings == []
+
+
+def test_serve_in_text_mode_keeps_a_multi_line_yaml_error_on_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "apiVersion: authz-server/v1\nkind: AuthzConfig\npolicies: [\n")
+    result = _run("serve", "--config", str(path), "--log-format", "text")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, lines  # the problem, then "not starting"
+    assert all(" ERROR authz_server.cli " in line for line in lines)
+    assert "not valid YAML" in lines[0] and "\\n" in lines[0]

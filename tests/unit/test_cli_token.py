@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from authz_server import cli, config, devtoken
 from authz_server.devkeys import b64url_decode
+from tests.certs import CertificateAuthority
 
 ISSUER = "https://dev-issuer.invalid"
 
@@ -323,3 +325,151 @@ def test_two_key_directories_named_apart_make_one_configuration(
                      "--sub", "bob")[1].strip()  # fmt: skip
         code, result = _check(capsys, config_dir, token, "GET")
         assert (code, result["provider"], result["principal"]) == (0, name, f"{issuer}/bob")
+
+
+def _bound_config(tmp_path: Path, provider_document: str, binding: dict[str, Any]) -> Path:
+    """The printed provider with its sender-constraint settings (``dpop``, ``certificateBound``)
+    beside the policies."""
+    document = yaml.safe_load(provider_document)
+    document["providers"][0].update(binding)
+    return _config_dir(tmp_path, yaml.safe_dump(document))
+
+
+def test_a_dpop_bound_token_passes_check_with_its_proof_and_not_as_bearer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys, client = tmp_path / "keys", tmp_path / "client"
+    _, provider_document, _ = _cli(capsys, "token", "init", "--dir", str(keys))
+    _cli(capsys, "token", "init", "--dir", str(client), "--kind", "EC")
+    config_dir = _bound_config(tmp_path, provider_document, {"dpop": {"mode": "required"}})
+    token = _mint(capsys, keys, "--sub", "alice", "--dpop-key", str(client / "private.pem"))
+    client_key = devtoken.load_signing_key(client)
+    assert _payload(token)["cnf"] == {"jkt": client_key.thumbprint()}
+
+    code, proof, err = _cli(
+        capsys,
+        "token",
+        "dpop-proof",
+        "--key",
+        str(client),
+        "--method",
+        "get",
+        "--url",
+        "https://api.example.com/api/orders",
+        "--token",
+        token,
+    )
+    assert (code, err) == (0, "")
+    (tmp_path / "proof").write_text(proof)
+    (tmp_path / "token.txt").write_text(token)
+    argv = ["check", "--json", "--config", str(config_dir), "--host", "api.example.com"]
+    argv += ["--scheme", "https", "--path", "/api/orders"]
+    argv += ["--token-file", str(tmp_path / "token.txt")]
+
+    code, out, _ = _cli(capsys, *argv, "--dpop-proof", str(tmp_path / "proof"))
+    assert (code, json.loads(out)["principal"]) == (0, f"{ISSUER}/alice")
+    code, out, _ = _cli(capsys, *argv)
+    assert (code, json.loads(out)["reason"]) == (1, "bound_token_without_proof")
+    header = json.loads(b64url_decode(proof.split(".")[0]))
+    assert header["typ"] == "dpop+jwt" and not _PRIVATE_JWK_MEMBERS & set(header["jwk"])
+    claims = _payload(proof.strip())
+    assert (claims["htm"], claims["htu"]) == ("GET", "https://api.example.com/api/orders")
+
+
+def test_a_certificate_bound_token_passes_check_with_its_certificate_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = CertificateAuthority()
+    cert, _ = ca.issue("partner", server=False).write(tmp_path, "partner")
+    other, _ = ca.issue("other", server=False).write(tmp_path, "other")
+    keys = tmp_path / "keys"
+    _, provider_document, _ = _cli(capsys, "token", "init", "--dir", str(keys))
+    config_dir = _bound_config(tmp_path, provider_document, {"certificateBound": "required"})
+    token = _mint(capsys, keys, "--sub", "bob", "--cert-file", str(cert))
+    (tmp_path / "token.txt").write_text(token)
+    argv = ["check", "--json", "--config", str(config_dir), "--path", "/api/orders"]
+    argv += ["--token-file", str(tmp_path / "token.txt")]
+
+    code, out, _ = _cli(capsys, *argv, "--client-cert", str(cert))
+    assert (code, json.loads(out)["principal"]) == (0, f"{ISSUER}/bob")
+    code, out, _ = _cli(capsys, *argv, "--client-cert", str(other))
+    assert (code, json.loads(out)["reason"]) == (1, "certificate_mismatch")
+
+
+def test_binding_and_proof_errors_name_the_flag_at_fault(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    _cli(capsys, "token", "init", "--dir", str(keys))
+    (tmp_path / "junk.pem").write_text("junk")
+    mint = ["token", "mint", "--key", str(keys), "--issuer", ISSUER]
+    proof = ["token", "dpop-proof", "--key", str(keys), "--method", "GET"]
+
+    for argv, flag in (
+        ([*mint, "--dpop-key", str(tmp_path / "missing.pem")], "--dpop-key"),
+        ([*mint, "--cert-file", str(tmp_path / "junk.pem")], "--cert-file"),
+        ([*proof, "--url", "https://api.example.com/x?page=2"], "--url"),
+        ([*proof, "--url", "/relative"], "--url"),
+    ):
+        code, out, err = _cli(capsys, *argv)
+        assert (code, out) == (2, ""), argv
+        assert err.startswith(f"authz-server token {argv[1]}: {flag} "), err
+
+
+def test_mint_signs_for_the_issuer_and_key_init_wrote_unless_told_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    issuer = "https://my-idp.invalid"
+    # No --dir, no --key: both default to ./dev-keys.
+    code, provider_document, _ = _cli(capsys, "token", "init", "--issuer", issuer)
+    assert code == 0
+    assert (tmp_path / "dev-keys" / "private.pem").exists()
+    assert "authz-server token mint --key" in provider_document
+    assert "--issuer" not in provider_document.split("mint", 1)[1]
+    config_dir = _config_dir(tmp_path, provider_document)
+
+    code, out, err = _cli(capsys, "token", "mint", "--sub", "root", "--claim", 'groups=["admin"]')
+    assert (code, err) == (0, "")
+    assert _payload(out.strip())["iss"] == issuer
+    code, result = _check(capsys, config_dir, out.strip(), "POST")
+    assert (code, result["decision"], result["principal"]) == (0, "allow", f"{issuer}/root")
+
+    code, out, _ = _cli(capsys, "token", "mint", "--issuer", "https://else.invalid", "--sub", "x")
+    assert (code, _payload(out.strip())["iss"]) == (0, "https://else.invalid")
+
+
+def test_mint_without_an_issuer_beside_the_key_says_to_pass_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    assert _cli(capsys, "token", "init", "--dir", str(keys))[0] == 0
+    (keys / devtoken.ISSUER_FILE).unlink()  # keys made before init recorded its issuer
+    code, out, err = _cli(capsys, "token", "mint", "--key", str(keys), "--sub", "x")
+    assert (code, out) == (2, "")
+    assert "--issuer: none given and no issuer.txt beside the key" in err
+
+
+def test_version_is_a_flag_too(capsys: pytest.CaptureFixture[str]) -> None:
+    from authz_server import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"authz-server {__version__}\n"
+    assert _cli(capsys, "version")[:2] == (0, f"authz-server {__version__}\n")
+
+
+def test_check_reads_the_token_from_standard_input_with_a_dash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    keys = tmp_path / "keys"
+    code, provider_document, _ = _cli(capsys, "token", "init", "--dir", str(keys))
+    config_dir = _config_dir(tmp_path, provider_document)
+    token = _mint(capsys, keys, "--sub", "alice")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
+    code, out, _ = _cli(capsys, "check", "--json", "--config", str(config_dir), "--token-file", "-")
+    result = json.loads(out)
+    assert (code, result["decision"], result["principal"]) == (0, "allow", f"{ISSUER}/alice")

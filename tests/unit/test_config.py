@@ -35,6 +35,15 @@ def provider(**fields: Any) -> dict[str, Any]:
     return {"issuer": ISS, "jwks": JWKS, **fields}
 
 
+# Istio's "require a JWT": providers alone are refused (they would allow every request), so a
+# test about providers gives them this policy.
+REQUIRE_JWT = {
+    "name": "require-jwt",
+    "action": "DENY",
+    "rules": [{"from": [{"source": {"notRequestPrincipals": ["*"]}}]}],
+}
+
+
 def istio(
     kind: str,
     spec: Any,
@@ -92,7 +101,7 @@ def one_rule(rule: Doc) -> dict[str, Any]:
 def test_native_example_loads_with_every_field() -> None:
     settings = config.load(DATA / "config_native.yaml")
     server = settings.server
-    assert (server.listen, server.http_listen, server.realm) == (
+    assert (server.listen, server.metrics_listen, server.realm) == (
         "127.0.0.1:9001",
         "127.0.0.1:9090",
         "shop",
@@ -145,7 +154,7 @@ def test_istio_mesh_yaml_loads_unchanged() -> None:
 
 
 def test_defaults_without_a_server_section(tmp_path: Path) -> None:
-    settings = load(tmp_path, native(providers=[provider()]))
+    settings = load(tmp_path, native(providers=[provider()], policies=[REQUIRE_JWT]))
     assert settings.server == specs.ServerSpec()
     assert settings.server.listen == "0.0.0.0:9001"
     assert settings.server.missing_token_status == 401
@@ -213,9 +222,64 @@ def test_allow_empty_does_not_excuse_a_file_with_no_documents(tmp_path: Path) ->
         config.load(tmp_path)
 
 
-def test_a_provider_alone_or_a_policy_alone_is_not_empty(tmp_path: Path) -> None:
-    assert load(tmp_path, native(providers=[provider()])).providers
+def test_a_policy_alone_is_not_empty(tmp_path: Path) -> None:
     assert load(tmp_path, native(policies=[{"name": "p", "action": "DENY"}])).policies
+
+
+@pytest.mark.parametrize(
+    "docs",
+    [
+        [native(providers=[provider()])],
+        [native(providers=[provider()], policies=[])],
+        [ra_doc({"issuer": ISS, "jwks": JWKS})],
+        [native(server={"allowEmpty": False}, providers=[provider()])],
+    ],
+    ids=["native", "empty-list", "istio", "allow-empty-false"],
+)
+def test_providers_without_any_policy_are_refused_as_allow_all(
+    tmp_path: Path, docs: list[Doc]
+) -> None:
+    # A provider file whose policy file beside it was lost: every request would pass, with
+    # or without a token.
+    (problem,) = problems(tmp_path, *docs)
+    assert problem.path == "policies"
+    assert "1 provider(s) but no policy" in problem.message
+    assert "with or without credentials" in problem.message
+    assert "server.allowEmpty: true" in problem.message
+
+
+def test_allow_empty_accepts_providers_without_policies_with_a_warning(tmp_path: Path) -> None:
+    settings = load(tmp_path, native(server={"allowEmpty": True}, providers=[provider()]))
+    assert (len(settings.providers), settings.policies) == (1, ())
+    (warning,) = settings.warnings
+    assert "every request is allowed, with or without credentials" in warning
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        REQUIRE_JWT,
+        {"name": "audit", "action": "AUDIT", "rules": [{}]},
+        {"name": "nothing", "action": "ALLOW"},
+    ],
+    ids=["deny-only", "audit-only", "allow-nothing"],
+)
+def test_providers_with_a_policy_of_any_action_are_valid(tmp_path: Path, policy: Doc) -> None:
+    settings = load(tmp_path, native(providers=[provider()], policies=[policy]))
+    assert [p.name for p in settings.policies] == [policy["name"]]
+    assert settings.warnings == ()
+
+
+def test_the_k8s_config_cut_before_its_policies_is_refused(tmp_path: Path) -> None:
+    shipped = (DATA.parent.parent / "k8s" / "base" / "config.yaml").read_text().splitlines()
+    cut = next(i for i, line in enumerate(shipped) if line.startswith("policies:"))
+    path = tmp_path / "trunc.yaml"
+    path.write_text("\n".join(shipped[:cut]) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    (problem,) = caught.value.problems
+    assert "but no policy" in problem.message
+    assert config.load(DATA.parent.parent / "k8s" / "base" / "config.yaml").policies
 
 
 @pytest.mark.parametrize(
@@ -270,7 +334,9 @@ def test_istio_v1_and_v1beta1_are_accepted(tmp_path: Path, api_version: str) -> 
 
 
 def test_jwks_uri_alias_of_istio(tmp_path: Path) -> None:
-    settings = load(tmp_path, ra_doc({"issuer": ISS, "jwks_uri": f"{ISS}/jwks"}))
+    settings = load(
+        tmp_path, ra_doc({"issuer": ISS, "jwks_uri": f"{ISS}/jwks"}), native(policies=[REQUIRE_JWT])
+    )
     assert settings.providers[0].spec.jwks_uri == f"{ISS}/jwks"
 
 
@@ -291,6 +357,7 @@ def test_each_jwt_rule_becomes_a_provider(tmp_path: Path) -> None:
             {"issuer": ISS, "jwksUri": f"{ISS}/jwks", "fromHeaders": [{"name": "x-jwt"}]},
             {"issuer": "https://other.example.com", "jwks": JWKS, "presence": "REQUIRED"},
         ),
+        native(policies=[REQUIRE_JWT]),
     )
     assert [p.name for p in settings.providers] == [ISS, "https://other.example.com"]
     assert settings.providers[0].spec.from_headers[0].name == "x-jwt"
@@ -343,7 +410,7 @@ def test_request_authentication_selector_is_ignored_with_a_warning(tmp_path: Pat
         "selector": {"matchLabels": {"app": "api"}},
         "jwtRules": [{"issuer": ISS, "jwks": JWKS}],
     }
-    settings = load(tmp_path, istio("RequestAuthentication", spec))
+    settings = load(tmp_path, istio("RequestAuthentication", spec), native(policies=[REQUIRE_JWT]))
     assert len(settings.providers) == 1
     assert settings.warnings and "spec.selector is ignored" in settings.warnings[0]
 
@@ -362,7 +429,7 @@ def test_kinds_of_other_api_groups_are_ignored_with_a_warning(
     tmp_path: Path, api_version: str, kind: str
 ) -> None:
     other = {"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}, "spec": {"a": 1}}
-    settings = load(tmp_path, other, native(providers=[provider()]))
+    settings = load(tmp_path, other, native(providers=[provider()], policies=[REQUIRE_JWT]))
     assert len(settings.providers) == 1
     (warning,) = settings.warnings
     assert f"kind {kind!r} ({api_version}) is not ours; ignored" in warning
@@ -407,6 +474,7 @@ def test_same_issuer_twice_without_names_gets_distinct_provider_names(tmp_path: 
         tmp_path,
         ra_doc({"issuer": ISS, "jwks": JWKS}, name="a"),
         ra_doc({"issuer": ISS, "jwksUri": f"{ISS}/jwks"}, name="b"),
+        native(policies=[REQUIRE_JWT]),
     )
     assert [p.name for p in settings.providers] == [ISS, f"{ISS}#2"]
 
@@ -1003,9 +1071,42 @@ def test_provider_named_like_another_issuer_is_a_duplicate(tmp_path: Path) -> No
     ]
 
 
-def test_server_in_two_documents(tmp_path: Path) -> None:
-    found = problems(tmp_path, native(server={}), native(server={"threads": 2}))
-    assert [(p.document.split("#")[1], p.path) for p in found] == [("1 (AuthzConfig)", "server")]
+def test_a_server_field_set_in_two_documents_is_refused(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        native(server={"threads": 4, "realm": "a"}),
+        native(server={"threads": 2, "replayCache": {"maxEntries": 500}}),
+    )
+    assert [(p.document.split("#")[1], p.path) for p in found] == [
+        ("1 (AuthzConfig)", "server.threads")
+    ]
+
+
+def test_server_fields_from_several_documents_make_one_server(tmp_path: Path) -> None:
+    # As k8s/components/replay-cache-redis adds a file beside the base's config.yaml.
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "password").write_text("secret\n")
+    write(
+        tmp_path / "config.yaml", native(server={"threads": 4, "realm": "shop", "allowEmpty": True})
+    )
+    write(
+        tmp_path / "replay-cache.yaml",
+        native(
+            server={
+                "replayCache": {
+                    "redis": {"url": "redis://r:6379/0", "passwordFile": "redis/password"}
+                }
+            }
+        ),
+    )
+
+    server = config.load(tmp_path).server
+
+    assert (server.threads, server.realm) == (4, "shop")
+    assert server.replay_cache.redis is not None
+    assert server.replay_cache.redis.url == "redis://r:6379/0"
+    assert server.replay_cache.redis.password_file == str(tmp_path / "redis" / "password")
+    assert server.listen == specs.ServerSpec().listen  # unset anywhere: the default
 
 
 # ----------------------------------------------------------------------- key file paths
@@ -1019,7 +1120,7 @@ def test_jwks_file_is_relative_to_the_config_file(
     keys.write_text(JWKS)
     path = write(
         tmp_path / "conf" / "config.yaml",
-        native(providers=[{"issuer": ISS, "jwksFile": "keys/jwks.json"}]),
+        native(providers=[{"issuer": ISS, "jwksFile": "keys/jwks.json"}], policies=[REQUIRE_JWT]),
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -1031,7 +1132,10 @@ def test_jwks_file_is_relative_to_the_config_file(
 def test_jwks_file_may_be_absolute(tmp_path: Path) -> None:
     keys = tmp_path / "jwks.json"
     keys.write_text(JWKS)
-    settings = load(tmp_path / "sub", native(providers=[{"issuer": ISS, "jwksFile": str(keys)}]))
+    settings = load(
+        tmp_path / "sub",
+        native(providers=[{"issuer": ISS, "jwksFile": str(keys)}], policies=[REQUIRE_JWT]),
+    )
     assert settings.providers[0].jwks_file == keys
 
 
@@ -1111,7 +1215,7 @@ def test_digest_follows_the_content_of_every_file(tmp_path: Path) -> None:
 
 
 def test_validate_prints_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path / "config.yaml", native(providers=[provider()]))
+    path = write(tmp_path / "config.yaml", native(providers=[provider()], policies=[REQUIRE_JWT]))
     assert cli.main(["validate", "--config", str(path)]) == 0
     out, err = capsys.readouterr()
     assert (out, err) == ("ok\n", "")
@@ -1212,6 +1316,7 @@ def test_loopback_http_key_sources_are_accepted(tmp_path: Path) -> None:
                 {"issuer": "a", "jwksUri": "http://127.0.0.1:8080/jwks.json"},
                 {"issuer": "http://localhost:9000", "discovery": True},
             ],
+            "policies": [REQUIRE_JWT],
         }
     )
     assert len(config.load(write_config(tmp_path, text)).providers) == 2
@@ -1308,10 +1413,141 @@ def test_an_inline_jwks_without_keys_is_refused(tmp_path: Path) -> None:
     ("skew", "ok"), [("5m", True), ("300s", True), ("301s", False), ("1h", False)]
 )
 def test_clock_skew_is_bounded_at_five_minutes(tmp_path: Path, skew: str, ok: bool) -> None:
-    doc = native(providers=[provider(clockSkew=skew)])
+    doc = native(providers=[provider(clockSkew=skew)], policies=[REQUIRE_JWT])
     if ok:
         assert load(tmp_path, doc).providers[0].spec.clock_skew <= 300
     else:
         (problem,) = problems(tmp_path, doc)
         assert problem.path == "providers[0].clockSkew"
         assert "at most 300s (5m)" in problem.message
+
+
+# ------------------------------------------------------------- listen addresses (issue 19)
+
+
+def test_http_listen_is_a_deprecated_alias_of_metrics_listen(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path, native(server={"httpListen": "127.0.0.1:9191"}, policies=[REQUIRE_JWT])
+    )
+    assert settings.server.metrics_listen == "127.0.0.1:9191"
+    (warning,) = settings.warnings
+    assert "server.httpListen is deprecated, use server.metricsListen" in warning
+    both = native(
+        server={"httpListen": "127.0.0.1:1", "metricsListen": "127.0.0.1:2"},
+        policies=[REQUIRE_JWT],
+    )
+    (problem,) = problems(tmp_path, both)
+    assert problem.path == "server"
+    assert "set only metricsListen" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        (":29202", "no host: write 0.0.0.0:29202 (every interface) or 127.0.0.1:29202"),
+        ("29202", "expected host:port or unix:/path"),
+        ("0.0.0.0:99999", "the port must be a number from 0 to 65535"),
+        ("0.0.0.0:http", "the port must be a number from 0 to 65535"),
+        ("::1:9001", "an IPv6 host goes in brackets: [::1]:9001"),
+        ("[nope]:9001", "[nope] is not an IPv6 address"),
+        ("unix:", "unix: needs a path"),
+        ("my host:9001", "'my host' is not a host name or an IP address"),
+    ],
+)
+@pytest.mark.parametrize("field", ["listen", "metricsListen", "httpAuthz.listen", "explain.listen"])
+def test_a_listen_address_that_cannot_work_is_refused_naming_the_field(
+    tmp_path: Path, field: str, address: str, message: str
+) -> None:
+    server: dict[str, Any] = {}
+    head, _, tail = field.partition(".")
+    server[head] = {tail: address} if tail else address
+    (problem,) = problems(tmp_path, native(server=server, policies=[REQUIRE_JWT]))
+    assert problem.path == f"server.{field}"
+    assert message in problem.message
+
+
+@pytest.mark.parametrize(
+    "address", ["0.0.0.0:9001", "127.0.0.1:0", "[::]:9001", "localhost:9090", "unix:/run/a.sock"]
+)
+def test_listen_addresses_that_work_are_accepted(address: str) -> None:
+    assert specs.listen_address_problem(address) is None
+
+
+@pytest.mark.parametrize(
+    ("docs", "path", "suggested"),
+    [
+        ([native(server={"realmm": "x"}, policies=[REQUIRE_JWT])], "server.realmm", "realm"),
+        (
+            [native(server={"decisionLog": {"sampleRat": 1}}, policies=[REQUIRE_JWT])],
+            "server.decisionLog.sampleRat",
+            "sampleRate",
+        ),
+        ([native(providers=[provider(audience=["a"])])], "providers[0].audience", "audiences"),
+        (
+            [one_rule({"to": [{"operation": {"method": ["GET"]}}]})],
+            "policies[0].rules[0].to[0].operation.method",
+            "methods",
+        ),
+        ([native(policies=[{"name": "p", "actions": "DENY"}])], "policies[0].actions", "action"),
+        ([policy_doc({"actoin": "DENY"})], "spec.actoin", "action"),
+        (
+            [ra_doc({"issuer": ISS, "jwks": JWKS, "forwardOrignalToken": True})],
+            "spec.jwtRules[0].forwardOrignalToken",
+            "forwardOriginalToken",
+        ),
+    ],
+    ids=["server", "nested", "provider", "operation", "policy", "istio-policy", "istio-jwt-rule"],
+)
+def test_an_unknown_field_suggests_the_closest_known_one(
+    tmp_path: Path, docs: list[Doc], path: str, suggested: str
+) -> None:
+    found = {p.path: p.message for p in problems(tmp_path, *docs)}
+    assert found[path] == f"unknown field (did you mean {suggested!r}?)"
+
+
+def test_an_unknown_field_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    found = {p.path: p.message for p in problems(tmp_path, native(server={"colour": "blue"}))}
+    assert found["server.colour"] == "unknown field"
+
+
+@pytest.mark.parametrize(
+    ("docs", "where", "method", "hint"),
+    [
+        (
+            [one_rule({"to": [{"operation": {"methods": ["GET", "DELTE"]}}]})],
+            "(AuthzConfig): policies[0].rules[0].to[0].operation.methods",
+            "DELTE",
+            " (did you mean 'DELETE'?)",
+        ),
+        (
+            [policy_doc({"rules": [{}, {"to": [{"operation": {"notMethods": ["PSOT"]}}]}]})],
+            "(AuthorizationPolicy/p): spec.rules[1].to[0].operation.notMethods",
+            "PSOT",
+            " (did you mean 'POST'?)",
+        ),
+        (
+            [one_rule({"to": [{"operation": {"methods": ["PURGE"]}}]})],
+            "policies[0].rules[0].to[0].operation.methods",
+            "PURGE",
+            "",
+        ),
+        (
+            [one_rule({"to": [{"operation": {"methods": ["get"]}}]})],
+            "policies[0].rules[0].to[0].operation.methods",
+            "get",
+            " (did you mean 'GET'?)",
+        ),
+    ],
+    ids=["native", "istio-not-methods", "no-close-one", "lower-case"],
+)
+def test_a_method_that_is_not_a_standard_http_method_gets_a_warning(
+    tmp_path: Path, docs: list[Doc], where: str, method: str, hint: str
+) -> None:
+    (warning,) = load(tmp_path, *docs).warnings
+    assert f"{where}: {method!r} is not a standard HTTP method{hint}" in warning
+
+
+def test_standard_methods_and_wildcards_get_no_warning(tmp_path: Path) -> None:
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "*"]
+    settings = load(tmp_path, one_rule({"to": [{"operation": {"methods": methods}}]}))
+    assert settings.warnings == ()

@@ -848,3 +848,47 @@ def test_a_closed_destination_counts_its_lines_as_dropped(logs: list[DecisionLog
     write_lines(log, range(4))
     assert log.close()
     assert log.dropped == 4
+
+
+def test_a_text_decision_line_says_who_and_which_policy_on_one_line(
+    engine: Engine, make_token: Callable[..., str]
+) -> None:
+    from authz_server.log import TextFormatter
+
+    out = Captured("test.decision.text-format")
+    out.logger.handlers[0].setFormatter(TextFormatter())
+    try:
+        service = AuthorizationService(engine, decision_log=out.log(DecisionLogSpec()))
+        service.check(request(make_token(sub="alice")))
+        service.check(request(make_token(sub="eve\nFORGED ERROR line"), path="/other"))
+        service.check(request(None, path="/other"))
+        lines = out.text.splitlines()
+    finally:
+        for decision_log in out.logs:
+            decision_log.close()
+    assert len(lines) == 3
+    assert lines[0].endswith(
+        f"allow GET /api/orders -> 200 allowed principal={ISSUER}/alice policy=read"
+    )
+    # A line break in a claim can neither split the line nor forge another.
+    assert lines[1].endswith(f'principal="{ISSUER}/eve\\nFORGED ERROR line" policy=-')
+    assert lines[2].endswith("principal=- policy=-")
+
+
+def test_a_multi_line_message_stays_one_text_line() -> None:
+    import logging as logging_module
+
+    from authz_server.log import TextFormatter
+
+    record = logging_module.LogRecord(
+        "authz_server.cli",
+        logging_module.ERROR,
+        "",
+        0,
+        "invalid configuration: %s",
+        ("x.yaml: not valid YAML: while parsing\n  in \"x.yaml\", line 3\nexpected ','",),
+        None,
+    )
+    line = TextFormatter().format(record)
+    assert "\n" not in line
+    assert line.endswith("not valid YAML: while parsing\\n  in \"x.yaml\", line 3\\nexpected ','")

@@ -98,6 +98,7 @@ def test_a_denied_post_names_the_failing_clause_of_every_policy(
             "providers": ["main"],
             "result": "verified",
             "provider": "main",
+            "credential": "jwt",
             "principal": f"{ISSUER}/alice",
         }
     ]

@@ -53,11 +53,18 @@ policies:
 
 
 def start_server(
-    tmp_path: Path, key: SigningKey, *, prefix: str = '""', extra: str = "", listen: str = ""
+    tmp_path: Path,
+    key: SigningKey,
+    *,
+    prefix: str = '""',
+    extra: str = "",
+    listen: str = "",
+    limits: str = "",
 ) -> AuthzServer:
+    """A server whose door has LIMITS, or ``limits`` (the ``httpAuthz`` block) instead."""
     (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
     text = CONFIG.format(
-        limits=LIMITS.format(prefix=prefix), issuer=ISSUER, audience=AUDIENCE, extra=extra
+        limits=limits or LIMITS.format(prefix=prefix), issuer=ISSUER, audience=AUDIENCE, extra=extra
     )
     server = AuthzServer(
         config.load(write_config(tmp_path, text)),
@@ -178,6 +185,25 @@ def test_denials_carry_the_same_status_challenge_and_body_as_the_grpc_door(
     assert status == 403
     assert "www-authenticate" not in headers
     assert json.loads(body) == {"error": "forbidden", "reason": "policy_denied"}
+
+
+def test_a_head_denial_has_the_get_headers_and_no_body(server: AuthzServer, token: str) -> None:
+    _, get_headers, get_body = ask(server, request("/orders"))
+    client = Client(server.http_authz_port)
+    try:
+        head = request("/orders").replace(b"GET ", b"HEAD ", 1)
+        client.send(head + request("/orders", token))
+        status_line = client.stream.readline()
+        headers: dict[str, str] = {}
+        while (line := client.stream.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        assert status_line.split()[1] == b"401"
+        assert headers == get_headers  # content-length included: what GET would get
+        assert len(get_body) == int(headers["content-length"]) > 0
+        assert client.response()[0] == 200  # the next bytes are the next answer, no body
+    finally:
+        client.close()
 
 
 def test_keep_alive_and_pipelined_requests_are_answered_in_order(

@@ -377,7 +377,14 @@ def test_standard_process_and_python_collectors_are_registered(
 def test_supervisor_reports_restarts_and_the_cpu_and_memory_of_its_workers() -> None:
     """Under --workers the process collectors are off: the supervisor's collector counts the
     workers' CPU and memory, and keeps an exited worker's CPU (no counter reset on a restart)."""
-    burn = "import sys; sum(range(3 * 10**6)); sys.stdin.read()"
+    # NOTE: burns 0.2 s of its own CPU whatever the processor's speed (a fixed sum took less
+    # than the 0.05 s awaited below on a fast core, and the test timed out).
+    burn = (
+        "import sys, time\n"
+        "start = time.process_time()\n"
+        "while time.process_time() - start < 0.2: pass\n"
+        "sys.stdin.read()"
+    )
     worker = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
     restarts = [0]
     pids = [worker.pid]

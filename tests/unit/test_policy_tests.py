@@ -17,12 +17,13 @@ import yaml
 
 from authz_server import cli, config, devkeys, policy_tests
 from authz_server.devkeys import SigningKey
+from tests.certs import CertificateAuthority
 from tests.e2e.harness import JWKSServer
 from tests.helpers import claims_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "examples" / "demo" / "config.yaml"
-DEMO_CASES = ROOT / "examples" / "demo" / "policy-tests.yaml"
+DEMO_CASES = ROOT / "examples" / "demo-tests" / "policy-tests.yaml"
 README = ROOT / "README.md"
 
 
@@ -163,7 +164,8 @@ groups:
         f"  {case}[0] (typo).expect: unknown field 'stauts' (did you mean 'status'? fields: "
         "decision, headers, policy, reason, status)",
         f"  {case}[1] (no expectation).expect: give status or decision (or both)",
-        f"  {case}[2] (both): give claims (a token is minted) or token, not both",
+        f"  {case}[2] (both): give one of claims (a token is minted), token, apiKey, "
+        "introspection, not claims and token",
         f"  {case}[3] (maybe).expect.decision: Input should be 'allow' or 'deny'",
     ]
 
@@ -373,3 +375,126 @@ def test_a_raw_tokens_failure_never_prints_the_token(
     assert "rejected: unknown_kid" in out
     assert token not in out + err
     assert token.split(".")[2] not in out + err
+
+
+def test_sender_constrained_cases_bind_minted_tokens_and_present_proofs_and_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = CertificateAuthority()
+    ca.issue("partner", server=False).write(tmp_path, "partner")
+    ca.issue("other", server=False).write(tmp_path, "other")
+    config_path = write_config(
+        tmp_path,
+        """
+apiVersion: authz-server/v1
+kind: AuthzConfig
+providers:
+  - name: fapi
+    issuer: https://fapi.test
+    jwksUri: http://127.0.0.1:9/nothing-answers-here
+    dpop: {mode: required, externalUrl: "https://api.example.com"}
+  - name: mtls
+    issuer: https://mtls.test
+    jwksUri: http://127.0.0.1:9/nothing-answers-here
+    fromHeaders: [{name: x-mtls-token}]
+    certificateBound: required
+policies:
+  - name: callers
+    rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+""",
+    )
+    cases = {
+        "cases": [
+            {
+                "name": "dpop",
+                "provider": "fapi",
+                "dpop": True,
+                "request": {"method": "post", "host": "envoy.internal", "path": "/o?x=1"},
+                "claims": {"sub": "alice"},
+                "expect": {"status": 200},
+            },
+            {
+                "name": "a DPoP-bound token as bearer",
+                "provider": "fapi",
+                "claims": {"sub": "alice", "cnf": {"jkt": "not-presented"}},
+                "expect": {"status": 401, "reason": "bound_token_without_proof"},
+            },
+            {
+                "name": "its certificate",
+                "provider": "mtls",
+                "boundToCertificate": "partner.crt",
+                "request": {"clientCertificate": "partner.crt"},
+                "claims": {"sub": "bob"},
+                "expect": {"status": 200},
+            },
+            {
+                "name": "another certificate",
+                "provider": "mtls",
+                "boundToCertificate": "partner.crt",
+                "request": {"clientCertificate": "other.crt"},
+                "claims": {"sub": "bob"},
+                "expect": {"status": 200},  # wrong on purpose: the trace must say why
+            },
+        ]
+    }
+    (tmp_path / "cases.yaml").write_text(yaml.safe_dump(cases))
+
+    code, out, _ = _main(capsys, "test", "--config", str(config_path), str(tmp_path / "cases.yaml"))
+
+    assert code == 1
+    assert "PASS  dpop" in out and "PASS  a DPoP-bound token as bearer" in out
+    assert "PASS  its certificate" in out and "FAIL  another certificate" in out
+    assert "rejected: certificate_mismatch (token bound to another client certificate)" in out
+    assert "3 passed, 1 failed" in out
+
+
+def test_sender_constrained_case_fields_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "cases.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "cases": [
+                    {"name": "raw", "token": "a.b.c", "dpop": True, "expect": {"status": 200}},
+                    {
+                        "name": "missing file",
+                        "claims": {"sub": "x"},
+                        "boundToCertificate": "nowhere.pem",
+                        "expect": {"status": 200},
+                    },
+                ]
+            }
+        )
+    )
+    with pytest.raises(policy_tests.CasesError) as caught:
+        policy_tests.load_cases(tmp_path / "cases.yaml")
+    assert list(caught.value.problems) == [
+        "cases[0] (raw): dpop and boundToCertificate bind a minted token: give claims"
+    ]
+    (tmp_path / "cases.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "cases": [
+                    {
+                        "name": "missing file",
+                        "claims": {"sub": "x"},
+                        "boundToCertificate": "nowhere.pem",
+                        "expect": {"status": 200},
+                    }
+                ]
+            }
+        )
+    )
+    cases = policy_tests.load_cases(tmp_path / "cases.yaml")
+    settings = config.load(
+        write_config(
+            tmp_path,
+            "apiVersion: authz-server/v1\nkind: AuthzConfig\nproviders:\n"
+            "  - {issuer: https://i.test, jwksUri: http://127.0.0.1:9/x,"
+            " certificateBound: optional}\n"
+            "policies: [{name: any, rules: [{}]}]\n",
+        )
+    )
+    with pytest.raises(policy_tests.CasesError) as caught:
+        policy_tests.run(settings, cases)
+    (problem,) = caught.value.problems
+    assert problem.startswith("cases[0] (missing file).boundToCertificate: ")
+    assert "nowhere.pem" in problem

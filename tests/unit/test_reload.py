@@ -240,6 +240,38 @@ def test_the_watcher_thread_picks_up_changes_and_survives_a_broken_config(
     assert len(recorder.rejected) == 1  # a refused snapshot is not retried on every poll
 
 
+LATE_PROVIDER = f"""
+  - name: late
+    issuer: https://late.test
+    audiences: [{AUDIENCE}]
+    jwksFile: late/jwks.json
+"""
+
+
+def test_a_config_refused_for_a_named_file_is_applied_when_the_file_appears(
+    config_dir: Path, recorder: Recorder, rsa_key: SigningKey
+) -> None:
+    # A ConfigMap and the Secret it names update at different moments: the configuration
+    # refused for the file must be tried again when the file appears, not only when the
+    # configuration changes again.
+    path = config_dir / "config.yaml"
+    late = config_dir / "late" / "jwks.json"
+    reloader = reloader_for(path, recorder)
+    assert reloader.reload()
+    reloader.start()
+    try:
+        replace_text(path, config_text(extra_providers=LATE_PROVIDER))
+        wait_until(lambda: len(recorder.rejected) == 1, what="the configuration refused")
+        assert "late/jwks.json" in str(recorder.rejected[0])
+        late.parent.mkdir()
+        replace_text(late, json.dumps(devkeys.jwks(rsa_key)))
+        wait_until(lambda: len(recorder.applied) == 2, what="the configuration applied")
+    finally:
+        reloader.stop()
+    assert [p.name for p in recorder.applied[1].providers] == ["main", "late"]
+    assert len(recorder.rejected) == 1  # not tried again while nothing changed
+
+
 def test_the_watcher_follows_a_configmap_swap(configmap: Path, recorder: Recorder) -> None:
     reloader = reloader_for(configmap, recorder)
     assert reloader.reload()
@@ -567,7 +599,7 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
         f"providers: [{{issuer: {ISSUER}, jwksFile: jwks.json}}]\n"
     )
     first = tmp_path / "a.yaml"
-    first.write_text(base + "policies: []\n")
+    first.write_text(base + "policies: [{name: everyone, rules: [{}]}]\n")
     engine = Engine.build(config.load(first))
     for cache in engine.caches.values():
         assert cache.refresh()
@@ -575,7 +607,7 @@ def test_a_policy_only_reload_keeps_cached_tokens_and_counters(
     token = rsa_key.sign(claims_for(time.time()))
     request = RequestAttributes(path="/x", headers={"authorization": f"Bearer {token}"})
     assert service.check(request).allowed
-    first.write_text(base + "policies: [{name: p, rules: [{}]}]\n")
+    first.write_text(base + "policies: [{name: p, rules: [{}]}, {name: q, action: AUDIT}]\n")
     successor = Engine.build(config.load(first), previous=engine)
     engine.close(successor=successor)
     service.engine = successor
@@ -616,7 +648,7 @@ def test_a_truncated_config_is_refused_and_never_opens_the_door(
     status, _, body = http_request(f"http://127.0.0.1:{server.http_port}/readyz")
     assert (status, json.loads(body)["ready"]) == (200, True)
     # Refused once, not on every poll.
-    wait_until(lambda: server.reloader is not None and server.reloader._seen == snapshot(path))
+    wait_until(lambda: server.reloader is not None and server.reloader._seen[0] == snapshot(path))
     assert registry.get_sample_value("authz_config_reloads_total", {"result": "failure"}) == 1
 
 
@@ -638,3 +670,67 @@ def test_an_empty_config_that_says_allow_empty_is_applied(
         ),
         what="allow-all, counted",
     )
+
+
+def test_turning_explain_on_by_reload_says_it_needs_a_restart_naming_the_fields(
+    running: AuthzServer, config_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = config_text().replace(
+        "kind: AuthzConfig\n",
+        "kind: AuthzConfig\nserver: {explain: {enabled: true}, threads: 3, realm: changed}\n",
+    )
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, text))
+    (warning,) = [r for r in caplog.records if "needs a restart" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().startswith(
+        "server.threads, server.explain.enabled changed but needs a restart"
+    )
+    assert warning.fields == {"needs_restart": ["server.threads", "server.explain.enabled"]}  # type: ignore[attr-defined]
+    assert running.settings.server.realm == "changed"  # applied: a reload can change it
+    assert running.explain_port == 0  # not started by the reload
+    # Said again at the next reload, as long as the running server differs from it.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, text.replace("/orders", "/admin")))
+    assert [r.levelname for r in caplog.records if "needs a restart" in r.getMessage()] == [
+        "WARNING"
+    ]
+
+
+def test_a_reload_that_changes_no_restart_field_says_nothing_about_restarting(
+    running: AuthzServer, config_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="authz_server.server"):
+        running.apply(load(config_dir, config_text(("/orders", "/admin"))))
+    assert not [r for r in caplog.records if "restart" in r.getMessage()]
+
+
+def test_each_reload_names_a_workload_left_without_any_policy(
+    config_dir: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = config_dir / "config.yaml"
+    workloads = (
+        "workloads:\n"
+        "  - {name: orders, namespace: shop, hosts: [orders.test]}\n"
+        "  - {name: reports, namespace: shop, hosts: [reports.test]}\n"
+    )
+    scoped = "    appliesTo: {workloads: [orders]}\n"
+    path.write_text(config_text() + scoped + workloads)
+    reloader = reloader_for(path, recorder)
+    with caplog.at_level("WARNING", logger="authz_server.reload"):
+        assert reloader.reload()
+        path.write_text(config_text(("/orders", "/admin")) + scoped + workloads)
+        assert reloader.reload()
+    said = [
+        r.getMessage() for r in caplog.records if "has no policy in its scope" in r.getMessage()
+    ]
+    assert (
+        said
+        == [
+            "workload 'reports' (namespace 'shop') has no policy in its scope: every request for "
+            "it is allowed, with or without credentials"
+        ]
+        * 2
+    )
+    assert len(recorder.applied) == 2

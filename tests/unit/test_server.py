@@ -185,6 +185,7 @@ def test_liveness_stays_serving_while_a_provider_has_no_keys(tmp_path: Path) -> 
     text = (
         "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
         f"providers: [{{issuer: {ISSUER}, jwksUri: 'http://127.0.0.1:9/jwks', timeout: 200ms}}]\n"
+        "policies: [{name: allow-all, rules: [{}]}]\n"
     )
     server = AuthzServer(
         config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
@@ -228,3 +229,33 @@ def test_rendered_allows_are_reused_per_identity_and_never_mixed(rsa_key: Signin
     assert parsed.dynamic_metadata.fields["principal"].string_value == "iss/alice"
     # Same headers but another (equal-looking) metadata object: rebuilt, not reused.
     assert renderer.wire(decision(dict(alice), "alice")) is not first
+
+
+def test_readyz_says_when_the_replay_cache_cannot_answer_and_stays_ready(
+    tmp_path: Path, rsa_key: SigningKey
+) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(rsa_key)))
+    text = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server:
+  replayCache: {{redis: {{url: "unix://{tmp_path}/no-redis.sock", timeout: 100ms}}}}
+providers:
+  - issuer: {ISSUER}
+    jwksFile: jwks.json
+    dpop: {{mode: optional}}
+policies:
+  - name: authenticated
+    rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]
+"""
+    server = AuthzServer(
+        config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5) as r:
+            status, body = r.status, json.loads(r.read())
+    finally:
+        server.stop(grace=1)
+    assert (status, body["ready"]) == (200, True)
+    assert body["replayCache"].startswith("redis replay cache unreachable")

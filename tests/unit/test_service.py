@@ -33,6 +33,10 @@ policies:
 """
 
 
+# Every request allowed, said explicitly: providers without any policy are refused.
+ALLOW_ALL = "policies: [{name: allow-all, rules: [{}]}]"
+
+
 def provider_yaml(key: SigningKey, extra: str = "") -> str:
     jwks = json.dumps(json.dumps(devkeys.jwks(key)))
     return f"""
@@ -110,7 +114,7 @@ def test_missing_token_can_be_istio_style_403(
 def test_invalid_token_is_401_even_where_policy_would_allow_anonymous(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey, make_token: Callable[..., str]
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     assert service.check(request()).allowed
     decision = service.check(request(make_token(exp=int(clock.now) - 3600)))
     assert (decision.status, decision.reason) == (401, errors.TOKEN_EXPIRED)
@@ -141,7 +145,7 @@ def test_deny_policy_wins_and_is_named(
 def test_client_sent_identity_headers_are_removed_for_anonymous_requests(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     decision = service.check(request(x_user="root", x_groups="admin"))
     assert decision.allowed
     assert {"x-user", "x-groups", "x-tenant"} <= set(decision.headers_to_remove)
@@ -227,7 +231,7 @@ def test_presence_required_refuses_anonymous_requests(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
     service = make_service(
-        tmp_path, clock, provider_yaml(rsa_key, "presence: REQUIRED"), policies="policies: []"
+        tmp_path, clock, provider_yaml(rsa_key, "presence: REQUIRED"), policies=ALLOW_ALL
     )
     assert service.check(request()).reason == errors.MISSING_CREDENTIALS
 
@@ -270,7 +274,7 @@ def test_provider_with_no_keys_is_503_for_its_tokens_only(
 """
     text = (
         "apiVersion: authz-server/v1\nkind: AuthzConfig\n"
-        f"providers:{provider_yaml(rsa_key)}{down}\npolicies: []\n"
+        f"providers:{provider_yaml(rsa_key)}{down}\n{ALLOW_ALL}\n"
     )
     engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
     engine.caches["main"].refresh()
@@ -305,7 +309,7 @@ def test_the_same_token_in_two_headers_is_stripped_from_both(
 def test_header_twins_of_identity_headers_are_removed(
     tmp_path: Path, clock: Clock, rsa_key: SigningKey
 ) -> None:
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     decision = service.check(
         RequestAttributes(path="/", headers={"x_user": "root", "x_other": "kept"})
     )
@@ -332,7 +336,7 @@ def test_twins_of_underscored_output_headers_and_of_token_headers_are_removed_un
     # `x_jwt` would reach it as that header, never verified.
     extra = """outputPayloadToHeader: x_claims
     fromHeaders: [{name: x-jwt}]"""
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, extra), policies=ALLOW_ALL)
     token = rsa_key.sign(claims_for(clock.now))
     decision = service.check(RequestAttributes(path="/", headers={"x-jwt": token}))
     assert decision.allowed
@@ -342,14 +346,15 @@ def test_twins_of_underscored_output_headers_and_of_token_headers_are_removed_un
     assert "x-jwt" in removed  # the token itself (forwardOriginalToken is false)
 
 
-def test_token_in_a_query_parameter_with_an_escaped_name_is_still_found(
+def test_token_in_a_query_parameter_with_an_escaped_name_is_refused(
     service: AuthorizationService, make_token: Callable[..., str]
 ) -> None:
-    token = make_token()
-    assert service.check(request(path=f"/api/orders?x=1&access%5Ftoken={token}")).allowed
-    expired = make_token(exp=1)
-    decision = service.check(request(path=f"/api/orders?access%5Ftoken={expired}"))
-    assert decision.reason == errors.TOKEN_EXPIRED
+    # Never passed on unverified; and since Envoy removes parameters by their exact name, a
+    # valid one would reach the upstream: refused either way.
+    for token in (make_token(), make_token(exp=1)):
+        decision = service.check(request(path=f"/api/orders?x=1&access%5Ftoken={token}"))
+        assert (decision.status, decision.reason) == (401, errors.AMBIGUOUS_QUERY)
+    assert service.check(request(path=f"/api/orders?x=%20&access_token={make_token()}")).allowed
 
 
 def test_check_command_explains_a_decision_without_printing_the_token(
@@ -462,7 +467,7 @@ def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counte
 
     from authz_server.metrics import Metrics
 
-    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies="policies: []")
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     registry = CollectorRegistry()
     service.metrics = Metrics(registry)
     token = rsa_key.sign(claims_for(clock.now, groups=groups))
@@ -475,6 +480,30 @@ def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counte
         registry.get_sample_value("authz_identity_headers_withheld_total", {"header": "x-groups"})
         == 2
     )  # every request, though the allow is built once
+
+
+@pytest.mark.parametrize("sub", [" root ", "root ", "\troot", "root\u00a0"])
+def test_a_string_claim_with_spaces_at_either_end_gives_no_header_and_is_counted(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, sub: str
+) -> None:
+    # The policies see " root "; the upstream would read "root" (header values are trimmed).
+    from prometheus_client import CollectorRegistry
+
+    from authz_server.metrics import Metrics
+
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
+    registry = CollectorRegistry()
+    service.metrics = Metrics(registry)
+    decision = service.check(request(rsa_key.sign(claims_for(clock.now, sub=sub))))
+    assert decision.allowed
+    assert "x-user" not in dict(decision.headers_to_set)
+    assert "x-user" in decision.headers_to_remove  # nor the client's copy
+    assert (
+        registry.get_sample_value("authz_identity_headers_withheld_total", {"header": "x-user"})
+        == 1
+    )
+    inner = service.check(request(rsa_key.sign(claims_for(clock.now, sub="ro ot"))))
+    assert dict(inner.headers_to_set)["x-user"] == "ro ot"  # a space inside is kept
 
 
 def test_a_list_claim_of_plain_strings_is_joined_with_commas(
@@ -583,3 +612,49 @@ def test_a_token_cookie_is_taken_out_of_the_cookie_header_before_the_upstream(
     alone = check(f"session={token}")
     assert alone.allowed and "cookie" in alone.headers_to_remove
     assert "cookie" not in dict(alone.headers_to_set)
+    # Read with spaces around its name, the token cookie is taken out all the same; a comma
+    # elsewhere stays as sent.
+    spaced = check(f"prefs=a,b;  session = {token} ; lang=en")
+    assert spaced.allowed and dict(spaced.headers_to_set)["cookie"] == "prefs=a,b; lang=en"
+
+
+@pytest.mark.parametrize(
+    ("cookie", "query", "reason"),
+    [
+        ("a=1,session={token}", "", "ambiguous_cookie"),
+        ("session={token},a=1", "", "ambiguous_cookie"),
+        ("", "x=1;access_token={token}", "ambiguous_query"),
+        ("", "access_token={token};x=1", "ambiguous_query"),
+    ],
+)
+def test_a_token_location_upstreams_read_two_ways_is_refused(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey, *, cookie: str, query: str, reason: str
+) -> None:
+    locations = "fromCookies: [session]\n    fromParams: [access_token]"
+    service = make_service(tmp_path, clock, provider_yaml(rsa_key, locations))
+    token = rsa_key.sign(claims_for(clock.now))
+    decision = service.check(
+        RequestAttributes(
+            path=f"/api/orders?{query.format(token=token)}",
+            headers={"cookie": cookie.format(token=token)} if cookie else {},
+        )
+    )
+    assert (decision.status, decision.reason) == (401, reason)
+
+
+def test_a_parameter_configured_with_capitals_is_refused_in_another_case(
+    tmp_path: Path, clock: Clock, rsa_key: SigningKey
+) -> None:
+    service = make_service(
+        tmp_path, clock, provider_yaml(rsa_key, "fromParams: [Token]"), policies=ALLOW_ALL
+    )
+    token = rsa_key.sign(claims_for(clock.now))
+
+    def check(query: str) -> tuple[int, str]:
+        decision = service.check(RequestAttributes(path=f"/api/orders?{query}"))
+        return decision.status, decision.reason
+
+    assert check(f"Token={token}") == (200, "allowed")
+    assert check(f"token={token}") == (401, errors.AMBIGUOUS_QUERY)
+    assert check("token=abc") == (401, errors.AMBIGUOUS_QUERY)  # a query all in lower case
+    assert check("page=2") == (200, "allowed")

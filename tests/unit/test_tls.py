@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1.health_pb2 import HealthCheckRequest
@@ -408,5 +413,86 @@ server:
         trusting = grpc.ssl_channel_credentials(ca.cert_pem)
         assert explain(grpc.secure_channel(address, trusting)) == grpc.StatusCode.INVALID_ARGUMENT
         assert explain(grpc.insecure_channel(address)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=1)
+
+
+def _grpc_code(call: Callable[[grpc.Channel], object], channel: grpc.Channel) -> grpc.StatusCode:
+    with channel:
+        try:
+            call(channel)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _presented_serial(port: int, client: Leaf) -> int:
+    """The serial of the certificate ``port`` presents to a client holding ``client``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # whatever it presents, read it
+    with tempfile.TemporaryDirectory() as directory:
+        context.load_cert_chain(*client.write(Path(directory), "client"))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), 5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.mark.parametrize("first", ["explain", "check"])
+def test_a_rotation_reaches_every_listener_whichever_handshakes_first(
+    tmp_path: Path, ca: CertificateAuthority, leaf: Leaf, first: str
+) -> None:
+    # The gRPC port and the Explain API's port share the files: a new certificate and client
+    # CA read at a handshake on one must reach the other too (a retired CA stays trusted
+    # there otherwise, and renewed client certificates are refused).
+    from authz_server.v1 import explain_pb2, explain_pb2_grpc
+
+    _tls_files(tmp_path, ca, leaf)
+    text = f"""
+apiVersion: authz-server/v1
+kind: AuthzConfig
+server:
+  tls: {{certFile: tls.crt, keyFile: tls.key, clientCaFile: ca.crt}}
+  explain: {{enabled: true, listen: "127.0.0.1:0"}}
+{POLICY}"""
+    server = AuthzServer(
+        config.load(write_config(tmp_path, text)), listen="127.0.0.1:0", http_listen=None
+    )
+    server.start()
+    ports = {"check": server.grpc_port, "explain": server.explain_port}
+
+    def call(port: str, root: CertificateAuthority, client: Leaf) -> grpc.StatusCode:
+        credentials = grpc.ssl_channel_credentials(root.cert_pem, client.key_pem, client.cert_pem)
+        channel = grpc.secure_channel(f"127.0.0.1:{ports[port]}", credentials)
+        if port == "check":
+            stub = HealthStub(channel)
+            return _grpc_code(lambda _: stub.Check(HealthCheckRequest(), timeout=5), channel)
+        explain = explain_pb2_grpc.ExplainStub(channel)
+        # An empty request is refused once it arrives: INVALID_ARGUMENT means "got in".
+        code = _grpc_code(
+            lambda _: explain.Explain(explain_pb2.ExplainRequest(), timeout=5), channel
+        )
+        return grpc.StatusCode.OK if code == grpc.StatusCode.INVALID_ARGUMENT else code
+
+    old_client = ca.issue("old-client", server=False)
+    try:
+        assert {call(port, ca, old_client) for port in ports} == {grpc.StatusCode.OK}
+        new_ca = CertificateAuthority("the next CA")
+        renewed, new_client = new_ca.issue("server", server=True), new_ca.issue("c", server=False)
+        renewed.write(tmp_path, "tls")
+        (tmp_path / "ca.crt").write_bytes(new_ca.cert_pem)
+
+        assert call(first, new_ca, new_client) == grpc.StatusCode.OK  # one port reads the files
+        other = "check" if first == "explain" else "explain"
+        assert _presented_serial(ports[other], new_client) == renewed.serial
+        assert call(other, new_ca, new_client) == grpc.StatusCode.OK
+        assert call(other, new_ca, old_client) == grpc.StatusCode.UNAVAILABLE  # CA retired
+        assert server.certificates is not None
+        assert (server.certificates.reloads, server.certificates.failures) == (1, 0)
     finally:
         server.stop(grace=1)

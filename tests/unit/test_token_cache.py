@@ -428,6 +428,7 @@ providers:
     jwks: {jwks}
     requireExpiration: false
     requiredClaims: {{admin: true, level: 1, tenant: "1", team: null}}
+policies: [{{name: allow-all, rules: [{{}}]}}]
 """
     engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
     assert engine.verifier.max_token_bytes == 300

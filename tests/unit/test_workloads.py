@@ -125,6 +125,34 @@ def test_a_request_is_recognised_by_extensions_then_principal_then_host() -> Non
     assert find(host="other.example.com", context_extensions={"workload": "nope"}) is None
 
 
+def test_the_host_decides_only_where_no_context_extensions_and_no_spiffe_id_were_sent() -> None:
+    index = WorkloadIndex(
+        [
+            Workload("orders", "shop", context_extensions={"workload": "orders"}),
+            Workload(
+                "payments",
+                "shop",
+                destination_principals=("spiffe://cluster.local/ns/shop/sa/payments",),
+            ),
+            Workload("web", "web", hosts=("www.example.com",)),
+        ]
+    )
+
+    def find(**fields: Any) -> str | None:
+        found = index.identify(RequestAttributes(host="www.example.com", **fields))
+        return None if found is None else found.name
+
+    # A route that said something no workload lists, a sidecar no workload lists: unknown,
+    # whatever host the client names.
+    assert find(context_extensions={"workload": "billing"}) is None
+    assert find(destination_principal="spiffe://cluster.local/ns/shop/sa/billing") is None
+    assert find(destination_principal="spiffe://cluster.local/ns/shop/sa/payments") == "payments"
+    # Nothing sent (a gateway, the HTTP door, a plaintext request), or only the name of the
+    # certificate a TLS gateway served (no workload identity): the host decides.
+    assert find() == "web"
+    assert find(destination_principal="www.example.com") == "web"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -473,3 +501,50 @@ def test_a_workload_recognised_by_its_principal_can_be_explained_over_grpc(
 
     assert result["workload"]["name"] == "orders"
     assert result["workload"]["policies_in_scope"] == ["shop/orders-admins"]
+
+
+@pytest.mark.parametrize(
+    ("workloads", "warned"),
+    [
+        # Sidecars (destination principals) beside a workload recognised by its host.
+        (
+            [
+                {"name": "orders", "destinationPrincipals": ["spiffe://td/ns/shop/sa/orders"]},
+                {"name": "web", "hosts": ["www.example.com"]},
+            ],
+            "workload 'web' is recognised by its hosts while 'orders' are sidecars",
+        ),
+        # A sidecar's workload recognised by its Service name alone (k8s/istio-http).
+        (
+            [{"name": "orders", "hosts": ["orders.shop.svc.cluster.local", "orders:8080"]}],
+            "workload 'orders' is recognised by host 'orders.shop.svc.cluster.local', a "
+            "Kubernetes Service name",
+        ),
+        ([{"name": "bare", "hosts": ["orders"]}], "recognised by host 'orders', a Kubernetes"),
+        # Gateways: public names, or context extensions first.
+        ([{"name": "api", "hosts": ["api.example.com", "*.partners.example.com"]}], None),
+        ([{"name": "ip", "hosts": ["10.0.0.1", "10.0.0.1:8080"]}], None),
+        (
+            [{"name": "routed", "contextExtensions": {"w": "r"}, "hosts": ["routed.shop.svc"]}],
+            None,
+        ),
+    ],
+)
+def test_validate_warns_where_the_client_would_pick_a_sidecars_scope_by_host(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    workloads: list[dict[str, Any]],
+    warned: str | None,
+) -> None:
+    from authz_server import cli
+
+    document = _native(workloads=workloads, policies=[{"name": "p", "rules": [{}]}])
+
+    assert cli.main(["validate", "--config", str(_config(tmp_path, document))]) == 0
+
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "Host header" in w]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
+        assert "workloads[" in warnings[0] and ".hosts: " in warnings[0]

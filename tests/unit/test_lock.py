@@ -1,0 +1,55 @@
+"""The lock (requirements/*.txt) is what `make install`, CI and the image install: it must pin
+every dependency pyproject.toml names, at a version pyproject allows, with hashes."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)")
+
+
+def locked(name: str) -> dict[str, str]:
+    """Returns {canonical name: version} of a lock file; every pin must carry a hash."""
+    text = (ROOT / "requirements" / name).read_text()
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        match = PIN.match(block)
+        if match:
+            assert "--hash=sha256:" in block, f"{name}: {match.group(1)} is pinned without a hash"
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("lock", "requirements"),
+    [
+        ("runtime.txt", PYPROJECT["dependencies"]),
+        ("dev.txt", PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["dev"]),
+    ],
+)
+def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows(
+    lock: str, requirements: list[str]
+) -> None:
+    pins = locked(lock)
+    for line in requirements:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is in pyproject.toml, not in requirements/{lock}: make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements/{lock} pins {name}=={pins[name]}, outside pyproject's "
+            f"{requirement.specifier}: make lock"
+        )
+
+
+def test_the_image_set_and_the_development_set_agree() -> None:
+    runtime, dev = locked("runtime.txt"), locked("dev.txt")
+    differing = {n: (v, dev.get(n)) for n, v in runtime.items() if dev.get(n) != v}
+    assert not differing, f"runtime.txt and dev.txt disagree: {differing}; make lock"
