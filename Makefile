@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lock lock-upgrade drift lint format test run fuzz soak bench bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz mutate soak bench bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview redis-tools
 
 help: ## List the targets
@@ -48,6 +48,7 @@ lock: ## Update requirements/*.txt after a pyproject change, keeping the pins th
 	$(BIN)/pip install --quiet 'uv>=0.9'
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/runtime.txt
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra dev -c requirements/runtime.txt $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/dev.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra dev --extra mutate -c requirements/dev.txt $(LOCK_FLAGS) $(LOCK_UPGRADE) -o requirements/mutate.txt
 	@echo "Locked. Run 'make install test' (a grpcio-tools change also needs 'make proto'), then commit requirements/."
 
 lock-upgrade: ## Move requirements/*.txt to the newest versions pyproject allows (then make install proto test)
@@ -93,11 +94,22 @@ bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~8 min (BENCH_QUICK=1: ~
 	$(BIN)/python -m bench $(if $(BENCH_OUTPUT),--output $(BENCH_OUTPUT))
 
 FUZZ_SECONDS ?= 120
-fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 2,000: ~10 min
+fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 5,000: ~12 min
 	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py \
 		tests/unit/test_policy_index.py
+
+# mutmut over tokens, credentials, policy, policy_index, service, attributes, doors/http.py and
+# config, each module within MUTATE_MINUTES; each mutant runs only the unit and security tests
+# that cover its function (pyproject's [tool.mutmut]). Not part of `make test`. A second run
+# resumes where the first stopped (results kept in mutants/). MUTATE_MODULES: e.g. "policy_index".
+MUTATE_MINUTES ?= 6
+MUTATE_MODULES ?=
+mutate: $(STAMP) ## Mutation testing of the security-critical modules, MUTATE_MINUTES (6) each, ~80 min: bench/results/mutation.md
+	$(BIN)/pip install --quiet --require-hashes -r requirements/mutate.txt
+	$(MAKE) --no-print-directory otlp-protos
+	$(BIN)/python bench/mutate.py --minutes-per-module $(MUTATE_MINUTES) $(MUTATE_MODULES)
 
 SOAK_MINUTES ?= 5
 SOAK_DOOR ?= grpc

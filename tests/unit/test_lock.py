@@ -33,6 +33,12 @@ def locked(name: str) -> dict[str, str]:
     [
         ("runtime.txt", PYPROJECT["dependencies"]),
         ("dev.txt", PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["dev"]),
+        (
+            "mutate.txt",
+            PYPROJECT["dependencies"]
+            + PYPROJECT["optional-dependencies"]["dev"]
+            + PYPROJECT["optional-dependencies"]["mutate"],
+        ),
     ],
 )
 def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows(
@@ -49,7 +55,10 @@ def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows(
         )
 
 
-def test_the_image_set_and_the_development_set_agree() -> None:
-    runtime, dev = locked("runtime.txt"), locked("dev.txt")
-    differing = {n: (v, dev.get(n)) for n, v in runtime.items() if dev.get(n) != v}
-    assert not differing, f"runtime.txt and dev.txt disagree: {differing}; make lock"
+@pytest.mark.parametrize(
+    ("smaller", "larger"), [("runtime.txt", "dev.txt"), ("dev.txt", "mutate.txt")]
+)
+def test_each_set_is_the_one_below_it_and_more(smaller: str, larger: str) -> None:
+    below, above = locked(smaller), locked(larger)
+    differing = {n: (v, above.get(n)) for n, v in below.items() if above.get(n) != v}
+    assert not differing, f"{smaller} and {larger} disagree: {differing}; make lock"

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from authz_server.attributes import RequestAttributes
+from authz_server.doors.http import HTTP_UNKNOWN
 from authz_server.identity import Identity
 from authz_server.policy import PolicyResult, PolicySet
 from authz_server.policy_index import StringIndex, pattern_kind
@@ -434,21 +435,149 @@ _requests = st.builds(
     destination_port=st.sampled_from([0, 8080, 443]),
     sni=st.sampled_from(["", "api.example.com"]),
     context_extensions=st.sampled_from([{}, {"team": "blue"}]),
+    # The HTTP door cannot tell the peer, the destination or the SNI: clauses on them fail
+    # closed, and must do so the same way whichever way the rules are found.
+    unknown=st.sampled_from([frozenset(), HTTP_UNKNOWN]),
 )
 
 
+def _case(
+    path: str = "/api/v1/orders", who: Identity | None = None, **attributes: Any
+) -> tuple[RequestAttributes, Identity | None]:
+    return RequestAttributes(host="api.example.com", path=path, **attributes), who
+
+
+_ALICE = identity("alice", iss=ISS)
+_EVERYONE = {"name": "everyone", "rules": [{}]}
+# The shapes where the index can go wrong by filing a rule where a request never looks,
+# tried on every run (CI's derandomized examples need not draw them):
+# a `from` that mixes a token source with one an anonymous caller can match...
+_MIXED_FROM = [
+    {
+        "name": "no-tokens-or-office",
+        "action": "DENY",
+        "rules": [
+            {
+                "from": [
+                    {"source": {"requestPrincipals": ["*"]}},
+                    {"source": {"ipBlocks": ["10.0.0.0/8"]}},
+                ]
+            }
+        ],
+    },
+    {
+        "name": "alice-or-anonymous",
+        "rules": [
+            {
+                "from": [
+                    {"source": {"requestPrincipals": [f"{ISS}/alice"]}},
+                    {"source": {"notRequestPrincipals": ["*"]}},
+                ],
+                "to": [{"operation": {"paths": ["/api/*"]}}],
+            }
+        ],
+    },
+    _EVERYONE,
+]
+_MIXED_FROM_CASES = [
+    _case(source_ip="10.1.2.3"),
+    _case(source_ip="192.168.1.1"),
+    _case(source_ip="192.168.1.1", who=_ALICE),
+    _case("/admin", source_ip="192.168.1.1"),
+]
+# ... a DENY made of `not*` fields only (it can be filed under no key)...
+_DENY_NOT_FIELDS = [
+    {
+        "name": "anonymous-outside-public",
+        "action": "DENY",
+        "rules": [
+            {
+                "from": [{"source": {"notRequestPrincipals": ["*"]}}],
+                "to": [{"operation": {"notPaths": ["/public/*"], "notMethods": ["OPTIONS"]}}],
+            }
+        ],
+    },
+    {
+        "name": "no-internal-hosts",
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"notHosts": ["*.example.com"], "notPorts": ["443"]}}]}],
+    },
+    {
+        "name": "deny-all-but-alice",
+        "action": "DENY",
+        "rules": [{"when": [{"key": "request.auth.principal", "notValues": [f"{ISS}/alice"]}]}],
+    },
+    _EVERYONE,
+]
+_DENY_NOT_FIELDS_CASES = [
+    _case(),
+    _case("/public/x"),
+    _case(method="OPTIONS"),
+    _case(who=_ALICE),
+    _case(who=identity("bob", iss=ISS)),
+    _case(who=_ALICE, destination_port=443),
+]
+# ... and rules on what the HTTP door does not see (they fail closed: a DENY matches, an
+# ALLOW does not), beside rules on what it does.
+_UNSEEN = [
+    {
+        "name": "no-port-8080",
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"ports": ["8080"], "paths": ["/api/*"]}}]}],
+    },
+    {
+        "name": "mesh-callers",
+        "rules": [
+            {"from": [{"source": {"principals": ["cluster.local/ns/foo/sa/bar"]}}]},
+            {"when": [{"key": "connection.sni", "values": ["api.example.com"]}]},
+        ],
+    },
+    {
+        "name": "office",
+        "rules": [
+            {
+                "from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}],
+                "to": [{"operation": {"hosts": ["api.example.com"]}}],
+            }
+        ],
+    },
+    {"name": "health", "rules": [{"to": [{"operation": {"paths": ["/healthz"]}}]}]},
+]
+_UNSEEN_CASES = [
+    _case(unknown=HTTP_UNKNOWN, door="http"),
+    _case(unknown=HTTP_UNKNOWN, door="http", source_ip="10.1.2.3"),
+    _case("/healthz", unknown=HTTP_UNKNOWN, door="http"),
+    _case(destination_port=8080, source_ip="10.1.2.3"),
+    _case(destination_port=443, source_ip="10.1.2.3"),
+    _case(sni="api.example.com", peer_principal=PEER),
+]
+
+
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "suite")
+
+
 @settings(
-    # 150 keeps the suite quick; `make fuzz` runs this property with 2,000.
-    max_examples=2000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 150,
+    # 300 in the suite (~10 s of CPU): this property guards every decision the index makes;
+    # `make fuzz` runs it with 5,000, `make mutate` (once per mutant) with 40 besides the
+    # examples below.
+    max_examples={"fuzz": 5000, "mutate": 40}.get(_PROFILE, 300),
     deadline=None,
-    # NOTE: CI replays the same examples every run; locally each run explores new ones.
-    derandomize=bool(os.environ.get("CI")),
+    # NOTE: CI (and each mutant) replays the same examples every run; locally each run
+    # explores new ones.
+    derandomize=bool(os.environ.get("CI")) or _PROFILE == "mutate",
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
     specs=_configs(),
     cases=st.lists(st.tuples(_requests, _identities), min_size=1, max_size=8),
+)
+@example(specs=_MIXED_FROM, cases=_MIXED_FROM_CASES)
+@example(specs=_DENY_NOT_FIELDS, cases=_DENY_NOT_FIELDS_CASES)
+@example(specs=_UNSEEN, cases=_UNSEEN_CASES)
+@example(
+    specs=[*_MIXED_FROM[:-1], *_DENY_NOT_FIELDS[:-1], *_UNSEEN, _EVERYONE],
+    cases=[*_MIXED_FROM_CASES, *_DENY_NOT_FIELDS_CASES, *_UNSEEN_CASES],
 )
 def test_indexed_evaluation_equals_linear_evaluation_and_the_trace(
     specs: list[dict[str, Any]], cases: list[tuple[RequestAttributes, Identity | None]]
