@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 # lets whichever it installs last own them. Re-installing opentelemetry-proto (its version as
 # resolved, or the lock's entry with its hashes, no dependencies) after everything else makes
 # its files win, whatever came before; the server's tracing refuses to start otherwise
-# (authz_server/tracing.py). Run it again after any `pip install` that (re)installs xds-protos.
+# (authz_server/ops/tracing.py). Run it again after any `pip install` that (re)installs xds-protos.
 .PHONY: otlp-protos
 otlp-protos: ## Put opentelemetry-proto's files back over xds-protos' old copy (make install runs it)
 	@if grep -q '^opentelemetry-proto==' requirements/dev.txt 2>/dev/null; then \
@@ -103,7 +103,7 @@ fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the pro
 # mutmut over tokens, credentials, policy, policy_index, service, attributes, doors/http.py and
 # config, each module within MUTATE_MINUTES; each mutant runs only the unit and security tests
 # that cover its function (pyproject's [tool.mutmut]). Not part of `make test`. A second run
-# resumes where the first stopped (results kept in mutants/). MUTATE_MODULES: e.g. "policy_index".
+# resumes where the first stopped (results kept in mutants/). MUTATE_MODULES: e.g. "policy.index".
 MUTATE_MINUTES ?= 6
 MUTATE_MODULES ?=
 mutate: $(STAMP) ## Mutation testing of the security-critical modules, MUTATE_MINUTES (6) each, ~80 min: bench/results/mutation.md

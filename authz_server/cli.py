@@ -15,11 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz_server import __version__, apikeys, cli_envoy_config, config, devtoken, specs
+from authz_server import __version__
+from authz_server.config import load as config
+from authz_server.config import specs
+from authz_server.credentials import apikeys
 from authz_server.errors import ConfigError
-from authz_server.log import setup_logging
-from authz_server.tls import TlsFileError, TlsFiles, read_material
-from authz_server.workers import Supervisor, worker_count
+from authz_server.ops.log import setup_logging
+from authz_server.ops.tls import TlsFileError, TlsFiles, read_material
+from authz_server.ops.workers import Supervisor, worker_count
+from authz_server.tools import cli_envoy_config, devtoken
 
 log = logging.getLogger("authz_server.cli")
 
@@ -405,8 +409,8 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
     import json  # noqa: PLC0415
     from urllib.parse import quote  # noqa: PLC0415
 
-    from authz_server.binding import certificate_der_from_pem  # noqa: PLC0415
-    from authz_server.credentials import DPOP_LOCATION  # noqa: PLC0415
+    from authz_server.credentials.binding import certificate_der_from_pem  # noqa: PLC0415
+    from authz_server.credentials.extract import DPOP_LOCATION  # noqa: PLC0415
     from authz_server.explain import (  # noqa: PLC0415
         explain,
         place_token,
@@ -537,7 +541,7 @@ def _check(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def _test(args: argparse.Namespace, settings: config.Settings) -> int:
-    from authz_server import policy_tests  # noqa: PLC0415
+    from authz_server.tools import policy_tests  # noqa: PLC0415
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -575,8 +579,8 @@ def _load(path: str) -> config.Settings | None:
         print(f"warning: {warning}", file=sys.stderr)
     if settings.server.http_authz.listen is not None:
         from authz_server.doors.envoy_headers import door_unknown  # noqa: PLC0415
-        from authz_server.policy import unknown_attribute_uses  # noqa: PLC0415
-        from authz_server.workloads import http_door_gaps  # noqa: PLC0415
+        from authz_server.policy.compile import unknown_attribute_uses  # noqa: PLC0415
+        from authz_server.policy.workloads import http_door_gaps  # noqa: PLC0415
 
         unknown = door_unknown(settings.server.http_authz.attribute_headers)
         for line in unknown_attribute_uses(settings.policies, unknown):

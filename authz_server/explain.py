@@ -22,15 +22,15 @@ from urllib.parse import quote
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Provider, Settings
-from authz_server.credentials import DEFAULT_LOCATIONS, FoundToken, TokenLocation
+from authz_server.config.load import Provider, Settings
+from authz_server.credentials.extract import DEFAULT_LOCATIONS, FoundToken, TokenLocation
+from authz_server.credentials.introspection import Introspector
+from authz_server.credentials.jwt import ProviderRuntime, decode_segments
 from authz_server.errors import AuthenticationError, AuthzError
 from authz_server.identity import Identity
-from authz_server.introspection import Introspector
-from authz_server.keysources import InlineSource
-from authz_server.policy import Clause, CompiledPolicy
+from authz_server.keys.sources import InlineSource
+from authz_server.policy.compile import Clause, CompiledPolicy
 from authz_server.service import AuthorizationService, CheckTrace, Engine
-from authz_server.tokens import ProviderRuntime, decode_segments
 
 REDACTED = "(redacted: holds a token)"
 # An identity header's value (claims, the payload) without show_claims.

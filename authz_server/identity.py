@@ -1,5 +1,6 @@
-"""``Identity``: who a verified token says the caller is. Made by ``tokens``, kept by
-``token_cache``, read by the policies, the answer and the decision log."""
+"""``Identity``: who a verified token says the caller is. Made by ``credentials.jwt`` (and the
+other credential kinds), kept by ``credentials.token_cache``, read by the policies, the answer
+and the decision log."""
 
 from __future__ import annotations
 

@@ -19,21 +19,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic.alias_generators import to_camel
 
-from authz_server.config import Settings
+from authz_server.config.load import Settings
+from authz_server.config.specs import GrpcLimitsSpec, ServerSpec
 from authz_server.doors.envoy_headers import door_unknown
 from authz_server.doors.explain_api import EXPLAIN_SERVICE, ExplainServicer
 from authz_server.doors.grpc import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_server.doors.http import HttpDoor
-from authz_server.jwks import JWKSCache
-from authz_server.log import DecisionLog
-from authz_server.metrics import CONTENT_TYPE, Metrics
-from authz_server.policy import unknown_attribute_uses
-from authz_server.reload import ConfigReloader
+from authz_server.keys.keyset import JWKSCache
+from authz_server.ops.log import DecisionLog
+from authz_server.ops.metrics import CONTENT_TYPE, Metrics
+from authz_server.ops.reload import ConfigReloader
+from authz_server.ops.tls import CertificateReloader, TlsFiles
+from authz_server.ops.tracing import Tracing  # the SDK is loaded only when tracing is on
+from authz_server.policy.compile import unknown_attribute_uses
+from authz_server.policy.workloads import http_door_gaps
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import GrpcLimitsSpec, ServerSpec
-from authz_server.tls import CertificateReloader, TlsFiles
-from authz_server.tracing import Tracing  # the SDK is loaded only when tracing is on
-from authz_server.workloads import http_door_gaps
 
 log = logging.getLogger("authz_server.server")
 

@@ -20,25 +20,30 @@ from typing import TYPE_CHECKING, Any
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes, cookie_name
-from authz_server.binding import DpopRules, NonceSource, SenderConstraint
-from authz_server.config import Provider, Settings
-from authz_server.credentials import CredentialExtractor, FoundToken
+from authz_server.config.load import Provider, Settings
+from authz_server.credentials.binding import DpopRules, NonceSource, SenderConstraint
+from authz_server.credentials.extract import CredentialExtractor, FoundToken
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode
+from authz_server.credentials.replay import (
+    MemoryReplayCache,
+    RedisReplayCache,
+    RedisSettings,
+    ReplayCache,
+)
+from authz_server.credentials.token_cache import TokenCache
+from authz_server.credentials.verification import CredentialVerifier
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
 from authz_server.identity import Identity
-from authz_server.jwks import JWKSCache
-from authz_server.keysources import source_for
-from authz_server.log import DecisionLog
-from authz_server.metrics import Metrics
-from authz_server.policy import CompiledPolicy, PolicySet
-from authz_server.replay import MemoryReplayCache, RedisReplayCache, RedisSettings, ReplayCache
+from authz_server.keys.keyset import JWKSCache
+from authz_server.keys.sources import source_for
+from authz_server.ops.log import DecisionLog
+from authz_server.ops.metrics import Metrics
+from authz_server.policy.compile import CompiledPolicy, PolicySet
+from authz_server.policy.workloads import WorkloadIndex
 from authz_server.responses import Decision
-from authz_server.token_cache import TokenCache
-from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode
-from authz_server.verification import CredentialVerifier
-from authz_server.workloads import WorkloadIndex
 
 if TYPE_CHECKING:
-    from authz_server.tracing import Tracing
+    from authz_server.ops.tracing import Tracing
 
 log = logging.getLogger("authz_server.service")
 

@@ -8,7 +8,7 @@ the rest "not checked"; the next run resumes where it stopped (mutmut keeps its 
 ``mutants/``), so ``make mutate`` again covers more.
 
 Usage: python bench/mutate.py [--minutes-per-module M] [--report PATH] [MODULE ...]
-(MODULE as a dotted name under authz_server: ``policy_index``, ``doors.http``).
+(MODULE as a dotted name under authz_server: ``policy.index``, ``doors.http``).
 """
 
 from __future__ import annotations
@@ -27,19 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTMUT = Path(sys.executable).with_name("mutmut")
 # The order they run in: the smallest and most decisive first, so a short run covers them.
 MODULES = (
-    "credentials",
-    "policy_index",
+    "credentials.extract",
+    "policy.index",
     "attributes",
     "service",
-    "tokens",
+    "credentials.jwt",
     "doors.http",
-    "policy",
-    "config",
-    "verification",
-    "apikeys",
-    "introspection",
-    "binding",
-    "replay",
+    "policy.compile",
+    "config.load",
+    "credentials.verification",
+    "credentials.apikeys",
+    "credentials.introspection",
+    "credentials.binding",
+    "credentials.replay",
 )
 # mutmut's exit-code reading (mutmut.stats.status_by_exit_code), for the report.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}

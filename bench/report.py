@@ -322,7 +322,7 @@ def render(run: Run) -> str:
         "",
         f"- Envoy `--concurrency 1` pinned to CPU {envoy_cpu} (taskset), one Envoy per HTTP "
         "scenario, a direct-response route (no upstream); ext_authz over gRPC with the settings "
-        "of `authz_server.envoy_config.render_bootstrap` (fail closed, 1 s timeout).",
+        "of `authz_server.tools.envoy_config.render_bootstrap` (fail closed, 1 s timeout).",
         f"- The servers and the load generator pinned to CPU {work_cpu}; the `--workers` "
         f"runs put the server and h2load on CPUs {all_cpus}.",
         f"- Through Envoy: `wrk -t1 -c{connections} -d{run.duration_s}s --latency -H "

@@ -17,11 +17,12 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from authz_server import config, devkeys
     from authz_server.attributes import RequestAttributes, normalize_path
+    from authz_server.config import load as config
+    from authz_server.config.specs import HttpAuthzSpec
     from authz_server.doors.http import HttpDoor, _Connection
     from authz_server.service import AuthorizationService, Engine
-    from authz_server.specs import HttpAuthzSpec
+    from authz_server.tools import devkeys
 
 ISSUER = "https://idp.fuzz"
 CONFIG = """

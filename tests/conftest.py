@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import Clock, claims_for
 
 

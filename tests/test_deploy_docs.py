@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz_server import config, specs
-from authz_server.envoy_config import output_headers
+from authz_server.config import load as config
+from authz_server.config import specs
+from authz_server.tools.envoy_config import output_headers
 from tests.test_manifests import (
     HTTP_DOOR_PORT,
     K8S,

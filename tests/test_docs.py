@@ -19,9 +19,11 @@ from google.protobuf import any_pb2, json_format
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from authz_server import cli, config, errors, specs
+from authz_server import cli, errors
 from authz_server.attributes import RequestAttributes
-from authz_server.workloads import WorkloadIndex
+from authz_server.config import load as config
+from authz_server.config import specs
+from authz_server.policy.workloads import WorkloadIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"
@@ -226,7 +228,7 @@ def _names_that_exist() -> set[str]:
     from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from authz_server import log, metrics
+    from authz_server.ops import log, metrics
     from authz_server.v1 import explain_pb2
 
     names = set(_reasons())
@@ -250,7 +252,8 @@ def _names_that_exist() -> set[str]:
     )  # fmt: skip
     names |= set(log._fields(entry))  # type: ignore[arg-type]
     # The values of span attributes, and the samplers (docs/tracing.md).
-    from authz_server import request_trace, tracing
+    from authz_server import request_trace
+    from authz_server.ops import tracing
 
     names |= set(tracing.SAMPLERS) | set(tracing.CREDENTIAL_KINDS.values())
     names.add(tracing.MIXED_CREDENTIALS)
@@ -264,8 +267,8 @@ def _names_that_exist() -> set[str]:
 
     for module in (cli, server):  # the fields of their log lines
         names |= set(re.findall(r'"([a-z_]+)": ', inspect.getsource(module)))
-    names |= {p.stem for p in (ROOT / "authz_server").glob("*.py")}
-    from authz_server import introspection
+    names |= {p.stem for p in (ROOT / "authz_server").rglob("*.py")}
+    from authz_server.credentials import introspection
 
     names |= set(introspection.CALL_RESULTS)  # the `result` label of the introspection calls
     return names
@@ -469,6 +472,6 @@ def test_the_envoy_tracing_of_the_tracing_doc_is_envoy_configuration() -> None:
 
 def test_the_tracing_doc_names_every_variable_the_server_reads() -> None:
     text = TRACING.read_text()
-    source = (ROOT / "authz_server" / "tracing.py").read_text()
+    source = (ROOT / "authz_server" / "ops" / "tracing.py").read_text()
     for name in sorted(set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b(?!_)", source))):
         assert f"`{name}`" in text, f"docs/tracing.md does not name {name}"

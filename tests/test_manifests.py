@@ -34,9 +34,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from authz_server import cli, config, specs, tracing
-from authz_server.envoy_config import output_headers
+from authz_server import cli
+from authz_server.config import load as config
+from authz_server.config import specs
+from authz_server.ops import tracing
 from authz_server.server import LIVENESS_SERVICE
+from authz_server.tools.envoy_config import output_headers
 from tests.helpers import load_script, without_comment_lines
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from authz_server.errors import ConfigProblem
-from authz_server.specs import (
+from authz_server.config.specs import (
     CUSTOM_REFUSED,
     Document,
     FoundProvider,
@@ -28,7 +27,8 @@ from authz_server.specs import (
     ProviderSpec,
     problems_from,
 )
-from authz_server.workloads import IstioScope, TargetRef
+from authz_server.errors import ConfigProblem
+from authz_server.policy.workloads import IstioScope, TargetRef
 
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 

@@ -29,10 +29,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
-from authz_server.apikeys import KeysFileError, parse_keys_file
-from authz_server.doors.envoy_headers import RESERVED_HEADERS
-from authz_server.errors import ConfigError, ConfigProblem
-from authz_server.istio import (
+from authz_server.config.istio import (
     ISTIO_SECURITY_VERSIONS,
     MESH_KINDS_IGNORED,
     SCOPE_FIELDS,
@@ -41,7 +38,7 @@ from authz_server.istio import (
     istio_scope,
     request_authentication,
 )
-from authz_server.specs import (
+from authz_server.config.specs import (
     NATIVE_API_VERSION,
     AuthzConfigDoc,
     Document,
@@ -54,8 +51,11 @@ from authz_server.specs import (
     WorkloadSpec,
     problems_from,
 )
-from authz_server.tls import TlsFileError, read_material
-from authz_server.workloads import (
+from authz_server.credentials.apikeys import KeysFileError, parse_keys_file
+from authz_server.doors.envoy_headers import RESERVED_HEADERS
+from authz_server.errors import ConfigError, ConfigProblem
+from authz_server.ops.tls import TlsFileError, read_material
+from authz_server.policy.workloads import (
     IstioScope,
     NativeScope,
     Workload,

@@ -9,7 +9,7 @@
 - ``Document``, one document of the configuration stream, and ``problems_from``, which turns a
   pydantic ValidationError into ``ConfigProblem``s naming document and field path.
 
-Reading the stream is ``config``'s; translating Istio objects into these specs is ``istio``'s.
+Reading the stream is ``load``'s; translating Istio objects into these specs is ``istio``'s.
 Nothing here reads a file or touches the network.
 """
 
@@ -39,8 +39,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from authz_server.errors import ConfigProblem
-from authz_server.tls import TlsFiles
-from authz_server.workloads import DEFAULT_ROOT_NAMESPACE, Workload
+from authz_server.ops.tls import TlsFiles
+from authz_server.policy.workloads import DEFAULT_ROOT_NAMESPACE, Workload
 
 Algorithm = Literal[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",

@@ -33,7 +33,7 @@ import yaml
 from authz_server import errors
 from authz_server.errors import AuthenticationError
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
-from authz_server.jwks import KeySet
+from authz_server.keys.keyset import KeySet
 
 # A presented key outside these bounds, or with anything but visible ASCII, is malformed:
 # refused before hashing, and never looked up.

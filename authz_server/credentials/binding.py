@@ -26,9 +26,9 @@ from urllib.parse import unquote, urlsplit
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes, normalize_path
+from authz_server.credentials.jwt import decode_segments
 from authz_server.errors import AuthenticationError
-from authz_server.jwks import UnusableKeyError, VerificationKey, build_key
-from authz_server.tokens import decode_segments
+from authz_server.keys.keyset import UnusableKeyError, VerificationKey, build_key
 
 DPOP_TYP = "dpop+jwt"
 # RFC 9449 4.2: asymmetric algorithms only; "none" and the HMAC family never.

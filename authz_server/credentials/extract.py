@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes, cookie_name
-from authz_server.tokens import ProviderRuntime
+from authz_server.credentials.jwt import ProviderRuntime
 
 LocationKind = Literal["header", "param", "cookie"]
 

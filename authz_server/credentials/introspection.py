@@ -33,11 +33,11 @@ from typing import Any, ClassVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from authz_server import errors
+from authz_server.config.specs import IntrospectionSpec
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode, check_times
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
 from authz_server.identity import Identity
-from authz_server.jwks import KeySet
-from authz_server.specs import IntrospectionSpec
-from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode, check_times
+from authz_server.keys.keyset import KeySet
 
 log = logging.getLogger("authz_server.introspection")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from authz_server import errors, request_trace
-from authz_server.config import Provider
+from authz_server.config.load import Provider
+from authz_server.credentials.token_cache import CachedToken, TokenCache
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
-from authz_server.jwks import JWKSCache, VerificationKey
-from authz_server.token_cache import CachedToken, TokenCache
+from authz_server.keys.keyset import JWKSCache, VerificationKey
 
 MAX_TOKEN_BYTES = 8192
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from authz_server.identity import Identity
-from authz_server.jwks import JWKSCache, VerificationKey
+from authz_server.keys.keyset import JWKSCache, VerificationKey
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Which provider verifies a credential found in a request, by the kind of credential.
 
-- A location read only by JWT providers: the token is a JWT (``tokens``), as always.
+- A location read only by JWT providers: the token is a JWT (``jwt``), as always.
 - A location also read by an introspection or API keys provider (at most one such provider
   per location, checked at load): a JWT whose ``iss`` names one of the location's JWT
   providers is verified as a JWT; anything else goes to that provider, an API key to its
@@ -16,12 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from authz_server import errors
-from authz_server.apikeys import ApiKeyTable
-from authz_server.credentials import FoundToken
+from authz_server.credentials.apikeys import ApiKeyTable
+from authz_server.credentials.extract import FoundToken
+from authz_server.credentials.introspection import Introspector
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode, decode_segments
 from authz_server.errors import AuthenticationError, AuthzError, DependencyError
 from authz_server.identity import Identity
-from authz_server.introspection import Introspector
-from authz_server.tokens import ProviderRuntime, TokenVerifier, WaitMode, decode_segments
 
 _NOT_OURS = frozenset({errors.MALFORMED_TOKEN, errors.INVALID_ISSUER})
 

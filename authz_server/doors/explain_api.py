@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import json_format
 
 from authz_server.attributes import RequestAttributes
-from authz_server.binding import certificate_der_from_pem
+from authz_server.credentials.binding import certificate_der_from_pem
 from authz_server.doors import grpc as grpc_door
 from authz_server.explain import explain, request_attributes
 from authz_server.service import Engine

@@ -44,11 +44,11 @@ import uvloop
 
 from authz_server import responses
 from authz_server.attributes import RequestAttributes
+from authz_server.config.specs import HttpAuthzSpec
 from authz_server.doors.envoy_headers import UNKNOWN_WITHOUT_HEADERS, read_attribute_headers
 from authz_server.errors import WouldWait
-from authz_server.log import name_os_thread
+from authz_server.ops.log import name_os_thread
 from authz_server.responses import Decision
-from authz_server.specs import HttpAuthzSpec
 
 log = logging.getLogger("authz_server.http")
 

@@ -253,7 +253,7 @@ class _Flight:
 
 
 class KeySource(Protocol):
-    """Where a provider's keys come from (``keysources`` has the kinds: a URL, OIDC discovery,
+    """Where a provider's keys come from (``keys.sources`` has the kinds: a URL, OIDC discovery,
     a file, inline keys, a shared secret)."""
 
     description: str

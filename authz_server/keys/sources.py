@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from authz_server import request_trace
-from authz_server.apikeys import ApiKeysFileSource
-from authz_server.config import Provider
+from authz_server.config.load import Provider
+from authz_server.config.specs import HMAC_ALGORITHMS
+from authz_server.credentials.apikeys import ApiKeysFileSource
+from authz_server.credentials.introspection import Introspector
 from authz_server.identity import DEFAULT_SPACE_DELIMITED
-from authz_server.introspection import Introspector
-from authz_server.jwks import KeySet, KeySource, VerificationKey, VerifyFn
-from authz_server.specs import HMAC_ALGORITHMS
+from authz_server.keys.keyset import KeySet, KeySource, VerificationKey, VerifyFn
 
 MAX_DOCUMENT_BYTES = 1 << 20
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)

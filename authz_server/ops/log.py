@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO, TypeGuard
 
 from authz_server.attributes import RequestAttributes
+from authz_server.config.specs import DecisionLogSpec
 from authz_server.identity import Identity
 from authz_server.responses import Decision
-from authz_server.specs import DecisionLogSpec
 
 DECISION_LOGGER = "authz_server.decision"
 log = logging.getLogger("authz_server.log")

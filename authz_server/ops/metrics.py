@@ -43,11 +43,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from authz_server.apikeys import ApiKeyTable
-from authz_server.introspection import LATENCY_BUCKETS, Introspector
-from authz_server.jwks import JWKSCache
+from authz_server.credentials.apikeys import ApiKeyTable
+from authz_server.credentials.introspection import LATENCY_BUCKETS, Introspector
+from authz_server.credentials.token_cache import TokenCache
+from authz_server.keys.keyset import JWKSCache
 from authz_server.responses import Decision
-from authz_server.token_cache import TokenCache
 
 
 class EngineView(Protocol):

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from authz_server import config
+from authz_server.config import load as config
 from authz_server.errors import ConfigError
 
 log = logging.getLogger("authz_server.reload")

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from authz_server import __version__, request_trace
-from authz_server.token_cache import TokenCache
+from authz_server.credentials.token_cache import TokenCache
 
 if TYPE_CHECKING:
     from contextvars import Token

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from authz_server.tls import TlsFiles
+    from authz_server.ops.tls import TlsFiles
 
 log = logging.getLogger("authz_server.workers")
 
@@ -96,10 +96,10 @@ def _digest_number(digest: str) -> int:
 def _worker_main(slot: int, board: Any, configs: Any, plan: _WorkerPlan) -> None:
     """The body of one worker process (spawned: imports happen here, after the environment
     carries the metrics directory, as prometheus-client requires)."""
-    from authz_server import config  # noqa: PLC0415
+    from authz_server.config import load as config  # noqa: PLC0415
     from authz_server.errors import ConfigError  # noqa: PLC0415
-    from authz_server.log import setup_logging  # noqa: PLC0415
-    from authz_server.metrics import Metrics  # noqa: PLC0415
+    from authz_server.ops.log import setup_logging  # noqa: PLC0415
+    from authz_server.ops.metrics import Metrics  # noqa: PLC0415
     from authz_server.server import serve  # noqa: PLC0415
 
     _die_with_parent(plan.supervisor_pid)
@@ -243,7 +243,7 @@ class Supervisor:
             )
 
     def exposition(self) -> bytes:
-        from authz_server.metrics import SupervisorCollector, aggregated_exposition  # noqa: PLC0415
+        from authz_server.ops.metrics import SupervisorCollector, aggregated_exposition  # noqa: PLC0415
 
         return aggregated_exposition(SupervisorCollector(lambda: self.restarts, self._worker_pids))
 

@@ -5,7 +5,7 @@ A rule matches when one of its ``from`` sources, one of its ``to`` operations an
 operation every set field must match; a list matches when any value does; ``not*`` fields
 match when no value does. DENY policies are checked first, then ALLOW: with at least one
 enforced ALLOW policy, a request no ALLOW policy matches is denied. AUDIT and dry-run
-policies are evaluated and reported, never enforced. An index built at load (``policy_index``)
+policies are evaluated and reported, never enforced. An index built at load (``policy.index``)
 picks the rules a request can match, so the cost of a Check does not grow with the number of
 policies; the result is always that of trying every policy in order (``evaluate_linear``).
 
@@ -34,9 +34,9 @@ from pydantic.alias_generators import to_camel
 
 from authz_server import attributes as attr
 from authz_server.attributes import IPAddress, RequestAttributes
+from authz_server.config.specs import Condition, Operation, PolicySpec, Rule, Source
 from authz_server.identity import Identity
-from authz_server.policy_index import TEMPLATE_OPERATOR, RuleIndex, pattern_kind
-from authz_server.specs import Condition, Operation, PolicySpec, Rule, Source
+from authz_server.policy.index import TEMPLATE_OPERATOR, RuleIndex, pattern_kind
 
 Predicate = Callable[[RequestAttributes, Identity | None], bool]
 StringMatcher = Callable[[str], bool]
@@ -804,7 +804,7 @@ class PolicySet:
     """Every policy of a configuration, compiled and grouped by action.
 
     ``evaluate`` tries only the rules an index built here picks for the request (see
-    ``policy_index``), in the linear order, so its result always equals ``evaluate_linear``.
+    ``policy.index``), in the linear order, so its result always equals ``evaluate_linear``.
     ``indexed=False`` makes ``evaluate`` linear.
     """
 

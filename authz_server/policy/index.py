@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 from authz_server.attributes import RequestAttributes
+from authz_server.config.specs import Operation, Rule
 from authz_server.identity import Identity
-from authz_server.specs import Operation, Rule
 
 PatternKind = Literal["exact", "prefix", "suffix", "present", "template"]
 Dimension = Literal["host", "path", "method"]

@@ -25,7 +25,7 @@ context extensions (every key/value a workload lists present; the workload listi
 wins), the destination principal Envoy sends (an mTLS sidecar's SPIFFE ID), then, only when
 the request carried neither, the host.
 
-Everything here is plain data and pure functions; ``config`` resolves scopes at load time and
+Everything here is plain data and pure functions; ``config.load`` resolves scopes at load time and
 the service keeps a ``WorkloadIndex``.
 """
 

@@ -13,9 +13,10 @@ import ipaddress
 import shlex
 import sys
 
-from authz_server import config, specs
-from authz_server.envoy_config import AuthzTls, output_headers, render_bootstrap
+from authz_server.config import load as config
+from authz_server.config import specs
 from authz_server.errors import ConfigError
+from authz_server.tools.envoy_config import AuthzTls, output_headers, render_bootstrap
 
 COMMAND = "envoy-config"
 _PROG = f"authz-server {COMMAND}"

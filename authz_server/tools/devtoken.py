@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from authz_server import binding, devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.credentials import binding
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 
 __all__ = [
     "DEFAULT_DIR",

@@ -37,10 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, m
 from pydantic import field_validator as _field_validator
 from pydantic.alias_generators import to_camel
 
-from authz_server import binding, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Provider, Settings
-from authz_server.credentials import DPOP_LOCATION, TokenLocation
+from authz_server.config.load import Provider, Settings
+from authz_server.credentials import binding
+from authz_server.credentials.extract import DPOP_LOCATION, TokenLocation
 from authz_server.explain import (
     explain,
     place_token,
@@ -53,6 +53,7 @@ from authz_server.explain import (
     unverified_issuer,
 )
 from authz_server.service import Engine
+from authz_server.tools import devkeys
 
 __all__ = [
     "Case",

@@ -1,8 +1,8 @@
 """Envoy bootstraps for the benchmark, derived from the one the project ships.
 
-Every variant starts from `authz_server.envoy_config.render_bootstrap` (the bootstrap users run,
-with its ext_authz settings: fail closed, 1 s timeout, path normalisation) and replaces the
-route to the upstream with a direct response, so no upstream server is measured:
+Every variant starts from `authz_server.tools.envoy_config.render_bootstrap` (the bootstrap
+users run, with its ext_authz settings: fail closed, 1 s timeout, path normalisation) and
+replaces the route to the upstream with a direct response, so no upstream server is measured:
 
   no_auth      the HTTP filters are the router alone (Envoy's own cost)
   jwt_rbac     Envoy's jwt_authn + rbac filters in place of ext_authz (the in-proxy baseline)
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.envoy_config import render_bootstrap
 
 _UNUSED_PORT = 9  # render_bootstrap wants an upstream; the direct response never reaches it
 DIRECT_RESPONSE = {

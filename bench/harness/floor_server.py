@@ -29,7 +29,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import status_pb2
 
-from authz_server.specs import ServerSpec
+from authz_server.config.specs import ServerSpec
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 BASE_OPTIONS: list[tuple[str, int | str]] = [("grpc.so_reuseport", 0)]

@@ -22,9 +22,10 @@ from pathlib import Path
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz_server import config, devkeys
+from authz_server.config import load as config
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
 from bench.harness import servers
 from bench.harness.inprocess import bench_config, check_request
 

@@ -25,9 +25,10 @@ from typing import Any
 
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz_server import config, devkeys
+from authz_server.config import load as config
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
 from bench.harness import endpoints, servers
 from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config, check_request, interleaved
 

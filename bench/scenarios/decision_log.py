@@ -48,8 +48,8 @@ from pathlib import Path
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from authz_server import devkeys
-from authz_server.log import WRITER_THREAD
+from authz_server.ops.log import WRITER_THREAD
+from authz_server.tools import devkeys
 from bench.harness.inprocess import bench_config, check_request
 from bench.harness.procs import cpu_seconds, free_port
 

@@ -26,9 +26,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from authz_server import binding, config, devkeys
 from authz_server.attributes import RequestAttributes
+from authz_server.config import load as config
+from authz_server.credentials import binding
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
 from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config
 
 # The tests' real redis-server (started and stopped by PID): one way to start it.

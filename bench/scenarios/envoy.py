@@ -39,8 +39,9 @@ from pathlib import Path
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz_server import config, devkeys
-from authz_server.envoy_config import output_headers
+from authz_server.config import load as config
+from authz_server.tools import devkeys
+from authz_server.tools.envoy_config import output_headers
 from bench.harness import endpoints, loadgen
 from bench.harness.envoy_bootstrap import bootstrap
 from bench.harness.loadgen import LoadResult

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz_server import devkeys
+from authz_server.tools import devkeys
 from bench.harness import servers
 from bench.harness.inprocess import AUDIENCE, ISSUER, bench_config
 from bench.harness.procs import http_get

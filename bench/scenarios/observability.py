@@ -34,14 +34,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Settings
-from authz_server.log import DecisionLog, JsonFormatter
-from authz_server.metrics import Metrics
+from authz_server.config import load as config
+from authz_server.config.load import Settings
+from authz_server.config.specs import DecisionLogSpec
+from authz_server.ops.log import DecisionLog, JsonFormatter
+from authz_server.ops.metrics import Metrics
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import DecisionLogSpec
+from authz_server.tools import devkeys
 from bench.harness import endpoints
 from bench.harness.inprocess import AUDIENCE, ISSUER, Variant, bench_config, interleaved
 

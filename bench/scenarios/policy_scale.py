@@ -26,10 +26,11 @@ from typing import Any
 
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz_server import config, devkeys
+from authz_server.config import load as config
 from authz_server.doors.grpc import AuthorizationServicer, to_attributes
-from authz_server.policy import PolicySet
+from authz_server.policy.compile import PolicySet
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
 from bench.harness.inprocess import AUDIENCE, ISSUER
 
 SIZES = (1, 10, 100, 1000)

@@ -27,8 +27,8 @@ from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import timestamp_pb2
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 
 ISSUER_A = "https://issuer-a.bench"
 ISSUER_B = "https://issuer-b.bench"

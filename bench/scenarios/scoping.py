@@ -42,9 +42,10 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
+from authz_server.config import load as config
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
 from bench.harness.inprocess import AUDIENCE, ISSUER
 from bench.harness.procs import Proc, Stack, free_port, http_status
 

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from authz_server import config, devkeys
+from authz_server.config import load as config
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
 from bench.harness import endpoints, servers
 from bench.harness.inprocess import bench_config, check_request, interleaved
 

@@ -15,8 +15,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 
 ISSUER = "https://idp.soak.test"
 AUDIENCE = "orders-api"

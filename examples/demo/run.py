@@ -5,7 +5,7 @@
     .venv/bin/python examples/demo/run.py --door http # Envoy asks through the HTTP door
 
 Starts an echo upstream (in this process), `python -m authz_server serve` with
-examples/demo/config.yaml, and Envoy with a bootstrap from `authz_server.envoy_config`;
+examples/demo/config.yaml, and Envoy with a bootstrap from `authz_server.tools.envoy_config`;
 mints tokens with the demo key (a throwaway key, see README.md in this directory).
 """
 
@@ -39,9 +39,9 @@ REPO_ROOT = DEMO_DIR.parents[1]
 # the package importable without an install.
 sys.path.insert(0, str(REPO_ROOT))
 
-from authz_server import config  # noqa: E402
-from authz_server.devkeys import SigningKey, load_pem_key  # noqa: E402
-from authz_server.envoy_config import output_headers, render_bootstrap  # noqa: E402
+from authz_server.config import load as config  # noqa: E402
+from authz_server.tools.devkeys import SigningKey, load_pem_key  # noqa: E402
+from authz_server.tools.envoy_config import output_headers, render_bootstrap  # noqa: E402
 
 ISSUER = "https://issuer.demo.authz-server.local"
 AUDIENCE = "demo-api"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from authz_server.devkeys import SigningKey
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import TOKEN_LEDGER
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.certs import CertificateAuthority
 from tests.e2e.harness import (
     DOORS,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     DOORS,
     TOKEN_LEDGER,

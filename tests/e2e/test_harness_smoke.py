@@ -21,7 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     EchoUpstream,
     EnvoyProcess,

@@ -30,10 +30,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import devkeys, errors
-from authz_server.devkeys import SigningKey
-from authz_server.envoy_config import render_bootstrap
-from authz_server.reload import snapshot
+from authz_server import errors
+from authz_server.ops.reload import snapshot
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     AuthzServerProcess,
     EchoUpstream,

@@ -27,9 +27,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey, b64url_encode
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey, b64url_encode
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.certs import CertificateAuthority, Leaf
 from tests.e2e.harness import (
     DOORS,

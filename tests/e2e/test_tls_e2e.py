@@ -23,9 +23,10 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_server import config, devkeys
-from authz_server.envoy_config import AuthzTls, render_bootstrap
+from authz_server.config import load as config
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
+from authz_server.tools.envoy_config import AuthzTls, render_bootstrap
 from tests.certs import SERVER_NAME, CertificateAuthority, Leaf
 from tests.e2e.harness import (
     EchoUpstream,

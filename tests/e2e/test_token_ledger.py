@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from authz_server import devkeys
+from authz_server.tools import devkeys
 from tests.e2e.harness import TokenLedger
 from tests.helpers import claims_for
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import devkeys
-from authz_server.envoy_config import render_bootstrap
-from authz_server.tracing import SPAN_NAME
+from authz_server.ops.tracing import SPAN_NAME
+from authz_server.tools import devkeys
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     DOORS,
     AuthzServerProcess,

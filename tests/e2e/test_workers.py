@@ -21,9 +21,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
-from authz_server.workers import CONFIG_SPLIT_GRACE
+from authz_server.ops.workers import CONFIG_SPLIT_GRACE
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import AuthzServerProcess, free_port, http_request, wait_until
 from tests.helpers import AUDIENCE, ISSUER, claims_for, grpc_check_code
 

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server.devkeys import SigningKey, load_pem_key
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.devkeys import SigningKey, load_pem_key
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     DOORS,
     EchoUpstream,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from authz_server import devkeys
+from authz_server.tools import devkeys
 from tests.helpers import claims_for
 from tests.monitoring.prometheus import MONITORING, for_grafana, generator
 from tests.monitoring.stack import (

@@ -22,9 +22,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
+from authz_server.tools.envoy_config import render_bootstrap
 from tests.e2e.harness import (
     TOKEN_LEDGER,
     AuthzServerProcess,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from authz_server import devkeys
+from authz_server.tools import devkeys
 from tests.e2e.harness import TOKEN_LEDGER, wait_until
 from tests.helpers import claims_for
 from tests.monitoring.prometheus import MONITORING, dashboard_exprs, for_grafana, rule_exprs

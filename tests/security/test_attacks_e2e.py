@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from authz_server.devkeys import b64url_encode
+from authz_server.tools.devkeys import b64url_encode
 from tests.e2e.harness import http_request
 from tests.e2e.test_envoy_e2e import Stack, reason, stack, token  # noqa: F401 (the fixture)
 from tests.helpers import claims_for

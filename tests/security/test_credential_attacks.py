@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey, b64url_encode
+from authz_server.config import load as config
 from authz_server.errors import ConfigError
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey, b64url_encode
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 from tests.introspection_idp import CLIENT_SECRET, IntrospectionServer
 

@@ -20,12 +20,13 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_server import config, devkeys
 from authz_server.attributes import normalize_path
-from authz_server.devkeys import b64url_encode
+from authz_server.config import load as config
 from authz_server.doors.grpc import AuthorizationServicer
 from authz_server.doors.http import HEADERS_TO_REMOVE, HttpDoor, _Connection
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import b64url_encode
 from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 settings.register_profile(
@@ -369,7 +370,7 @@ def test_no_token_cookie_or_parameter_reaches_the_upstream_in_any_reading(
 
 @pytest.fixture(scope="module")
 def signed_door(signed: tuple[AuthorizationService, str]) -> HttpDoor:
-    from authz_server.specs import HttpAuthzSpec
+    from authz_server.config.specs import HttpAuthzSpec
 
     door = HttpDoor(signed[0], HttpAuthzSpec(), listen="127.0.0.1:0")
     door.loop_time = lambda: 1.0  # type: ignore[method-assign]
@@ -378,7 +379,7 @@ def signed_door(signed: tuple[AuthorizationService, str]) -> HttpDoor:
 
 @pytest.fixture(scope="module")
 def door(service: AuthorizationService) -> HttpDoor:
-    from authz_server.specs import HttpAuthzSpec
+    from authz_server.config.specs import HttpAuthzSpec
 
     door = HttpDoor(
         service, HttpAuthzSpec(maxHeaders=16, maxHeaderBytes=4096), listen="127.0.0.1:0"

@@ -14,8 +14,9 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from authz_server import config, devkeys
+from authz_server.config import load as config
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 KEY = devkeys.generate_key("EC-P256", kid="limits")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from authz_server.devkeys import SigningKey
 from authz_server.doors.http import _MAX_PIPELINED, _PARSE_SLICE, HttpDoor
 from authz_server.server import AuthzServer
+from authz_server.tools.devkeys import SigningKey
 from tests.unit.test_http_door import (  # noqa: F401 (server and token are fixtures)
     Client,
     ask,

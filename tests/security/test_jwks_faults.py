@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.metrics import Metrics
+from authz_server.config import load as config
+from authz_server.ops.metrics import Metrics
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
 from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 HUGE = 100 * 1024 * 1024

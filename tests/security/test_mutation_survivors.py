@@ -22,16 +22,18 @@ from typing import Any
 
 import pytest
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.config.specs import HttpAuthzSpec, PolicySpec
 from authz_server.doors.http import HTTP_UNKNOWN, HttpDoor, _Connection
 from authz_server.errors import ConfigError
 from authz_server.explain import explain
-from authz_server.policy import PolicySet, unknown_attribute_uses
+from authz_server.policy.compile import PolicySet, unknown_attribute_uses
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import HttpAuthzSpec, PolicySpec
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, identity, write_config
 
 # ------------------------------------------------------ a mixed-source DENY, anonymous caller

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
+from authz_server.config import load as config
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 from tests.security.test_token_attacks import raw_token
 

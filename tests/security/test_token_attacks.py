@@ -19,10 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import b64url_encode
+from authz_server.config import load as config
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import b64url_encode
 from tests.e2e.harness import JWKSServer
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 

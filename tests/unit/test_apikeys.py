@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from authz_server import apikeys, config, errors
-from authz_server.apikeys import ApiKeysFileSource, KeysFileError, parse_keys_file
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.credentials import apikeys
+from authz_server.credentials.apikeys import ApiKeysFileSource, KeysFileError, parse_keys_file
 from authz_server.errors import ConfigError
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import Clock, write_config
 from tests.unit.test_service import provider_yaml
 

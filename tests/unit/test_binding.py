@@ -12,10 +12,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server import binding, errors
-from authz_server.binding import DpopRules, NonceSource
-from authz_server.devkeys import b64url_encode, dpop_proof, generate_key
+from authz_server import errors
+from authz_server.credentials import binding
+from authz_server.credentials.binding import DpopRules, NonceSource
 from authz_server.errors import AuthenticationError
+from authz_server.tools.devkeys import b64url_encode, dpop_proof, generate_key
 from tests.certs import CertificateAuthority
 
 NOW = 1_800_000_000.0

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import cli, config, devtoken
-from authz_server.devkeys import b64url_decode
+from authz_server import cli
+from authz_server.config import load as config
+from authz_server.tools import devtoken
+from authz_server.tools.devkeys import b64url_decode
 from tests.certs import CertificateAuthority
 
 ISSUER = "https://dev-issuer.invalid"

@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import cli, config, devkeys, specs
-from authz_server.config import Settings
+from authz_server import cli
+from authz_server.config import load as config
+from authz_server.config import specs
+from authz_server.config.load import Settings
+from authz_server.config.specs import parse_duration
 from authz_server.errors import ConfigError, ConfigProblem
-from authz_server.specs import parse_duration
+from authz_server.tools import devkeys
 from tests.helpers import write_config
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from authz_server import cli, config, policy_tests
+from authz_server import cli
+from authz_server.config import load as config
+from authz_server.tools import policy_tests
 from tests.introspection_idp import CLIENT_SECRET, IntrospectionServer
 
 API_KEY = secrets.token_urlsafe(32)

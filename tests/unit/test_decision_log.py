@@ -25,17 +25,19 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from authz_server import config, devkeys, errors
-from authz_server import log as log_module
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.config.specs import DecisionLogSpec
 from authz_server.doors.http import to_attributes as to_http_attributes
 from authz_server.identity import Identity
-from authz_server.log import DECISION_LOGGER, DecisionLog, JsonFormatter
+from authz_server.ops import log as log_module
+from authz_server.ops.log import DECISION_LOGGER, DecisionLog, JsonFormatter
 from authz_server.responses import Decision
 from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import DecisionLogSpec
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
@@ -509,7 +511,7 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_the_check(
 def test_the_drop_count_is_exported_as_a_counter(logs: list[DecisionLog]) -> None:
     from prometheus_client import CollectorRegistry
 
-    from authz_server.metrics import Metrics
+    from authz_server.ops.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry())
     stream = BlockingStream()
@@ -853,7 +855,7 @@ def test_a_closed_destination_counts_its_lines_as_dropped(logs: list[DecisionLog
 def test_a_text_decision_line_says_who_and_which_policy_on_one_line(
     engine: Engine, make_token: Callable[..., str]
 ) -> None:
-    from authz_server.log import TextFormatter
+    from authz_server.ops.log import TextFormatter
 
     out = Captured("test.decision.text-format")
     out.logger.handlers[0].setFormatter(TextFormatter())
@@ -878,7 +880,7 @@ def test_a_text_decision_line_says_who_and_which_policy_on_one_line(
 def test_a_multi_line_message_stays_one_text_line() -> None:
     import logging as logging_module
 
-    from authz_server.log import TextFormatter
+    from authz_server.ops.log import TextFormatter
 
     record = logging_module.LogRecord(
         "authz_server.cli",

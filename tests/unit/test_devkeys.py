@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey, b64url_decode, generate_key
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey, b64url_decode, generate_key
 
 CLAIMS = {"iss": "https://issuer.test", "sub": "alice", "aud": "api", "exp": 2_000_000_000}
 _HASHES = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}

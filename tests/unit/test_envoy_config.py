@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server.envoy_config import render_bootstrap
+from authz_server.tools.envoy_config import render_bootstrap
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "envoy"
 

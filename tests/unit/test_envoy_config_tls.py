@@ -13,7 +13,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (registers)
 from google.protobuf import json_format
 
-from authz_server.envoy_config import AuthzTls, render_bootstrap
+from authz_server.tools.envoy_config import AuthzTls, render_bootstrap
 
 MTLS = AuthzTls(
     ca_file="/etc/envoy/authz/ca.crt",

@@ -10,7 +10,6 @@ import jsonschema
 import pytest
 import yaml
 
-from authz_server import config
 from authz_server.attributes import (
     CONNECTION_SNI,
     CONTEXT_EXTENSIONS,
@@ -19,6 +18,7 @@ from authz_server.attributes import (
     SOURCE_IP,
     SOURCE_PRINCIPAL,
 )
+from authz_server.config import load as config
 from authz_server.doors.envoy_headers import (
     ATTRIBUTE_HEADERS,
     door_unknown,

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from authz_server import cli, devkeys, errors
-from authz_server.devkeys import SigningKey
+from authz_server import cli, errors
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, write_config
 
 # The keys live at an address nothing answers: only --jwks-file can make tokens verify.

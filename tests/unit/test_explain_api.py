@@ -12,12 +12,13 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import json_format
 
-from authz_server import config, devkeys
 from authz_server.attributes import CONTEXT_EXTENSIONS, RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
 from authz_server.doors.explain_api import NoSubjectError, to_attributes, to_response
 from authz_server.explain import explain, request_attributes
 from authz_server.service import Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from authz_server.v1 import explain_pb2
 from tests.helpers import AUDIENCE, ISSUER, write_config
 

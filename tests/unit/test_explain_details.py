@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from authz_server import cli, config, devkeys
-from authz_server.devkeys import SigningKey
+from authz_server import cli
+from authz_server.config import load as config
 from authz_server.doors.explain_api import to_response
 from authz_server.explain import closest_issuer, explain, request_attributes
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
 
 CONFIG = f"""

@@ -14,9 +14,10 @@ from typing import BinaryIO
 
 import pytest
 
-from authz_server import config, devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, grpc_check_code, write_config
 
 LIMITS = """

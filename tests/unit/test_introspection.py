@@ -15,14 +15,15 @@ from urllib.parse import unquote
 import pytest
 from prometheus_client import CollectorRegistry
 
-from authz_server import config, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.credentials.introspection import Introspector
 from authz_server.errors import ConfigError
-from authz_server.introspection import Introspector
-from authz_server.metrics import Metrics
+from authz_server.ops.metrics import Metrics
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import wait_until
 from tests.helpers import Clock, write_config
 from tests.introspection_idp import CLIENT_ID, CLIENT_SECRET, IntrospectionServer, https_context

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from authz_server import devkeys
-from authz_server.devkeys import SigningKey
-from authz_server.jwks import JWKSCache, KeySet
-from authz_server.keysources import FileSource, InlineSource, UrlSource
-from authz_server.specs import ASYMMETRIC_ALGORITHMS
+from authz_server.config.specs import ASYMMETRIC_ALGORITHMS
+from authz_server.keys.keyset import JWKSCache, KeySet
+from authz_server.keys.sources import FileSource, InlineSource, UrlSource
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import JWKSServer
 
 ALL = frozenset(ASYMMETRIC_ALGORITHMS)

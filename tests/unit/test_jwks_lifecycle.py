@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 
-from authz_server import devkeys, errors
-from authz_server.config import Provider
-from authz_server.devkeys import SigningKey
+from authz_server import errors
+from authz_server.config.load import Provider
+from authz_server.config.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier
 from authz_server.errors import AuthenticationError, DependencyError
-from authz_server.jwks import JWKSCache, KeySet
-from authz_server.keysources import InlineSource, UrlSource
-from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
-from authz_server.tokens import ProviderRuntime, TokenVerifier
+from authz_server.keys.keyset import JWKSCache, KeySet
+from authz_server.keys.sources import InlineSource, UrlSource
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import JWKSServer, wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for
 

@@ -23,12 +23,13 @@ from typing import Any
 
 import pytest
 
-from authz_server import devkeys, errors
-from authz_server.config import Provider
-from authz_server.devkeys import SigningKey
+from authz_server import errors
+from authz_server.config.load import Provider
+from authz_server.config.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier
 from authz_server.errors import AuthenticationError
-from authz_server.jwks import JWKSCache
-from authz_server.keysources import (
+from authz_server.keys.keyset import JWKSCache
+from authz_server.keys.sources import (
     MAX_DOCUMENT_BYTES,
     DiscoverySource,
     FileSource,
@@ -40,8 +41,8 @@ from authz_server.keysources import (
     source_for,
 )
 from authz_server.service import make_cache
-from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
-from authz_server.tokens import ProviderRuntime, TokenVerifier
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.certs import CertificateAuthority
 from tests.e2e.harness import JWKSServer
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for

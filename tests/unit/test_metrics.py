@@ -15,14 +15,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
-from authz_server.jwks import JWKSCache
-from authz_server.keysources import source_for
-from authz_server.metrics import CHECK_BUCKETS, Metrics, SupervisorCollector
+from authz_server.config import load as config
+from authz_server.keys.keyset import JWKSCache
+from authz_server.keys.sources import source_for
+from authz_server.ops.metrics import CHECK_BUCKETS, Metrics, SupervisorCollector
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, write_config
 

@@ -15,7 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from authz_server.tracing import otlp_protos_problem
+from authz_server.ops.tracing import otlp_protos_problem
 from tests.otlp import OtlpReceiver
 
 

@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from authz_server import config
 from authz_server.attributes import RequestAttributes
+from authz_server.config import load as config
+from authz_server.config.specs import PolicySpec, Rule
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
-from authz_server.policy import (
+from authz_server.policy.compile import (
     PolicyResult,
     PolicySet,
     compile_rule,
     request_principal_matcher,
     string_matcher,
 )
-from authz_server.specs import PolicySpec, Rule
 from tests.helpers import identity
 
 DATA = Path(__file__).resolve().parent.parent / "data"

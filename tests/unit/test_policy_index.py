@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from authz_server.attributes import RequestAttributes
+from authz_server.config.specs import PolicySpec
 from authz_server.doors.http import HTTP_UNKNOWN
 from authz_server.identity import Identity
-from authz_server.policy import PolicyResult, PolicySet
-from authz_server.policy_index import StringIndex, pattern_kind
-from authz_server.specs import PolicySpec
+from authz_server.policy.compile import PolicyResult, PolicySet
+from authz_server.policy.index import StringIndex, pattern_kind
 from tests.helpers import identity
 
 ISS = "https://idp.example.com"

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz_server import cli, config, devkeys, policy_tests
-from authz_server.devkeys import SigningKey
+from authz_server import cli
+from authz_server.config import load as config
+from authz_server.tools import devkeys, policy_tests
+from authz_server.tools.devkeys import SigningKey
 from tests.certs import CertificateAuthority
 from tests.e2e.harness import JWKSServer
 from tests.helpers import claims_for, write_config

@@ -13,16 +13,18 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.config import Settings
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.config.load import Settings
 from authz_server.errors import ConfigError
 from authz_server.identity import Identity
-from authz_server.metrics import Metrics
-from authz_server.policy import PolicyResult
-from authz_server.reload import ConfigReloader, snapshot
+from authz_server.ops.metrics import Metrics
+from authz_server.ops.reload import ConfigReloader, snapshot
+from authz_server.policy.compile import PolicyResult
 from authz_server.server import AuthzServer
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import JWKSServer, http_request, wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, grpc_check_code, write_config
 

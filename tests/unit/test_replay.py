@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from authz_server import errors
-from authz_server.binding import replay_key
-from authz_server.replay import (
+from authz_server.credentials.binding import replay_key
+from authz_server.credentials.replay import (
     MemoryReplayCache,
     RedisReplayCache,
     RedisSettings,
@@ -87,8 +87,8 @@ def test_a_replay_to_another_process_sharing_the_redis_is_refused(redis: RedisSe
     assert cache.first_use(replay_key("fapi", "jkt", "jti-x"), 60)
     script = (
         "import sys\n"
-        "from authz_server.binding import replay_key\n"
-        "from authz_server.replay import RedisReplayCache, RedisSettings\n"
+        "from authz_server.credentials.binding import replay_key\n"
+        "from authz_server.credentials.replay import RedisReplayCache, RedisSettings\n"
         "settings = RedisSettings(url=sys.argv[1], password=sys.argv[2], key_prefix='t2:')\n"
         "cache = RedisReplayCache(settings)\n"
         "print(cache.first_use(replay_key('fapi', 'jkt', 'jti-x'), 60),\n"

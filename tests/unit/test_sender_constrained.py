@@ -17,15 +17,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
 from authz_server.cli import main
-from authz_server.devkeys import SigningKey, b64url_encode
+from authz_server.config import load as config
 from authz_server.doors import explain_api
 from authz_server.doors import grpc as grpc_door
 from authz_server.errors import ConfigError
 from authz_server.explain import explain
 from authz_server.service import AuthorizationService, Engine
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey, b64url_encode
 from authz_server.v1 import explain_pb2
 from tests.certs import CertificateAuthority, Leaf
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config

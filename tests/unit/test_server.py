@@ -14,10 +14,11 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from authz_server import config, devkeys
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
 from authz_server.doors.grpc import to_attributes
 from authz_server.server import AUTHORIZATION_SERVICE, AuthzServer
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 

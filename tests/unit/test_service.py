@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
-from authz_server import config, devkeys, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine, header_twins
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 
 POLICIES = """
@@ -465,7 +467,7 @@ def test_a_list_claim_that_would_split_differently_gives_no_header_and_is_counte
 ) -> None:
     from prometheus_client import CollectorRegistry
 
-    from authz_server.metrics import Metrics
+    from authz_server.ops.metrics import Metrics
 
     service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     registry = CollectorRegistry()
@@ -489,7 +491,7 @@ def test_a_string_claim_with_spaces_at_either_end_gives_no_header_and_is_counted
     # The policies see " root "; the upstream would read "root" (header values are trimmed).
     from prometheus_client import CollectorRegistry
 
-    from authz_server.metrics import Metrics
+    from authz_server.ops.metrics import Metrics
 
     service = make_service(tmp_path, clock, provider_yaml(rsa_key), policies=ALLOW_ALL)
     registry = CollectorRegistry()

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1.health_pb2 import HealthCheckRequest
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
-from authz_server import cli, config
+from authz_server import cli
+from authz_server.config import load as config
 from authz_server.errors import ConfigError
+from authz_server.ops.tls import CertificateReloader, TlsFileError, TlsFiles, read_material
 from authz_server.server import AuthzServer, grpc_options
-from authz_server.tls import CertificateReloader, TlsFileError, TlsFiles, read_material
 from tests.certs import CertificateAuthority, Leaf
 from tests.helpers import write_config
 

@@ -14,16 +14,18 @@ from typing import Any
 
 import pytest
 
-from authz_server import config, devkeys, errors
-from authz_server.config import Provider
-from authz_server.devkeys import SigningKey
+from authz_server import errors
+from authz_server.config import load as config
+from authz_server.config.load import Provider
+from authz_server.config.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
+from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier
+from authz_server.credentials.token_cache import TokenCache
 from authz_server.errors import AuthenticationError
-from authz_server.jwks import JWKSCache, KeySet, VerificationKey, VerifyFn
-from authz_server.keysources import UrlSource
+from authz_server.keys.keyset import JWKSCache, KeySet, VerificationKey, VerifyFn
+from authz_server.keys.sources import UrlSource
 from authz_server.service import Engine
-from authz_server.specs import ASYMMETRIC_ALGORITHMS, ProviderSpec
-from authz_server.token_cache import TokenCache
-from authz_server.tokens import ProviderRuntime, TokenVerifier
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import JWKSServer
 from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
 

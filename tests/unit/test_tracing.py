@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from authz_server import config, devkeys
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey
+from authz_server.config import load as config
+from authz_server.config.specs import DecisionLogSpec
 from authz_server.errors import WouldWait
-from authz_server.metrics import Metrics
+from authz_server.ops.metrics import Metrics
+from authz_server.ops.tracing import SPAN_NAME, Tracing, TracingError
 from authz_server.service import AuthorizationService, Engine
-from authz_server.specs import DecisionLogSpec
-from authz_server.tracing import SPAN_NAME, Tracing, TracingError
+from authz_server.tools import devkeys
+from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import free_port, wait_until
 from tests.helpers import AUDIENCE, ISSUER, Clock, write_config
 from tests.otlp import OtlpReceiver

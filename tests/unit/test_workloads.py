@@ -11,20 +11,21 @@ from typing import Any
 import pytest
 import yaml
 
-from authz_server import config, errors
+from authz_server import errors
 from authz_server.attributes import RequestAttributes
-from authz_server.devkeys import SigningKey, jwks
+from authz_server.config import load as config
 from authz_server.doors.explain_api import to_response
 from authz_server.errors import ConfigError
 from authz_server.explain import explain
-from authz_server.service import AuthorizationService, Engine
-from authz_server.workloads import (
+from authz_server.policy.workloads import (
     IstioScope,
     TargetRef,
     Workload,
     WorkloadIndex,
     istio_selection,
 )
+from authz_server.service import AuthorizationService, Engine
+from authz_server.tools.devkeys import SigningKey, jwks
 from tests.helpers import AUDIENCE, ISSUER
 
 WORKLOADS = [
