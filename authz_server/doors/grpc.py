@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 
 from authz_server import responses
 from authz_server.attributes import RequestAttributes
+from authz_server.doors import struct_wire
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService
 
@@ -114,28 +115,23 @@ def _render_allow(decision: Decision, *, metadata: bool = True) -> Any:
     return response
 
 
-def _varint(number: int) -> bytes:
-    out = bytearray()
-    while number >= 0x80:
-        out.append(number & 0x7F | 0x80)
-        number >>= 7
-    out.append(number)
-    return bytes(out)
-
-
 # dynamic_metadata's key on the wire (field number, length-delimited): a serialized Struct
 # behind it, appended to a serialized CheckResponse, sets that field (fields come in any order).
-_METADATA_TAG = _varint(
+_METADATA_TAG = struct_wire.varint(
     external_auth_pb2.CheckResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number << 3 | 2
 )
 
 
 def _metadata_field(metadata: Mapping[str, Any]) -> bytes:
-    """``metadata`` as the CheckResponse's serialized dynamic_metadata field."""
-    struct = struct_pb2.Struct()
-    struct.update(metadata)
-    body: bytes = struct.SerializeToString()
-    return _METADATA_TAG + _varint(len(body)) + body
+    """``metadata`` as the CheckResponse's serialized dynamic_metadata field. Raises what
+    ``Struct.update`` raises on values a Struct cannot hold."""
+    try:
+        body = struct_wire.struct_body(metadata)
+    except (struct_wire.UnsupportedValueError, ValueError, OverflowError):
+        struct = struct_pb2.Struct()
+        struct.update(metadata)  # protobuf's own verdict on what we do not write
+        body = struct.SerializeToString()
+    return _METADATA_TAG + struct_wire.varint(len(body)) + body
 
 
 class Renderer:
