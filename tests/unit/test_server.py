@@ -7,10 +7,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -230,6 +233,48 @@ def test_rendered_allows_are_reused_per_identity_and_never_mixed(rsa_key: Signin
     assert parsed.dynamic_metadata.fields["principal"].string_value == "iss/alice"
     # Same headers but another (equal-looking) metadata object: rebuilt, not reused.
     assert renderer.wire(decision(dict(alice), "alice")) is not first
+
+
+def test_a_new_token_of_a_known_caller_is_answered_with_its_own_metadata() -> None:
+    from authz_server.doors.grpc import Renderer
+    from authz_server.responses import allow
+
+    renderer = Renderer(allow_entries=8)
+    claims: dict[str, object] = {"sub": "alice", "jti": "one", "exp": 1.5, "groups": ["a", "b"]}
+    first = {"principal": "iss/alice", "claims": claims}
+    second = {"principal": "iss/alice", "claims": {**claims, "jti": "two", "extra": None}}
+
+    def answer(metadata: dict[str, object]) -> Any:
+        decision = allow(
+            headers_to_set=(("x-user", "alice"),),
+            headers_to_remove=("authorization",),
+            query_params_to_remove=("access_token",),
+            metadata=metadata,
+            provider="p",
+            principal="iss/alice",
+            policy=None,
+        )
+        built = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=0),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key="x-user", value="alice"),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+                headers_to_remove=["authorization"],
+                query_parameters_to_remove=["access_token"],
+            ),
+        )
+        built.dynamic_metadata.update(metadata)
+        return external_auth_pb2.CheckResponse.FromString(renderer.wire(decision)), built
+
+    for metadata in (first, second, first):
+        sent, built = answer(metadata)
+        assert sent == built
+    sent, _ = answer(second)
+    assert sent.dynamic_metadata.fields["claims"].struct_value.fields["jti"].string_value == "two"
 
 
 def test_readyz_says_when_the_replay_cache_cannot_answer_and_stays_ready(
