@@ -53,6 +53,19 @@ _EPHEMERAL_LOW = _ephemeral_low()
 _HANDED_OUT: set[int] = set()
 
 
+def _port_range() -> tuple[int, int]:
+    """This test process's share of the ports below the ephemeral range: pytest-xdist's
+    processes draw from disjoint ranges, so two of them never pick the same port (gRPC servers
+    bind with SO_REUSEPORT: two on one port would share its connections, silently)."""
+    low, high = 15000, _EPHEMERAL_LOW - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        index, span = int(worker[2:]) % count, (high - low) // count
+        low, high = low + index * span, low + (index + 1) * span - 1
+    return low, high
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago, checked by binding it.
 
@@ -60,9 +73,9 @@ def free_port() -> int:
     the kernel hands out for port 0 is also what the next outgoing connection (Envoy's, a
     client's, another test process's) gets, so between this call and the server's bind it was
     taken often enough under load ("Address already in use"). Ports below the range are never
-    picked for outgoing connections, and a random draw rarely meets the other test process's.
+    picked for outgoing connections, and each test process draws from its own share of them.
     """
-    low, high = 15000, _EPHEMERAL_LOW - 1
+    low, high = _port_range()
     for _ in range(200):
         port = random.randint(low, high) if high > low else 0  # noqa: S311 (not a secret)
         if port in _HANDED_OUT:
