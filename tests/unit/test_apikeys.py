@@ -353,3 +353,45 @@ def test_the_entry_printed_for_a_new_key_keeps_its_expiry() -> None:
 def test_a_keys_file_without_a_keys_list_is_refused_saying_so(body: bytes) -> None:
     with pytest.raises(KeysFileError, match="`keys` list"):
         parse_keys_file(body, provider="p", issuer=ISSUER)
+
+
+def test_a_keys_identity_carries_its_issuer_subject_expiry_and_audiences_as_claims() -> None:
+    # A policy reads them as a token's claims: a DENY on one of them must see it.
+    one, two = "a" * 20, "b" * 20
+    body = (
+        f"keys:\n  - sub: s1\n    sha256: {sha(one)}\n    expires: 2027-06-30T00:00:00Z\n"
+        f"    claims: {{aud: [orders, 3, billing]}}\n"
+        f"  - sub: s2\n    sha256: {sha(two)}\n    claims: {{aud: orders}}\n"
+    )
+    table = parse_keys_file(body.encode(), provider="p", issuer=ISSUER)
+    first = table.lookup(one, 0)
+    assert (first.claims["iss"], first.claims["sub"]) == (ISSUER, "s1")
+    assert first.claims["exp"] == 1_814_313_600
+    assert first.audiences == ("orders", "billing")
+    assert table.lookup(two, 0).audiences == ("orders",)
+
+
+def test_a_keys_file_names_every_bad_entry_not_only_the_first() -> None:
+    good = sha("g" * 20)
+    body = (
+        "keys:\n"
+        "  - not-a-mapping\n"
+        f"  - {{sub: '', sha256: {sha('c' * 20)}}}\n"
+        f"  - {{sub: 7, sha256: {sha('d' * 20)}}}\n"
+        f"  - {{sub: s4, sha256: {good}}}\n"
+        f"  - {{sub: s5, sha256: {good}}}\n"
+        f"  - {{sub: s6, sha256: {sha('e' * 20)}, claims: [a, b]}}\n"
+        f"  - {{sub: s7, sha256: {sha('f' * 20)}, claims: text}}\n"
+        "  - {sub: s8, sha256: not-hex}\n"
+    )
+    with pytest.raises(KeysFileError) as caught:
+        parse_keys_file(body.encode(), provider="p", issuer=ISSUER)
+    assert [path for path, _ in caught.value.problems] == [
+        "keys[0]",
+        "keys[1].sub",
+        "keys[2].sub",
+        "keys[4].sha256",
+        "keys[5].claims",
+        "keys[6].claims",
+        "keys[7].sha256",
+    ]
