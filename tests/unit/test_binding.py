@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -110,6 +111,11 @@ def _hmac_proof(header: dict[str, object], claims: dict[str, object]) -> str:
     return f"{signing_input}.{b64url_encode(mac)}"
 
 
+def _with_header(header: dict[str, object]) -> str:
+    """A good proof's payload and signature under another header (checked before the signature)."""
+    return b64url_encode(json.dumps(header).encode()) + "." + _proof().split(".", 1)[1]
+
+
 GOOD_CLAIMS = {
     "jti": "x",
     "htm": "GET",
@@ -119,7 +125,7 @@ GOOD_CLAIMS = {
 }
 PUBLIC = {k: v for k, v in KEY.public_jwk().items() if k not in ("kid", "use", "alg")}
 
-BAD_PROOFS = {
+BAD_PROOFS: dict[str, tuple[Callable[[], str], str]] = {
     "wrong htm": (lambda: _proof(method="POST"), "'htm'"),
     "other host": (lambda: _proof(url="https://evil.example.com/orders"), "'htu'"),
     "other path": (lambda: _proof(url="https://api.example.com/admin"), "'htu'"),
@@ -173,11 +179,6 @@ BAD_PROOFS = {
         "not a number",
     ),
 }
-
-
-def _with_header(header: dict[str, object]) -> str:
-    """A good proof's payload and signature under another header (checked before the signature)."""
-    return b64url_encode(json.dumps(header).encode()) + "." + _proof().split(".", 1)[1]
 
 
 @pytest.mark.parametrize("case", list(BAD_PROOFS), ids=list(BAD_PROOFS))
