@@ -14,9 +14,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from authz_server import binding, errors
+from authz_server.attributes import RequestAttributes
 from authz_server.binding import DpopRules, NonceSource
 from authz_server.devkeys import b64url_encode, dpop_proof, generate_key
 from authz_server.errors import AuthenticationError
+from authz_server.replay import MemoryReplayCache
 from tests.certs import CertificateAuthority
 
 NOW = 1_800_000_000.0
@@ -397,3 +399,38 @@ def test_the_ath_of_a_token_with_non_ascii_bytes_is_a_refusal_not_a_crash() -> N
             now=NOW,
             rules=RULES,
         )
+
+
+def test_a_proof_stays_in_the_replay_cache_for_as_long_as_it_could_be_accepted() -> None:
+    # Lifetime 60 s, skew 5 s: a proof dated NOW is accepted from NOW - 5 (its iat up to the
+    # skew ahead) to NOW + 65 (up to lifetime + skew old), 70 s in all. Its jti must still be
+    # remembered at the end of that span, or a replay there passes.
+    rules = DpopRules(algorithms=RULES.algorithms, proof_lifetime=60, clock_skew=5)
+    constraint = binding.SenderConstraint(
+        provider="p",
+        dpop_mode="required",
+        dpop=rules,
+        certificate_mode="disabled",
+        trust_forwarded_client_cert=False,
+    )
+    elapsed = [0.0]
+    replay = MemoryReplayCache(clock=lambda: elapsed[0])
+    request = RequestAttributes(
+        method="GET",
+        scheme="https",
+        host="api.example.com",
+        path="/orders",
+        headers={"authorization": f"DPoP {TOKEN}", "dpop": _proof()},
+    )
+    claims = {"cnf": {"jkt": KEY.thumbprint()}}
+
+    def check(now: float) -> None:
+        constraint.check(
+            claims, token=TOKEN, presented_as_dpop=True, request=request, now=now, replay=replay
+        )
+
+    check(NOW - 5)
+    elapsed[0] = 70.0
+    with pytest.raises(AuthenticationError) as caught:
+        check(NOW + 65)
+    assert caught.value.reason == errors.DPOP_PROOF_REPLAYED
