@@ -15,7 +15,7 @@ from authz_server.attributes import RequestAttributes
 from authz_server.config import load as config
 from authz_server.credentials import apikeys
 from authz_server.credentials.apikeys import ApiKeysFileSource, KeysFileError, parse_keys_file
-from authz_server.errors import ConfigError
+from authz_server.errors import AuthenticationError, ConfigError
 from authz_server.service import AuthorizationService, Engine
 from authz_server.tools.devkeys import SigningKey
 from tests.helpers import Clock, write_config
@@ -308,3 +308,92 @@ def test_the_keys_file_is_among_the_files_a_reload_watches(tmp_path: Path) -> No
     with pytest.raises(ConfigError):
         config.load(write_config(tmp_path, CONFIG), referenced=referenced)
     assert tmp_path / "keys.yaml" in referenced
+
+
+def _table_of(*keys: str, expires: str | None = None) -> apikeys.ApiKeyTable:
+    entries = "".join(
+        f"  - sub: s{i}\n    sha256: {sha(key)}\n"
+        + (f"    expires: {expires}\n" if expires else "")
+        for i, key in enumerate(keys)
+    )
+    return parse_keys_file(f"keys:\n{entries}".encode(), provider="p", issuer=ISSUER)
+
+
+def test_keys_of_the_shortest_and_longest_lengths_are_looked_up_and_one_past_is_malformed() -> None:
+    shortest, longest = "k" * apikeys.MIN_KEY_CHARS, "k" * apikeys.MAX_KEY_CHARS
+    table = _table_of(shortest, longest)
+    assert table.lookup(shortest, 0).claims["sub"] == "s0"
+    assert table.lookup(longest, 0).claims["sub"] == "s1"
+    for key in (shortest[1:], longest + "k"):
+        with pytest.raises(AuthenticationError) as caught:
+            table.lookup(key, 0)
+        assert caught.value.reason == errors.MALFORMED_API_KEY
+
+
+def test_a_key_is_refused_from_the_second_it_expires() -> None:
+    key = "k" * 20
+    table = _table_of(key, expires="2027-06-30T00:00:00Z")
+    at = 1_814_313_600.0  # 2027-06-30T00:00:00Z
+    assert table.lookup(key, at - 1).claims["sub"] == "s0"
+    with pytest.raises(AuthenticationError) as caught:
+        table.lookup(key, at)
+    assert caught.value.reason == errors.API_KEY_EXPIRED
+
+
+def test_the_entry_printed_for_a_new_key_keeps_its_expiry() -> None:
+    key = apikeys.new_key()
+    entry = apikeys.key_entry("s0", key, {}, expires="2027-06-30T00:00:00Z")
+    table = parse_keys_file(b"keys:\n" + entry.encode(), provider="p", issuer=ISSUER)
+    with pytest.raises(AuthenticationError) as caught:
+        table.lookup(key, 1_814_313_600.0)
+    assert caught.value.reason == errors.API_KEY_EXPIRED
+
+
+@pytest.mark.parametrize(
+    "body", [b"{}", b"keys: 3", b"- a\n- b\n"], ids=["no-keys", "not-list", "list"]
+)
+def test_a_keys_file_without_a_keys_list_is_refused_saying_so(body: bytes) -> None:
+    with pytest.raises(KeysFileError, match="`keys` list"):
+        parse_keys_file(body, provider="p", issuer=ISSUER)
+
+
+def test_a_keys_identity_carries_its_issuer_subject_expiry_and_audiences_as_claims() -> None:
+    # A policy reads them as a token's claims: a DENY on one of them must see it.
+    one, two = "a" * 20, "b" * 20
+    body = (
+        f"keys:\n  - sub: s1\n    sha256: {sha(one)}\n    expires: 2027-06-30T00:00:00Z\n"
+        f"    claims: {{aud: [orders, 3, billing]}}\n"
+        f"  - sub: s2\n    sha256: {sha(two)}\n    claims: {{aud: orders}}\n"
+    )
+    table = parse_keys_file(body.encode(), provider="p", issuer=ISSUER)
+    first = table.lookup(one, 0)
+    assert (first.claims["iss"], first.claims["sub"]) == (ISSUER, "s1")
+    assert first.claims["exp"] == 1_814_313_600
+    assert first.audiences == ("orders", "billing")
+    assert table.lookup(two, 0).audiences == ("orders",)
+
+
+def test_a_keys_file_names_every_bad_entry_not_only_the_first() -> None:
+    good = sha("g" * 20)
+    body = (
+        "keys:\n"
+        "  - not-a-mapping\n"
+        f"  - {{sub: '', sha256: {sha('c' * 20)}}}\n"
+        f"  - {{sub: 7, sha256: {sha('d' * 20)}}}\n"
+        f"  - {{sub: s4, sha256: {good}}}\n"
+        f"  - {{sub: s5, sha256: {good}}}\n"
+        f"  - {{sub: s6, sha256: {sha('e' * 20)}, claims: [a, b]}}\n"
+        f"  - {{sub: s7, sha256: {sha('f' * 20)}, claims: text}}\n"
+        "  - {sub: s8, sha256: not-hex}\n"
+    )
+    with pytest.raises(KeysFileError) as caught:
+        parse_keys_file(body.encode(), provider="p", issuer=ISSUER)
+    assert [path for path, _ in caught.value.problems] == [
+        "keys[0]",
+        "keys[1].sub",
+        "keys[2].sub",
+        "keys[4].sha256",
+        "keys[5].claims",
+        "keys[6].claims",
+        "keys[7].sha256",
+    ]

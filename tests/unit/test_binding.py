@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -13,8 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from authz_server import errors
+from authz_server.attributes import RequestAttributes
 from authz_server.credentials import binding
 from authz_server.credentials.binding import DpopRules, NonceSource
+from authz_server.credentials.replay import MemoryReplayCache
 from authz_server.errors import AuthenticationError
 from authz_server.tools.devkeys import b64url_encode, dpop_proof, generate_key
 from tests.certs import CertificateAuthority
@@ -111,6 +114,11 @@ def _hmac_proof(header: dict[str, object], claims: dict[str, object]) -> str:
     return f"{signing_input}.{b64url_encode(mac)}"
 
 
+def _with_header(header: dict[str, object]) -> str:
+    """A good proof's payload and signature under another header (checked before the signature)."""
+    return b64url_encode(json.dumps(header).encode()) + "." + _proof().split(".", 1)[1]
+
+
 GOOD_CLAIMS = {
     "jti": "x",
     "htm": "GET",
@@ -120,7 +128,7 @@ GOOD_CLAIMS = {
 }
 PUBLIC = {k: v for k, v in KEY.public_jwk().items() if k not in ("kid", "use", "alg")}
 
-BAD_PROOFS = {
+BAD_PROOFS: dict[str, tuple[Callable[[], str], str]] = {
     "wrong htm": (lambda: _proof(method="POST"), "'htm'"),
     "other host": (lambda: _proof(url="https://evil.example.com/orders"), "'htu'"),
     "other path": (lambda: _proof(url="https://api.example.com/admin"), "'htu'"),
@@ -156,6 +164,23 @@ BAD_PROOFS = {
         "'jti'",
     ),
     "not a JWS": (lambda: "not.a-proof", "well-formed"),
+    "crit header": (
+        lambda: _signed({"typ": "dpop+jwt", "jwk": PUBLIC, "crit": ["exp"]}, GOOD_CLAIMS),
+        "'crit'",
+    ),
+    "alg not a string": (lambda: _with_header({"alg": ["ES256"], "typ": "dpop+jwt"}), "'alg'"),
+    "empty jti": (
+        lambda: _signed({"typ": "dpop+jwt", "jwk": PUBLIC}, {**GOOD_CLAIMS, "jti": ""}),
+        "'jti'",
+    ),
+    "jti one past the limit": (
+        lambda: _proof(jti="j" * (binding.MAX_JTI_CHARS + 1)),
+        "'jti' is longer",
+    ),
+    "iat a boolean": (
+        lambda: _signed({"typ": "dpop+jwt", "jwk": PUBLIC}, {**GOOD_CLAIMS, "iat": True}),
+        "not a number",
+    ),
 }
 
 
@@ -300,3 +325,113 @@ def test_the_proof_key_cache_builds_a_key_once_and_still_checks_every_signature(
         proof = dpop_proof(key, method="GET", url=URL, access_token=TOKEN, iat=NOW)
         verify(proof)
     assert len(cache) == 2
+
+
+def test_a_jti_of_the_limit_verifies() -> None:
+    jti = "j" * binding.MAX_JTI_CHARS
+    verified = binding.verify_dpop_proof(
+        _proof(jti=jti),
+        method="GET",
+        htu=binding.normalize_htu(URL),
+        access_token=TOKEN,
+        now=NOW,
+        rules=RULES,
+    )
+    assert verified.jti == jti
+
+
+@pytest.mark.parametrize(
+    ("iat", "accepted"),
+    [(NOW + 5, True), (NOW + 6, False), (NOW - 65, True), (NOW - 66, False)],
+    ids=["skew-ahead", "past-skew-ahead", "lifetime-and-skew-old", "one-second-older"],
+)
+def test_the_clock_skew_widens_the_proof_window_both_ways_to_the_second(
+    iat: float, accepted: bool
+) -> None:
+    rules = DpopRules(algorithms=RULES.algorithms, proof_lifetime=60, clock_skew=5)
+
+    def verify() -> binding.VerifiedProof:
+        return binding.verify_dpop_proof(
+            _proof(iat=iat),
+            method="GET",
+            htu=binding.normalize_htu(URL),
+            access_token=TOKEN,
+            now=NOW,
+            rules=rules,
+        )
+
+    if accepted:
+        assert verify().iat == iat
+    else:
+        with pytest.raises(AuthenticationError, match="'iat'"):
+            verify()
+
+
+def test_a_certificate_bound_cnf_is_read_and_a_non_string_thumbprint_is_malformed() -> None:
+    # Read under another name, a certificate-bound token would pass as unbound.
+    assert binding.token_confirmation({"cnf": {"x5t#S256": "t"}}) == (None, "t")
+    assert binding.token_confirmation({"cnf": {"jkt": "a", "x5t#S256": "t"}}) == ("a", "t")
+    with pytest.raises(AuthenticationError) as caught:
+        binding.token_confirmation({"cnf": {"x5t#S256": 1}})
+    assert caught.value.reason == errors.MALFORMED_TOKEN
+
+
+def test_the_request_uri_keeps_the_https_scheme_and_cuts_at_the_first_query_or_fragment() -> None:
+    assert binding.request_htu("https", "api.example.com", "/orders") == URL
+    assert binding.request_htu("https", "api.example.com", "/orders?a=1?b") == URL
+    assert binding.request_htu("https", "api.example.com", "/orders#a#b") == URL
+    assert binding.request_htu("", "api.example.com", "/orders") == "http://api.example.com/orders"
+
+
+def test_a_nonce_secret_of_16_bytes_is_enough_and_15_is_refused() -> None:
+    assert NonceSource(b"s" * 16).current(NOW)
+    with pytest.raises(ValueError, match="16 bytes"):
+        NonceSource(b"s" * 15)
+
+
+def test_the_ath_of_a_token_with_non_ascii_bytes_is_a_refusal_not_a_crash() -> None:
+    proof = _proof()
+    with pytest.raises(AuthenticationError, match="'ath'"):
+        binding.verify_dpop_proof(
+            proof,
+            method="GET",
+            htu=binding.normalize_htu(URL),
+            access_token="t\u00f6ken",
+            now=NOW,
+            rules=RULES,
+        )
+
+
+def test_a_proof_stays_in_the_replay_cache_for_as_long_as_it_could_be_accepted() -> None:
+    # Lifetime 60 s, skew 5 s: a proof dated NOW is accepted from NOW - 5 (its iat up to the
+    # skew ahead) to NOW + 65 (up to lifetime + skew old), 70 s in all. Its jti must still be
+    # remembered at the end of that span, or a replay there passes.
+    rules = DpopRules(algorithms=RULES.algorithms, proof_lifetime=60, clock_skew=5)
+    constraint = binding.SenderConstraint(
+        provider="p",
+        dpop_mode="required",
+        dpop=rules,
+        certificate_mode="disabled",
+        trust_forwarded_client_cert=False,
+    )
+    elapsed = [0.0]
+    replay = MemoryReplayCache(clock=lambda: elapsed[0])
+    request = RequestAttributes(
+        method="GET",
+        scheme="https",
+        host="api.example.com",
+        path="/orders",
+        headers={"authorization": f"DPoP {TOKEN}", "dpop": _proof()},
+    )
+    claims = {"cnf": {"jkt": KEY.thumbprint()}}
+
+    def check(now: float) -> None:
+        constraint.check(
+            claims, token=TOKEN, presented_as_dpop=True, request=request, now=now, replay=replay
+        )
+
+    check(NOW - 5)
+    elapsed[0] = 70.0
+    with pytest.raises(AuthenticationError) as caught:
+        check(NOW + 65)
+    assert caught.value.reason == errors.DPOP_PROOF_REPLAYED

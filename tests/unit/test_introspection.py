@@ -25,7 +25,7 @@ from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, Engine
 from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import wait_until
-from tests.helpers import Clock, write_config
+from tests.helpers import Clock, claims_for, write_config
 from tests.introspection_idp import CLIENT_ID, CLIENT_SECRET, IntrospectionServer, https_context
 from tests.unit.test_service import provider_yaml
 
@@ -488,3 +488,14 @@ def test_a_cached_inactive_answer_does_not_grow_with_each_request(
             depth, tb = depth + 1, tb.tb_next
         depths.append(depth)
     assert plain_idp.call_count() == 1 and depths[1] == depths[2]
+
+
+def test_a_malformed_jwt_naming_one_of_our_issuers_is_refused_and_never_sent_to_the_idp(
+    tmp_path: Path, clock: Clock, plain_idp: IntrospectionServer, rsa_key: SigningKey
+) -> None:
+    engine = make_engine(tmp_path, clock, plain_idp, more_providers=provider_yaml(rsa_key))
+    service = AuthorizationService(engine)
+    # Signed by our JWT provider's key, naming its issuer, with an `exp` that is no number.
+    ours = rsa_key.sign(claims_for(clock(), exp="soon"))
+    assert service.check(bearer(ours)).reason == errors.MALFORMED_TOKEN
+    assert plain_idp.calls == []
