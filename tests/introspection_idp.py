@@ -26,6 +26,7 @@ class Call:
     form: dict[str, list[str]]
     authorization: str
     content_type: str
+    traceparent: str = ""
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _IntrospectionHandler(_QuietHandler):
             parse_qs(raw.decode("ascii", "replace")),
             self.headers.get("Authorization", ""),
             self.headers.get("Content-Type", ""),
+            self.headers.get("traceparent", ""),
         )
         behaviour = owner.record(call)
         try:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode, urlsplit
 
-from authz_server import errors
+from authz_server import errors, request_trace
 from authz_server.config.specs import IntrospectionSpec
 from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode, check_times
 from authz_server.errors import AuthenticationError, DependencyError, WouldWait
@@ -375,13 +375,20 @@ class Introspector:
         if not self._calls.acquire(timeout=timeout):
             raise self._failed("busy", "too many introspection calls in flight")
         started = time.perf_counter()
+        trace = request_trace.current.get()
+        started_ns = time.time_ns() if trace is not None else 0
+        outcome = "error"
         try:
             response = self._post(token, timeout)
+            outcome = "active" if response.get("active") is True else "inactive"
         except _Failure as failure:
             self._observe(time.perf_counter() - started)
             raise self._failed(failure.result, str(failure)) from None
         finally:
             self._calls.release()
+            if trace is not None:
+                # A child span of the traced Check: the call it waited for, and what came of it.
+                trace.waited("introspection.call", started_ns, time.time_ns(), outcome)
         self._observe(time.perf_counter() - started)
         return response
 
@@ -391,6 +398,8 @@ class Introspector:
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
             "Authorization": _basic_auth(self.spec.client_id, self._secret_value()),
+            # The traced Check this call is made for (traceparent, tracestate), if any.
+            **request_trace.outgoing_headers(),
         }
         deadline = time.monotonic() + timeout
         connection: http.client.HTTPConnection

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from authz_server import errors
+from authz_server import errors, request_trace
 from authz_server.errors import DependencyError
 
 
@@ -132,12 +132,20 @@ class RedisReplayCache:
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
     def first_use(self, key: str, ttl: float) -> bool:
+        trace = request_trace.current.get()
+        started_ns = time.time_ns() if trace is not None else 0
+        outcome = "unavailable"
         try:
             reply = self._client.set(
                 self._settings.key_prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000))
             )
+            outcome = "new" if reply else "replayed"
         except self._errors as exc:
             raise ReplayCacheUnavailable(f"redis: {type(exc).__name__}") from None
+        finally:
+            if trace is not None:
+                # A child span of the traced Check: the Redis round trip it waited for.
+                trace.waited("replay_cache.redis", started_ns, time.time_ns(), outcome)
         return bool(reply)
 
     def ready(self) -> str | None:

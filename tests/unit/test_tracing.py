@@ -29,8 +29,12 @@ from authz_server.service import AuthorizationService, Engine
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import SigningKey
 from tests.e2e.harness import free_port, wait_until
-from tests.helpers import AUDIENCE, ISSUER, Clock, write_config
+from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, write_config
+from tests.introspection_idp import CLIENT_ID, CLIENT_SECRET, IntrospectionServer
 from tests.otlp import OtlpReceiver
+from tests.redis_server import PASSWORD as REDIS_PASSWORD
+from tests.redis_server import running_redis
+from tests.unit import test_sender_constrained as sender
 from tests.unit.test_decision_log import Captured
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -498,3 +502,69 @@ def test_the_start_line_says_where_spans_go_without_credentials_in_the_endpoint(
     assert line.startswith("tracing on: OTLP http/protobuf to 127.0.0.1:")
     assert "sampler parentbased_traceidratio (0.01 of Checks without a parent)" in line
     assert "s3cret" not in line
+
+
+def test_an_introspection_call_is_a_child_span_and_carries_the_checks_traceparent(
+    tmp_path: Path, clock: Clock, otel_env: pytest.MonkeyPatch, receiver: OtlpReceiver
+) -> None:
+    (tmp_path / "client-secret").write_text(CLIENT_SECRET)
+    tracing = _tracing(otel_env, receiver.http_endpoint, "http/protobuf")
+    with IntrospectionServer() as idp:
+        idp.active("opaque-token-1", sub="partner", client_id="acme")
+        provider = f"""  - name: opaque
+    issuer: https://idp.test
+    introspection:
+      endpoint: {idp.endpoint}
+      clientId: {CLIENT_ID}
+      clientSecretFile: client-secret
+    fromHeaders: [{{name: authorization, prefix: "Bearer "}}]"""
+        try:
+            service = AuthorizationService(_engine(tmp_path, clock, provider), tracing=tracing)
+            assert service.check(_request("opaque-token-1")).allowed
+            spans = receiver.wait_for(lambda s: len(s) == 2, "the Check and its call")
+        finally:
+            assert tracing.shutdown()
+    [check] = [s for s in spans if s.span.name == SPAN_NAME]
+    [call] = [s for s in spans if s.span.name == "authz.introspection.call"]
+    assert (call.trace_id, call.parent_span_id) == (check.trace_id, check.span_id)
+    assert call.attributes == {"authz.outcome": "active"}
+    version, trace_id, parent_id, _ = idp.calls[-1].traceparent.split("-")
+    assert (version, trace_id, parent_id) == ("00", check.trace_id, check.span_id)
+
+
+def test_a_redis_replay_check_is_a_child_span_with_its_outcome(
+    tmp_path: Path,
+    clock: Clock,
+    rsa_key: SigningKey,
+    otel_env: pytest.MonkeyPatch,
+    receiver: OtlpReceiver,
+) -> None:
+    client = devkeys.generate_key("EC-P256")
+    (tmp_path / "redis-password").write_text(REDIS_PASSWORD)
+    tracing = _tracing(otel_env, receiver.http_endpoint, "http/protobuf")
+    with running_redis(tmp_path) as redis:
+        provider = sender._provider(rsa_key, "fapi", ISSUER, "dpop: {mode: optional}")
+        server = f"  replayCache:\n    redis: {{url: '{redis.url}', passwordFile: redis-password}}"
+        text = (
+            f"apiVersion: authz-server/v1\nkind: AuthzConfig\nserver:\n{server}\n"
+            f"providers:{provider}\n{sender.POLICIES}"
+        )
+        engine = Engine.build(config.load(write_config(tmp_path, text)), clock=clock)
+        for cache in engine.caches.values():
+            assert cache.refresh()
+        service = AuthorizationService(engine, tracing=tracing)
+        token = rsa_key.sign(claims_for(clock.now, cnf={"jkt": client.thumbprint()}))
+        proof = sender._proof(client, token, clock.now)
+        try:
+            assert service.check(sender._dpop_request(token, proof)).allowed
+            assert not service.check(sender._dpop_request(token, proof)).allowed
+            spans = receiver.wait_for(lambda s: len(s) == 4, "two Checks and their Redis calls")
+        finally:
+            assert tracing.shutdown()
+            engine.close()
+    checks = {s.span_id: s for s in spans if s.span.name == SPAN_NAME}
+    redis_spans = [s for s in spans if s.span.name == "authz.replay_cache.redis"]
+    assert sorted(s.attributes["authz.outcome"] for s in redis_spans) == ["new", "replayed"]
+    for span in redis_spans:
+        assert span.parent_span_id in checks
+        assert span.trace_id == checks[span.parent_span_id].trace_id
