@@ -21,6 +21,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -425,9 +426,9 @@ class SenderConstraint:
     nonces: NonceSource | None = field(default=None, compare=False, repr=False)
     proof_keys: ProofKeyCache = field(default_factory=ProofKeyCache, compare=False, repr=False)
 
-    @property
+    @cached_property
     def algs(self) -> str:
-        """The ``algs`` a DPoP challenge advertises."""
+        """The ``algs`` a DPoP challenge advertises (joined once, on the first refusal)."""
         return " ".join(sorted(self.dpop.algorithms))
 
     def check(
