@@ -112,3 +112,30 @@ def load_script(path: Path) -> ModuleType:
 def without_comment_lines(text: str) -> str:
     """``text`` without its ``#`` lines (a generated file's header)."""
     return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+
+
+class RecordingTransport:
+    """An asyncio transport for driving an HTTP door connection by hand: what the connection
+    writes is kept in ``out``; reading is never paused for real."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass

@@ -27,7 +27,7 @@ from authz_server.doors.http import HEADERS_TO_REMOVE, HttpDoor, _Connection
 from authz_server.service import AuthorizationService, Engine
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import b64url_encode
-from tests.helpers import AUDIENCE, ISSUER, claims_for, write_config
+from tests.helpers import AUDIENCE, ISSUER, RecordingTransport, claims_for, write_config
 
 settings.register_profile(
     "suite",
@@ -76,30 +76,6 @@ class _Context:
 
     def set_details(self, details: str) -> None:
         self.details = details
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +275,7 @@ def _through_http(
     head = f"GET {path} HTTP/1.1\r\nhost: api.example.com\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers)
     connection = _Connection(door)
-    transport = _Transport()
+    transport = RecordingTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received((head + "\r\n").encode())
     connection.connection_lost(None)
@@ -399,7 +375,7 @@ def door(service: AuthorizationService) -> HttpDoor:
 )
 def test_the_http_door_answers_any_bytes_with_http_or_nothing(door: HttpDoor, data: bytes) -> None:
     connection = _Connection(door)
-    transport = _Transport()
+    transport = RecordingTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received(data)
     connection.connection_lost(None)

@@ -34,7 +34,15 @@ from authz_server.server import AuthzServer
 from authz_server.service import AuthorizationService, Engine
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import SigningKey
-from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, identity, write_config
+from tests.helpers import (
+    AUDIENCE,
+    ISSUER,
+    Clock,
+    RecordingTransport,
+    claims_for,
+    identity,
+    write_config,
+)
 
 # ------------------------------------------------------ a mixed-source DENY, anonymous caller
 
@@ -514,32 +522,6 @@ def test_time_claims_are_numbers_within_int64_both_ends_included(
         assert (decision.status, decision.reason) == (401, errors.MALFORMED_TOKEN)
 
 
-class _Transport:
-    """What a door connection writes, kept; reading is never paused for real."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def test_the_body_limit_counts_a_body_across_the_chunks_it_arrives_in(
     tmp_path: Path, clock: Clock
 ) -> None:
@@ -552,7 +534,7 @@ def test_the_body_limit_counts_a_body_across_the_chunks_it_arrives_in(
     )
     door = HttpDoor(service, HttpAuthzSpec(maxBodyBytes=16), listen="127.0.0.1:0")
     door.loop_time = lambda: 1.0  # type: ignore[method-assign]
-    connection, transport = _Connection(door), _Transport()
+    connection, transport = _Connection(door), RecordingTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
 
     connection.data_received(
