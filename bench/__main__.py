@@ -75,7 +75,7 @@ def main() -> int:
         command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
     )
     log("tracing: off, 1% and 100% sampling (bench/scenarios/tracing.py)")
-    tracing_section = tracing.run(
+    tracing_result = tracing.run(
         calls=500 if QUICK else 2000,
         rounds=3 if QUICK else 5,
         command="BENCH_QUICK=1 make bench" if QUICK else "make bench",
@@ -101,7 +101,8 @@ def main() -> int:
                 envoy.HALF_LOAD_CLIENTS,
             ),
             scoping=scoping_section,
-            tracing=tracing_section,
+            tracing=tracing_result.section,
+            tracing_ratios=tracing_result.ratios,
         )
     )
     report.write(text, args.output, log)

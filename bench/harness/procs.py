@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -104,6 +105,73 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             fields = _stat_fields(pid)
             total += int(fields[11]) + int(fields[12])
     return total / CLOCK_TICKS
+
+
+def descendants_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by `root` and every process descended from it
+    that runs now (one pass over /proc)."""
+    parent: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = _stat_fields(int(entry))
+                parent[int(entry)] = int(fields[1])
+                used[int(entry)] = int(fields[11]) + int(fields[12])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        current = todo.pop()
+        total += used.get(current, 0)
+        todo.extend(children.get(current, ()))
+    return total / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class MachineCpu:
+    """CPU seconds of the whole machine so far (all CPUs, /proc/stat), and of this process,
+    its live descendants and the children it has reaped (the load generators once done)."""
+
+    busy: float  # user + nice + system + irq + softirq, every process
+    steal: float  # taken by the hypervisor for other guests
+    ours: float
+
+    def other_cpus(self, earlier: MachineCpu, seconds: float) -> tuple[float, float]:
+        """(CPUs' worth used by processes other than ours, CPUs' worth stolen) since
+        `earlier`, averaged over `seconds` of wall time."""
+        other = (self.busy - earlier.busy) - (self.ours - earlier.ours)
+        return max(other, 0.0) / seconds, (self.steal - earlier.steal) / seconds
+
+
+def machine_cpu() -> MachineCpu:
+    """The machine's CPU counters now; see `MachineCpu`."""
+    with open("/proc/stat") as stat:
+        # cpu user nice system idle iowait irq softirq steal guest guest_nice (guest is in user)
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    times = os.times()
+    reaped = times.children_user + times.children_system
+    live = descendants_cpu_seconds(os.getpid())
+    return MachineCpu(
+        busy=(user + nice + system + irq + softirq) / CLOCK_TICKS,
+        steal=steal / CLOCK_TICKS,
+        ours=live + reaped,
+    )
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches so far of every thread of `pid` that runs
+    now (/proc/PID/task/*/status; a thread that has ended takes its count with it)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+    return total
 
 
 def _cpu_set(cpus: str) -> set[int]:

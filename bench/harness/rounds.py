@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness.loadgen import LoadResult
-from bench.harness.procs import Proc, http_get
+from bench.harness.procs import Proc, http_get, machine_cpu
 
 Load = Callable[[Path, int], LoadResult]  # (h2load log file, seconds) -> result
 
@@ -42,6 +42,8 @@ class Sample:
     server_us: float | None  # server CPU per request
     envoy_us: float | None  # Envoy CPU per request
     load1: float  # the machine's 1-minute load average when the run ended
+    other_cpus: float = 0.0  # CPUs' worth used by processes the bench did not start, meanwhile
+    steal_cpus: float = 0.0  # CPUs' worth the hypervisor gave other guests, meanwhile
 
 
 @dataclass
@@ -80,7 +82,9 @@ def measure(scenario: Scenario, scratch: Path, seconds: int, *, record: bool = T
     before = scrape(scenario.metrics_url) if scenario.metrics_url else None
     server0 = scenario.server.cpu_seconds() if scenario.server else 0.0
     envoy0 = scenario.envoy.cpu_seconds() if scenario.envoy else 0.0
+    machine0, started = machine_cpu(), time.monotonic()
     result = scenario.load(scratch, seconds)
+    other_cpus, steal_cpus = machine_cpu().other_cpus(machine0, time.monotonic() - started)
     server1 = scenario.server.cpu_seconds() if scenario.server else 0.0
     envoy1 = scenario.envoy.cpu_seconds() if scenario.envoy else 0.0
     failures = result.failures
@@ -102,6 +106,8 @@ def measure(scenario: Scenario, scratch: Path, seconds: int, *, record: bool = T
         server_us=(server1 - server0) * per_request if scenario.server else None,
         envoy_us=(envoy1 - envoy0) * per_request if scenario.envoy else None,
         load1=os.getloadavg()[0],
+        other_cpus=other_cpus,
+        steal_cpus=steal_cpus,
     )
     if record:
         scenario.samples.append(sample)
@@ -128,5 +134,6 @@ def run_rounds(
             cpu = f"server {sample.server_us:5.0f} µs/req" if sample.server_us is not None else ""
             log(
                 f"round {index + 1}/{rounds} {scenario.key:<15} {sample.rps:8.0f} req/s  "
-                f"p99 {sample.p99_ms:7.2f} ms  {cpu}  failures {sample.failures}"
+                f"p99 {sample.p99_ms:7.2f} ms  {cpu}  failures {sample.failures}  "
+                f"other CPUs {sample.other_cpus:.2f}"
             )
