@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install lock lock-upgrade drift lint format test run fuzz mutate soak bench bench-loop bench-tracing bench-tools image image-base image-tools image-test image-check k8s-validate clean
+.PHONY: help install lock lock-upgrade drift lint format test run fuzz mutate soak bench bench-loop bench-tracing bench-profile bench-tools image image-base image-tools image-test image-check k8s-validate clean
 .PHONY: monitoring-tools monitoring dashboard-preview redis-tools
 
 help: ## List the targets
@@ -121,6 +121,15 @@ bench-loop: $(STAMP) ## Per-Check CPU cost with a local loop (no network)
 
 bench-tracing: $(STAMP) ## Per-Check CPU with tracing off, on at 1% and at 100% sampling (in process and the server's own), ~2 min
 	$(BIN)/python -m bench.scenarios.tracing --write bench/results/latest.md
+
+# py-spy (PyPI, pinned, into this venv only: no dependency of the package) and Debian linux-perf
+# (perf) sample the running servers; bench/scenarios/profile.py leaves out the part of a
+# missing one.
+PY_SPY_VERSION ?= 0.4.3
+bench-profile: $(STAMP) bench-tools ## Where the server's CPU goes under the loads of `make bench` (py-spy, perf, context switches), ~3 min: bench/results/profile.md
+	@test -x $(BIN)/py-spy || $(BIN)/pip install --quiet py-spy==$(PY_SPY_VERSION)
+	@command -v perf >/dev/null || { apt-get update && apt-get install -y linux-perf; }
+	$(BIN)/python -m bench.scenarios.profile
 
 bench-tools: ## Install the load generators (Debian wrk, nghttp2-client) when missing
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then \

@@ -11,6 +11,7 @@ from bench import report
 from bench.harness.loadgen import LoadResult
 from bench.harness.procs import Proc
 from bench.harness.rounds import Sample, Scenario
+from bench.scenarios.profile import collapse, profile_table
 
 # scenario key -> per round (req/s, server µs, Envoy µs, p99 ms)
 ROUNDS: dict[str, list[tuple[float, float | None, float | None, float]]] = {
@@ -143,3 +144,28 @@ def test_half_load_below_the_rate_asked_for_gives_no_verdict() -> None:
     targets = _targets(report.render(run))
     assert targets["P2, p99"][5] == "inconclusive: rate not reached"
     assert "Tracing 1%" not in targets  # not measured in this run: no row pretends it was
+
+
+def test_a_profile_counts_self_and_cumulative_samples_by_module_and_function() -> None:
+    raw = [
+        "Thread.run (threading.py:982);_serve (grpc/_server.py:1200);"
+        "check (authz_server/service.py:90);_decide (authz_server/service.py:120) 6",
+        "Thread.run (threading.py:982);_serve (grpc/_server.py:1210) 3",
+        # The same function twice on one stack counts once in its cumulative samples.
+        "Thread.run (threading.py:982);check (authz_server/service.py:90);"
+        "check (authz_server/service.py:95) 1",
+        "py-spy> a line that is not a stack",
+    ]
+    profile = collapse(raw)
+    assert profile.samples == 10
+    assert profile.self_counts == {
+        "authz_server.service:_decide": 6,
+        "grpc._server:_serve": 3,
+        "authz_server.service:check": 1,
+    }
+    assert profile.cumulative["authz_server.service:check"] == 7
+    assert profile.cumulative["grpc._server:_serve"] == 9
+    table = profile_table(profile)
+    assert table[2] == "| 60.0% | 60.0% | `authz_server.service:_decide` |"
+    # The thread's entry, on every stack, is not listed as the top cumulative function.
+    assert not any("threading:Thread.run" in line for line in table)
