@@ -6,7 +6,8 @@ The same processes and loads as ``make bench`` (bench/scenarios/envoy.py): Envoy
 each scenario (direct gRPC with a cached token; Envoy → the HTTP door, cached token; Envoy →
 the gRPC door, cached token; Envoy → the gRPC door, a new token per request):
 
-1. a clean window (no profiler) for authz-server, then its floor: CPU per request
+1. a clean window (no profiler) for authz-server, then its floor (for a new token per request:
+   the cached token through the same door, what that target compares): CPU per request
    (/proc/PID/stat) and context switches per request, voluntary + involuntary, summed over the
    server's threads (/proc/PID/task/*/status);
 2. a window under py-spy (``record --gil --nonblocking``: the server is never paused; py-spy
@@ -17,8 +18,10 @@ the gRPC door, cached token; Envoy → the gRPC door, a new token per request):
 3. a window under ``perf record -e cpu-clock`` (the kernel's sampler, every thread, C and
    kernel code included): the share of each shared object (the interpreter, grpc's C core,
    OpenSSL, the kernel) and the top symbols.
+Steps 2 and 3 run on the floor too: each function's and shared object's µs per request are
+shown beside the floor's, so the difference is where the extra time goes.
 
-Writes bench/results/profile.md (``--output`` elsewhere). About 3 minutes. py-spy and perf are
+Writes bench/results/profile.md (``--output`` elsewhere). About 3-4 minutes. py-spy and perf are
 installed by ``make bench-profile`` (py-spy from PyPI into the venv, Debian ``linux-perf``);
 without one, its part is left out with the reason.
 """
@@ -65,6 +68,7 @@ class Case:
     targets: str  # the issue 24 targets this scenario stands for
     load: Load
     server: Proc
+    # What it is compared with: a floor, or the cached-token server for the new-token case.
     floor_load: Load
     floor: Proc
     floor_label: str
@@ -185,8 +189,23 @@ def collapse(lines: Iterable[str]) -> Profile:
     return Profile(total, dict(self_counts), dict(cumulative))
 
 
-def profile_table(profile: Profile) -> list[str]:
-    """The top functions by self samples and by cumulative samples, in percent of all."""
+@dataclass(frozen=True)
+class Spied:
+    """A py-spy window: the profile, and the requests answered while it sampled."""
+
+    profile: Profile
+    requests: float
+    errors: int
+
+    def us(self, count: int) -> float:
+        """`count` samples as microseconds of GIL time per request."""
+        return count / RATE * 1e6 / max(self.requests, 1)
+
+
+def profile_table(ours: Spied, floor: Spied | None, floor_label: str) -> list[str]:
+    """The top functions by self samples and by cumulative samples: percent of all samples,
+    and microseconds of GIL time per request beside the same function in `floor`."""
+    profile = ours.profile
     if not profile.samples:
         return ["(no samples: the server was never seen running Python)"]
     # The frames every stack starts with (a thread's entry) say nothing: left out.
@@ -199,17 +218,39 @@ def profile_table(profile: Profile) -> list[str]:
     def pct(count: int) -> str:
         return f"{100 * count / profile.samples:.1f}%"
 
-    lines = ["| self | cumulative | module:function (top by self) |", "|---|---|---|"]
+    def beside(counts: dict[str, int] | None, name: str) -> str:
+        if floor is None or counts is None:
+            return "-"
+        return f"{floor.us(counts.get(name, 0)):.1f}"
+
+    self_floor = floor.profile.self_counts if floor else None
+    cumulative_floor = floor.profile.cumulative if floor else None
+    lines = [
+        f"| self | cumulative | self µs/req | {floor_label}: self µs/req | "
+        "module:function (top by self) |",
+        "|---|---|---|---|---|",
+    ]
     by_self = sorted(profile.self_counts.items(), key=lambda item: -item[1])[:TOP]
     for name, count in by_self:
-        lines.append(f"| {pct(count)} | {pct(profile.cumulative[name])} | `{name}` |")
-    lines += ["", "| cumulative | self | module:function (top by cumulative) |", "|---|---|---|"]
+        lines.append(
+            f"| {pct(count)} | {pct(profile.cumulative[name])} | {ours.us(count):.1f} "
+            f"| {beside(self_floor, name)} | `{name}` |"
+        )
+    lines += [
+        "",
+        f"| cumulative | self | cumulative µs/req | {floor_label}: cumulative µs/req | "
+        "module:function (top by cumulative) |",
+        "|---|---|---|---|---|",
+    ]
     by_cumulative = sorted(
         ((name, count) for name, count in profile.cumulative.items() if name not in roots),
         key=lambda item: -item[1],
     )[:TOP]
     for name, count in by_cumulative:
-        lines.append(f"| {pct(count)} | {pct(profile.self_counts.get(name, 0))} | `{name}` |")
+        lines.append(
+            f"| {pct(count)} | {pct(profile.self_counts.get(name, 0))} | {ours.us(count):.1f} "
+            f"| {beside(cumulative_floor, name)} | `{name}` |"
+        )
     return lines
 
 
@@ -238,13 +279,28 @@ def perf_report(data: Path, sort: str) -> list[tuple[float, str]]:
     return rows
 
 
-def perf_tables(data: Path) -> list[str]:
-    dsos = [row for row in perf_report(data, "dso") if row[0] >= 0.5]
-    symbols = perf_report(data, "dso,sym")[:TOP]
-    lines = ["| share | shared object |", "|---|---|"]
-    lines += [f"| {share:.1f}% | `{name}` |" for share, name in dsos]
+def perf_tables(
+    ours: tuple[Path, float], floor: tuple[Path, float] | None, floor_label: str
+) -> list[str]:
+    """Each shared object's share of the samples and CPU µs per request (the share times the
+    CPU per request of that window), beside `floor`'s; then the top symbols."""
+    data, cpu_us = ours
+    shares = {name: share for share, name in perf_report(data, "dso")}
+    floor_shares = {name: share for share, name in perf_report(floor[0], "dso")} if floor else {}
+    floor_us = floor[1] if floor else 0.0
+    names = [name for name, share in shares.items() if share >= 0.5]
+    names += [n for n, share in floor_shares.items() if share >= 0.5 and n not in shares]
+    lines = [
+        f"| shared object | share | CPU µs/req | {floor_label}: share "
+        f"| {floor_label}: CPU µs/req |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        share, other = shares.get(name, 0.0), floor_shares.get(name, 0.0)
+        theirs = f"{other:.1f}% | {other * floor_us / 100:.1f}" if floor else "- | -"
+        lines.append(f"| `{name}` | {share:.1f}% | {share * cpu_us / 100:.1f} | {theirs} |")
     lines += ["", "| share | shared object, symbol (top) |", "|---|---|"]
-    lines += [f"| {share:.1f}% | `{name}` |" for share, name in symbols]
+    lines += [f"| {share:.1f}% | `{name}` |" for share, name in perf_report(data, "dso,sym")[:TOP]]
     return lines
 
 
@@ -319,19 +375,37 @@ def build(bench: Bench) -> list[Case]:
              envoy.wrk_load(envoys["ours"].url, auth), ours.proc,
              via_floor, floor.proc, "Envoy → gRPC floor"),
         Case("new-token", "Envoy → gRPC door, a new token per request", "New token",
-             new_tokens, fresh.proc, via_floor, floor.proc, "Envoy → gRPC floor"),
+             new_tokens, fresh.proc, envoy.wrk_load(envoys["ours"].url, auth), ours.proc,
+             "cached token"),
     ]  # fmt: skip
 
 
+def spy_window(load: Load, proc: Proc, binary: str, out: Path, scratch: Path) -> Spied:
+    """py-spy on `proc` for PROFILE_S while `load` runs."""
+    summary, result = under(
+        load, scratch, PROFILE_S, lambda: py_spy(binary, proc.pid, out, PROFILE_S)
+    )
+    found = re.search(r"Samples: (\d+) Errors: (\d+)", summary)
+    profile = collapse(out.read_text().splitlines())
+    return Spied(profile, result.rps * PROFILE_S, int(found[2]) if found else 0)
+
+
+def perf_window(load: Load, proc: Proc, out: Path, scratch: Path) -> tuple[Path, float]:
+    """perf on `proc` for PERF_S while `load` runs; the data and the CPU µs per request."""
+    cpu0 = proc.cpu_seconds()
+    _, result = under(load, scratch, PERF_S, lambda: perf_record(proc.pid, out, PERF_S))
+    return out, (proc.cpu_seconds() - cpu0) * 1e6 / max(result.requests, 1)
+
+
 def profile_case(case: Case, tmp: Path, spy: str | None, perf: bool) -> list[str]:
-    """Measure and profile one scenario; return its markdown section."""
+    """Measure and profile one scenario and what it is compared with; return its section."""
     scratch = tmp / "h2load.log"
-    case.load(scratch, 1)  # warm up (a new token's first run fills nothing it reuses)
+    case.load(scratch, 1)  # warm up
     ours = clean_window(case.load, case.server, scratch)
     floor = clean_window(case.floor_load, case.floor, scratch)
     log(
         f"{case.key}: {ours.cpu_us:.0f} µs and {ours.switches:.1f} context switches per request"
-        f" (floor {floor.cpu_us:.0f} µs, {floor.switches:.1f})"
+        f" ({case.floor_label}: {floor.cpu_us:.0f} µs, {floor.switches:.1f})"
     )
     lines = [
         f"## {case.title} (targets: {case.targets})",
@@ -345,39 +419,44 @@ def profile_case(case: Case, tmp: Path, spy: str | None, perf: bool) -> list[str
     if spy is None:
         lines += ["py-spy: not installed (`make bench-profile` installs it).", ""]
     else:
-        out = tmp / f"{case.key}.pyspy.txt"
-        cpu0 = case.server.cpu_seconds()
-        summary, result = under(
-            case.load, scratch, PROFILE_S, lambda: py_spy(spy, case.server.pid, out, PROFILE_S)
+        spied = spy_window(case.load, case.server, spy, tmp / f"{case.key}.pyspy.txt", scratch)
+        base = spy_window(
+            case.floor_load, case.floor, spy, tmp / f"{case.key}.floor.pyspy.txt", scratch
         )
-        cpu_us = (case.server.cpu_seconds() - cpu0) * 1e6 / max(result.requests, 1)
-        profile = collapse(out.read_text().splitlines())
-        found = re.search(r"Samples: (\d+) Errors: (\d+)", summary)
-        errors = f", {found[2]} sampling errors" if found else ""
-        on_cpu = profile.samples / (RATE * PROFILE_S)
-        log(f"{case.key}: py-spy {profile.samples} samples{errors}")
+        log(f"{case.key}: py-spy {spied.profile.samples} samples, {spied.errors} errors")
+
+        def held(window: Spied) -> str:
+            share = window.profile.samples / (RATE * PROFILE_S)
+            return (
+                f"{100 * share:.0f}% of the time, {window.us(window.profile.samples):.0f} µs "
+                f"per request ({window.profile.samples:,} samples, {window.errors} errors)"
+            )
+
         lines += [
-            f"py-spy, {PROFILE_S} s at {RATE} Hz: {profile.samples:,} samples of the thread "
-            f"holding the GIL{errors}: the GIL was held {100 * on_cpu:.0f}% of the time (the "
-            f"server used {cpu_us:.0f} µs per request meanwhile, at {result.rps:,.0f} req/s). "
-            "Self: the function itself was running (C code it calls with the GIL held "
-            "included); cumulative: it was on the stack (thread entry frames left out).",
+            f"py-spy, {PROFILE_S} s at {RATE} Hz, the thread holding the GIL: authz-server held "
+            f"it {held(spied)}; {case.floor_label}: {held(base)}. Self: the function itself "
+            "was running (C code it calls with the GIL held included); cumulative: it was on "
+            "the stack (thread entry frames left out). µs/req: GIL time per request (samples "
+            "lost to sampling errors are missing from it).",
             "",
-            *profile_table(profile),
+            *profile_table(spied, base, case.floor_label),
             "",
         ]
     if not perf:
         lines += ["perf: not installed (`make bench-profile` installs Debian linux-perf).", ""]
     else:
-        data = tmp / f"{case.key}.perf.data"
-        under(case.load, scratch, PERF_S, lambda: perf_record(case.server.pid, data, PERF_S))
+        ours_perf = perf_window(case.load, case.server, tmp / f"{case.key}.perf.data", scratch)
+        floor_perf = perf_window(
+            case.floor_load, case.floor, tmp / f"{case.key}.floor.perf.data", scratch
+        )
         lines += [
-            f"perf, {PERF_S} s, cpu-clock at 999 Hz, every thread of the server (C and kernel "
-            "code included; Python code runs in `libpython`'s `_PyEval_EvalFrameDefault`; "
+            f"perf, {PERF_S} s, cpu-clock at 999 Hz, every thread (C and kernel code included; "
+            "Python code runs in `libpython`'s `_PyEval_EvalFrameDefault`; "
             "`finish_task_switch` is the kernel switching threads, where samples taken while "
-            "interrupts were off land):",
+            "interrupts were off land). CPU µs/req: the share times the process's CPU per "
+            "request in that window.",
             "",
-            *perf_tables(data),
+            *perf_tables(ours_perf, floor_perf, case.floor_label),
             "",
         ]
     return lines
@@ -396,12 +475,13 @@ def render(sections: Sequence[str], wall_s: float, load: tuple[float, float]) ->
         "after. The processes and loads of `make bench` (bench/scenarios/profile.py): Envoy "
         f"`--concurrency 1` on CPU {envoy.ENVOY_CPU}, authz-server (default settings) and the "
         f"load generator on CPU {WORK_CPU}. Per scenario: a clean window of {CLEAN_S} s for "
-        "the server and one for its floor (CPU and context switches per request: voluntary + "
+        "the server and one for its floor (for a new token per request: the cached token "
+        "through the same door) (CPU and context switches per request: voluntary + "
         "involuntary, summed over the server's threads from /proc/PID/task/*/status); then "
         f"py-spy ({PROFILE_S} s, `--gil --nonblocking`: the thread holding the GIL; the "
         "server is not paused, py-spy reads its memory from its own process, whose CPU is not "
         f"the server's) and perf ({PERF_S} s, every thread, C and kernel included) while the "
-        "same load runs.",
+        "same load runs, on the server and then on what it is compared with.",
         "",
     ]
     return "\n".join([*header, *sections])

@@ -11,7 +11,7 @@ from bench import report
 from bench.harness.loadgen import LoadResult
 from bench.harness.procs import Proc
 from bench.harness.rounds import Sample, Scenario
-from bench.scenarios.profile import collapse, profile_table
+from bench.scenarios.profile import RATE, Spied, collapse, profile_table
 
 # scenario key -> per round (req/s, server µs, Envoy µs, p99 ms)
 ROUNDS: dict[str, list[tuple[float, float | None, float | None, float]]] = {
@@ -165,7 +165,16 @@ def test_a_profile_counts_self_and_cumulative_samples_by_module_and_function() -
     }
     assert profile.cumulative["authz_server.service:check"] == 7
     assert profile.cumulative["grpc._server:_serve"] == 9
-    table = profile_table(profile)
-    assert table[2] == "| 60.0% | 60.0% | `authz_server.service:_decide` |"
+    # 10 samples over 2 requests: each sample is 1/RATE s of GIL time.
+    ours = Spied(profile, requests=2, errors=0)
+    floor = Spied(collapse(["Thread.run (threading.py:982);_serve (grpc/_server.py:1) 4"]), 2, 0)
+    table = profile_table(ours, floor, "floor")
+    per_sample = 1e6 / RATE / 2
+    assert table[2] == (
+        f"| 60.0% | 60.0% | {6 * per_sample:.1f} | 0.0 | `authz_server.service:_decide` |"
+    )
+    assert table[3] == (
+        f"| 30.0% | 90.0% | {3 * per_sample:.1f} | {4 * per_sample:.1f} | `grpc._server:_serve` |"
+    )
     # The thread's entry, on every stack, is not listed as the top cumulative function.
     assert not any("threading:Thread.run" in line for line in table)
