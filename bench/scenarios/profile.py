@@ -59,6 +59,10 @@ PROFILE_S = 8  # the py-spy window
 PERF_S = 4  # the perf window
 RATE = 250  # py-spy samples per second
 TOP = 15
+# The frames a thread's stack starts with say nothing: left out of the cumulative table.
+THREAD_ENTRIES = frozenset(
+    ("threading:Thread._bootstrap", "threading:Thread._bootstrap_inner", "threading:Thread.run")
+)
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,6 @@ def profile_table(ours: Spied, floor: Spied | None, floor_label: str) -> list[st
     profile = ours.profile
     if not profile.samples:
         return ["(no samples: the server was never seen running Python)"]
-    # The frames every stack starts with (a thread's entry) say nothing: left out.
-    roots = {
-        name
-        for name, count in profile.cumulative.items()
-        if count > 0.95 * profile.samples and not profile.self_counts.get(name)
-    }
 
     def pct(count: int) -> str:
         return f"{100 * count / profile.samples:.1f}%"
@@ -243,7 +241,7 @@ def profile_table(ours: Spied, floor: Spied | None, floor_label: str) -> list[st
         "|---|---|---|---|---|",
     ]
     by_cumulative = sorted(
-        ((name, count) for name, count in profile.cumulative.items() if name not in roots),
+        ((name, count) for name, count in profile.cumulative.items() if name not in THREAD_ENTRIES),
         key=lambda item: -item[1],
     )[:TOP]
     for name, count in by_cumulative:
