@@ -48,7 +48,14 @@ from authz_server.config import load as config
 from authz_server.tools.envoy_config import output_headers
 from bench.harness import loadgen
 from bench.harness.loadgen import LoadResult
-from bench.harness.procs import Proc, Stack, context_switches, http_get, wait_until
+from bench.harness.procs import (
+    Proc,
+    Stack,
+    context_switches,
+    http_get,
+    machine_cpu,
+    wait_until,
+)
 from bench.harness.rounds import Load, log
 from bench.scenarios import envoy, reference
 from bench.scenarios.envoy import HARNESS, WORK_CPU, WRK_CONNECTIONS, Bench, Server
@@ -460,7 +467,9 @@ def profile_case(case: Case, tmp: Path, spy: str | None, perf: bool) -> list[str
     return lines
 
 
-def render(sections: Sequence[str], wall_s: float, load: tuple[float, float]) -> str:
+def render(
+    sections: Sequence[str], wall_s: float, load: tuple[float, float], other: tuple[float, float]
+) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -470,7 +479,9 @@ def render(sections: Sequence[str], wall_s: float, load: tuple[float, float]) ->
         "",
         f"`make bench-profile` on {now}, commit {commit or '?'}, {wall_s / 60:.1f} min; "
         f"{os.cpu_count()} CPUs, 1-min load average {load[0]:.2f} before and {load[1]:.2f} "
-        "after. The processes and loads of `make bench` (bench/scenarios/profile.py): Envoy "
+        f"after; meanwhile processes this run did not start used {other[0]:.2f} CPUs on "
+        f"average and the hypervisor took {other[1]:.2f} as steal (/proc/stat). The "
+        "processes and loads of `make bench` (bench/scenarios/profile.py): Envoy "
         f"`--concurrency 1` on CPU {envoy.ENVOY_CPU}, authz-server (default settings) and the "
         f"load generator on CPU {WORK_CPU}. Per scenario: a clean window of {CLEAN_S} s for "
         "the server and one for its floor (for a new token per request: the cached token "
@@ -491,13 +502,15 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     spy, perf = py_spy_binary(), shutil.which("perf") is not None
-    started, load_before = time.monotonic(), os.getloadavg()[0]
+    started, load_before, machine0 = time.monotonic(), os.getloadavg()[0], machine_cpu()
     sections: list[str] = []
     with tempfile.TemporaryDirectory(prefix="authz-profile-") as tmp_dir, Stack() as stack:
         tmp = Path(tmp_dir)
         for case in build(Bench(stack, tmp)):
             sections += profile_case(case, tmp, spy, perf)
-    text = render(sections, time.monotonic() - started, (load_before, os.getloadavg()[0]))
+    wall_s = time.monotonic() - started
+    other = machine_cpu().other_cpus(machine0, wall_s)
+    text = render(sections, wall_s, (load_before, os.getloadavg()[0]), other)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(text)
