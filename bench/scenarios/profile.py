@@ -459,7 +459,9 @@ def profile_case(case: Case, tmp: Path, spy: str | None, perf: bool) -> list[str
             "Python code runs in `libpython`'s `_PyEval_EvalFrameDefault`; "
             "`finish_task_switch` is the kernel switching threads, where samples taken while "
             "interrupts were off land). CPU µs/req: the share times the process's CPU per "
-            "request in that window.",
+            f"request in that window ({ours_perf[1]:.0f} µs; {case.floor_label}: "
+            f"{floor_perf[1]:.0f} µs): perf's sampling adds CPU of its own, in the kernel "
+            "share mostly, so compare with the other column, measured alike.",
             "",
             *perf_tables(ours_perf, floor_perf, case.floor_label),
             "",
