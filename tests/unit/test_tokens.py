@@ -82,6 +82,16 @@ def test_key_declaring_rs256_does_not_verify_ps256(
     )
 
 
+def test_an_es256_token_naming_a_p384_key_is_refused(verifier: TokenVerifier, clock: Clock) -> None:
+    # Both algorithms allowed, one kid: the key's curve decides, never the token's header.
+    p384 = devkeys.generate_key("EC-P384", kid="ec")
+    p256 = devkeys.generate_key("EC-P256", kid="ec")
+    provider = runtime(p384, algorithms=["ES256", "ES384"])
+    token = p256.sign(claims_for(clock.now))
+    assert reason_of(lambda: verifier.verify(token, [provider])) == errors.UNSUPPORTED_ALGORITHM
+    assert verifier.verify(p384.sign(claims_for(clock.now)), [provider]).subject == "alice"
+
+
 def test_algorithm_outside_the_providers_allow_list_is_refused(
     verifier: TokenVerifier, rsa_key: SigningKey, make_token: Callable[..., str]
 ) -> None:
