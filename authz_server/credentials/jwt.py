@@ -344,7 +344,7 @@ class TokenVerifier:
 
     def _keys_for(
         self, provider: ProviderRuntime, kid: str | None, alg: str, wait: WaitMode
-    ) -> list[VerificationKey]:
+    ) -> Sequence[VerificationKey]:
         cache = provider.keys
         if cache.keyset is None:
             # Maybe the IdP is back: one refresh per minRefreshInterval, shared.
@@ -377,7 +377,10 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _malformed("'kid' must be a string")
-        keys = self._keys_for(provider, kid, alg, wait)
+        keyset = provider.keys.keyset
+        known = keyset.by_kid.get(kid) if keyset is not None and kid is not None else None
+        # The usual token names a key we hold: that key alone (what ``_keys_for`` answers).
+        keys = (known,) if known is not None else self._keys_for(provider, kid, alg, wait)
         try:
             signature = _b64decode(segments[2])
         except (ValueError, binascii.Error):
