@@ -10,12 +10,10 @@ bytes, so grpcio serializes nothing per Check.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -133,49 +131,53 @@ def _metadata_field(metadata: Mapping[str, Any]) -> bytes:
 
 
 class Renderer:
-    """Decision → CheckResponse. Denials are memoized (few and bounded); allows are kept in an
-    LRU keyed by their headers and metadata, since a caller repeating a token gets the same
-    answer (building one costs ~10 us: the Struct and the header messages)."""
+    """Decision → CheckResponse. Denials are memoized (few and bounded); allows are kept by
+    their headers and metadata, since a caller repeating a token gets the same answer
+    (building one costs ~10 us: the Struct and the header messages)."""
 
     def __init__(self, allow_entries: int = 4096) -> None:
         # NOTE: only the serialized answers are kept: a message with its Struct costs ~4 KB
         # of memory, its bytes a few hundred.
         self._denials: dict[_DenialKey, bytes] = {}
-        self._allows: LRUCache[_AllowKey, tuple[object, bytes]] = LRUCache(allow_entries)
+        # Plain dicts emptied when full, as the engine's and the HTTP door's answers are: the
+        # busy callers come back at once. An LRU's bookkeeping (a lock, a reordering) would
+        # cost every new token its share and saves only a re-render after a clear. Each
+        # operation is one dict call, atomic under the GIL: no lock.
+        self._allow_entries = max(1, allow_entries)
+        self._allows: dict[_AllowKey, tuple[object, bytes]] = {}
         # The allow without its metadata, by the headers and parameters it names (the bytes
         # are a function of the key alone): a caller's new token differs from their last one in
         # its metadata only, so only the Struct is built for it (~5 us less per new token).
-        self._bare_allows: LRUCache[_BareAllowKey, bytes] = LRUCache(allow_entries)
-        self._lock = threading.Lock()
+        self._bare_allows: dict[_BareAllowKey, bytes] = {}
 
     def _without_metadata(self, key: _BareAllowKey, decision: Decision) -> bytes:
         """The serialized allow for ``decision`` without its dynamic metadata."""
-        with self._lock:
-            rendered = self._bare_allows.get(key)
+        rendered = self._bare_allows.get(key)
         if rendered is None:
             rendered = _render_allow_headers(decision).SerializeToString()
-            with self._lock:
-                self._bare_allows[key] = rendered
+            if len(self._bare_allows) >= self._allow_entries:
+                self._bare_allows.clear()
+            self._bare_allows[key] = rendered
         return rendered
 
     def _allow(self, decision: Decision) -> bytes:
         metadata = decision.metadata
-        key = (
+        bare_key = (
             decision.headers_to_set,
             decision.headers_to_remove,
             decision.query_params_to_remove,
-            id(metadata),
         )
-        with self._lock:
-            cached = self._allows.get(key)
+        key = (*bare_key, id(metadata))
+        cached = self._allows.get(key)
         # NOTE: the entry holds the metadata itself, so an id reused after GC never matches.
         if cached is not None and cached[0] is metadata:
             return cached[1]
-        rendered = self._without_metadata(key[:3], decision)
+        rendered = self._without_metadata(bare_key, decision)
         if metadata:
             rendered += _metadata_field(metadata)
-        with self._lock:
-            self._allows[key] = (metadata, rendered)
+        if len(self._allows) >= self._allow_entries:
+            self._allows.clear()
+        self._allows[key] = (metadata, rendered)
         return rendered
 
     def wire(self, decision: Decision) -> bytes:

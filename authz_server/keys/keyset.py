@@ -1,7 +1,8 @@
 """JSON Web Key Sets: parsing into ready-to-use verification keys, and keeping them fresh.
 
 ``KeySet.from_jwks`` turns a JWKS document into ``VerificationKey`` objects, each holding one
-prebuilt verify function per algorithm its key can serve, so that a Check never parses a key.
+prebuilt verify function per algorithm its key can serve, so that a Check never parses a key:
+each is ``cryptography``'s verify on a public key object built once, with its padding and hash.
 Keys that cannot be used safely are skipped with a log line. ``JWKSCache`` owns one provider's
 current ``KeySet`` and replaces it atomically when a refresh succeeds; a failed refresh keeps
 the last good keys.
@@ -22,8 +23,8 @@ from typing import Any, ClassVar, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, padding, rsa
-from jose import jwk as jose_jwk
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 log = logging.getLogger("authz_server.jwks")
 
@@ -31,11 +32,13 @@ VerifyFn = Callable[[bytes, bytes], bool]
 
 MIN_RSA_BITS = 2048
 _EC_CURVE_ALG = {"P-256": "ES256", "P-384": "ES384"}
+_EC_CURVES: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}
 _RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_PSS_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "PS256": hashes.SHA256,
-    "PS384": hashes.SHA384,
-    "PS512": hashes.SHA512,
+# The hash of each algorithm (RFC 7518 3.1): the last three digits name it.
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
 }
 
 
@@ -56,21 +59,43 @@ def _b64url_bytes(value: object, name: str) -> bytes:
         raise UnusableKeyError(f"{name!r} is not base64url") from None
 
 
-def _jose_verifier(jwk: Mapping[str, Any], alg: str) -> VerifyFn:
-    key = jose_jwk.construct(dict(jwk), alg)
+def _pkcs1_verifier(public_key: rsa.RSAPublicKey, alg: str) -> VerifyFn:
+    """RS256/384/512: RSASSA-PKCS1-v1_5 (RFC 7518 3.3)."""
+    pad = padding.PKCS1v15()
+    digest = _HASHES[alg[2:]]()
 
     def verify(message: bytes, signature: bytes) -> bool:
         try:
-            return bool(key.verify(message, signature))
-        except Exception:  # a malformed signature is just a failed verification
+            public_key.verify(signature, message, pad, digest)
+        except (InvalidSignature, ValueError):
             return False
+        return True
+
+    return verify
+
+
+def _ecdsa_verifier(public_key: ec.EllipticCurvePublicKey, alg: str) -> VerifyFn:
+    """ES256/384: a JWS carries R || S, each exactly the curve's size in bytes (RFC 7518
+    3.4); anything else (a DER signature, a short or padded one) does not verify."""
+    size = (public_key.curve.key_size + 7) // 8
+    algorithm = ec.ECDSA(_HASHES[alg[2:]]())
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        if len(signature) != 2 * size:
+            return False
+        r = int.from_bytes(signature[:size], "big")
+        s = int.from_bytes(signature[size:], "big")
+        try:
+            public_key.verify(encode_dss_signature(r, s), message, algorithm)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     return verify
 
 
 def _pss_verifier(public_key: rsa.RSAPublicKey, alg: str) -> VerifyFn:
-    hash_cls = _PSS_HASHES[alg]
-    digest = hash_cls()
+    digest = _HASHES[alg[2:]]()
     pad = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
 
     def verify(message: bytes, signature: bytes) -> bool:
@@ -131,21 +156,21 @@ def build_key(jwk: Mapping[str, Any], allowed_algs: frozenset[str]) -> Verificat
             if alg.startswith("PS"):
                 verifiers[alg] = _pss_verifier(public, alg)
             else:
-                verifiers[alg] = _jose_verifier({"kty": "RSA", "n": jwk["n"], "e": jwk["e"]}, alg)
+                verifiers[alg] = _pkcs1_verifier(public, alg)
     elif kty == "EC":
         crv = jwk.get("crv")
         ec_alg = _EC_CURVE_ALG.get(crv) if isinstance(crv, str) else None
         if ec_alg is None:
             raise UnusableKeyError(f"unsupported EC curve {crv!r}")
         fitting = (ec_alg,)
-        _b64url_bytes(jwk.get("x"), "x")
-        _b64url_bytes(jwk.get("y"), "y")
+        x, y = _b64url_int(jwk.get("x"), "x"), _b64url_int(jwk.get("y"), "y")
+        try:
+            # NOTE: refuses a point that is not on the curve (an invalid-curve attack's key).
+            ec_public = ec.EllipticCurvePublicNumbers(x, y, _EC_CURVES[str(crv)]).public_key()
+        except ValueError as exc:
+            raise UnusableKeyError(f"invalid EC key: {exc}") from None
         if ec_alg in allowed_algs:
-            ec_jwk = {"kty": "EC", "crv": crv, "x": jwk["x"], "y": jwk["y"]}
-            try:
-                verifiers[ec_alg] = _jose_verifier(ec_jwk, ec_alg)
-            except Exception as exc:
-                raise UnusableKeyError(f"invalid EC key: {exc}") from None
+            verifiers[ec_alg] = _ecdsa_verifier(ec_public, ec_alg)
     elif kty == "OKP":
         crv = jwk.get("crv")
         raw = _b64url_bytes(jwk.get("x"), "x")

@@ -85,6 +85,47 @@ def test_unsupported_curve_and_duplicate_kid_are_skipped(ec_key: SigningKey) -> 
     assert any("duplicate kid" in s for s in keyset.skipped)
 
 
+def test_an_ec_key_whose_point_is_off_its_curve_is_skipped(ec_key: SigningKey) -> None:
+    # An invalid-curve attack's key: verifying with it could leak nothing here (public keys
+    # only), but a key that is not a point of its curve is no key at all.
+    jwk = ec_key.public_jwk()
+    y = int.from_bytes(devkeys.b64url_decode(jwk["y"]), "big")
+    jwk["y"] = devkeys.b64url_encode(((y + 1) % 2**256).to_bytes(32, "big"))
+    for allowed in (ALL, frozenset({"RS256"})):
+        keyset = KeySet.from_jwks({"keys": [jwk]}, allowed)
+        assert keyset.keys == () and "invalid EC key" in keyset.skipped[0]
+
+
+def _message_and_signature(key: SigningKey, alg: str) -> tuple[bytes, bytes]:
+    head, _, signature = key.sign({"sub": "alice"}, alg=alg).rpartition(".")
+    return head.encode(), devkeys.b64url_decode(signature)
+
+
+@pytest.mark.parametrize(("kind", "alg"), [("EC-P256", "ES256"), ("EC-P384", "ES384")])
+def test_an_ecdsa_signature_verifies_only_as_r_and_s_of_the_curves_size(
+    kind: str, alg: str
+) -> None:
+    key = devkeys.generate_key(kind, kid="ec")
+    verify = KeySet.from_jwks(devkeys.jwks(key), ALL).by_kid["ec"].verifiers[alg]
+    message, signature = _message_and_signature(key, alg)
+    assert verify(message, signature)
+    size = len(signature) // 2
+    r, s = signature[:size], signature[size:]
+    wider = b"\x00" + r + b"\x00" + s  # the same integers, each one byte longer
+    assert not verify(message, wider)
+    assert not verify(message, signature[:-1])
+    assert not verify(message + b"x", signature)
+
+
+def test_an_rsa_signature_with_a_leading_zero_byte_does_not_verify(rsa_key: SigningKey) -> None:
+    # The same integer, one byte longer: RFC 8017 8.2.2 wants exactly the modulus' length.
+    verify = KeySet.from_jwks(devkeys.jwks(rsa_key), ALL).by_kid["rsa-1"].verifiers["RS256"]
+    message, signature = _message_and_signature(rsa_key, "RS256")
+    assert verify(message, signature)
+    assert not verify(message, b"\x00" + signature)
+    assert not verify(message, signature[1:])
+
+
 @pytest.mark.parametrize("document", [[], {"keys": "nope"}, {"no": "keys"}])
 def test_a_document_that_is_not_a_jwks_is_refused(document: object) -> None:
     with pytest.raises(ValueError, match="not a JWKS"):

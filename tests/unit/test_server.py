@@ -277,6 +277,32 @@ def test_a_new_token_of_a_known_caller_is_answered_with_its_own_metadata() -> No
     assert sent.dynamic_metadata.fields["claims"].struct_value.fields["jti"].string_value == "two"
 
 
+def test_a_full_renderer_starts_over_and_still_answers_each_caller_with_its_own() -> None:
+    from authz_server.doors.grpc import Renderer
+    from authz_server.responses import allow
+
+    renderer = Renderer(allow_entries=4)
+    callers = [{"principal": f"iss/u{n}", "claims": {"sub": f"u{n}"}} for n in range(10)]
+
+    def principal(metadata: dict[str, object], user: str) -> str:
+        decision = allow(
+            headers_to_set=(("x-user", user),),
+            headers_to_remove=("authorization",),
+            metadata=metadata,
+            provider="p",
+            principal=str(metadata["principal"]),
+            policy=None,
+        )
+        sent = external_auth_pb2.CheckResponse.FromString(renderer.wire(decision))
+        assert sent.ok_response.headers[0].header.value == user
+        return str(sent.dynamic_metadata.fields["principal"].string_value)
+
+    for _ in range(2):
+        for n, metadata in enumerate(callers):
+            assert principal(metadata, f"u{n % 3}") == f"iss/u{n}"
+    assert len(renderer._allows) <= 4 and len(renderer._bare_allows) <= 4
+
+
 def test_readyz_says_when_the_replay_cache_cannot_answer_and_stays_ready(
     tmp_path: Path, rsa_key: SigningKey
 ) -> None:

@@ -82,6 +82,16 @@ def test_key_declaring_rs256_does_not_verify_ps256(
     )
 
 
+def test_an_es256_token_naming_a_p384_key_is_refused(verifier: TokenVerifier, clock: Clock) -> None:
+    # Both algorithms allowed, one kid: the key's curve decides, never the token's header.
+    p384 = devkeys.generate_key("EC-P384", kid="ec")
+    p256 = devkeys.generate_key("EC-P256", kid="ec")
+    provider = runtime(p384, algorithms=["ES256", "ES384"])
+    token = p256.sign(claims_for(clock.now))
+    assert reason_of(lambda: verifier.verify(token, [provider])) == errors.UNSUPPORTED_ALGORITHM
+    assert verifier.verify(p384.sign(claims_for(clock.now)), [provider]).subject == "alice"
+
+
 def test_algorithm_outside_the_providers_allow_list_is_refused(
     verifier: TokenVerifier, rsa_key: SigningKey, make_token: Callable[..., str]
 ) -> None:
@@ -343,3 +353,30 @@ def test_a_signature_with_non_zero_padding_bits_is_malformed(
         assert reason_of(lambda t=spelling: verifier.verify(t, [runtime(rsa_key)])) == (
             errors.MALFORMED_TOKEN
         )
+
+
+def test_a_header_seen_before_is_still_judged_by_each_provider(
+    verifier: TokenVerifier, rsa_key: SigningKey, clock: Clock
+) -> None:
+    # Headers are decoded once per distinct text; what the header says is checked every time.
+    rs_only, es_only = runtime(rsa_key), runtime(rsa_key, algorithms=["ES256"])
+    token = rsa_key.sign(claims_for(clock.now))
+    assert verifier.verify(token, [rs_only]).subject == "alice"
+    same_header = rsa_key.sign(claims_for(clock.now, sub="bob"))
+    assert same_header.split(".")[0] == token.split(".")[0]
+    assert reason_of(lambda: verifier.verify(same_header, [es_only])) == (
+        errors.UNSUPPORTED_ALGORITHM
+    )
+    assert verifier.verify(same_header, [rs_only]).subject == "bob"
+
+
+def test_many_distinct_headers_neither_grow_memory_nor_change_verdicts(
+    verifier: TokenVerifier, rsa_key: SigningKey, clock: Clock
+) -> None:
+    provider = runtime(rsa_key)
+    for n in range(600):
+        token = rsa_key.sign(claims_for(clock.now), headers={"n": n})
+        assert verifier.verify(token, [provider]).subject == "alice"
+    forged = rsa_key.sign(claims_for(clock.now), headers={"n": 0}).rpartition(".")[0] + ".c2ln"
+    assert reason_of(lambda: verifier.verify(forged, [provider])) == errors.INVALID_SIGNATURE
+    assert len(verifier._headers) <= 256
