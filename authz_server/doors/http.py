@@ -505,14 +505,7 @@ def to_attributes(
             door="http",
             unknown=connection.unknown,
         )
-    return RequestAttributes(
-        method=method,
-        host=host,
-        path=path or "/",
-        headers=headers,
-        door="http",
-        unknown=HTTP_UNKNOWN,
-    )
+    return RequestAttributes.of_http(method, host, path or "/", headers, HTTP_UNKNOWN)
 
 
 def _bind_address(listen: str) -> tuple[str, int]:
