@@ -404,49 +404,53 @@ class _Connection(asyncio.Protocol):
             path = path[len(prefix) :]
             if not path.startswith("/"):
                 path = "/" + path
-        self.pending.append(
-            (
-                to_attributes(
-                    parser.get_method().decode("ascii"),
-                    path,
-                    self.headers,
-                    attribute_headers=self.door.attribute_headers,
-                ),
-                parser.should_keep_alive(),
-            )
+        attrs = to_attributes(
+            parser.get_method().decode("ascii"),
+            path,
+            self.headers,
+            attribute_headers=self.door.attribute_headers,
         )
+        keep_alive = parser.should_keep_alive()
         self._reset()
         self.completed += 1
         self.started = 0.0
+        if self.pending or self.busy or self.write_paused or parser.should_upgrade():
+            # Answers go in order, and an Upgrade request's answer closes the connection
+            # (_parse learns it after this): it waits its turn.
+            self.pending.append((attrs, keep_alive))
+        else:
+            self._answer(attrs, keep_alive)  # nothing waits: answered at once
 
     # ------------------------------------------------------------------------ answers
 
     def _answer_pending(self) -> None:
-        door = self.door
         while self.pending and not self.busy and not self.write_paused:
             item = self.pending.popleft()
             if isinstance(item, bytes):  # a protocol error: answer it and close
                 self._send(item, keep_alive=False)
                 return
-            attrs, keep_alive = item
-            head = attrs.method == "HEAD"
-            try:
-                decision = door.service.check(attrs, wait="defer")
-            except WouldWait:
-                if door.waiting >= door.waiting_threads:
-                    decision = door.service.check(attrs, wait="no")
-                    if not self._send(door.renderer.wire(decision, head=head), keep_alive):
-                        return
-                    continue
+            if not self._answer(*item):
+                return
+
+    def _answer(self, attrs: RequestAttributes, keep_alive: bool) -> bool:
+        """Decide ``attrs`` and send the answer, or hand it to the waiting pool (the
+        connection is busy until it is decided). Returns whether the next request may be
+        answered now (not busy, not closed)."""
+        door = self.door
+        head = attrs.method == "HEAD"
+        try:
+            decision = door.service.check(attrs, wait="defer")
+        except WouldWait:
+            if door.waiting < door.waiting_threads:
                 self.busy = True
                 self._update_reading()
                 future = door.decide_waiting(attrs)
                 future.add_done_callback(
                     functools.partial(self._waited, keep_alive=keep_alive, head=head)
                 )
-                return
-            if not self._send(door.renderer.wire(decision, head=head), keep_alive):
-                return
+                return False
+            decision = door.service.check(attrs, wait="no")
+        return self._send(door.renderer.wire(decision, head=head), keep_alive)
 
     def _waited(self, future: asyncio.Future[Decision], keep_alive: bool, head: bool) -> None:
         self.busy = False

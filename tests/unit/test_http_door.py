@@ -232,6 +232,24 @@ def test_connection_close_is_honoured(server: AuthzServer, token: str) -> None:
         client.close()
 
 
+def test_an_upgrade_request_is_answered_then_the_connection_closes(
+    server: AuthzServer, token: str
+) -> None:
+    """Nothing after an Upgrade request's head is HTTP/1.1 the door could read: its answer
+    closes the connection, and a request pipelined behind it is never answered; a request
+    answered before it on the same connection is not held back."""
+    client = Client(server.http_authz_port)
+    try:
+        upgrade = request("/orders", token, "Connection: Upgrade", "Upgrade: websocket")
+        client.send(request("/admin/x", token) + upgrade + request("/orders", token))
+        assert client.response()[0] == 403
+        status, headers, _ = client.response()
+        assert (status, headers["connection"]) == (200, "close")
+        assert client.closed_by_server()
+    finally:
+        client.close()
+
+
 def test_a_path_prefix_is_removed_and_a_request_without_it_is_refused(
     tmp_path: Path, rsa_key: SigningKey, token: str
 ) -> None:
