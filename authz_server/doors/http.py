@@ -436,6 +436,9 @@ class _Connection(asyncio.Protocol):
         """Decide ``attrs`` and send the answer, or hand it to the waiting pool (the
         connection is busy until it is decided). Returns whether the next request may be
         answered now (not busy, not closed)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # nothing can be answered: not decided (nor counted, nor logged)
         door = self.door
         head = attrs.method == "HEAD"
         try:
