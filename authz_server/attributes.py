@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
@@ -147,6 +148,19 @@ class RequestAttributes:
     trace_carrier: Sequence[tuple[str, str]] | None = None
     # The span of a Check that raised WouldWait, resumed when the door decides it again.
     trace_span: Any = None
+    # What ``__init__`` sets when not told otherwise, also as class defaults: ``of_http``
+    # sets only what the HTTP door knows (a store per field costs its Check).
+    source_ip: str = ""
+    source_port: int = 0
+    peer_principal: str = ""
+    destination_ip: str = ""
+    destination_port: int = 0
+    destination_principal: str = ""
+    sni: str = ""
+    context_extensions: Mapping[str, str] = MappingProxyType({})
+    trusted_proxy_hops: int = 0
+    scheme: str = ""
+    client_certificate: str = ""
 
     def __init__(
         self,
@@ -190,6 +204,21 @@ class RequestAttributes:
         # DPoP proof's htu and a certificate-bound token are checked against.
         self.scheme = scheme
         self.client_certificate = client_certificate
+
+    @classmethod
+    def of_http(
+        cls, method: str, host: str, path: str, headers: Mapping[str, str], unknown: frozenset[str]
+    ) -> RequestAttributes:
+        """A request as the HTTP door reads it: what ``__init__`` makes of these arguments
+        with ``door="http"``, every other field at its default."""
+        request = object.__new__(cls)
+        request.method = method
+        request.host = host
+        request.path = path
+        request.headers = headers
+        request.door = "http"
+        request.unknown = unknown
+        return request
 
     @_computed_once
     def normalized_path(self) -> str:

@@ -76,6 +76,8 @@ _SWEEP_INTERVAL = 1.0
 _MAX_PIPELINED = 64
 # What is parsed at a time: how far past _MAX_PIPELINED the requests waiting can go.
 _PARSE_SLICE = 4096
+# Header names as sent -> as read (lower case), kept per door: Envoy sends the same few.
+_NAMES_KEPT = 256
 
 
 def _status_line(status: int) -> bytes:
@@ -136,9 +138,21 @@ class HttpRenderer:
         self._denials: dict[tuple[Any, ...], bytes] = {}
         self._allows: dict[tuple[Any, ...], bytes] = {}
         self._allow_entries = allow_entries
+        # The last decision answered (not to a HEAD) and its answer: a caller repeating its
+        # request gets the same Decision object back, found here without hashing its headers.
+        self._last: tuple[Decision | None, bytes] = (None, b"")
 
     def wire(self, decision: Decision, *, head: bool = False) -> bytes:
         """The answer to send; ``head``: the request was a HEAD (a denial goes without body)."""
+        last = self._last
+        if last[0] is decision and not head:
+            return last[1]
+        answer = self._render(decision, head)
+        if not head:
+            self._last = (decision, answer)
+        return answer
+
+    def _render(self, decision: Decision, head: bool) -> bytes:
         if decision.allowed:
             key: tuple[Any, ...] = (decision.headers_to_set, decision.headers_to_remove)
             answer = self._allows.get(key)
@@ -172,6 +186,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, door: HttpDoor) -> None:
         self.door = door
         self.limits = door.spec
+        self.now = door.loop_time  # the loop's clock
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[_Pending] = deque()
@@ -185,7 +200,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         # Loop time the request being received began (0: between requests); a new
         # connection must send its first request within requestTimeout too.
-        self.started = door.loop_time()
+        self.started = self.now()
         self.last_active = self.started
         self.completed = 0  # requests completed in the slice being parsed
         # Received, not parsed yet (from offset on): parsing waits while answers do.
@@ -217,7 +232,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_at = self.door.loop_time()
+        self.write_paused_at = self.now()
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -226,9 +241,21 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.started == 0.0:
-            self.started = self.door.loop_time()
+            self.started = self.now()
         if self.offset < len(self.unparsed):  # bytes still held: these come after them
             self.unparsed = self.unparsed[self.offset :] + data
+        elif (
+            len(data) <= _PARSE_SLICE
+            and not self.pending
+            and not (self.busy or self.write_paused or self.rejected)
+        ):
+            # The usual read (a request or a few, nothing waiting): what _work does with one
+            # slice, without slicing (and nothing is held back, so there is nothing to reset).
+            self._parse(data)
+            self._answer_pending()
+            if not self.reading or self.pending or self.busy or self.write_paused or self.rejected:
+                self._update_reading()
+            return
         else:
             self.unparsed = data
         self.offset = 0
@@ -275,7 +302,9 @@ class _Connection(asyncio.Protocol):
             else:
                 self._reject(_Rejected(400, "malformed request"))
         else:
-            if self.in_head:
+            # NOTE: a request just ended and nothing of the next one was handed over: its
+            # head has 0 bytes so far (_reset), nothing to count.
+            if self.in_head and (not self.completed or self.url or self.raw_headers):
                 self._count_head_bytes(len(data))
 
     def _count_head_bytes(self, received: int) -> None:
@@ -318,7 +347,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.started == 0.0:
-            self.started = self.door.loop_time()
+            self.started = self.now()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -339,13 +368,20 @@ class _Connection(asyncio.Protocol):
             raise _Rejected(431, "too many headers")
         size = 0
         headers = self.headers
+        names = self.door.header_names
         for name, value in raw:
             size += len(name) + len(value)
-            key = name.decode("latin-1").lower()
-            text = value.decode("utf-8", "replace")
+            key = names.get(name)
+            if key is None:
+                key = name.decode("latin-1").lower()
+                if len(names) < _NAMES_KEPT:
+                    names[name] = key
             if key in headers:
-                text = f"{headers[key]}{'; ' if key == 'cookie' else ','}{text}"
-            headers[key] = text
+                # Repeated: joined as Envoy joins it (cookies with "; ", the others with ",").
+                separator = "; " if key == "cookie" else ","
+                headers[key] = f"{headers[key]}{separator}{value.decode('utf-8', 'replace')}"
+            else:
+                headers[key] = value.decode("utf-8", "replace")
         if size + 4 * len(raw) > limits.max_header_bytes:
             raise _Rejected(431, "headers too large")
 
@@ -368,49 +404,56 @@ class _Connection(asyncio.Protocol):
             path = path[len(prefix) :]
             if not path.startswith("/"):
                 path = "/" + path
-        self.pending.append(
-            (
-                to_attributes(
-                    parser.get_method().decode("ascii"),
-                    path,
-                    self.headers,
-                    attribute_headers=self.door.attribute_headers,
-                ),
-                parser.should_keep_alive(),
-            )
+        attrs = to_attributes(
+            parser.get_method().decode("ascii"),
+            path,
+            self.headers,
+            attribute_headers=self.door.attribute_headers,
         )
+        keep_alive = parser.should_keep_alive()
         self._reset()
         self.completed += 1
         self.started = 0.0
+        if self.pending or self.busy or self.write_paused or parser.should_upgrade():
+            # Answers go in order, and an Upgrade request's answer closes the connection
+            # (_parse learns it after this): it waits its turn.
+            self.pending.append((attrs, keep_alive))
+        else:
+            self._answer(attrs, keep_alive)  # nothing waits: answered at once
 
     # ------------------------------------------------------------------------ answers
 
     def _answer_pending(self) -> None:
-        door = self.door
         while self.pending and not self.busy and not self.write_paused:
             item = self.pending.popleft()
             if isinstance(item, bytes):  # a protocol error: answer it and close
                 self._send(item, keep_alive=False)
                 return
-            attrs, keep_alive = item
-            head = attrs.method == "HEAD"
-            try:
-                decision = door.service.check(attrs, wait="defer")
-            except WouldWait:
-                if door.waiting >= door.waiting_threads:
-                    decision = door.service.check(attrs, wait="no")
-                    if not self._send(door.renderer.wire(decision, head=head), keep_alive):
-                        return
-                    continue
+            if not self._answer(*item):
+                return
+
+    def _answer(self, attrs: RequestAttributes, keep_alive: bool) -> bool:
+        """Decide ``attrs`` and send the answer, or hand it to the waiting pool (the
+        connection is busy until it is decided). Returns whether the next request may be
+        answered now (not busy, not closed)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # nothing can be answered: not decided (nor counted, nor logged)
+        door = self.door
+        head = attrs.method == "HEAD"
+        try:
+            decision = door.service.check(attrs, wait="defer")
+        except WouldWait:
+            if door.waiting < door.waiting_threads:
                 self.busy = True
                 self._update_reading()
                 future = door.decide_waiting(attrs)
                 future.add_done_callback(
                     functools.partial(self._waited, keep_alive=keep_alive, head=head)
                 )
-                return
-            if not self._send(door.renderer.wire(decision, head=head), keep_alive):
-                return
+                return False
+            decision = door.service.check(attrs, wait="no")
+        return self._send(door.renderer.wire(decision, head=head), keep_alive)
 
     def _waited(self, future: asyncio.Future[Decision], keep_alive: bool, head: bool) -> None:
         self.busy = False
@@ -431,7 +474,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        self.last_active = self.door.loop_time()
+        self.last_active = self.now()
         if keep_alive and not self.door.draining:
             transport.write(answer)
             return True
@@ -469,14 +512,7 @@ def to_attributes(
             door="http",
             unknown=connection.unknown,
         )
-    return RequestAttributes(
-        method=method,
-        host=host,
-        path=path or "/",
-        headers=headers,
-        door="http",
-        unknown=HTTP_UNKNOWN,
-    )
+    return RequestAttributes.of_http(method, host, path or "/", headers, HTTP_UNKNOWN)
 
 
 def _bind_address(listen: str) -> tuple[str, int]:
@@ -514,6 +550,7 @@ class HttpDoor:
         self.attribute_headers = spec.attribute_headers
         self.reuse_port = reuse_port
         self.renderer = HttpRenderer()
+        self.header_names: dict[bytes, str] = {}
         self.connections: set[_Connection] = set()
         self.port = 0
         self.draining = False
@@ -526,6 +563,7 @@ class HttpDoor:
         self._stopped = threading.Event()
 
     def loop_time(self) -> float:
+        """The loop's clock (the loop's own ``time`` once started: see ``start``)."""
         assert self._loop is not None
         return self._loop.time()
 
@@ -547,6 +585,8 @@ class HttpDoor:
         host, port = _bind_address(self.listen)
         loop = uvloop.new_event_loop()
         self._loop = loop
+        # NOTE: read on every request: the loop's C method, not this class' (same clock).
+        self.loop_time = loop.time  # type: ignore[method-assign]
         try:
             self._server = loop.run_until_complete(self._bind(host, port))
         except BaseException:

@@ -6,6 +6,10 @@ bound once per label combination and kept (``.labels()`` costs microseconds; a d
 does not). State that other objects already count (token cache, key sets, reloads) is read
 at scrape time by a collector, so it costs the hot path nothing.
 
+Checks are counted in batches: ``record`` adds to its thread's own tally (plain ints, no lock),
+and every scrape (and every read of the registry) first adds what each tally grew by into the
+Prometheus collectors, so ``/metrics`` is exact at the moment it is read.
+
 Multi-process (``--workers``): with ``multiprocess_mode=True`` (and ``PROMETHEUS_MULTIPROC_DIR``
 set before prometheus-client is imported) every worker writes its samples to that directory and
 the supervisor's ``/metrics`` aggregates them. A scrape reaches the supervisor, not the workers,
@@ -21,6 +25,7 @@ import os
 import resource
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -217,6 +222,38 @@ class _TracingCollector(Collector):
         yield family
 
 
+class _Tally:
+    """One thread's Checks so far: a count per label set, and per (decision, door) the count
+    of each duration bucket (+Inf last) followed by the sum of durations. Only its thread
+    writes it, so an increment needs no lock; a scrape reads it (copying a dict or a list is
+    atomic under the GIL) and adds what grew since the scrape before (``flushed``)."""
+
+    __slots__ = ("counts", "durations", "flushed_counts", "flushed_durations", "thread")
+
+    def __init__(self) -> None:
+        self.thread = threading.current_thread()
+        self.counts: dict[tuple[str, str, str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        # What the scrapes have added to the collectors so far (read and written by them only).
+        self.flushed_counts: dict[tuple[str, str, str, str, str], int] = {}
+        self.flushed_durations: dict[tuple[str, str], list[float]] = {}
+
+
+class _FlushTallies(Collector):
+    """Registered before the Check collectors: collecting it adds the tallies into them, so
+    every scrape sees every Check recorded before it began. Yields nothing itself."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        self._flush()
+        return iter(())
+
+
 class Metrics:
     """Every collector of the server, registered on ``registry``."""
 
@@ -230,6 +267,14 @@ class Metrics:
             process_collector.ProcessCollector(registry=r)
             platform_collector.PlatformCollector(registry=r)
             gc_collector.GCCollector(registry=r)
+        # NOTE: workers' counts must reach their files for the supervisor's scrape, which
+        # cannot ask them to flush: under --workers each Check is recorded as it is decided.
+        self._batched = not multiprocess_mode
+        self._local = threading.local()
+        self._tallies: list[_Tally] = []
+        self._tallies_lock = threading.Lock()  # adds a thread's tally; one flush at a time
+        if self._batched:
+            r.register(_FlushTallies(self.flush))
         self.check_duration = Histogram(
             "authz_check_duration_seconds",
             "Time to decide one Check, from request attributes to decision, by door.",
@@ -330,12 +375,79 @@ class Metrics:
         return child
 
     def record(self, decision: Decision, seconds: float, door: str = "grpc") -> None:
-        """Count one decision (called once per Check) that came through ``door``."""
+        """Count one decision (called once per Check) that came through ``door``: added to
+        this thread's tally, which the next scrape adds into the collectors."""
+        if not self._batched:
+            self._record_now(decision, seconds, door)
+            return
+        try:
+            tally: _Tally = self._local.tally
+        except AttributeError:
+            tally = self._new_tally()
+        verdict = "allow" if decision.allowed else "deny"
+        key = (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
+        counts = tally.counts
+        counts[key] = counts.get(key, 0) + 1
+        durations = tally.durations.get((verdict, door))
+        if durations is None:
+            durations = tally.durations[verdict, door] = [0] * (len(CHECK_BUCKETS) + 2)
+        # The first bucket whose bound is >= seconds, as Histogram.observe counts (+Inf past
+        # the last bound); the sum is the last element.
+        durations[bisect_left(CHECK_BUCKETS, seconds)] += 1
+        durations[-1] += seconds
+        if decision.withheld or decision.dry_run:
+            self._record_observed(decision)
+
+    def _new_tally(self) -> _Tally:
+        tally = self._local.tally = _Tally()
+        with self._tallies_lock:
+            self._tallies.append(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Add what every thread's tally grew by since the last flush into the collectors
+        (each scrape does this first). A finished thread's tally is dropped once added."""
+        with self._tallies_lock:
+            kept: list[_Tally] = []
+            for tally in self._tallies:
+                alive = tally.thread.is_alive()  # read before the counts: none come after
+                self._flush_tally(tally)
+                if alive:
+                    kept.append(tally)
+            self._tallies[:] = kept
+
+    def _flush_tally(self, tally: _Tally) -> None:
+        flushed = tally.flushed_counts
+        for key, count in tally.counts.copy().items():
+            grown = count - flushed.get(key, 0)
+            if grown:
+                self._child(key).inc(grown)
+                flushed[key] = count
+        for labels, durations in tally.durations.copy().items():
+            now = durations.copy()
+            before = tally.flushed_durations.get(labels)
+            if before is None:
+                before = tally.flushed_durations[labels] = [0] * len(now)
+            child = self._duration_children[labels]
+            # NOTE: prometheus-client keeps one (non-cumulative) value per bucket in
+            # `_buckets` and the sum in `_sum`; there is no public way to add counts in bulk.
+            for index, observed in enumerate(now[:-1]):
+                if observed != before[index]:
+                    child._buckets[index].inc(observed - before[index])
+            if now[-1] != before[-1]:
+                child._sum.inc(now[-1] - before[-1])
+            tally.flushed_durations[labels] = now
+
+    def _record_now(self, decision: Decision, seconds: float, door: str) -> None:
         verdict = "allow" if decision.allowed else "deny"
         self._duration_children[verdict, door].observe(seconds)
         self._child(
             (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
         ).inc()
+        self._record_observed(decision)
+
+    def _record_observed(self, decision: Decision) -> None:
+        """Withheld identity headers and dry-run verdicts (rare: counted as they come)."""
         for header in decision.withheld:
             self.withheld.labels(header).inc()
         for policy, would in decision.dry_run:

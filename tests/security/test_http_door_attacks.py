@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from authz_server.doors.http import _MAX_PIPELINED, _PARSE_SLICE, HttpDoor
+from authz_server.doors.http import _MAX_PIPELINED, _NAMES_KEPT, _PARSE_SLICE, HttpDoor
 from authz_server.server import AuthzServer
 from authz_server.tools.devkeys import SigningKey
 from tests.unit.test_http_door import (  # noqa: F401 (server and token are fixtures)
@@ -194,3 +194,36 @@ def test_a_client_that_stops_reading_is_closed_after_the_request_timeout(
         sender.join(15)
     assert not sender.is_alive()
     assert ask(server, request("/orders"))[0] == 401  # the door serves the others
+
+
+def test_made_up_header_names_never_grow_the_doors_name_table_past_its_bound(
+    server: AuthzServer,  # noqa: F811 (the imported fixture)
+    token: str,  # noqa: F811 (the imported fixture)
+) -> None:
+    """The door keeps the lower-case form of the header names it meets (Envoy sends the same
+    few); a client inventing names on every request fills that table to its bound and no
+    further, and every name is still read, in any case, past the bound."""
+    door = server.http_door
+    assert door is not None
+    client = Client(server.http_authz_port)
+    try:
+        for batch in range(6):
+            requests = b"".join(
+                request(
+                    "/orders", None, f"X-Made-Up-{batch}-{n}: 1", f"AuThOrIzAtIoN: Bearer {token}"
+                )
+                for n in range(64)
+            )
+            client.send(requests)
+            assert [client.response()[0] for _ in range(64)] == [200] * 64
+        assert len(door.header_names) == _NAMES_KEPT
+        # Past the bound: a name never seen before, and a repeated one in two spellings,
+        # are read as ever (two Authorization headers with two tokens are refused).
+        client.send(request("/orders", None, f"Authorization: Bearer {token}", "X-New: 1"))
+        assert client.response()[0] == 200
+        client.send(
+            request("/orders", None, f"Authorization: Bearer {token}", "AUTHORIZATION: Bearer x")
+        )
+        assert client.response()[0] == 401
+    finally:
+        client.close()

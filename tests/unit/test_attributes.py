@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 
 import pytest
 
-from authz_server.attributes import RequestAttributes, normalize_path
+from authz_server.attributes import SOURCE_IP, RequestAttributes, normalize_path
 
 
 @pytest.mark.parametrize(
@@ -231,3 +232,24 @@ def test_defaults_are_empty_mappings() -> None:
     assert request.context_extensions == {}
     assert request.method == "GET"
     assert request.normalized_path == "/"
+
+
+def test_the_http_doors_constructor_makes_what_init_makes_with_every_other_field_default() -> None:
+    """``of_http`` sets only what the HTTP door knows: every other field must read exactly as
+    ``__init__`` leaves it (a field added to ``__init__`` without its class default fails)."""
+    headers = {"host": "api.test", "x-forwarded-for": "10.0.0.9"}
+    unknown = frozenset({SOURCE_IP})
+    fast = RequestAttributes.of_http("POST", "api.test", "/a?b=1", headers, unknown)
+    slow = RequestAttributes(
+        method="POST", host="api.test", path="/a?b=1", headers=headers, door="http",
+        unknown=unknown,
+    )  # fmt: skip
+    fields = [
+        name for name in inspect.signature(RequestAttributes.__init__).parameters if name != "self"
+    ]
+    assert len(fields) >= 17
+    for name in fields:
+        assert getattr(fast, name) == getattr(slow, name), name
+    assert fast.query_params == {"b": ["1"]} and fast.remote_address == slow.remote_address
+    fast.trusted_proxy_hops = 1  # set per Check by the service: on the instance, not the class
+    assert RequestAttributes.of_http("GET", "", "/", {}, unknown).trusted_proxy_hops == 0

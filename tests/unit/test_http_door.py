@@ -15,10 +15,19 @@ from typing import BinaryIO
 import pytest
 
 from authz_server.config import load as config
+from authz_server.doors.http import HttpDoor, _Connection
 from authz_server.server import AuthzServer
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import SigningKey
-from tests.helpers import AUDIENCE, ISSUER, Clock, claims_for, grpc_check_code, write_config
+from tests.helpers import (
+    AUDIENCE,
+    ISSUER,
+    Clock,
+    RecordingTransport,
+    claims_for,
+    grpc_check_code,
+    write_config,
+)
 
 LIMITS = """
   httpAuthz:
@@ -230,6 +239,46 @@ def test_connection_close_is_honoured(server: AuthzServer, token: str) -> None:
         assert client.closed_by_server()
     finally:
         client.close()
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closes(
+    server: AuthzServer, token: str
+) -> None:
+    """Nothing after an Upgrade request's head is HTTP/1.1 the door could read: its answer
+    closes the connection, and a request pipelined behind it is never answered; a request
+    answered before it on the same connection is not held back."""
+    client = Client(server.http_authz_port)
+    try:
+        upgrade = request("/orders", token, "Connection: Upgrade", "Upgrade: websocket")
+        client.send(request("/admin/x", token) + upgrade + request("/orders", token))
+        assert client.response()[0] == 403
+        status, headers, _ = client.response()
+        assert (status, headers["connection"]) == (200, "close")
+        assert client.closed_by_server()
+    finally:
+        client.close()
+
+
+def test_while_draining_requests_behind_the_closing_answer_are_not_decided(
+    server: AuthzServer, token: str
+) -> None:
+    """Draining, every answer closes its connection: requests pipelined behind it in the same
+    read get no answer, and are not decided either (no metric or decision log line counts a
+    Check nobody was told). Driven by hand: the door's loop is not involved."""
+    door = HttpDoor(server.service, server.settings.server.http_authz, listen="127.0.0.1:0")
+    door.loop_time = lambda: 1.0  # type: ignore[method-assign]
+    door.draining = True
+    connection, transport = _Connection(door), RecordingTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(
+        request("/orders", token) + request("/orders", token) + request("/admin/x", token)
+    )
+    assert len(transport.out) == 1 and transport.out[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close" in transport.out[0] and transport.closed
+    registry = server.metrics.registry
+    count = "authz_check_duration_seconds_count"
+    assert registry.get_sample_value(count, {"decision": "allow", "door": "http"}) == 1
+    assert registry.get_sample_value(count, {"decision": "deny", "door": "http"}) == 0
 
 
 def test_a_path_prefix_is_removed_and_a_request_without_it_is_refused(

@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,15 +172,63 @@ def test_repeated_label_sets_reuse_their_bound_children(metrics: Metrics) -> Non
     )
     for _ in range(50):
         metrics.record(allowed, 0.0001)
+    metrics.exposition()  # a scrape adds the batched counts into the collectors
     assert len(metrics._children) == 1
     child = metrics._children[("allow", "allowed", "main", "read", "grpc")]
     for _ in range(50):
         metrics.record(allowed, 0.0001)
         metrics.record(denied, 0.0001)
         metrics.record(dry, 0.0001)
+    metrics.exposition()
     assert len(metrics._children) == 3
     assert metrics._children[("allow", "allowed", "main", "read", "grpc")] is child
     assert len(metrics._dry_children) == 2
+
+
+def test_every_check_recorded_before_a_scrape_is_in_it_from_any_thread(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """Checks are counted in per-thread batches: a scrape right after N Checks sees N, on
+    every thread (running or finished), in the counter and in the histogram, scrape after
+    scrape."""
+    allowed = Decision(allowed=True, status=200, reason="allowed", provider="main", policy="read")
+    labels = {"decision": "allow", "reason": "allowed", "provider": "main", "policy": "read"}
+    duration = {"decision": "allow", "door": "http"}
+    recorded, go = threading.Barrier(3), threading.Event()
+
+    def check_on_a_thread(n: int) -> None:
+        for _ in range(n):
+            metrics.record(allowed, 0.00012, "http")
+        recorded.wait(5)
+        go.wait(5)  # still running at the first scrape
+        metrics.record(allowed, 0.3, "http")
+
+    threads = [threading.Thread(target=check_on_a_thread, args=(n,)) for n in (100, 250)]
+    for thread in threads:
+        thread.start()
+    recorded.wait(5)
+    for _ in range(7):
+        metrics.record(allowed, 2.0, "http")  # this thread too, past the last bucket
+    checks = "authz_checks_total"
+    assert registry.get_sample_value(checks, {**labels, "door": "http"}) == 357
+    assert registry.get_sample_value(checks, {**labels, "door": "grpc"}) is None
+    bucket = "authz_check_duration_seconds_bucket"
+    assert registry.get_sample_value(bucket, {**duration, "le": "0.0001"}) == 0
+    assert registry.get_sample_value(bucket, {**duration, "le": "0.00015"}) == 350
+    assert registry.get_sample_value(bucket, {**duration, "le": "1.0"}) == 350
+    assert registry.get_sample_value(bucket, {**duration, "le": "+Inf"}) == 357
+    go.set()
+    for thread in threads:
+        thread.join(5)
+    # The second scrape adds only what grew, including the finished threads' last Checks.
+    text = metrics.exposition().decode()
+    assert 'authz_checks_total{decision="allow",door="http",policy="read"' in text
+    assert registry.get_sample_value(checks, {**labels, "door": "http"}) == 359
+    assert registry.get_sample_value(bucket, {**duration, "le": "0.5"}) == 352
+    assert registry.get_sample_value(bucket, {**duration, "le": "+Inf"}) == 359
+    total = registry.get_sample_value("authz_check_duration_seconds_sum", duration) or 0
+    assert total == pytest.approx(350 * 0.00012 + 2 * 0.3 + 7 * 2.0)
+    assert len(metrics._tallies) == 1  # the finished threads' tallies were added and let go
 
 
 def test_dry_run_verdicts_are_counted_without_enforcing(
