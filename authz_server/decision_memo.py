@@ -152,11 +152,16 @@ class DecisionMemo:
         entry = self._entries.get(key)
         # NOTE: counted without a lock, as the Check threads share the GIL: an increment
         # lost to a thread switch would cost a count, never a decision.
-        if entry is not None and (
-            not entry.tokens or _live(entry, clock(), self.token_cache.max_ttl)
-        ):
-            self.stats.hits += 1
-            return entry
+        if entry is not None:
+            tokens = entry.tokens
+            if not tokens:
+                self.stats.hits += 1
+                return entry
+            if _live(entry, clock(), self.token_cache.max_ttl):
+                self.stats.hits += 1
+                # Each credential's verification was reused, as a token cache hit would have.
+                self.token_cache.hits += len(tokens)
+                return entry
         if entry is not None:
             self._entries.pop(key, None)  # a credential of it expired or lost its key
         self.stats.misses += 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from prometheus_client import CollectorRegistry
 from hypothesis import strategies as st
 
 from authz_server import errors
@@ -21,6 +22,7 @@ from authz_server.attributes import RequestAttributes
 from authz_server.config import load as config
 from authz_server.config.specs import WHEN_KEYS_EXACT, DecisionMemoSpec, PolicySpec
 from authz_server.doors.http import HTTP_UNKNOWN
+from authz_server.ops.metrics import Metrics
 from authz_server.policy.compile import attributes_read
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService, CheckTrace, Engine, make_cache
@@ -594,3 +596,20 @@ def test_every_when_key_the_configuration_accepts_is_one_a_memo_can_key_on() -> 
             {"name": "p", "rules": [{"when": [{"key": key_name, "values": [value]}]}]}
         )
         assert attributes_read([spec]) is not None, key_name
+
+
+def test_hits_and_misses_are_scraped_and_a_hit_counts_as_a_token_cache_hit(
+    tmp_path: Path, clock: Clock, key: SigningKey
+) -> None:
+    service = _service(tmp_path, clock, [key])
+    metrics = Metrics(CollectorRegistry())
+    metrics.watch_engine(lambda: service.engine)
+    token = _signed(key, clock)
+    for _ in range(3):
+        assert service.check(_get(token)).allowed
+    assert not service.check(_get(token, path="/admin")).allowed
+    sample = metrics.registry.get_sample_value
+    assert sample("authz_decision_memo_hits_total") == 2
+    assert sample("authz_decision_memo_misses_total") == 2
+    # Each hit reused the token's verification, as the token cache would have.
+    assert sample("authz_token_cache_hits_total") == 2 + 1
