@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from prometheus_client import CollectorRegistry
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from authz_server import errors
 from authz_server.attributes import RequestAttributes
