@@ -179,6 +179,8 @@ class DecisionMemo:
         token's or an API key's identity is not there). Returns whether it was kept."""
         tokens: list[CachedToken] = []
         for token, scope, given in verified:
+            if given.credential != "jwt":
+                return False  # an introspection answer or an API key: not in the token cache
             cached = self.token_cache.peek(TokenCache.digest(token, scope))
             if cached is None or cached.identity is not given:
                 return False

@@ -629,11 +629,11 @@ class AuthorizationService:
             trace.scope = scope
         if scope is None:
             return engine.unknown_workload, None
-        memo_key = scope.memo_key
+        key_of = scope.memo_key
         memo = engine.memo
-        if memo_key is None or memo is None or trace is not None:
+        if key_of is None or memo is None or trace is not None:
             return self._decide_in(engine, scope, request, wait, trace, None)
-        key = memo_key(request)
+        key = key_of(request)
         entry = memo.get(key, engine.clock)
         if entry is not None:
             return entry.decision, entry.identity
