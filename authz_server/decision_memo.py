@@ -154,15 +154,12 @@ class DecisionMemo:
         # lost to a thread switch would cost a count, never a decision.
         if entry is not None:
             tokens = entry.tokens
-            if not tokens:
+            if not tokens or _live(entry, clock(), self.token_cache.max_ttl):
                 self.stats.hits += 1
+                if tokens:
+                    # Each verification was reused, as on a token cache hit: counted as one.
+                    self.token_cache.hits += len(tokens)
                 return entry
-            if _live(entry, clock(), self.token_cache.max_ttl):
-                self.stats.hits += 1
-                # Each credential's verification was reused, as a token cache hit would have.
-                self.token_cache.hits += len(tokens)
-                return entry
-        if entry is not None:
             self._entries.pop(key, None)  # a credential of it expired or lost its key
         self.stats.misses += 1
         return None
