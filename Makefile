@@ -94,11 +94,11 @@ bench: $(STAMP) bench-tools ## Real Envoy + wrk/h2load, ~8 min (BENCH_QUICK=1: ~
 	$(BIN)/python -m bench $(if $(BENCH_OUTPUT),--output $(BENCH_OUTPUT))
 
 FUZZ_SECONDS ?= 120
-fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each and the index equivalence with 5,000: ~12 min
+fuzz: $(STAMP) ## atheris (coverage-guided) for FUZZ_SECONDS (120), then the properties with 20,000 examples each, the index equivalence with 5,000 and the decision memo equivalence with 3,000: ~20 min
 	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/security/test_fuzz.py \
-		tests/unit/test_policy_index.py
+		tests/unit/test_policy_index.py tests/unit/test_decision_memo.py
 
 # mutmut over tokens, credentials, policy, policy_index, service, attributes, doors/http.py and
 # config, each module within MUTATE_MINUTES; each mutant runs only the unit and security tests

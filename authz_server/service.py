@@ -13,16 +13,17 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from authz_server import errors, responses
 from authz_server.attributes import RequestAttributes, cookie_name
 from authz_server.config.load import Provider, Settings
+from authz_server.config.specs import PolicySpec
 from authz_server.credentials.binding import DpopRules, NonceSource, SenderConstraint
-from authz_server.credentials.extract import CredentialExtractor, FoundToken
+from authz_server.credentials.extract import CredentialExtractor, FoundToken, provider_locations
 from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode
 from authz_server.credentials.replay import (
     MemoryReplayCache,
@@ -32,13 +33,14 @@ from authz_server.credentials.replay import (
 )
 from authz_server.credentials.token_cache import TokenCache
 from authz_server.credentials.verification import CredentialVerifier
+from authz_server.decision_memo import DecisionMemo, MemoKey, MemoStats, Verified, memo_key
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
 from authz_server.identity import Identity
 from authz_server.keys.keyset import JWKSCache
 from authz_server.keys.sources import source_for
 from authz_server.ops.log import DecisionLog
 from authz_server.ops.metrics import Metrics
-from authz_server.policy.compile import CompiledPolicy, PolicySet
+from authz_server.policy.compile import CompiledPolicy, PolicySet, attributes_read
 from authz_server.policy.workloads import WorkloadIndex
 from authz_server.responses import Decision
 
@@ -168,6 +170,8 @@ class WorkloadScope:
     providers: frozenset[str] | None  # None: every provider
     token_required: bool
     extractor: CredentialExtractor
+    # A request's key in the engine's decision memo; None: its requests are never memoised.
+    memo_key: MemoKey | None = None
 
 
 class Engine:
@@ -182,6 +186,7 @@ class Engine:
         threads: int | None = None,
         *,
         replay_cache: ReplayCache | None = None,
+        memo_stats: MemoStats | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -226,26 +231,6 @@ class Engine:
             # A key that left its set stops validating at once; this frees its entries too.
             if self.token_cache.purge not in cache.listeners:
                 cache.listeners.append(self.token_cache.purge)
-        # Each policy compiled once, whatever the number of workload scopes it is in.
-        self._compiled = {s.name: CompiledPolicy.compile(s) for s in settings.policies}
-        self.policies = PolicySet(settings.policies, compiled_by_name=self._compiled)
-        self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
-        self.everywhere = WorkloadScope(
-            None, self.policies, None, self.token_required, self.extractor
-        )
-        self.workload_index: WorkloadIndex | None = None
-        self.scopes: dict[str, WorkloadScope] = {}
-        # The scope of a request no workload recognises: None denies it (unknown_workload).
-        self.unknown_scope: WorkloadScope | None = self.everywhere
-        if settings.workloads:
-            self.workload_index = WorkloadIndex(settings.workloads)
-            self.scopes = {w.name: self._scope(settings, w.name) for w in settings.workloads}
-            if settings.unknown_workload == "deny":
-                self.unknown_scope = None
-        self.unknown_workload = responses.deny(
-            AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
-        )
-        self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
         # Sender-constrained tokens: the rules of each provider that has them, and where seen
         # proofs are remembered (kept across reloads, so a reload never re-admits a replay).
         self.constraints = {
@@ -255,12 +240,6 @@ class Engine:
             )
             if c is not None
         }
-        self.replay_cache: ReplayCache = replay_cache or make_replay_cache(settings)
-        # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
-        self._allows: dict[
-            tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
-            tuple[Identity | None, Decision],
-        ] = {}
         # Every header a token is read from, present in a request: removed before the upstream
         # whatever it holds (a token under another scheme, `Token …`, is not ours to pass on),
         # unless it held a token its provider forwards.
@@ -268,6 +247,46 @@ class Engine:
             {"dpop"} if any(c.dpop_mode != "disabled" for c in self.constraints.values()) else set()
         )
         self.token_header_names = tuple(sorted(self.extractor.token_headers | proof_headers))
+        # Repeated requests answered from here (per engine: a reload starts empty).
+        self.memo_stats = memo_stats or MemoStats()
+        memo_entries = server.decision_memo.max_entries
+        self.memo = (
+            DecisionMemo(memo_entries, self.token_cache, self.memo_stats) if memo_entries else None
+        )
+        # Each policy compiled once, whatever the number of workload scopes it is in.
+        self._compiled = {s.name: CompiledPolicy.compile(s) for s in settings.policies}
+        self.policies = PolicySet(settings.policies, compiled_by_name=self._compiled)
+        self.token_required = any(p.provider.spec.presence == "REQUIRED" for p in self.providers)
+        self.everywhere = WorkloadScope(
+            None,
+            self.policies,
+            None,
+            self.token_required,
+            self.extractor,
+            self._memo_key(0, settings.policies, self.providers),
+        )
+        self.workload_index: WorkloadIndex | None = None
+        self.scopes: dict[str, WorkloadScope] = {}
+        # The scope of a request no workload recognises: None denies it (unknown_workload).
+        self.unknown_scope: WorkloadScope | None = self.everywhere
+        if settings.workloads:
+            self.workload_index = WorkloadIndex(settings.workloads)
+            self.scopes = {
+                w.name: self._scope(settings, w.name, number)
+                for number, w in enumerate(settings.workloads, start=1)
+            }
+            if settings.unknown_workload == "deny":
+                self.unknown_scope = None
+        self.unknown_workload = responses.deny(
+            AuthorizationError(errors.UNKNOWN_WORKLOAD), realm=self.realm, token_present=False
+        )
+        self.outputs = {p.name: _ProviderOutputs(p) for p in self.providers}
+        self.replay_cache: ReplayCache = replay_cache or make_replay_cache(settings)
+        # (id(identity), policy, stripped token headers, query parameters) -> (identity, allow)
+        self._allows: dict[
+            tuple[int, str | None, tuple[str, ...], tuple[str, ...]],
+            tuple[Identity | None, Decision],
+        ] = {}
         # Every header any provider may set: a client-sent copy never reaches the upstream.
         self.protected_headers = frozenset(
             h for o in self.outputs.values() for h, _, _ in o.claim_headers
@@ -281,20 +300,36 @@ class Engine:
             twin for header in ours for twin in header_twins(header) if twin not in ours
         )
 
-    def _scope(self, settings: Settings, workload: str) -> WorkloadScope:
+    def _scope(self, settings: Settings, workload: str, number: int) -> WorkloadScope:
         def applies(scopes: dict[str, frozenset[str]], name: str) -> bool:
             return name not in scopes or workload in scopes[name]
 
         runtimes = [p for p in self.providers if applies(settings.provider_scopes, p.provider.name)]
+        specs = [p for p in settings.policies if applies(settings.policy_scopes, p.name)]
         return WorkloadScope(
             workload,
-            PolicySet(
-                [p for p in settings.policies if applies(settings.policy_scopes, p.name)],
-                compiled_by_name=self._compiled,
-            ),
+            PolicySet(specs, compiled_by_name=self._compiled),
             frozenset(p.provider.name for p in runtimes),
             any(p.provider.spec.presence == "REQUIRED" for p in runtimes),
             CredentialExtractor(runtimes),
+            self._memo_key(number, specs, runtimes),
+        )
+
+    def _memo_key(
+        self, number: int, specs: Sequence[PolicySpec], runtimes: Sequence[ProviderRuntime]
+    ) -> MemoKey | None:
+        """The memo key of scope ``number`` (its policies ``specs``, its providers
+        ``runtimes``); None when the memo is off or the scope cannot be memoised."""
+        if self.memo is None:
+            return None
+        locations = [loc for runtime in runtimes for loc in provider_locations(runtime)]
+        return memo_key(
+            number,
+            attributes_read(specs),
+            # Every token header of the engine: which are present shapes the allow (`strip`).
+            headers=self.token_header_names,
+            cookies=any(loc.kind == "cookie" for loc in locations),
+            params=any(loc.kind == "param" for loc in locations),
         )
 
     def scope_for(self, request: RequestAttributes) -> WorkloadScope | None:
@@ -329,7 +364,15 @@ class Engine:
             previous.settings.server.replay_cache == settings.server.replay_cache
         ):
             replay_cache = previous.replay_cache
-        return cls(settings, caches, clock, token_cache, threads, replay_cache=replay_cache)
+        return cls(
+            settings,
+            caches,
+            clock,
+            token_cache,
+            threads,
+            replay_cache=replay_cache,
+            memo_stats=previous.memo_stats if previous is not None else None,
+        )
 
     def reusable_caches(self) -> dict[tuple[object, ...], JWKSCache]:
         return {_cache_identity(p.provider): p.keys for p in self.providers}
@@ -586,6 +629,31 @@ class AuthorizationService:
             trace.scope = scope
         if scope is None:
             return engine.unknown_workload, None
+        key_of = scope.memo_key
+        memo = engine.memo
+        if key_of is None or memo is None or trace is not None:
+            return self._decide_in(engine, scope, request, wait, trace, None)
+        key = key_of(request)
+        entry = memo.get(key, engine.clock)
+        if entry is not None:
+            return entry.decision, entry.identity
+        verified: list[Verified | None] = []
+        decision, identity = self._decide_in(engine, scope, request, wait, None, verified)
+        if None not in verified:
+            memo.put(key, decision, identity, cast("list[Verified]", verified))
+        return decision, identity
+
+    def _decide_in(  # noqa: PLR0917 (the one caller above)
+        self,
+        engine: Engine,
+        scope: WorkloadScope,
+        request: RequestAttributes,
+        wait: WaitMode,
+        trace: CheckTrace | None,
+        verified_for_memo: list[Verified | None] | None,
+    ) -> tuple[Decision, Identity | None]:
+        """Decide ``request`` in ``scope``. ``verified_for_memo``, when given, receives each
+        credential the decision rests on, and None when the decision may not be memoised."""
         ambiguity = scope.extractor.ambiguity(request)
         if ambiguity is not None:
             return engine.ambiguous_readings[ambiguity], None
@@ -609,6 +677,11 @@ class AuthorizationService:
                 try:
                     current = engine.credentials.verify(token, wait=wait)
                     constraint = engine.constraints.get(current.provider)
+                    if verified_for_memo is not None:
+                        # A proof or a certificate is checked on every request: never memoised.
+                        verified_for_memo.append(
+                            (token.token, token.scope, current) if constraint is None else None
+                        )
                     if constraint is not None:
                         constraint.check(
                             current.claims,
@@ -619,6 +692,8 @@ class AuthorizationService:
                             replay=engine.replay_cache,
                         )
                 except AuthzError as exc:
+                    if verified_for_memo is not None:
+                        verified_for_memo.append(None)  # a failure may be gone next time
                     if trace is not None:
                         trace.tokens.append((token, exc))
                     denial = responses.with_context(
@@ -673,6 +748,8 @@ class AuthorizationService:
             for name in engine.token_header_names
             if name not in forwarded and headers.get(name) is not None
         )
+        if cookie_strip and verified_for_memo is not None:
+            verified_for_memo.append(None)  # the Cookie header rewritten: this request's own
         if result.audited or result.dry_run or cookie_strip:
             # Observed verdicts, or a Cookie header rewritten without the token: this
             # request's own answer.

@@ -662,6 +662,12 @@ class TokenCacheSpec(_Model):
     max_ttl: Duration = 3600.0
 
 
+class DecisionMemoSpec(_Model):
+    """Repeated requests answered from a memo of decisions (see ``decision_memo``)."""
+
+    max_entries: int = Field(default=4096, ge=0, le=10_000_000)  # 0 turns the memo off
+
+
 def listen_address_problem(address: str) -> str | None:
     """What is wrong with ``address`` as a place to listen (``host:port``, ``[v6]:port`` or
     ``unix:/path``), or None when it is fine. Checked here so that a mistake gets a sentence
@@ -841,6 +847,7 @@ class ServerSpec(_Model):
     # below Envoy's ext_authz timeout (1s in our bootstrap), or Envoy answers first.
     unknown_kid_wait: Duration = 0.5
     token_cache: TokenCacheSpec = Field(default_factory=TokenCacheSpec)
+    decision_memo: DecisionMemoSpec = Field(default_factory=DecisionMemoSpec)
     decision_log: DecisionLogSpec = Field(default_factory=DecisionLogSpec)
     # A configuration with no provider and no policy allows every request. That is what a
     # truncated file or an empty ConfigMap looks like, so it is refused unless this says the

@@ -51,6 +51,7 @@ from prometheus_client.registry import Collector
 from authz_server.credentials.apikeys import ApiKeyTable
 from authz_server.credentials.introspection import LATENCY_BUCKETS, Introspector
 from authz_server.credentials.token_cache import TokenCache
+from authz_server.decision_memo import MemoStats
 from authz_server.keys.keyset import JWKSCache
 from authz_server.responses import Decision
 
@@ -63,6 +64,9 @@ class EngineView(Protocol):
 
     @property
     def caches(self) -> Mapping[str, JWKSCache]: ...
+
+    @property
+    def memo_stats(self) -> MemoStats: ...
 
 
 # 50 us to 1 s, dense below a millisecond where a Check usually lands.
@@ -100,6 +104,15 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "authz_token_cache_entries", "Entries in the verified-token cache.", value=len(cache)
+        )
+        memo = engine.memo_stats
+        yield CounterMetricFamily(
+            "authz_decision_memo_hits", "Checks answered from the decision memo.", value=memo.hits
+        )
+        yield CounterMetricFamily(
+            "authz_decision_memo_misses",
+            "Checks the decision memo could have answered and did not (decided, then offered).",
+            value=memo.misses,
         )
         fetches = CounterMetricFamily(
             "authz_jwks_fetches",

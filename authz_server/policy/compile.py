@@ -913,3 +913,84 @@ class PolicySet:
                     return PolicyResult(True, policy.name, "allowed", audited, dry_run)
             return PolicyResult(False, None, "no_allow_policy_matched", audited, dry_run)
         return PolicyResult(True, None, "allowed", audited, dry_run)
+
+
+# ------------------------------------------------------------------- what policies read
+
+# The request attributes a field reads (``attributes_read``), by field: `attr.*` names, plus
+# "method", "host", "path". Identity fields (requestPrincipals, request.auth.*) read none: the
+# identity comes from the credential, which a decision memo keys on anyway.
+_OPERATION_READS = {
+    "hosts": "host",
+    "not_hosts": "host",
+    "methods": "method",
+    "not_methods": "method",
+    "paths": "path",
+    "not_paths": "path",
+    "ports": attr.DESTINATION_PORT,
+    "not_ports": attr.DESTINATION_PORT,
+}
+_SOURCE_READS: dict[str, str | None] = {
+    **{name: needs for name, needs in _SOURCE_NEEDS.items() if "remote" not in name},
+    "remote_ip_blocks": "remote.ip",
+    "not_remote_ip_blocks": "remote.ip",
+    "request_principals": None,
+    "not_request_principals": None,
+}
+_CONDITION_READS: dict[str, str | None] = {
+    "request.auth.principal": None,
+    "request.auth.audiences": None,
+    "request.auth.presenter": None,
+    "source.ip": attr.SOURCE_IP,
+    "remote.ip": "remote.ip",
+    "destination.ip": attr.DESTINATION_IP,
+    "source.principal": attr.SOURCE_PRINCIPAL,
+    "source.namespace": attr.SOURCE_PRINCIPAL,
+    "destination.port": attr.DESTINATION_PORT,
+    "connection.sni": attr.CONNECTION_SNI,
+}
+
+
+def attributes_read(specs: Iterable[PolicySpec]) -> frozenset[str] | None:
+    """The request attributes evaluating ``specs`` can read, beside the identity and
+    ``RequestAttributes.unknown``: ``method``, ``host``, ``path`` (normalized from the raw
+    path), ``source.ip``, ``remote.ip`` (X-Forwarded-For, then the source address),
+    ``source.principal`` (the mTLS peer), ``destination.ip``, ``destination.port``,
+    ``connection.sni``, ``header:<name>`` (lower case) and ``context_extensions:<key>``.
+
+    Returns None when a set field or a ``when`` key is not known here (a field added later
+    and not listed): its reads cannot be told, so nothing may be keyed on them."""
+    reads: set[str] = set()
+    for spec in specs:
+        for rule in spec.rules or ():
+            for to in rule.to or ():
+                for name in type(to.operation).model_fields:
+                    if getattr(to.operation, name) is None:
+                        continue
+                    if name not in _OPERATION_READS:
+                        return None
+                    reads.add(_OPERATION_READS[name])
+            for from_ in rule.from_ or ():
+                for name in type(from_.source).model_fields:
+                    if getattr(from_.source, name) is None:
+                        continue
+                    if name not in _SOURCE_READS:
+                        return None
+                    source_read = _SOURCE_READS[name]
+                    if source_read is not None:
+                        reads.add(source_read)
+            for condition in rule.when or ():
+                key = condition.key
+                if key in _CONDITION_READS:
+                    condition_read = _CONDITION_READS[key]
+                    if condition_read is not None:
+                        reads.add(condition_read)
+                elif key.startswith("request.auth.claims["):
+                    continue
+                elif key.startswith("request.headers["):
+                    reads.add(f"header:{_CLAIM_PATH.findall(key)[0].lower()}")
+                elif key.startswith("request.context_extensions["):
+                    reads.add(f"context_extensions:{_CLAIM_PATH.findall(key)[0]}")
+                else:
+                    return None
+    return frozenset(reads)

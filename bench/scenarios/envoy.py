@@ -68,14 +68,17 @@ ALL_CPUS = "0,1" if TWO_CPUS else "0"
 # A new token per request misses the verified-token cache only if each token comes back after
 # more other tokens than the cache holds. Minting more than the default 10,000 entries costs
 # about a minute on a busy 2-CPU machine, so that server's cache is smaller and 1.5x
-# as many tokens cycle (a miss costs the same: verify, store, evict the oldest).
+# as many tokens cycle (a miss costs the same: verify, store, evict the oldest). The decision
+# memo is as small, or its default 4,096 entries would answer every one of those tokens.
 NEW_TOKEN_CACHE = 1_000
 NEW_TOKENS = NEW_TOKEN_CACHE * 3 // 2
 SMALL_CACHE = f"""
 ---
 apiVersion: authz-server/v1
 kind: AuthzConfig
-server: {{tokenCache: {{maxEntries: {NEW_TOKEN_CACHE}}}}}
+server:
+  tokenCache: {{maxEntries: {NEW_TOKEN_CACHE}}}
+  decisionMemo: {{maxEntries: {NEW_TOKEN_CACHE}}}
 """
 
 # --------------------------------------------------------------------------- the processes
