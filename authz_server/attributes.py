@@ -119,7 +119,7 @@ def _parse_ip(value: str) -> IPAddress | None:
 _T = TypeVar("_T")
 
 
-class _computed_once(Generic[_T]):  # noqa: N801 (used as a decorator, like cached_property)
+class computed_once(Generic[_T]):  # noqa: N801 (used as a decorator, like cached_property)
     """``functools.cached_property`` without its lock (Python 3.11 takes one on every first
     access): a RequestAttributes belongs to one Check on one thread."""
 
@@ -220,15 +220,15 @@ class RequestAttributes:
         request.unknown = unknown
         return request
 
-    @_computed_once
+    @computed_once
     def normalized_path(self) -> str:
         return normalize_path(self.path)
 
-    @_computed_once
+    @computed_once
     def host_lower(self) -> str:
         return self.host.lower()
 
-    @_computed_once
+    @computed_once
     def host_forms(self) -> tuple[str, ...]:
         """The host as ``hosts`` patterns match it: the authority in lower case without a
         trailing dot on its name, and, when it has a port, also the name alone. So a rule on
@@ -239,14 +239,14 @@ class RequestAttributes:
             name = name[:-1]
         return (f"{name}:{port}", name) if port else (name,)
 
-    @_computed_once
+    @computed_once
     def query_string(self) -> str:
         """The raw query (after ``?``, before ``#``), or ``""``."""
         if "?" not in self.path:
             return ""
         return self.path.split("?", 1)[1].split("#", 1)[0]
 
-    @_computed_once
+    @computed_once
     def query_params(self) -> dict[str, list[str]]:
         """Every value of each query parameter, URL-decoded, in order, with ``&`` and ``;``
         both separating parameters, as the most lenient upstream reads them (a token location
@@ -259,7 +259,7 @@ class RequestAttributes:
             params.setdefault(key, []).append(value)
         return params
 
-    @_computed_once
+    @computed_once
     def query_names_beside_semicolon(self) -> frozenset[str]:
         """The (URL-decoded) names of the query parameters that share an ``&``-separated
         part with a ``;``: upstreams that split on ``&`` only read another parameter, or
@@ -274,13 +274,13 @@ class RequestAttributes:
             for key, _ in parse_qsl(part.replace(";", "&"), keep_blank_values=True)
         )
 
-    @_computed_once
+    @computed_once
     def cookies(self) -> dict[str, list[str]]:
         """Every value of each cookie in the ``cookie`` header by ``cookie_name`` (trimmed,
         lower case), in order, read as the most lenient upstream reads them."""
         return read_cookies(self.headers.get("cookie", ""))
 
-    @_computed_once
+    @computed_once
     def cookies_beside_comma(self) -> frozenset[str]:
         """The names of the cookies that share a ``;``-separated part of the ``cookie``
         header with a ``,``: upstreams that split on ``;`` only read another cookie, or
@@ -293,15 +293,15 @@ class RequestAttributes:
             name for part in raw.split(";") if "," in part for name in read_cookies(part)
         )
 
-    @_computed_once
+    @computed_once
     def source_address(self) -> IPAddress | None:
         return _parse_ip(self.source_ip)
 
-    @_computed_once
+    @computed_once
     def destination_address(self) -> IPAddress | None:
         return _parse_ip(self.destination_ip)
 
-    @_computed_once
+    @computed_once
     def remote_address(self) -> IPAddress | None:
         """The client address: from X-Forwarded-For, skipping ``trusted_proxy_hops`` from the right.
 
@@ -318,7 +318,7 @@ class RequestAttributes:
                 return address
         return self.source_address
 
-    @_computed_once
+    @computed_once
     def peer_identity(self) -> tuple[str, str, str, str] | None:
         """(principal, trust domain, namespace, service account) from a SPIFFE peer URI."""
         raw = self.peer_principal

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from authz_server import responses
-from authz_server.attributes import RequestAttributes
+from authz_server.attributes import RequestAttributes, computed_once
 from authz_server.doors import struct_wire
 from authz_server.responses import Decision
 from authz_server.service import AuthorizationService
@@ -48,28 +48,65 @@ def _headers(http: Any) -> Mapping[str, str]:
     return merged
 
 
+class _CheckAttributes(RequestAttributes):
+    """RequestAttributes over one CheckRequest: the request line and headers read at once
+    (every Check reads them), the peers, TLS session and context extensions read from the
+    message when something asks (a decision memo hit reads only what its scope's policies
+    name; each read of a nested message field builds wrapper objects)."""
+
+    def __init__(self, request: Any) -> None:
+        attrs = request.attributes
+        http = attrs.request.http
+        self._attrs = attrs
+        self.method = http.method
+        self.host = http.host
+        self.path = http.path or "/"
+        self.headers = _headers(http)
+        self.scheme = http.scheme
+        self.door = "grpc"
+        self.unknown = frozenset()
+
+    @computed_once
+    def source_ip(self) -> str:
+        return self._attrs.source.address.socket_address.address  # type: ignore[no-any-return]
+
+    @computed_once
+    def source_port(self) -> int:
+        return self._attrs.source.address.socket_address.port_value  # type: ignore[no-any-return]
+
+    @computed_once
+    def peer_principal(self) -> str:
+        return self._attrs.source.principal  # type: ignore[no-any-return]
+
+    @computed_once
+    def destination_ip(self) -> str:
+        return self._attrs.destination.address.socket_address.address  # type: ignore[no-any-return]
+
+    @computed_once
+    def destination_port(self) -> int:
+        return self._attrs.destination.address.socket_address.port_value  # type: ignore[no-any-return]
+
+    @computed_once
+    def destination_principal(self) -> str:
+        return self._attrs.destination.principal  # type: ignore[no-any-return]
+
+    @computed_once
+    def sni(self) -> str:
+        return self._attrs.tls_session.sni  # type: ignore[no-any-return]
+
+    @computed_once
+    def context_extensions(self) -> Mapping[str, str]:
+        return self._attrs.context_extensions  # type: ignore[no-any-return]
+
+    @computed_once
+    def client_certificate(self) -> str:
+        return self._attrs.source.certificate  # type: ignore[no-any-return]
+
+
 def to_attributes(request: Any) -> RequestAttributes:
-    """Read an ``envoy.service.auth.v3.CheckRequest`` into RequestAttributes."""
-    attrs = request.attributes
-    http = attrs.request.http
-    source = attrs.source.address.socket_address
-    destination = attrs.destination.address.socket_address
-    return RequestAttributes(
-        method=http.method,
-        host=http.host,
-        path=http.path or "/",
-        headers=_headers(http),
-        source_ip=source.address,
-        source_port=source.port_value,
-        peer_principal=attrs.source.principal,
-        destination_ip=destination.address,
-        destination_port=destination.port_value,
-        destination_principal=attrs.destination.principal,
-        sni=attrs.tls_session.sni,
-        context_extensions=attrs.context_extensions,
-        scheme=http.scheme,
-        client_certificate=attrs.source.certificate,
-    )
+    """Read an ``envoy.service.auth.v3.CheckRequest`` into RequestAttributes (the fields past
+    the request line and headers are read from the message when first asked for)."""
+    return _CheckAttributes(request)
 
 
 def _header_options(pairs: tuple[tuple[str, str], ...]) -> list[Any]:

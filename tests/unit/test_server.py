@@ -163,6 +163,61 @@ def test_raw_header_map_is_read_when_envoy_sends_it() -> None:
     assert dict(to_attributes(request).headers) == {"x-a": "1,2"}
 
 
+def test_every_field_envoy_sends_reaches_the_policies_through_the_grpc_door() -> None:
+    """The gRPC door reads peers, TLS session and context extensions when first asked for:
+    each must still be what Envoy sent (a policy on a source IP, a peer principal, a port, SNI
+    or a context extension decides on it)."""
+    from envoy.config.core.v3 import address_pb2
+
+    ctx = attribute_context_pb2.AttributeContext
+
+    def peer(ip: str, port: int, principal: str, certificate: str = "") -> Any:
+        address = address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
+        )
+        return ctx.Peer(address=address, principal=principal, certificate=certificate)
+
+    http = ctx.HttpRequest(
+        method="POST", host="api.example", path="", scheme="https", headers={"x-a": "1"}
+    )
+    request = external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            source=peer("10.1.2.3", 40123, "spiffe://cluster.local/ns/a/sa/client", "PEM%20x"),
+            destination=peer("10.9.8.7", 8443, "spiffe://cluster.local/ns/b/sa/api"),
+            request=ctx.Request(http=http),
+            context_extensions={"workload": "orders"},
+            tls_session=ctx.TLSSession(sni="api.example"),
+        )
+    )
+    read = to_attributes(request)
+    assert (read.method, read.host, read.path, read.scheme, dict(read.headers)) == (
+        "POST",
+        "api.example",
+        "/",
+        "https",
+        {"x-a": "1"},
+    )
+    assert (read.source_ip, read.source_port, read.peer_principal, read.client_certificate) == (
+        "10.1.2.3",
+        40123,
+        "spiffe://cluster.local/ns/a/sa/client",
+        "PEM%20x",
+    )
+    assert (read.destination_ip, read.destination_port, read.destination_principal) == (
+        "10.9.8.7",
+        8443,
+        "spiffe://cluster.local/ns/b/sa/api",
+    )
+    assert (read.sni, dict(read.context_extensions), read.door) == (
+        "api.example",
+        {"workload": "orders"},
+        "grpc",
+    )
+    assert str(read.source_address) == "10.1.2.3" and read.unknown == frozenset()
+    empty = to_attributes(external_auth_pb2.CheckRequest())
+    assert (empty.source_ip, empty.destination_port, empty.sni, empty.path) == ("", 0, "", "/")
+
+
 def test_drain_reports_not_ready_while_still_answering_checks(
     running: AuthzServer, channel: grpc.Channel, rsa_key: SigningKey
 ) -> None:
