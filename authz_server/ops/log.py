@@ -200,11 +200,40 @@ def _message_args(entry: _Entry) -> tuple[str, str, str, int, str]:
     return verdict, entry[10], entry[12].split("?", 1)[0], entry[3], entry[4]
 
 
+# What a line says of its decision, by (allowed, status, reason, provider, principal, policy):
+# decisions repeat (one per caller and policy), so each is encoded once. Bounded: past this
+# many, it starts over (the writer thread alone uses it).
+_DECIDED_KEPT = 4096
+_decided: dict[tuple[bool, int, str, str | None, str | None, str | None], tuple[str, str]] = {}
+
+
+def _decided_parts(
+    key: tuple[bool, int, str, str | None, str | None, str | None],
+) -> tuple[str, str]:
+    """(the message's end after the path, encoded without its opening quote; the fields from
+    ``decision`` to ``policy``) for the decision ``key``."""
+    allowed, status, reason, provider, principal, policy = key
+    encode = _encode
+    parts = (
+        encode(f" -> {status} {reason}")[1:],
+        f'"decision": "{"allow" if allowed else "deny"}", "status": {status}, '
+        f'"reason": {encode(reason)}, '
+        f'"provider": {"null" if provider is None else encode(provider)}, '
+        f'"principal": {"null" if principal is None else encode(principal)}, '
+        f'"policy": {"null" if policy is None else encode(policy)}, ',
+    )
+    if len(_decided) >= _DECIDED_KEPT:
+        _decided.clear()
+    _decided[key] = parts
+    return parts
+
+
 def _render_json(entries: list[_Entry], end: str) -> str:
     """``entries`` as the lines ``JsonFormatter`` writes for them (same keys, order and
     spacing, each followed by ``end``), built from pieces: no dict and no json.dumps, except
-    for audit, dry-run and claims; the time's seconds formatted once a second."""
-    encode, millis = _encode, _MILLIS
+    for audit, dry-run and claims; the time's seconds formatted once a second, what a line
+    says of its decision encoded once per decision."""
+    encode, millis, decided = _encode, _MILLIS, _decided
     out: list[str] = []
     last_second = -1
     stamp = ""
@@ -219,14 +248,15 @@ def _render_json(entries: list[_Entry], end: str) -> str:
         if "?" in path:
             path = path.split("?", 1)[0]
         verdict = "allow" if allowed else "deny"
-        # NOTE: `:.1f` writes what repr(round(x, 1)) does below 1e16 (both round correctly).
+        key = (allowed, status, reason, provider, principal, policy)
+        message_end, decision_fields = decided.get(key) or _decided_parts(key)
+        # NOTE: JSON string escaping goes character by character, so the message is encoded
+        # in two pieces joined where the quotes meet. `:.1f` writes what repr(round(x, 1))
+        # does below 1e16 (both round correctly).
         line = (
             f'{{"time": "{stamp}.{millis[int((when - second) * 1000)]}Z", {head}'
-            f'"message": {encode(f"{verdict} {method} {path} -> {status} {reason}")}, '
-            f'"decision": "{verdict}", "status": {status}, "reason": {encode(reason)}, '
-            f'"provider": {"null" if provider is None else encode(provider)}, '
-            f'"principal": {"null" if principal is None else encode(principal)}, '
-            f'"policy": {"null" if policy is None else encode(policy)}, '
+            f'"message": {encode(f"{verdict} {method} {path}")[:-1]}'
+            f"{message_end}, {decision_fields}"
             f'"method": {encode(method)}, "host": {encode(host)}, "path": {encode(path)}, '
             f'"source_ip": {encode(source_ip)}, '
             f'"request_id": {"null" if request_id is None else encode(request_id)}, '

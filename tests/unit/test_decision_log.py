@@ -632,6 +632,28 @@ def test_lines_are_byte_for_byte_what_the_json_formatter_writes(
     assert line == json.dumps(expected, ensure_ascii=False)
 
 
+def test_many_distinct_principals_keep_the_writers_memory_bounded_and_each_line_its_own(
+    logs: list[DecisionLog],
+) -> None:
+    """What a line says of its decision is encoded once per decision and kept: callers each
+    with their own principal (an attacker minting subjects) never grow it past its bound, and
+    each line still names its own principal after it starts over."""
+    from authz_server.ops import log as decision_log
+
+    stream = RecordingStream()
+    log = stream_log(logs, stream)
+    count = decision_log._DECIDED_KEPT + 50
+    attrs = RequestAttributes(method="GET", host="h", path="/p")
+    for n in range(count):
+        decision = Decision(allowed=True, status=200, reason="allowed", principal=f"user-{n}")
+        log.write(attrs, decision, None, 0.0)
+    assert log.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["principal"] for line in lines] == [f"user-{n}" for n in range(count)]
+    assert all(line["message"] == "allow GET /p -> 200 allowed" for line in lines)
+    assert len(decision_log._decided) <= decision_log._DECIDED_KEPT
+
+
 # ------------------------------------------------------------- in the running server
 
 
