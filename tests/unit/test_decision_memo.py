@@ -4,6 +4,7 @@ whatever the configuration, the requests, the clock, the key sets and the reload
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import tempfile
@@ -29,6 +30,9 @@ from authz_server.service import AuthorizationService, CheckTrace, Engine, make_
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import SigningKey
 from tests.helpers import Clock
+from tests.introspection_idp import IntrospectionServer
+from tests.unit import test_apikeys as apikeys_case
+from tests.unit import test_introspection as introspection_case
 from tests.unit.test_policy_index import ISS, OTHER_ISS, PEER, _configs
 
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "suite")
@@ -613,3 +617,107 @@ def test_hits_and_misses_are_scraped_and_a_hit_counts_as_a_token_cache_hit(
     assert sample("authz_decision_memo_misses_total") == 2
     # Each hit reused the token's verification, as the token cache would have.
     assert sample("authz_token_cache_hits_total") == 2 + 1
+
+
+# ------------------------------------------------------- opaque tokens and API keys
+
+
+def _scraped(service: AuthorizationService) -> Any:
+    metrics = Metrics(CollectorRegistry())
+    metrics.watch_engine(lambda: service.engine)
+    return metrics.registry.get_sample_value
+
+
+def test_an_opaque_token_is_memoised_until_its_answer_leaves_the_cache_then_asked_again(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        service = AuthorizationService(introspection_case.make_engine(tmp_path, clock, idp))
+        sample = _scraped(service)
+        bearer = introspection_case.bearer
+        short = introspection_case.active_token(idp, clock, exp=int(clock()) + 30)
+        long = introspection_case.active_token(idp, clock)  # until cacheTtl (60s)
+        for _ in range(3):
+            assert service.check(bearer(short)).allowed
+            assert service.check(bearer(long)).allowed
+        assert idp.call_count() == 2
+        assert sample("authz_decision_memo_hits_total") == 4
+        # The IdP revokes both: the answers stand while the cache would keep them...
+        idp.answers[short] = idp.answers[long] = {"active": False}
+        clock.advance(28)
+        assert service.check(bearer(short)).allowed and service.check(bearer(long)).allowed
+        assert idp.call_count() == 2
+        # ...and past the short one's exp it is introspected again, and now inactive.
+        clock.advance(3)
+        decision = service.check(bearer(short))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert service.check(bearer(long)).allowed
+        assert idp.call_count() == 3
+        clock.advance(30)  # past cacheTtl for the long one
+        decision = service.check(bearer(long))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert idp.call_count() == 4
+
+
+def test_an_opaque_token_whose_answer_was_evicted_from_its_cache_is_asked_again(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        engine = introspection_case.make_engine(tmp_path, clock, idp, extra="  cacheMaxEntries: 1")
+        service = AuthorizationService(engine)
+        bearer = introspection_case.bearer
+        first = introspection_case.active_token(idp, clock)
+        second = introspection_case.active_token(idp, clock)
+        assert service.check(bearer(first)).allowed
+        assert service.check(bearer(first)).allowed  # a memo hit
+        assert service.check(bearer(second)).allowed  # its answer pushes out the first's
+        idp.answers[first] = {"active": False}
+        decision = service.check(bearer(first))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert idp.call_count() == 3
+
+
+def test_an_api_key_removed_from_the_keys_file_is_refused_though_the_memo_held_its_allow(
+    tmp_path: Path, clock: Clock
+) -> None:
+    engine = apikeys_case.make(tmp_path, clock)
+    service = AuthorizationService(engine)
+    sample = _scraped(service)
+    key = apikeys_case.ACME_KEY
+    for _ in range(3):
+        assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert sample("authz_decision_memo_hits_total") == 2
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys: []\n")
+    os.utime(keys_file, ns=(1, 1))  # a new signature even within one mtime tick
+    engine.caches["partner-keys"].tick()
+    decision = service.check(apikeys_case.get(x_api_key=key))
+    assert (decision.status, decision.reason) == (401, errors.UNKNOWN_API_KEY)
+
+
+def test_an_api_key_is_memoised_until_it_expires_and_across_a_reread_that_keeps_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    key = apikeys_case.ACME_KEY
+    expires = dt.datetime.fromtimestamp(int(clock()) + 60, dt.UTC)
+    keys = f"keys:\n  - sub: soon\n    sha256: {apikeys_case.sha(key)}\n"
+    keys += f"    claims: {{scope: orders.read}}\n    expires: {expires.isoformat()}\n"
+    engine = apikeys_case.make(tmp_path, clock, keys=keys)
+    service = AuthorizationService(engine)
+    sample = _scraped(service)
+    assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(keys + f"  - sub: new\n    sha256: {apikeys_case.sha('x' * 32)}\n")
+    os.utime(keys_file, ns=(1, 1))
+    cache = engine.caches["partner-keys"]
+    failures = cache.fetches["failure"]
+    cache.tick()  # a new table, the key still in it: decided afresh, then memoised again
+    assert cache.fetches["failure"] == failures
+    clock.advance(55)
+    for _ in range(2):
+        assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert sample("authz_decision_memo_hits_total") == 2
+    clock.advance(5)
+    decision = service.check(apikeys_case.get(x_api_key=key))
+    assert (decision.status, decision.reason) == (401, errors.API_KEY_EXPIRED)
