@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,45 @@ def _token(name: str) -> str:
             body["nbf"] = int(T0 + nbf)
         _TOKENS[name] = _key(kid).sign(body)
     return _TOKENS[name]
+
+
+# API keys: (sub, claims, seconds from T0 it expires at or None). The keys provider's issuer
+# is one the random policies name, so that its keys are allowed and denied as tokens are.
+KEYS_ISS = "idp-issuer"
+_API_KEYS: dict[str, tuple[str, dict[str, Any], float | None]] = {
+    "key-alice-0123456789abcdef": ("alice", {"groups": ["admin"], "scope": "read"}, None),
+    "key-bob-0123456789abcdefgh": ("bob", {"org": {"id": 7}}, None),
+    "key-carol-0123456789abcdef": ("carol", {"scope": "read write"}, 100),
+}
+_API_KEY_NAMES = [*_API_KEYS, "key-unknown-0123456789abcd", "short"]
+
+
+def _keys_file(keys: Iterable[str]) -> str:
+    """A keys file holding ``keys`` of the pool."""
+    lines = ["keys:"]
+    for key in keys:
+        sub, claims, expires = _API_KEYS[key]
+        lines.append(f"  - sub: {sub}")
+        lines.append(f"    sha256: {hashlib.sha256(key.encode()).hexdigest()}")
+        lines.append(f"    claims: {json.dumps(claims)}")
+        if expires is not None:
+            moment = dt.datetime.fromtimestamp(T0 + expires, dt.UTC)
+            lines.append(f"    expires: {moment.isoformat()}")
+    return "\n".join(lines) + "\n" if len(lines) > 1 else "keys: []\n"
+
+
+@st.composite
+def _keys_provider(draw: st.DrawFn) -> dict[str, Any]:
+    """An API keys provider: on its own header, or sharing the bearer one with the JWTs."""
+    where = draw(st.sampled_from(["x-api-key", "bearer"]))
+    provider: dict[str, Any] = {"name": "keys", "issuer": KEYS_ISS, "apiKeys": {"file": ""}}
+    if where == "bearer":
+        provider.update(_LOCATIONS["bearer"])
+    else:
+        provider["fromHeaders"] = [{"name": "x-api-key"}]
+    if draw(st.booleans()):
+        provider["outputClaimToHeaders"] = [{"header": "x-user", "claim": "sub"}]
+    return provider
 
 
 # ------------------------------------------------------------------------------ configs
@@ -149,9 +189,17 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
         token = _token(draw(st.sampled_from(_TOKEN_NAMES)))
         where = draw(
-            st.sampled_from(["bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop"])
+            st.sampled_from(
+                ["bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop", "key"]
+            )
         )
-        if where == "bearer":
+        if where == "key":
+            key = draw(st.sampled_from(_API_KEY_NAMES))
+            if draw(st.booleans()):
+                headers["x-api-key"] = key
+            else:
+                headers["authorization"] = f"Bearer {key}"
+        elif where == "bearer":
             headers["authorization"] = f"Bearer {token}"
         elif where == "x-token":
             headers["x-token"] = token
@@ -186,7 +234,8 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
 
 
 # An event: mostly a request (by its place in the pool, so that requests repeat), else the
-# clock moving, key k2 leaving or coming back, or a reload (to the other configuration).
+# clock moving, key k2 leaving or coming back, the API keys file changing, or a reload (to
+# the other configuration).
 _events = st.one_of(
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
@@ -194,6 +243,8 @@ _events = st.one_of(
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
     st.tuples(st.just("advance"), st.sampled_from([1, 30, 600, 3600])),
     st.tuples(st.just("keys"), st.booleans()),
+    # The keys file re-read holding the keys of this bit mask of the pool.
+    st.tuples(st.just("apikeys"), st.integers(min_value=0, max_value=2 ** len(_API_KEYS) - 1)),
     st.tuples(st.just("reload"), st.just(0)),
 )
 
@@ -217,7 +268,10 @@ class _Pair:
         self.current = 0
         self.jwks = directory / "jwks.json"
         self.other_jwks = directory / "other.json"
+        self.api_keys = directory / "keys.yaml"
+        self.api_keys_version = 0
         self.set_keys(with_k2=True)
+        self.set_api_keys(2 ** len(_API_KEYS) - 1)
         self.other_jwks.write_text(json.dumps(devkeys.jwks(_key("k3"))))
         self.caches: dict[str, Any] = {}
         self.loaded: dict[int, tuple[config.Settings, config.Settings]] = {}
@@ -229,6 +283,12 @@ class _Pair:
         keys = [_key("k1"), _key("k2")] if with_k2 else [_key("k1")]
         self.jwks.write_text(json.dumps(devkeys.jwks(*keys)))
 
+    def set_api_keys(self, mask: int) -> None:
+        """The keys file holding the keys of the pool that bit ``mask`` names."""
+        self.api_keys.write_text(_keys_file(k for n, k in enumerate(_API_KEYS) if mask >> n & 1))
+        self.api_keys_version += 1  # a new signature even within one mtime tick
+        os.utime(self.api_keys, ns=(self.api_keys_version, self.api_keys_version))
+
     def refresh(self) -> None:
         for cache in self.caches.values():
             assert cache.refresh()
@@ -239,9 +299,12 @@ class _Pair:
         if self.current not in self.loaded:
             document = json.loads(json.dumps(self.documents[self.current]))
             for provider in document["providers"]:
-                provider["jwksFile"] = str(
-                    self.other_jwks if provider["name"] == "other" else self.jwks
-                )
+                if "apiKeys" in provider:
+                    provider["apiKeys"]["file"] = str(self.api_keys)
+                else:
+                    provider["jwksFile"] = str(
+                        self.other_jwks if provider["name"] == "other" else self.jwks
+                    )
             document["server"]["decisionMemo"] = {"maxEntries": 5}
             path = self.directory / f"config-{self.current}.json"
             path.write_text(json.dumps(document))  # YAML reads JSON, and faster
@@ -302,6 +365,8 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
     providers = [data.draw(_provider("main", ISS))]
     if data.draw(st.booleans()):
         providers.append(data.draw(_provider("other", OTHER_ISS)))
+    if data.draw(st.booleans()):
+        providers.append(data.draw(_keys_provider()))
     documents = [data.draw(_documents(providers)), data.draw(_documents(providers))]
     pool = data.draw(st.lists(_request(), min_size=3, max_size=6, unique_by=repr))
     events = data.draw(st.lists(_events, min_size=12, max_size=40))
@@ -311,6 +376,9 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
                 pair.clock.advance(value)
             elif kind == "keys":
                 pair.set_keys(with_k2=bool(value))
+                pair.refresh()
+            elif kind == "apikeys":
+                pair.set_api_keys(value)
                 pair.refresh()
             elif kind == "reload":
                 pair.current = 1 - pair.current
