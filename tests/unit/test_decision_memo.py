@@ -23,6 +23,7 @@ from authz_server import errors
 from authz_server.attributes import RequestAttributes
 from authz_server.config import load as config
 from authz_server.config.specs import WHEN_KEYS_EXACT, DecisionMemoSpec, PolicySpec
+from authz_server.credentials.introspection import Introspector
 from authz_server.doors.http import HTTP_UNKNOWN
 from authz_server.ops.metrics import Metrics
 from authz_server.policy.compile import attributes_read
@@ -99,6 +100,48 @@ def _keys_file(keys: Iterable[str]) -> str:
             moment = dt.datetime.fromtimestamp(T0 + expires, dt.UTC)
             lines.append(f"    expires: {moment.isoformat()}")
     return "\n".join(lines) + "\n" if len(lines) > 1 else "keys: []\n"
+
+
+# Opaque tokens and the introspection answer each gets while the IdP holds it active (else
+# inactive). One expires before the cache's TTL, one after it.
+_OPAQUE: dict[str, dict[str, Any]] = {
+    "opaque-alice-0123456789": {"sub": "alice", "scope": "read", "exp": int(T0) + 50},
+    "opaque-bob-0123456789ab": {"sub": "bob", "groups": ["admin"], "exp": int(T0) + 7200},
+}
+_OPAQUE_NAMES = [*_OPAQUE, "opaque-never-0123456789"]
+
+
+def _idp_answers(mask: int) -> dict[str, dict[str, Any]]:
+    """The IdP's answers while it holds active the opaque tokens bit ``mask`` names."""
+    return {
+        token: {"active": True, "iss": KEYS_ISS, **claims}
+        for n, (token, claims) in enumerate(_OPAQUE.items())
+        if mask >> n & 1
+    }
+
+
+@st.composite
+def _opaque_provider(draw: st.DrawFn, taken: str | None) -> dict[str, Any]:
+    """An introspection provider (answered offline: ``Introspector.answer_offline``) on a
+    location no other non-JWT provider reads, its cache small sometimes (evictions)."""
+    where = draw(st.sampled_from([w for w in ("x-opaque", "bearer") if w != taken]))
+    provider: dict[str, Any] = {
+        "name": "opaque",
+        "issuer": KEYS_ISS,
+        "introspection": {
+            "endpoint": "http://127.0.0.1:9/introspect",
+            "clientId": "memo",
+            "clientSecretFile": "",
+            "cacheTtl": "60s",
+            "negativeCacheTtl": "5s",
+            "cacheMaxEntries": draw(st.sampled_from([1, 100])),
+        },
+    }
+    if where == "bearer":
+        provider.update(_LOCATIONS["bearer"])
+    else:
+        provider["fromHeaders"] = [{"name": "x-opaque"}]
+    return provider
 
 
 @st.composite
@@ -190,10 +233,19 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
         token = _token(draw(st.sampled_from(_TOKEN_NAMES)))
         where = draw(
             st.sampled_from(
-                ["bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop", "key"]
+                [
+                    *("bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop"),
+                    *("key", "opaque"),
+                ]
             )
         )
-        if where == "key":
+        if where == "opaque":
+            opaque = draw(st.sampled_from(_OPAQUE_NAMES))
+            if draw(st.booleans()):
+                headers["x-opaque"] = opaque
+            else:
+                headers["authorization"] = f"Bearer {opaque}"
+        elif where == "key":
             key = draw(st.sampled_from(_API_KEY_NAMES))
             if draw(st.booleans()):
                 headers["x-api-key"] = key
@@ -234,8 +286,8 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
 
 
 # An event: mostly a request (by its place in the pool, so that requests repeat), else the
-# clock moving, key k2 leaving or coming back, the API keys file changing, or a reload (to
-# the other configuration).
+# clock moving, key k2 leaving or coming back, the API keys file changing, the IdP's answers
+# changing, or a reload (to the other configuration).
 _events = st.one_of(
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
@@ -245,6 +297,8 @@ _events = st.one_of(
     st.tuples(st.just("keys"), st.booleans()),
     # The keys file re-read holding the keys of this bit mask of the pool.
     st.tuples(st.just("apikeys"), st.integers(min_value=0, max_value=2 ** len(_API_KEYS) - 1)),
+    # The IdP holding active the opaque tokens of this bit mask (the others inactive).
+    st.tuples(st.just("idp"), st.integers(min_value=0, max_value=2 ** len(_OPAQUE) - 1)),
     st.tuples(st.just("reload"), st.just(0)),
 )
 
@@ -270,6 +324,9 @@ class _Pair:
         self.other_jwks = directory / "other.json"
         self.api_keys = directory / "keys.yaml"
         self.api_keys_version = 0
+        self.secret = directory / "client-secret"
+        self.secret.write_text("memo-secret\n")
+        self.idp_mask = 2 ** len(_OPAQUE) - 1
         self.set_keys(with_k2=True)
         self.set_api_keys(2 ** len(_API_KEYS) - 1)
         self.other_jwks.write_text(json.dumps(devkeys.jwks(_key("k3"))))
@@ -289,6 +346,13 @@ class _Pair:
         self.api_keys_version += 1  # a new signature even within one mtime tick
         os.utime(self.api_keys, ns=(self.api_keys_version, self.api_keys_version))
 
+    def set_idp(self, mask: int) -> None:
+        """The IdP holds active the opaque tokens bit ``mask`` names (read on the next call)."""
+        self.idp_mask = mask
+        for cache in self.caches.values():
+            if isinstance(cache.source, Introspector):
+                cache.source.answer_offline(_idp_answers(mask))
+
     def refresh(self) -> None:
         for cache in self.caches.values():
             assert cache.refresh()
@@ -301,6 +365,8 @@ class _Pair:
             for provider in document["providers"]:
                 if "apiKeys" in provider:
                     provider["apiKeys"]["file"] = str(self.api_keys)
+                elif "introspection" in provider:
+                    provider["introspection"]["clientSecretFile"] = str(self.secret)
                 else:
                     provider["jwksFile"] = str(
                         self.other_jwks if provider["name"] == "other" else self.jwks
@@ -320,6 +386,7 @@ class _Pair:
         if not self.caches:
             self.caches = {p.name: make_cache(p) for p in with_memo.providers}
             self.refresh()
+            self.set_idp(self.idp_mask)
         engines = []
         for settings_, previous in ((with_memo, self.memo), (without, self.plain)):
             engines.append(
@@ -365,8 +432,12 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
     providers = [data.draw(_provider("main", ISS))]
     if data.draw(st.booleans()):
         providers.append(data.draw(_provider("other", OTHER_ISS)))
+    taken = None
     if data.draw(st.booleans()):
         providers.append(data.draw(_keys_provider()))
+        taken = "bearer" if "prefix" in providers[-1]["fromHeaders"][0] else "x-api-key"
+    if data.draw(st.booleans()):
+        providers.append(data.draw(_opaque_provider(taken)))
     documents = [data.draw(_documents(providers)), data.draw(_documents(providers))]
     pool = data.draw(st.lists(_request(), min_size=3, max_size=6, unique_by=repr))
     events = data.draw(st.lists(_events, min_size=12, max_size=40))
@@ -380,6 +451,8 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
             elif kind == "apikeys":
                 pair.set_api_keys(value)
                 pair.refresh()
+            elif kind == "idp":
+                pair.set_idp(value)
             elif kind == "reload":
                 pair.current = 1 - pair.current
                 pair.reload()
