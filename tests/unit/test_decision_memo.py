@@ -862,3 +862,16 @@ def test_an_api_key_is_memoised_until_it_expires_and_across_a_reread_that_keeps_
     clock.advance(5)
     decision = service.check(apikeys_case.get(x_api_key=key))
     assert (decision.status, decision.reason) == (401, errors.API_KEY_EXPIRED)
+
+
+def test_an_opaque_token_is_asked_every_time_when_its_answers_are_not_cached(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        engine = introspection_case.make_engine(tmp_path, clock, idp, extra="  cacheMaxEntries: 0")
+        service = AuthorizationService(engine)
+        token = introspection_case.active_token(idp, clock)
+        for _ in range(3):
+            assert service.check(introspection_case.bearer(token)).allowed
+        assert idp.call_count() == 3  # nothing cached vouches for it: never memoised
+        assert service.engine.memo_stats.hits == 0
