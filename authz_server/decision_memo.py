@@ -11,13 +11,16 @@ reads (a source port, a request id) is not in the key, so it does not spoil the 
 policy reading something ``attributes_read`` cannot name makes its scope unmemoisable.
 
 An entry holds the Decision itself (the doors cache rendered bytes per Decision object, so
-a hit renders nothing either) and the verified-token cache entries of the credentials it
-rests on. A hit re-checks each of those as a token cache hit would (still within ``exp`` and
-``nbf`` with the skew, within the cache's ``maxTtl``, verified by a key still in its set), on
-``engine.clock()``, so a token that expired, or whose key left its set, is decided afresh.
+a hit renders nothing either) and one validity per credential it rests on
+(``CredentialValidity``), given by the cache that vouched for the credential: a JWT's
+verified-token entry (still within ``exp`` and ``nbf`` with the skew, within the cache's
+``maxTtl``, verified by a key still in its set), an introspection answer (still the one its
+cache holds, before ``min(cacheTtl, exp)``, within ``nbf``), an API key (its table still
+the one the keys file gave, before its ``expires``). A hit re-checks each on
+``engine.clock()``, so a credential its cache would no longer vouch for is decided afresh.
 Only answers that are functions of the key and of such credentials are offered here (see
 ``AuthorizationService``): never one that rests on a DPoP proof or a client certificate,
-an introspection answer or an API key, a token that failed, a rewritten Cookie header, a
+a credential nothing cached vouches for, a token that failed, a rewritten Cookie header, a
 wait, or a trace.
 """
 
@@ -25,17 +28,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from operator import attrgetter
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from authz_server import attributes as attr
 from authz_server.attributes import RequestAttributes
-from authz_server.credentials.token_cache import CachedToken, TokenCache
 from authz_server.identity import Identity
 from authz_server.responses import Decision
 
 MemoKey = Callable[[RequestAttributes], Hashable]
-# One credential a decision rested on: (token, verification scope, the identity it gave).
-Verified = tuple[str, bytes, Identity]
+
+
+class CredentialValidity(Protocol):
+    """What keeps one credential a decision rested on valid, as its cache would judge it."""
+
+    # NOTE: on every hit, once per credential: a few attribute reads, nothing allocated.
+    def live(self, now: float) -> bool:
+        """Whether the credential's cache would still vouch for it at ``now``."""
+        ...
+
+    def reused(self) -> None:
+        """Count the reuse as the cache hit it stands for (called on a hit, after ``live``)."""
+        ...
+
 
 # RequestAttributes fields by what policies read (``policy.compile.attributes_read``).
 _FIELDS = {
@@ -113,7 +127,7 @@ class MemoEntry(NamedTuple):
     # NOTE: a tuple: made on every miss, and a frozen dataclass costs ~1 us to build.
     decision: Decision
     identity: Identity | None
-    tokens: tuple[CachedToken, ...]  # the verified credentials the decision rests on
+    checks: tuple[CredentialValidity, ...]  # one per credential the decision rests on
 
 
 class MemoStats:
@@ -124,23 +138,11 @@ class MemoStats:
         self.misses = 0
 
 
-def _live(entry: MemoEntry, now: float, max_ttl: float) -> bool:
-    """Whether each credential of ``entry`` would still pass a token cache hit at ``now``."""
-    for cached in entry.tokens:
-        if now - cached.stored_at > max_ttl or not cached.key_still_valid():
-            return False
-        exp, nbf, skew = cached.exp, cached.nbf, cached.skew
-        if (exp is not None and now >= exp + skew) or (nbf is not None and now + skew < nbf):
-            return False
-    return True
-
-
 class DecisionMemo:
     """The memoised decisions of one engine, at most ``max_entries`` (then it starts over)."""
 
-    def __init__(self, max_entries: int, token_cache: TokenCache, stats: MemoStats) -> None:
+    def __init__(self, max_entries: int, stats: MemoStats) -> None:
         self.max_entries = max_entries
-        self.token_cache = token_cache
         self.stats = stats
         self._entries: dict[Hashable, MemoEntry] = {}
 
@@ -153,14 +155,18 @@ class DecisionMemo:
         # NOTE: counted without a lock, as the Check threads share the GIL: an increment
         # lost to a thread switch would cost a count, never a decision.
         if entry is not None:
-            tokens = entry.tokens
-            if not tokens or _live(entry, clock(), self.token_cache.max_ttl):
-                self.stats.hits += 1
-                if tokens:
-                    # Each verification was reused, as on a token cache hit: counted as one.
-                    self.token_cache.hits += len(tokens)
-                return entry
-            self._entries.pop(key, None)  # a credential of it expired or lost its key
+            checks = entry.checks
+            if checks:
+                now = clock()
+                for check in checks:
+                    if not check.live(now):
+                        self._entries.pop(key, None)  # its cache would not vouch for it now
+                        self.stats.misses += 1
+                        return None
+                for check in checks:
+                    check.reused()  # as the credential's cache hit would have counted
+            self.stats.hits += 1
+            return entry
         self.stats.misses += 1
         return None
 
@@ -169,20 +175,9 @@ class DecisionMemo:
         key: Hashable,
         decision: Decision,
         identity: Identity | None,
-        verified: Sequence[Verified],
-    ) -> bool:
-        """Remember ``decision`` for ``key``, resting on the ``verified`` credentials, each of
-        which must be in the token cache with the very identity it gave (a JWT: an opaque
-        token's or an API key's identity is not there). Returns whether it was kept."""
-        tokens: list[CachedToken] = []
-        for token, scope, given in verified:
-            if given.credential != "jwt":
-                return False  # an introspection answer or an API key: not in the token cache
-            cached = self.token_cache.peek(TokenCache.digest(token, scope))
-            if cached is None or cached.identity is not given:
-                return False
-            tokens.append(cached)
+        checks: Sequence[CredentialValidity],
+    ) -> None:
+        """Remember ``decision`` for ``key``, resting on the credentials ``checks`` vouch for."""
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # the busy callers come back at once
-        self._entries[key] = MemoEntry(decision, identity, tuple(tokens))
-        return True
+        self._entries[key] = MemoEntry(decision, identity, tuple(checks))

@@ -33,7 +33,13 @@ from authz_server.credentials.replay import (
 )
 from authz_server.credentials.token_cache import TokenCache
 from authz_server.credentials.verification import CredentialVerifier
-from authz_server.decision_memo import DecisionMemo, MemoKey, MemoStats, Verified, memo_key
+from authz_server.decision_memo import (
+    CredentialValidity,
+    DecisionMemo,
+    MemoKey,
+    MemoStats,
+    memo_key,
+)
 from authz_server.errors import AuthenticationError, AuthorizationError, AuthzError, WouldWait
 from authz_server.identity import Identity
 from authz_server.keys.keyset import JWKSCache
@@ -250,9 +256,7 @@ class Engine:
         # Repeated requests answered from here (per engine: a reload starts empty).
         self.memo_stats = memo_stats or MemoStats()
         memo_entries = server.decision_memo.max_entries
-        self.memo = (
-            DecisionMemo(memo_entries, self.token_cache, self.memo_stats) if memo_entries else None
-        )
+        self.memo = DecisionMemo(memo_entries, self.memo_stats) if memo_entries else None
         # Each policy compiled once, whatever the number of workload scopes it is in.
         self._compiled = {s.name: CompiledPolicy.compile(s) for s in settings.policies}
         self.policies = PolicySet(settings.policies, compiled_by_name=self._compiled)
@@ -637,10 +641,10 @@ class AuthorizationService:
         entry = memo.get(key, engine.clock)
         if entry is not None:
             return entry.decision, entry.identity
-        verified: list[Verified | None] = []
-        decision, identity = self._decide_in(engine, scope, request, wait, None, verified)
-        if None not in verified:
-            memo.put(key, decision, identity, cast("list[Verified]", verified))
+        checks: list[CredentialValidity | None] = []
+        decision, identity = self._decide_in(engine, scope, request, wait, None, checks)
+        if None not in checks:
+            memo.put(key, decision, identity, cast("list[CredentialValidity]", checks))
         return decision, identity
 
     def _decide_in(  # noqa: PLR0917 (the one caller above)
@@ -650,10 +654,11 @@ class AuthorizationService:
         request: RequestAttributes,
         wait: WaitMode,
         trace: CheckTrace | None,
-        verified_for_memo: list[Verified | None] | None,
+        verified_for_memo: list[CredentialValidity | None] | None,
     ) -> tuple[Decision, Identity | None]:
-        """Decide ``request`` in ``scope``. ``verified_for_memo``, when given, receives each
-        credential the decision rests on, and None when the decision may not be memoised."""
+        """Decide ``request`` in ``scope``. ``verified_for_memo``, when given, receives the
+        validity of each credential the decision rests on, and None when the decision may
+        not be memoised."""
         ambiguity = scope.extractor.ambiguity(request)
         if ambiguity is not None:
             return engine.ambiguous_readings[ambiguity], None
@@ -680,7 +685,9 @@ class AuthorizationService:
                     if verified_for_memo is not None:
                         # A proof or a certificate is checked on every request: never memoised.
                         verified_for_memo.append(
-                            (token.token, token.scope, current) if constraint is None else None
+                            engine.credentials.validity(token, current)
+                            if constraint is None
+                            else None
                         )
                     if constraint is not None:
                         constraint.check(

@@ -33,7 +33,7 @@ import yaml
 from authz_server import errors
 from authz_server.errors import AuthenticationError
 from authz_server.identity import DEFAULT_SPACE_DELIMITED, Identity
-from authz_server.keys.keyset import KeySet
+from authz_server.keys.keyset import JWKSCache, KeySet
 
 # A presented key outside these bounds, or with anything but visible ASCII, is malformed:
 # refused before hashing, and never looked up.
@@ -96,6 +96,36 @@ class ApiKeyTable(KeySet):
         if entry.expires is not None and now >= entry.expires:
             raise AuthenticationError(errors.API_KEY_EXPIRED, "the API key has expired")
         return entry.identity
+
+    def validity(self, key: str, identity: Identity, keys: JWKSCache) -> ApiKeyValidity | None:
+        """The validity of ``identity``, given by ``lookup(key)`` on this table, the one
+        ``keys`` holds; None if the key is not this table's (or gave another identity)."""
+        entry = self.by_digest.get(hashlib.sha256(key.encode("ascii", "replace")).digest())
+        if entry is None or entry.identity is not identity or keys.keyset is not self:
+            return None
+        return ApiKeyValidity(keys, self, entry.expires)
+
+
+class ApiKeyValidity:
+    """What keeps a decision resting on an API key valid (``decision_memo.CredentialValidity``):
+    the table that knew the key is still the one its provider's key cache holds (a reload of
+    the keys file publishes a new table, dropping or keeping the key: decided afresh), and the
+    key's ``expires`` has not come."""
+
+    __slots__ = ("expires", "keys", "table")
+
+    def __init__(self, keys: JWKSCache, table: ApiKeyTable, expires: float | None) -> None:
+        self.keys = keys
+        self.table = table
+        self.expires = expires
+
+    def live(self, now: float) -> bool:
+        """Whether ``lookup`` at ``now`` would give the key's identity from the same table."""
+        expires = self.expires
+        return self.keys.keyset is self.table and (expires is None or now < expires)
+
+    def reused(self) -> None:
+        """Nothing to count: a lookup has no cache."""
 
 
 def _expiry(value: object) -> float:

@@ -79,6 +79,42 @@ class _Entry:
     until: float  # on the clock: reused until then
 
 
+class AnswerValidity:
+    """What keeps a decision resting on a cached introspection answer valid
+    (``decision_memo.CredentialValidity``): the answer is still the one the cache holds for
+    its token (not past ``min(cacheTtl, exp)``, not evicted, not dropped with a changed client
+    secret) and within its ``nbf`` with the skew, as ``Introspector.verify`` checks on a hit."""
+
+    __slots__ = ("digest", "entries", "entry", "introspector", "skew")
+
+    def __init__(
+        self,
+        introspector: Introspector,
+        entries: Mapping[bytes, _Entry],
+        digest: bytes,
+        entry: _Entry,
+        skew: float,
+    ) -> None:
+        self.introspector = introspector
+        self.entries = entries  # the introspector's cache (read without its lock: one get)
+        self.digest = digest
+        self.entry = entry
+        self.skew = skew
+
+    def live(self, now: float) -> bool:
+        """Whether a ``verify`` at ``now`` would give the answer's identity from the cache."""
+        entry = self.entry
+        if now >= entry.until or self.entries.get(self.digest) is not entry:
+            return False
+        # `until` is at most `exp`; `nbf` matters when the clock goes back.
+        nbf = entry.nbf
+        return nbf is None or now + self.skew >= nbf
+
+    def reused(self) -> None:
+        """Count the reuse as the cache hit it stands for (and keep the answer recent)."""
+        self.introspector.reused(self.digest)
+
+
 @dataclass
 class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
@@ -174,6 +210,22 @@ class Introspector:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def validity(self, token: str, identity: Identity, skew: float) -> AnswerValidity | None:
+        """The validity of the cached answer for ``token`` if it gave ``identity`` (the
+        ``verify`` that just returned it), else None (an answer that was not cached)."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        entry = self._entries.get(digest)
+        if entry is None or entry.outcome is not identity:
+            return None
+        return AnswerValidity(self, self._entries, digest, entry, skew)
+
+    def reused(self, digest: bytes) -> None:
+        """A decision resting on the answer for ``digest`` was reused: a cache hit."""
+        with self._lock:
+            self.stats.cache_hits += 1
+            if digest in self._entries:
+                self._entries.move_to_end(digest)
 
     def verify(
         self,

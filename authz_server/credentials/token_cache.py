@@ -41,6 +41,30 @@ class CachedToken(NamedTuple):
         return self.key in keyset.keys
 
 
+class CachedTokenValidity:
+    """What keeps a decision resting on ``cached`` valid (``decision_memo.CredentialValidity``):
+    the checks a hit of ``cache`` makes (``maxTtl``, its key still in its set) and the time
+    checks the verifier then makes (``exp``, ``nbf``, with the skew)."""
+
+    __slots__ = ("cache", "cached")
+
+    def __init__(self, cached: CachedToken, cache: TokenCache) -> None:
+        self.cached = cached
+        self.cache = cache
+
+    def live(self, now: float) -> bool:
+        """Whether the token would still pass a hit of its cache at ``now``."""
+        cached = self.cached
+        if now - cached.stored_at > self.cache.max_ttl or not cached.key_still_valid():
+            return False
+        exp, nbf, skew = cached.exp, cached.nbf, cached.skew
+        return (exp is None or now < exp + skew) and (nbf is None or now + skew >= nbf)
+
+    def reused(self) -> None:
+        """Count the reuse of the verification as the cache hit it stands for."""
+        self.cache.hits += 1
+
+
 class TokenCache:
     """Thread-safe LRU of verified tokens. ``max_entries == 0`` disables it."""
 
@@ -95,6 +119,14 @@ class TokenCache:
         """The entry for ``key`` as it is, uncounted and unchecked (tracing reads whether a
         Check's identity came from here)."""
         return self._entries.get(key)
+
+    def validity(self, key: bytes, identity: Identity) -> CachedTokenValidity | None:
+        """The validity of the entry for ``key`` if it holds ``identity`` (the verification
+        that just gave it), else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.identity is not identity:
+            return None
+        return CachedTokenValidity(entry, self)
 
     def put(self, key: bytes, entry: CachedToken) -> None:
         if not self.max_entries:

@@ -20,6 +20,8 @@ from authz_server.credentials.apikeys import ApiKeyTable
 from authz_server.credentials.extract import FoundToken
 from authz_server.credentials.introspection import Introspector
 from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode, decode_segments
+from authz_server.credentials.token_cache import TokenCache
+from authz_server.decision_memo import CredentialValidity
 from authz_server.errors import AuthenticationError, AuthzError, DependencyError
 from authz_server.identity import Identity
 
@@ -73,6 +75,29 @@ class CredentialVerifier:
                 if exc.reason not in _NOT_OURS or _jwt_issuer(token) in issuers:
                     raise
         return self.verify_other(token, other, wait=wait)
+
+    def validity(self, found: FoundToken, identity: Identity) -> CredentialValidity | None:
+        """What keeps ``identity``, just given by ``verify(found)``, valid for the decision
+        memo: the cache entry it came from (a JWT's verified-token entry, an introspection
+        answer) or the API key table that holds it. None when nothing cached vouches for it
+        (no token cache, an answer not cached): a decision resting on it is not memoised."""
+        token = found.token
+        kind = identity.credential
+        if kind == "jwt":
+            cache = self.jwt.cache
+            if cache is None:
+                return None
+            return cache.validity(TokenCache.digest(token, found.scope), identity)
+        _, other = self._kinds(found.providers)
+        if other is None or other.name != identity.provider:
+            return None
+        source = other.keys.source
+        if kind == "introspection" and isinstance(source, Introspector):
+            return source.validity(token, identity, other.clock_skew)
+        table = other.keys.keyset
+        if kind == "apiKey" and isinstance(table, ApiKeyTable):
+            return table.validity(token, identity, other.keys)
+        return None
 
     def verify_other(
         self, token: str, provider: ProviderRuntime, *, wait: WaitMode = "yes"

@@ -4,10 +4,12 @@ whatever the configuration, the requests, the clock, the key sets and the reload
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from authz_server import errors
 from authz_server.attributes import RequestAttributes
 from authz_server.config import load as config
 from authz_server.config.specs import WHEN_KEYS_EXACT, DecisionMemoSpec, PolicySpec
+from authz_server.credentials.introspection import Introspector
 from authz_server.doors.http import HTTP_UNKNOWN
 from authz_server.ops.metrics import Metrics
 from authz_server.policy.compile import attributes_read
@@ -29,6 +32,9 @@ from authz_server.service import AuthorizationService, CheckTrace, Engine, make_
 from authz_server.tools import devkeys
 from authz_server.tools.devkeys import SigningKey
 from tests.helpers import Clock
+from tests.introspection_idp import IntrospectionServer
+from tests.unit import test_apikeys as apikeys_case
+from tests.unit import test_introspection as introspection_case
 from tests.unit.test_policy_index import ISS, OTHER_ISS, PEER, _configs
 
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "suite")
@@ -69,6 +75,88 @@ def _token(name: str) -> str:
             body["nbf"] = int(T0 + nbf)
         _TOKENS[name] = _key(kid).sign(body)
     return _TOKENS[name]
+
+
+# API keys: (sub, claims, seconds from T0 it expires at or None). The keys provider's issuer
+# is one the random policies name, so that its keys are allowed and denied as tokens are.
+KEYS_ISS = "idp-issuer"
+_API_KEYS: dict[str, tuple[str, dict[str, Any], float | None]] = {
+    "key-alice-0123456789abcdef": ("alice", {"groups": ["admin"], "scope": "read"}, None),
+    "key-bob-0123456789abcdefgh": ("bob", {"org": {"id": 7}}, None),
+    "key-carol-0123456789abcdef": ("carol", {"scope": "read write"}, 100),
+}
+_API_KEY_NAMES = [*_API_KEYS, "key-unknown-0123456789abcd", "short"]
+
+
+def _keys_file(keys: Iterable[str]) -> str:
+    """A keys file holding ``keys`` of the pool."""
+    lines = ["keys:"]
+    for key in keys:
+        sub, claims, expires = _API_KEYS[key]
+        lines.append(f"  - sub: {sub}")
+        lines.append(f"    sha256: {hashlib.sha256(key.encode()).hexdigest()}")
+        lines.append(f"    claims: {json.dumps(claims)}")
+        if expires is not None:
+            moment = dt.datetime.fromtimestamp(T0 + expires, dt.UTC)
+            lines.append(f"    expires: {moment.isoformat()}")
+    return "\n".join(lines) + "\n" if len(lines) > 1 else "keys: []\n"
+
+
+# Opaque tokens and the introspection answer each gets while the IdP holds it active (else
+# inactive). One expires before the cache's TTL, one after it.
+_OPAQUE: dict[str, dict[str, Any]] = {
+    "opaque-alice-0123456789": {"sub": "alice", "scope": "read", "exp": int(T0) + 50},
+    "opaque-bob-0123456789ab": {"sub": "bob", "groups": ["admin"], "exp": int(T0) + 7200},
+}
+_OPAQUE_NAMES = [*_OPAQUE, "opaque-never-0123456789"]
+
+
+def _idp_answers(mask: int) -> dict[str, dict[str, Any]]:
+    """The IdP's answers while it holds active the opaque tokens bit ``mask`` names."""
+    return {
+        token: {"active": True, "iss": KEYS_ISS, **claims}
+        for n, (token, claims) in enumerate(_OPAQUE.items())
+        if mask >> n & 1
+    }
+
+
+@st.composite
+def _opaque_provider(draw: st.DrawFn, taken: str | None) -> dict[str, Any]:
+    """An introspection provider (answered offline: ``Introspector.answer_offline``) on a
+    location no other non-JWT provider reads, its cache small sometimes (evictions)."""
+    # Mostly a header of its own, where the requests mostly carry opaque tokens.
+    where = draw(st.sampled_from([w for w in ("x-opaque", "x-opaque", "bearer") if w != taken]))
+    provider: dict[str, Any] = {
+        "name": "opaque",
+        "issuer": KEYS_ISS,
+        "introspection": {
+            "endpoint": "http://127.0.0.1:9/introspect",
+            "clientId": "memo",
+            "clientSecretFile": "",
+            "cacheTtl": "60s",
+            "negativeCacheTtl": "5s",
+            "cacheMaxEntries": draw(st.sampled_from([1, 100])),
+        },
+    }
+    if where == "bearer":
+        provider.update(_LOCATIONS["bearer"])
+    else:
+        provider["fromHeaders"] = [{"name": "x-opaque"}]
+    return provider
+
+
+@st.composite
+def _keys_provider(draw: st.DrawFn) -> dict[str, Any]:
+    """An API keys provider: on its own header, or sharing the bearer one with the JWTs."""
+    where = draw(st.sampled_from(["x-api-key", "bearer"]))
+    provider: dict[str, Any] = {"name": "keys", "issuer": KEYS_ISS, "apiKeys": {"file": ""}}
+    if where == "bearer":
+        provider.update(_LOCATIONS["bearer"])
+    else:
+        provider["fromHeaders"] = [{"name": "x-api-key"}]
+    if draw(st.booleans()):
+        provider["outputClaimToHeaders"] = [{"header": "x-user", "claim": "sub"}]
+    return provider
 
 
 # ------------------------------------------------------------------------------ configs
@@ -145,9 +233,26 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
         token = _token(draw(st.sampled_from(_TOKEN_NAMES)))
         where = draw(
-            st.sampled_from(["bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop"])
+            st.sampled_from(
+                [
+                    *("bearer", "bearer", "bearer", "x-token", "param", "cookie", "dpop"),
+                    *("key", "opaque", "opaque"),
+                ]
+            )
         )
-        if where == "bearer":
+        if where == "opaque":
+            opaque = draw(st.sampled_from(_OPAQUE_NAMES))
+            if draw(st.sampled_from([True, True, True, False])):
+                headers["x-opaque"] = opaque
+            else:
+                headers["authorization"] = f"Bearer {opaque}"
+        elif where == "key":
+            key = draw(st.sampled_from(_API_KEY_NAMES))
+            if draw(st.booleans()):
+                headers["x-api-key"] = key
+            else:
+                headers["authorization"] = f"Bearer {key}"
+        elif where == "bearer":
             headers["authorization"] = f"Bearer {token}"
         elif where == "x-token":
             headers["x-token"] = token
@@ -182,7 +287,8 @@ def _request(draw: st.DrawFn) -> dict[str, Any]:
 
 
 # An event: mostly a request (by its place in the pool, so that requests repeat), else the
-# clock moving, key k2 leaving or coming back, or a reload (to the other configuration).
+# clock moving, key k2 leaving or coming back, the API keys file changing, the IdP's answers
+# changing, or a reload (to the other configuration).
 _events = st.one_of(
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
@@ -190,6 +296,10 @@ _events = st.one_of(
     st.tuples(st.just("request"), st.integers(min_value=0, max_value=5)),
     st.tuples(st.just("advance"), st.sampled_from([1, 30, 600, 3600])),
     st.tuples(st.just("keys"), st.booleans()),
+    # The keys file re-read holding the keys of this bit mask of the pool.
+    st.tuples(st.just("apikeys"), st.integers(min_value=0, max_value=2 ** len(_API_KEYS) - 1)),
+    # The IdP holding active the opaque tokens of this bit mask (the others inactive).
+    st.tuples(st.just("idp"), st.integers(min_value=0, max_value=2 ** len(_OPAQUE) - 1)),
     st.tuples(st.just("reload"), st.just(0)),
 )
 
@@ -213,7 +323,13 @@ class _Pair:
         self.current = 0
         self.jwks = directory / "jwks.json"
         self.other_jwks = directory / "other.json"
+        self.api_keys = directory / "keys.yaml"
+        self.api_keys_version = 0
+        self.secret = directory / "client-secret"
+        self.secret.write_text("memo-secret\n")
+        self.idp_mask = 2 ** len(_OPAQUE) - 1
         self.set_keys(with_k2=True)
+        self.set_api_keys(2 ** len(_API_KEYS) - 1)
         self.other_jwks.write_text(json.dumps(devkeys.jwks(_key("k3"))))
         self.caches: dict[str, Any] = {}
         self.loaded: dict[int, tuple[config.Settings, config.Settings]] = {}
@@ -225,6 +341,19 @@ class _Pair:
         keys = [_key("k1"), _key("k2")] if with_k2 else [_key("k1")]
         self.jwks.write_text(json.dumps(devkeys.jwks(*keys)))
 
+    def set_api_keys(self, mask: int) -> None:
+        """The keys file holding the keys of the pool that bit ``mask`` names."""
+        self.api_keys.write_text(_keys_file(k for n, k in enumerate(_API_KEYS) if mask >> n & 1))
+        self.api_keys_version += 1  # a new signature even within one mtime tick
+        os.utime(self.api_keys, ns=(self.api_keys_version, self.api_keys_version))
+
+    def set_idp(self, mask: int) -> None:
+        """The IdP holds active the opaque tokens bit ``mask`` names (read on the next call)."""
+        self.idp_mask = mask
+        for cache in self.caches.values():
+            if isinstance(cache.source, Introspector):
+                cache.source.answer_offline(_idp_answers(mask))
+
     def refresh(self) -> None:
         for cache in self.caches.values():
             assert cache.refresh()
@@ -235,9 +364,14 @@ class _Pair:
         if self.current not in self.loaded:
             document = json.loads(json.dumps(self.documents[self.current]))
             for provider in document["providers"]:
-                provider["jwksFile"] = str(
-                    self.other_jwks if provider["name"] == "other" else self.jwks
-                )
+                if "apiKeys" in provider:
+                    provider["apiKeys"]["file"] = str(self.api_keys)
+                elif "introspection" in provider:
+                    provider["introspection"]["clientSecretFile"] = str(self.secret)
+                else:
+                    provider["jwksFile"] = str(
+                        self.other_jwks if provider["name"] == "other" else self.jwks
+                    )
             document["server"]["decisionMemo"] = {"maxEntries": 5}
             path = self.directory / f"config-{self.current}.json"
             path.write_text(json.dumps(document))  # YAML reads JSON, and faster
@@ -253,6 +387,7 @@ class _Pair:
         if not self.caches:
             self.caches = {p.name: make_cache(p) for p in with_memo.providers}
             self.refresh()
+            self.set_idp(self.idp_mask)
         engines = []
         for settings_, previous in ((with_memo, self.memo), (without, self.plain)):
             engines.append(
@@ -298,6 +433,12 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
     providers = [data.draw(_provider("main", ISS))]
     if data.draw(st.booleans()):
         providers.append(data.draw(_provider("other", OTHER_ISS)))
+    taken = None
+    if data.draw(st.booleans()):
+        providers.append(data.draw(_keys_provider()))
+        taken = "bearer" if "prefix" in providers[-1]["fromHeaders"][0] else "x-api-key"
+    if data.draw(st.sampled_from([True, True, False])):
+        providers.append(data.draw(_opaque_provider(taken)))
     documents = [data.draw(_documents(providers)), data.draw(_documents(providers))]
     pool = data.draw(st.lists(_request(), min_size=3, max_size=6, unique_by=repr))
     events = data.draw(st.lists(_events, min_size=12, max_size=40))
@@ -308,6 +449,11 @@ def test_the_memoised_engine_decides_every_request_as_an_engine_without_the_memo
             elif kind == "keys":
                 pair.set_keys(with_k2=bool(value))
                 pair.refresh()
+            elif kind == "apikeys":
+                pair.set_api_keys(value)
+                pair.refresh()
+            elif kind == "idp":
+                pair.set_idp(value)
             elif kind == "reload":
                 pair.current = 1 - pair.current
                 pair.reload()
@@ -613,3 +759,120 @@ def test_hits_and_misses_are_scraped_and_a_hit_counts_as_a_token_cache_hit(
     assert sample("authz_decision_memo_misses_total") == 2
     # Each hit reused the token's verification, as the token cache would have.
     assert sample("authz_token_cache_hits_total") == 2 + 1
+
+
+# ------------------------------------------------------- opaque tokens and API keys
+
+
+def _scraped(service: AuthorizationService) -> Any:
+    metrics = Metrics(CollectorRegistry())
+    metrics.watch_engine(lambda: service.engine)
+    return metrics.registry.get_sample_value
+
+
+def test_an_opaque_token_is_memoised_until_its_answer_leaves_the_cache_then_asked_again(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        service = AuthorizationService(introspection_case.make_engine(tmp_path, clock, idp))
+        sample = _scraped(service)
+        bearer = introspection_case.bearer
+        short = introspection_case.active_token(idp, clock, exp=int(clock()) + 30)
+        long = introspection_case.active_token(idp, clock)  # until cacheTtl (60s)
+        for _ in range(3):
+            assert service.check(bearer(short)).allowed
+            assert service.check(bearer(long)).allowed
+        assert idp.call_count() == 2
+        assert sample("authz_decision_memo_hits_total") == 4
+        # The IdP revokes both: the answers stand while the cache would keep them...
+        idp.answers[short] = idp.answers[long] = {"active": False}
+        clock.advance(28)
+        assert service.check(bearer(short)).allowed and service.check(bearer(long)).allowed
+        assert idp.call_count() == 2
+        # ...and past the short one's exp it is introspected again, and now inactive.
+        clock.advance(3)
+        decision = service.check(bearer(short))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert service.check(bearer(long)).allowed
+        assert idp.call_count() == 3
+        clock.advance(30)  # past cacheTtl for the long one
+        decision = service.check(bearer(long))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert idp.call_count() == 4
+
+
+def test_an_opaque_token_whose_answer_was_evicted_from_its_cache_is_asked_again(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        engine = introspection_case.make_engine(tmp_path, clock, idp, extra="  cacheMaxEntries: 1")
+        service = AuthorizationService(engine)
+        bearer = introspection_case.bearer
+        first = introspection_case.active_token(idp, clock)
+        second = introspection_case.active_token(idp, clock)
+        assert service.check(bearer(first)).allowed
+        assert service.check(bearer(first)).allowed  # a memo hit
+        assert service.check(bearer(second)).allowed  # its answer pushes out the first's
+        idp.answers[first] = {"active": False}
+        decision = service.check(bearer(first))
+        assert (decision.status, decision.reason) == (401, errors.TOKEN_INACTIVE)
+        assert idp.call_count() == 3
+
+
+def test_an_api_key_removed_from_the_keys_file_is_refused_though_the_memo_held_its_allow(
+    tmp_path: Path, clock: Clock
+) -> None:
+    engine = apikeys_case.make(tmp_path, clock)
+    service = AuthorizationService(engine)
+    sample = _scraped(service)
+    key = apikeys_case.ACME_KEY
+    for _ in range(3):
+        assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert sample("authz_decision_memo_hits_total") == 2
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys: []\n")
+    os.utime(keys_file, ns=(1, 1))  # a new signature even within one mtime tick
+    engine.caches["partner-keys"].tick()
+    decision = service.check(apikeys_case.get(x_api_key=key))
+    assert (decision.status, decision.reason) == (401, errors.UNKNOWN_API_KEY)
+
+
+def test_an_api_key_is_memoised_until_it_expires_and_across_a_reread_that_keeps_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    key = apikeys_case.ACME_KEY
+    expires = dt.datetime.fromtimestamp(int(clock()) + 60, dt.UTC)
+    keys = f"keys:\n  - sub: soon\n    sha256: {apikeys_case.sha(key)}\n"
+    keys += f"    claims: {{scope: orders.read}}\n    expires: {expires.isoformat()}\n"
+    engine = apikeys_case.make(tmp_path, clock, keys=keys)
+    service = AuthorizationService(engine)
+    sample = _scraped(service)
+    assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(keys + f"  - sub: new\n    sha256: {apikeys_case.sha('x' * 32)}\n")
+    os.utime(keys_file, ns=(1, 1))
+    cache = engine.caches["partner-keys"]
+    failures = cache.fetches["failure"]
+    cache.tick()  # a new table, the key still in it: decided afresh, then memoised again
+    assert cache.fetches["failure"] == failures
+    clock.advance(55)
+    for _ in range(2):
+        assert service.check(apikeys_case.get(x_api_key=key)).allowed
+    assert sample("authz_decision_memo_hits_total") == 2
+    clock.advance(5)
+    decision = service.check(apikeys_case.get(x_api_key=key))
+    assert (decision.status, decision.reason) == (401, errors.API_KEY_EXPIRED)
+
+
+def test_an_opaque_token_is_asked_every_time_when_its_answers_are_not_cached(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with IntrospectionServer() as idp:
+        engine = introspection_case.make_engine(tmp_path, clock, idp, extra="  cacheMaxEntries: 0")
+        service = AuthorizationService(engine)
+        token = introspection_case.active_token(idp, clock)
+        for _ in range(3):
+            assert service.check(introspection_case.bearer(token)).allowed
+        assert idp.call_count() == 3  # nothing cached vouches for it: never memoised
+        assert service.engine.memo_stats.hits == 0
