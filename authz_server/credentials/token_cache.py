@@ -32,6 +32,11 @@ class CachedToken(NamedTuple):
     skew: float
     stored_at: float
 
+    def usable(self, now: float, max_ttl: float) -> bool:
+        """Whether a cache hit may still use this entry at ``now``: within ``max_ttl`` of
+        being stored, and its key still in its set (its own exp/nbf are the caller's)."""
+        return now - self.stored_at <= max_ttl and self.key_still_valid()
+
     def key_still_valid(self) -> bool:
         keyset = self.cache.keyset
         if keyset is None:
@@ -55,7 +60,7 @@ class CachedTokenValidity:
     def live(self, now: float) -> bool:
         """Whether the token would still pass a hit of its cache at ``now``."""
         cached = self.cached
-        if now - cached.stored_at > self.cache.max_ttl or not cached.key_still_valid():
+        if not cached.usable(now, self.cache.max_ttl):
             return False
         exp, nbf, skew = cached.exp, cached.nbf, cached.skew
         return (exp is None or now < exp + skew) and (nbf is None or now + skew >= nbf)
@@ -99,9 +104,7 @@ class TokenCache:
             return None
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and (
-                self._clock() - entry.stored_at > self.max_ttl or not entry.key_still_valid()
-            ):
+            if entry is not None and not entry.usable(self._clock(), self.max_ttl):
                 del self._entries[key]
                 entry = None
             if entry is None:
