@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 from urllib.parse import unquote_plus
 
 from authz_server import errors
-from authz_server.attributes import RequestAttributes, cookie_name
+from authz_server.attributes import RequestAttributes, fold_cookie_name
 from authz_server.credentials.jwt import ProviderRuntime
+from authz_server.credentials.token_cache import TokenCache
 
 LocationKind = Literal["header", "param", "cookie"]
 
@@ -46,6 +48,12 @@ class FoundToken:
     token: str
     providers: tuple[ProviderRuntime, ...]
     scope: bytes  # what verifying here depends on: equal across reloads that keep it
+
+    @cached_property
+    def cache_key(self) -> bytes:
+        """Its key in the verified-token cache: computed once, for the verification and then
+        for the decision memo's look at the entry it left."""
+        return TokenCache.digest(self.token, self.scope)
 
 
 def verification_scope(providers: tuple[ProviderRuntime, ...]) -> bytes:
@@ -117,7 +125,7 @@ class CredentialExtractor:
                 tuple(ps),
                 loc.prefix.lower(),
                 verification_scope(tuple(ps)),
-                cookie_name(f"{loc.name}=") if loc.kind == "cookie" else "",
+                fold_cookie_name(loc.name) if loc.kind == "cookie" else "",
             )
             for loc, ps in readers.items()
         )

@@ -79,24 +79,27 @@ class _Entry:
     until: float  # on the clock: reused until then
 
 
+def _digest(token: str) -> bytes:
+    """The answer cache's key for ``token`` (its SHA-256: the token itself is never kept)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 class AnswerValidity:
     """What keeps a decision resting on a cached introspection answer valid
     (``decision_memo.CredentialValidity``): the answer is still the one the cache holds for
     its token (not past ``min(cacheTtl, exp)``, not evicted, not dropped with a changed client
     secret) and within its ``nbf`` with the skew, as ``Introspector.verify`` checks on a hit."""
 
-    __slots__ = ("digest", "entries", "entry", "introspector", "skew")
+    __slots__ = ("digest", "entry", "introspector", "skew")
 
     def __init__(
         self,
         introspector: Introspector,
-        entries: Mapping[bytes, _Entry],
         digest: bytes,
         entry: _Entry,
         skew: float,
     ) -> None:
         self.introspector = introspector
-        self.entries = entries  # the introspector's cache (read without its lock: one get)
         self.digest = digest
         self.entry = entry
         self.skew = skew
@@ -104,7 +107,8 @@ class AnswerValidity:
     def live(self, now: float) -> bool:
         """Whether a ``verify`` at ``now`` would give the answer's identity from the cache."""
         entry = self.entry
-        if now >= entry.until or self.entries.get(self.digest) is not entry:
+        # The introspector's cache, read without its lock: one get.
+        if now >= entry.until or self.introspector.cached(self.digest) is not entry:
             return False
         # `until` is at most `exp`; `nbf` matters when the clock goes back.
         nbf = entry.nbf
@@ -214,11 +218,15 @@ class Introspector:
     def validity(self, token: str, identity: Identity, skew: float) -> AnswerValidity | None:
         """The validity of the cached answer for ``token`` if it gave ``identity`` (the
         ``verify`` that just returned it), else None (an answer that was not cached)."""
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = _digest(token)
         entry = self._entries.get(digest)
         if entry is None or entry.outcome is not identity:
             return None
-        return AnswerValidity(self, self._entries, digest, entry, skew)
+        return AnswerValidity(self, digest, entry, skew)
+
+    def cached(self, digest: bytes) -> _Entry | None:
+        """The cache's entry for ``digest`` as it is (unlocked, uncounted)."""
+        return self._entries.get(digest)
 
     def reused(self, digest: bytes) -> None:
         """A decision resting on the answer for ``digest`` was reused: a cache hit."""
@@ -242,7 +250,7 @@ class Introspector:
         DependencyError (introspection_unavailable: the IdP could not answer), or WouldWait
         with ``wait="defer"`` when a call is needed (decide again on a thread that may wait).
         """
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = _digest(token)
         now = clock()
         with self._lock:
             entry = self._entries.get(digest)

@@ -250,6 +250,7 @@ class TokenVerifier:
         scope: bytes | None = None,
         *,
         wait: WaitMode = "yes",
+        cache_key: bytes | None = None,
     ) -> Identity:
         """Verify ``token`` for one of ``providers`` (those reading the location it came from).
 
@@ -258,16 +259,17 @@ class TokenVerifier:
 
         Returns the Identity. Raises AuthenticationError (401 reasons) or DependencyError when
         the issuer has no keys. ``wait`` says whether a key-set refresh the token needs may be
-        waited for (``WaitMode``).
+        waited for (``WaitMode``). ``cache_key``: ``TokenCache.digest(token, scope)`` when
+        the caller has it already.
         """
         if len(token) > self.max_token_bytes:
             raise _malformed(f"token longer than {self.max_token_bytes} bytes")
-        cache_key = b""
         if scope is None:
             scope = id(providers).to_bytes(8, "little")
+        entry_key = b""
         if self.cache is not None:
-            cache_key = TokenCache.digest(token, scope)
-            hit = self.cache.get(cache_key)
+            entry_key = TokenCache.digest(token, scope) if cache_key is None else cache_key
+            hit = self.cache.get(entry_key)
             if hit is not None and hit.scope == scope:
                 _check_times(hit.exp, hit.nbf, hit.skew, self._clock())
                 return hit.identity
@@ -295,7 +297,7 @@ class TokenVerifier:
                 entry = CachedToken(
                     identity, scope, key, provider.keys, exp, nbf, provider.clock_skew, stored_at
                 )
-                self.cache.put(cache_key, entry)
+                self.cache.put(entry_key, entry)
             return identity
         assert first_error is not None
         raise first_error

@@ -20,7 +20,6 @@ from authz_server.credentials.apikeys import ApiKeyTable
 from authz_server.credentials.extract import FoundToken
 from authz_server.credentials.introspection import Introspector
 from authz_server.credentials.jwt import ProviderRuntime, TokenVerifier, WaitMode, decode_segments
-from authz_server.credentials.token_cache import TokenCache
 from authz_server.decision_memo import CredentialValidity
 from authz_server.errors import AuthenticationError, AuthzError, DependencyError
 from authz_server.identity import Identity
@@ -66,10 +65,14 @@ class CredentialVerifier:
         jwt, other = self._kinds(found.providers)
         token = found.token
         if other is None:
-            return self.jwt.verify(token, found.providers, found.scope, wait=wait)
+            return self.jwt.verify(
+                token, found.providers, found.scope, wait=wait, cache_key=found.cache_key
+            )
         if jwt and token.count(".") == 2:
             try:
-                return self.jwt.verify(token, jwt, found.scope, wait=wait)
+                return self.jwt.verify(
+                    token, jwt, found.scope, wait=wait, cache_key=found.cache_key
+                )
             except AuthenticationError as exc:
                 issuers = {p.issuer for p in jwt}
                 if exc.reason not in _NOT_OURS or _jwt_issuer(token) in issuers:
@@ -87,7 +90,7 @@ class CredentialVerifier:
             cache = self.jwt.cache
             if cache is None:
                 return None
-            return cache.validity(TokenCache.digest(token, found.scope), identity)
+            return cache.validity(found.cache_key, identity)
         _, other = self._kinds(found.providers)
         if other is None or other.name != identity.provider:
             return None
