@@ -921,14 +921,13 @@ class PolicySet:
 # "method", "host", "path". Identity fields (requestPrincipals, request.auth.*) read none: the
 # identity comes from the credential, which a decision memo keys on anyway.
 _OPERATION_READS = {
+    **_OPERATION_NEEDS,
     "hosts": "host",
     "not_hosts": "host",
     "methods": "method",
     "not_methods": "method",
     "paths": "path",
     "not_paths": "path",
-    "ports": attr.DESTINATION_PORT,
-    "not_ports": attr.DESTINATION_PORT,
 }
 _SOURCE_READS: dict[str, str | None] = {
     **{name: needs for name, needs in _SOURCE_NEEDS.items() if "remote" not in name},
@@ -938,16 +937,11 @@ _SOURCE_READS: dict[str, str | None] = {
     "not_request_principals": None,
 }
 _CONDITION_READS: dict[str, str | None] = {
+    **_CONDITION_NEEDS,
+    "remote.ip": "remote.ip",  # X-Forwarded-For first, then the source address
     "request.auth.principal": None,
     "request.auth.audiences": None,
     "request.auth.presenter": None,
-    "source.ip": attr.SOURCE_IP,
-    "remote.ip": "remote.ip",
-    "destination.ip": attr.DESTINATION_IP,
-    "source.principal": attr.SOURCE_PRINCIPAL,
-    "source.namespace": attr.SOURCE_PRINCIPAL,
-    "destination.port": attr.DESTINATION_PORT,
-    "connection.sni": attr.CONNECTION_SNI,
 }
 
 
