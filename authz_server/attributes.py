@@ -83,12 +83,18 @@ def split_authority(authority: str) -> tuple[str, str]:
     return authority, ""
 
 
+def fold_cookie_name(name: str) -> str:
+    """A cookie's name as the most lenient upstream matches it: trimmed (``session =x`` is
+    ``session`` to Python, Node and Go) and in lower case (ASP.NET reads ``Session`` as
+    ``session``)."""
+    return name.strip().lower()
+
+
 def cookie_name(crumb: str) -> str:
-    """The name of one cookie (``name=value``) as the most lenient upstream matches it:
-    trimmed (``session =x`` is ``session`` to Python, Node and Go) and in lower case (ASP.NET
-    reads ``Session`` as ``session``); ``""`` when it has no ``=``."""
+    """The name of one cookie (``name=value``), folded (``fold_cookie_name``); ``""`` when it
+    has no ``=``."""
     name, sep, _ = crumb.partition("=")
-    return name.strip().lower() if sep else ""
+    return fold_cookie_name(name) if sep else ""
 
 
 def read_cookies(header: str) -> dict[str, list[str]]:
@@ -102,7 +108,7 @@ def read_cookies(header: str) -> dict[str, list[str]]:
     for crumb in crumbs:
         name, sep, value = crumb.partition("=")
         if sep:
-            # NOTE: cookie_name, inlined: this runs on every Check with a Cookie header.
+            # NOTE: fold_cookie_name, inlined: this runs on every Check with a Cookie header.
             name = name.strip().lower()
             if name:
                 jar.setdefault(name, []).append(value.strip().strip('"'))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from authz_server import errors, responses
-from authz_server.attributes import RequestAttributes, cookie_name
+from authz_server.attributes import RequestAttributes, cookie_name, fold_cookie_name
 from authz_server.config.load import Provider, Settings
 from authz_server.config.specs import PolicySpec
 from authz_server.credentials.binding import DpopRules, NonceSource, SenderConstraint
@@ -119,7 +119,7 @@ def _without_cookies(header: str, names: set[str]) -> str:
     """The Cookie header ``header`` without the cookies named in ``names``, read as
     ``RequestAttributes.cookies`` reads them (``,`` separates too, names trimmed and in any
     case), so that every cookie read as a token is taken out; the others are kept as sent."""
-    taken = {cookie_name(f"{name}=") for name in names}
+    taken = {fold_cookie_name(name) for name in names}
     kept: list[str] = []
     for part in header.split(";"):
         if "," in part:
@@ -512,10 +512,10 @@ def make_cache(provider: Provider) -> JWKSCache:
 
 def _sender_constraint(runtime: ProviderRuntime, trust_xfcc: bool) -> SenderConstraint | None:
     spec = runtime.provider.spec
-    secret = runtime.provider.nonce_secret_file
-    nonces = NonceSource(secret.read_bytes().strip()) if spec.dpop.nonce and secret else None
     if spec.dpop.mode == "disabled" and spec.certificate_bound == "disabled":
         return None
+    secret = runtime.provider.nonce_secret_file
+    nonces = NonceSource(secret.read_bytes().strip()) if spec.dpop.nonce and secret else None
     return SenderConstraint(
         provider=runtime.name,
         dpop_mode=spec.dpop.mode,
