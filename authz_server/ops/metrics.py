@@ -235,6 +235,12 @@ class _TracingCollector(Collector):
         yield family
 
 
+def _labels(decision: Decision, door: str) -> tuple[str, str, str, str, str]:
+    """The labels of ``authz_checks_total`` for ``decision`` (the verdict first)."""
+    verdict = "allow" if decision.allowed else "deny"
+    return (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
+
+
 class _Tally:
     """One thread's Checks so far: a count per label set, and per (decision, door) the count
     of each duration bucket (+Inf last) followed by the sum of durations. Only its thread
@@ -397,8 +403,8 @@ class Metrics:
             tally: _Tally = self._local.tally
         except AttributeError:
             tally = self._new_tally()
-        verdict = "allow" if decision.allowed else "deny"
-        key = (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
+        key = _labels(decision, door)
+        verdict = key[0]
         counts = tally.counts
         counts[key] = counts.get(key, 0) + 1
         durations = tally.durations.get((verdict, door))
@@ -452,11 +458,9 @@ class Metrics:
             tally.flushed_durations[labels] = now
 
     def _record_now(self, decision: Decision, seconds: float, door: str) -> None:
-        verdict = "allow" if decision.allowed else "deny"
-        self._duration_children[verdict, door].observe(seconds)
-        self._child(
-            (verdict, decision.reason, decision.provider or "", decision.policy or "", door)
-        ).inc()
+        key = _labels(decision, door)
+        self._duration_children[key[0], door].observe(seconds)
+        self._child(key).inc()
         self._record_observed(decision)
 
     def _record_observed(self, decision: Decision) -> None:
