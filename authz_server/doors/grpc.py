@@ -54,6 +54,9 @@ class _CheckAttributes(RequestAttributes):
     message when something asks (a decision memo hit reads only what its scope's policies
     name; each read of a nested message field builds wrapper objects)."""
 
+    door = "grpc"
+    unknown: frozenset[str] = frozenset()
+
     def __init__(self, request: Any) -> None:
         attrs = request.attributes
         http = attrs.request.http
@@ -63,8 +66,6 @@ class _CheckAttributes(RequestAttributes):
         self.path = http.path or "/"
         self.headers = _headers(http)
         self.scheme = http.scheme
-        self.door = "grpc"
-        self.unknown = frozenset()
 
     @computed_once
     def source_ip(self) -> str:

@@ -499,19 +499,13 @@ def to_attributes(
     headers[":path"] = path
     if attribute_headers:
         connection = read_attribute_headers(headers)
-        return RequestAttributes(
-            method=method,
-            host=host,
-            path=path or "/",
-            headers=headers,
-            source_ip=connection.source_ip,
-            peer_principal=connection.peer_principal,
-            destination_ip=connection.destination_ip,
-            destination_port=connection.destination_port,
-            sni=connection.sni,
-            door="http",
-            unknown=connection.unknown,
-        )
+        request = RequestAttributes.of_http(method, host, path or "/", headers, connection.unknown)
+        request.source_ip = connection.source_ip
+        request.peer_principal = connection.peer_principal
+        request.destination_ip = connection.destination_ip
+        request.destination_port = connection.destination_port
+        request.sni = connection.sni
+        return request
     return RequestAttributes.of_http(method, host, path or "/", headers, HTTP_UNKNOWN)
 
 
