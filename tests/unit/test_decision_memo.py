@@ -548,6 +548,7 @@ def test_a_token_that_expires_is_refused_on_the_next_request_though_the_memo_hel
     token = _signed(key, clock, lifetime=60)
     assert service.check(_get(token)).allowed
     assert service.check(_get(token)).allowed
+    assert service.engine.memo_stats.hits == 1  # the memo held the allow
     clock.advance(60 + 60)  # its lifetime and the default clock skew
     decision = service.check(_get(token))
     assert (decision.status, decision.reason) == (401, errors.TOKEN_EXPIRED)
@@ -561,6 +562,7 @@ def test_a_key_removed_from_the_key_set_makes_the_next_request_401(
     token = _signed(other, clock)
     assert service.check(_get(token)).allowed
     assert service.check(_get(token)).allowed
+    assert service.engine.memo_stats.hits == 1  # the memo held the allow
     (tmp_path / "jwks.json").write_text(json.dumps(devkeys.jwks(key)))
     for cache in service.engine.caches.values():
         assert cache.refresh()
